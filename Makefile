@@ -1,0 +1,52 @@
+# Two commands: `make demo` and `make test`. Each installs what it needs on a fresh Debian 12
+# machine (apt: mosquitto; pip: a venv at .venv; Maven: the Kafka and Apicurio jars, cached in
+# ~/.m2) and starts what it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test lint unit integration bench up down status system-deps clean
+
+demo: $(VENV)/.installed system-deps
+	$(VENV)/bin/fleet up
+	$(VENV)/bin/fleet status
+
+test: $(VENV)/.installed system-deps lint unit integration
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+unit: $(VENV)/.installed
+	$(VENV)/bin/pytest -q tests/unit
+
+# Integration and e2e tests start their own stack (ports 1xxxx, state in .state/test-stack).
+integration: $(VENV)/.installed system-deps
+	$(VENV)/bin/pytest -q -ra tests/integration tests/e2e
+
+up: $(VENV)/.installed system-deps
+	$(VENV)/bin/fleet up
+down:
+	$(VENV)/bin/fleet down
+status:
+	$(VENV)/bin/fleet status
+
+# Debian packages the platform runs: the broker, and its clients for manual checks.
+system-deps:
+	@command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || \
+	  ($(SUDO) apt-get update -qq && \
+	   DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mosquitto mosquitto-clients)
+	@command -v mvn >/dev/null || \
+	  ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq maven)
+
+# pip's cache (~/.cache/pip) keeps wheels for the next clone.
+$(VENV)/.installed: pyproject.toml
+	[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+clean:
+	-$(VENV)/bin/fleet down
+	rm -rf .state/stack .state/test-stack

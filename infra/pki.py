@@ -1,0 +1,474 @@
+"""Fleet PKI for devices that connect to Mosquitto over mTLS (certificate CN = device id).
+
+The device generates its key and a CSR; the platform's :class:`CertificateAuthority` signs the
+CSR, so private keys never leave the device. Platform identities (orchestrator) and the broker's
+server certificate are issued on the platform side. Revocations are kept in ``revoked.json`` and
+published as ``crl.pem`` for the broker (``crlfile`` in mosquitto.conf).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal, TypeAlias, TypedDict, TypeGuard
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = [
+    "DEVICE_ID_PATTERN",
+    "RESERVED_IDENTITIES",
+    "CertificateAuthority",
+    "KeyKind",
+    "PkiError",
+    "PrivateKey",
+    "cert_fingerprint_sha256",
+    "generate_private_key",
+    "key_to_pem",
+    "make_csr",
+    "validate_identity",
+    "write_device_bundle",
+]
+
+KeyKind = Literal["rsa", "ec"]
+PrivateKey: TypeAlias = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+_PublicKey: TypeAlias = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+
+RESERVED_IDENTITIES = frozenset({"orchestrator", "broker"})
+# At most 64 characters: RFC 5280 caps commonName at 64 (ub-common-name) and cryptography
+# refuses longer CNs. No '/', '+', '#' so an id is safe inside MQTT topics and file names.
+DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+RSA_KEY_SIZE = 2048
+CA_VALIDITY_DAYS = 3650
+DEVICE_VALIDITY_DAYS = 825
+CRL_VALIDITY_DAYS = 30
+CLOCK_SKEW = dt.timedelta(minutes=5)
+DEFAULT_CA_NAME = "fleetstream fleet CA"
+
+_CA_KEY = "ca.key"
+_CA_CERT = "ca.crt"
+_CRL = "crl.pem"
+_REVOKED = "revoked.json"
+_ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1)
+
+
+class PkiError(ValueError):
+    """A request the PKI refuses (bad CSR, forbidden identity, inconsistent CA directory)."""
+
+
+class _Revocation(TypedDict, total=False):
+    serial: int
+    revoked_at: str
+    reason: str
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write via a temp file + os.replace so readers (the broker) never see a partial file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _cn_name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _common_names(name: x509.Name) -> list[str]:
+    return [str(a.value) for a in name.get_attributes_for_oid(NameOID.COMMON_NAME)]
+
+
+def _check_pattern(identity: str) -> None:
+    if not isinstance(identity, str) or DEVICE_ID_PATTERN.fullmatch(identity) is None:
+        raise PkiError(
+            f"invalid identity {identity!r}: must match {DEVICE_ID_PATTERN.pattern} "
+            "(no '/', '+', '#', spaces; 1-64 characters)"
+        )
+
+
+def validate_identity(identity: str, *, allow_reserved: bool = False) -> None:
+    """Raise PkiError unless ``identity`` is usable as a certificate CN and MQTT topic level."""
+    _check_pattern(identity)
+    if not allow_reserved and identity.lower() in RESERVED_IDENTITIES:
+        raise PkiError(f"identity {identity!r} is reserved for the platform")
+
+
+def _checked_public_key(key: object) -> _PublicKey:
+    """Accept only the key types/sizes Mosquitto clients are expected to use."""
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < RSA_KEY_SIZE:
+            raise PkiError(f"RSA key too small ({key.key_size} bits, need >= {RSA_KEY_SIZE})")
+        return key
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if not isinstance(key.curve, _ACCEPTED_CURVES):
+            raise PkiError(f"unsupported EC curve {key.curve.name}")
+        return key
+    raise PkiError(f"unsupported public key type {type(key).__name__}")
+
+
+def _key_usage(
+    *, digital_signature: bool, key_encipherment: bool = False, cert_sign: bool = False
+) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=key_encipherment,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _is_revocation(entry: object) -> TypeGuard[_Revocation]:
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("serial"), int)
+        and isinstance(entry.get("revoked_at"), str)
+        and isinstance(entry.get("reason", ""), str)
+    )
+
+
+# --------------------------------------------------------------------------- device side
+
+
+def generate_private_key(kind: KeyKind = "rsa") -> PrivateKey:
+    """RSA-2048 by default (the platform's promise); EC P-256 is much faster for big sim fleets."""
+    if kind == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=RSA_KEY_SIZE)
+    if kind == "ec":
+        return ec.generate_private_key(ec.SECP256R1())
+    raise PkiError(f"unknown key kind {kind!r}")
+
+
+def make_csr(key: PrivateKey, device_id: str) -> bytes:
+    """PEM CSR with subject CN=device_id, signed with SHA-256 by the device's own key."""
+    _check_pattern(device_id)
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(_cn_name(device_id))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def key_to_pem(key: PrivateKey) -> bytes:
+    """Unencrypted PKCS8 PEM, for the device's own disk (Mosquitto clients can't prompt)."""
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def cert_fingerprint_sha256(cert: x509.Certificate) -> str:
+    """Lower-case hex SHA-256 of the DER certificate."""
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def write_device_bundle(
+    out_dir: Path, device_id: str, key_pem: bytes, cert_pem: bytes, ca_pem: bytes
+) -> None:
+    """Write ``<id>.key`` (0600), ``<id>.crt`` and ``ca.crt``: what an owner flashes on a device."""
+    _check_pattern(device_id)  # the id becomes a file name: no path traversal
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out_dir / f"{device_id}.key", key_pem, mode=0o600)
+    _atomic_write(out_dir / f"{device_id}.crt", cert_pem)
+    _atomic_write(out_dir / _CA_CERT, ca_pem)
+
+
+# --------------------------------------------------------------------------- CA
+
+
+class CertificateAuthority:
+    """A fleet CA persisted in a directory (ca.key, ca.crt, crl.pem, revoked.json).
+
+    Assumes a single writer process; concurrent ``revoke`` calls from several processes
+    could lose an entry.
+    """
+
+    def __init__(self, directory: Path, key: rsa.RSAPrivateKey, cert: x509.Certificate) -> None:
+        self._dir = directory
+        self._key = key
+        self._cert = cert
+        self._ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def load_or_create(cls, directory: Path, name: str = DEFAULT_CA_NAME) -> CertificateAuthority:
+        """Load the CA in ``directory``, creating it on first use (idempotent)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        key_path, cert_path = directory / _CA_KEY, directory / _CA_CERT
+        if key_path.exists() != cert_path.exists():
+            raise PkiError(f"{directory}: exactly one of {_CA_KEY}/{_CA_CERT} exists; refusing")
+        ca = cls._load(directory) if key_path.exists() else cls._create(directory, name)
+        if not (directory / _REVOKED).exists():
+            _atomic_write(directory / _REVOKED, b"[]\n")
+        if not (directory / _CRL).exists():
+            ca.refresh_crl()
+        return ca
+
+    @classmethod
+    def _load(cls, directory: Path) -> CertificateAuthority:
+        key = serialization.load_pem_private_key((directory / _CA_KEY).read_bytes(), None)
+        cert = x509.load_pem_x509_certificate((directory / _CA_CERT).read_bytes())
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise PkiError(f"{directory / _CA_KEY}: expected an RSA CA key")
+        if cert.public_key() != key.public_key():
+            raise PkiError(f"{directory}: {_CA_CERT} does not match {_CA_KEY}")
+        return cls(directory, key, cert)
+
+    @classmethod
+    def _create(cls, directory: Path, name: str) -> CertificateAuthority:
+        # RSA rather than EC for the CA: the broadest compatibility with constrained TLS stacks.
+        key = rsa.generate_private_key(public_exponent=65537, key_size=RSA_KEY_SIZE)
+        now = _now()
+        subject = _cn_name(name)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(now + dt.timedelta(days=CA_VALIDITY_DAYS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_key_usage(digital_signature=False, cert_sign=True), critical=True)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
+            .sign(key, hashes.SHA256())
+        )
+        # Key first: a crash between the two writes leaves "key without cert", which
+        # load_or_create refuses rather than silently minting a second CA.
+        _atomic_write(directory / _CA_KEY, key_to_pem(key), mode=0o600)
+        _atomic_write(directory / _CA_CERT, _cert_pem(cert))
+        return cls(directory, key, cert)
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def directory(self) -> Path:
+        return self._dir
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return self._cert
+
+    @property
+    def cert_pem(self) -> bytes:
+        return _cert_pem(self._cert)
+
+    @property
+    def cert_path(self) -> Path:
+        return self._dir / _CA_CERT
+
+    @property
+    def crl_path(self) -> Path:
+        return self._dir / _CRL
+
+    # ---------------------------------------------------------------- issuing
+
+    def _sign_leaf(
+        self,
+        common_name: str,
+        public_key: _PublicKey,
+        eku: x509.ObjectIdentifier,
+        days: int,
+        san: x509.SubjectAlternativeName | None = None,
+    ) -> x509.Certificate:
+        if days < 1:
+            raise PkiError(f"validity must be at least 1 day, got {days}")
+        now = _now()
+        # Never outlive the CA: the chain would fail anyway, and clients report it confusingly.
+        not_after = min(now + dt.timedelta(days=days), self._cert.not_valid_after_utc)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(_cn_name(common_name))
+            .issuer_name(self._cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                _key_usage(
+                    digital_signature=True,
+                    key_encipherment=isinstance(public_key, rsa.RSAPublicKey),
+                ),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(self._ski),
+                critical=False,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        )
+        if san is not None:
+            builder = builder.add_extension(san, critical=False)
+        return builder.sign(self._key, hashes.SHA256())
+
+    def issue_from_csr(
+        self, csr_pem: bytes, device_id: str, days: int = DEVICE_VALIDITY_DAYS
+    ) -> x509.Certificate:
+        """Sign a device's CSR as a clientAuth certificate with CN=device_id.
+
+        Only the CSR's public key is used; requested extensions are ignored.
+        """
+        validate_identity(device_id)
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+        except ValueError as exc:
+            raise PkiError(f"cannot parse CSR for {device_id!r}: {exc}") from exc
+        if not csr.is_signature_valid:
+            raise PkiError(f"CSR for {device_id!r} has an invalid signature")
+        names = _common_names(csr.subject)
+        if names != [device_id]:
+            raise PkiError(f"CSR subject CN {names!r} does not match device id {device_id!r}")
+        public_key = _checked_public_key(csr.public_key())
+        return self._sign_leaf(device_id, public_key, ExtendedKeyUsageOID.CLIENT_AUTH, days)
+
+    def issue_identity(self, common_name: str, kind: KeyKind = "rsa") -> tuple[bytes, bytes]:
+        """(key_pem, cert_pem) for a platform client identity such as "orchestrator".
+
+        The only path that may issue reserved names: the key is generated here, platform side.
+        """
+        validate_identity(common_name, allow_reserved=True)
+        key = generate_private_key(kind)
+        cert = self._sign_leaf(
+            common_name, key.public_key(), ExtendedKeyUsageOID.CLIENT_AUTH, DEVICE_VALIDITY_DAYS
+        )
+        return key_to_pem(key), _cert_pem(cert)
+
+    def issue_server_certificate(
+        self,
+        hostnames: Sequence[str] = ("localhost",),
+        ips: Sequence[str] = ("127.0.0.1",),
+    ) -> tuple[bytes, bytes]:
+        """(key_pem, cert_pem) for the broker: serverAuth with DNS and IP subjectAltNames."""
+        if isinstance(hostnames, str) or isinstance(ips, str):
+            raise PkiError("hostnames and ips must be sequences of strings, not a string")
+        general: list[x509.GeneralName] = [x509.DNSName(h) for h in hostnames]
+        try:
+            general += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+        except ValueError as exc:
+            raise PkiError(f"invalid IP address in {list(ips)!r}") from exc
+        if not general:
+            raise PkiError("a server certificate needs at least one hostname or IP")
+        key = generate_private_key("rsa")
+        cn = hostnames[0] if hostnames else "broker"
+        cert = self._sign_leaf(
+            cn[:64],
+            key.public_key(),
+            ExtendedKeyUsageOID.SERVER_AUTH,
+            DEVICE_VALIDITY_DAYS,
+            san=x509.SubjectAlternativeName(general),
+        )
+        return key_to_pem(key), _cert_pem(cert)
+
+    # ---------------------------------------------------------------- revocation
+
+    def _read_revoked(self) -> list[_Revocation]:
+        path = self._dir / _REVOKED
+        if not path.exists():
+            return []
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, list) or not all(_is_revocation(e) for e in data):
+            raise PkiError(f"{path}: expected a list of {{serial, revoked_at, reason?}}")
+        return data
+
+    def revoke(self, serial: int, reason: str | None = None) -> None:
+        """Record ``serial`` as revoked and republish crl.pem (no-op if already revoked)."""
+        if isinstance(serial, bool) or not isinstance(serial, int) or serial <= 0:
+            raise PkiError(f"invalid certificate serial {serial!r}")
+        entries = self._read_revoked()
+        if any(e["serial"] == serial for e in entries):
+            return
+        entry = _Revocation(serial=serial, revoked_at=_now().isoformat())
+        if reason is not None:
+            entry["reason"] = reason
+        entries.append(entry)
+        payload = json.dumps(entries, indent=2) + "\n"
+        _atomic_write(self._dir / _REVOKED, payload.encode("utf-8"))
+        self._write_crl(entries)
+
+    def is_revoked(self, serial: int) -> bool:
+        return any(e["serial"] == serial for e in self._read_revoked())
+
+    def refresh_crl(self) -> None:
+        """Re-sign crl.pem. Call well within CRL_VALIDITY_DAYS: brokers reject expired CRLs."""
+        self._write_crl(self._read_revoked())
+
+    def _write_crl(self, entries: Sequence[_Revocation]) -> None:
+        now = _now()
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self._cert.subject)
+            .last_update(now)
+            .next_update(now + dt.timedelta(days=CRL_VALIDITY_DAYS))
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(self._ski),
+                critical=False,
+            )
+            # Monotonic enough for one writer; lets relying parties spot a newer CRL.
+            .add_extension(x509.CRLNumber(int(now.timestamp() * 1000)), critical=False)
+        )
+        for entry in entries:
+            revoked = (
+                x509.RevokedCertificateBuilder()
+                .serial_number(entry["serial"])
+                .revocation_date(dt.datetime.fromisoformat(entry["revoked_at"]))
+                .build()
+            )
+            builder = builder.add_revoked_certificate(revoked)
+        crl = builder.sign(self._key, hashes.SHA256())
+        _atomic_write(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
+
+    def crl(self) -> x509.CertificateRevocationList:
+        return x509.load_pem_x509_crl(self.crl_path.read_bytes())
+
+    # ---------------------------------------------------------------- verification
+
+    def verify_chain(self, cert: x509.Certificate) -> bool:
+        """True iff ``cert`` was signed by this CA and ``now`` is inside its validity window.
+
+        Does not consult the CRL; use :meth:`is_revoked` for that.
+        """
+        try:
+            cert.verify_directly_issued_by(self._cert)
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+        now = _now()
+        return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc

@@ -1,0 +1,254 @@
+"""Starting, watching and stopping one background service process.
+
+A service is started detached (its own session, so a Ctrl-C of `fleet up` does not take it
+down), its pid and start time are written to a pid file, and `stop` signals only a process whose
+pid *and* start time still match: a recycled pid is never killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+
+class ServiceError(RuntimeError):
+    """A service could not be started or stopped; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    name: str
+    state: str  # "up" (answers), "starting" (alive, not answering), "down"
+    host: str
+    port: int
+    pid: int | None
+    version: str | None
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PidRecord:
+    pid: int
+    create_time: float
+
+    @classmethod
+    def read(cls, path: Path) -> PidRecord | None:
+        try:
+            data = json.loads(path.read_text())
+            return cls(pid=int(data["pid"]), create_time=float(data["create_time"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps({"pid": self.pid, "create_time": self.create_time}))
+
+    def process(self) -> psutil.Process | None:
+        """The live process this record names, or None if it exited or the pid was reused."""
+        try:
+            proc = psutil.Process(self.pid)
+            if abs(proc.create_time() - self.create_time) > 0.05:
+                return None
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            return proc
+        except psutil.Error:
+            return None
+
+
+def port_answers(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def port_holder(host: str, port: int) -> str:
+    """Who listens on a port, for the 'port taken' error (best effort)."""
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            laddr = conn.laddr
+            listening = conn.status == psutil.CONN_LISTEN and isinstance(laddr, tuple) and laddr
+            if listening and getattr(laddr, "port", None) == port and conn.pid:
+                proc = psutil.Process(conn.pid)
+                return f"pid {conn.pid} ({' '.join(proc.cmdline())[:120]})"
+    except psutil.Error:
+        pass
+    return "another process"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.25) -> bool:
+    """Poll a predicate until it holds or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class Service(ABC):
+    """A process `fleet up` starts: subclasses say how to prepare, run and probe it."""
+
+    name: str
+    host: str
+    port: int
+
+    def __init__(self, name: str, host: str, port: int, run_dir: Path) -> None:
+        self.name = name
+        self.host = host
+        self.port = port
+        self.run_dir = run_dir
+
+    # --- what a subclass provides ------------------------------------------------------
+
+    @abstractmethod
+    def command(self) -> Sequence[str]:
+        """The argv that runs the service in the foreground."""
+
+    def environment(self) -> Mapping[str, str]:
+        return {}
+
+    def prepare(self) -> None:
+        """Write config, format storage: whatever must exist before the first start."""
+
+    def ready(self) -> bool:
+        """True when the service answers its clients (not merely listens)."""
+        return port_answers(self.host, self.port)
+
+    def version(self) -> str | None:
+        return None
+
+    def extra_ports(self) -> Sequence[int]:
+        """Other ports the service binds, checked for conflicts before start."""
+        return ()
+
+    # --- process handling --------------------------------------------------------------
+
+    @property
+    def pid_path(self) -> Path:
+        return self.run_dir / f"{self.name}.pid"
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / f"{self.name}.log"
+
+    def process(self) -> psutil.Process | None:
+        record = PidRecord.read(self.pid_path)
+        return record.process() if record else None
+
+    def status(self) -> ServiceStatus:
+        proc = self.process()
+        state = "down" if proc is None else "up" if self.ready() else "starting"
+        return ServiceStatus(
+            name=self.name,
+            state=state,
+            host=self.host,
+            port=self.port,
+            pid=proc.pid if proc else None,
+            version=self.version(),
+        )
+
+    def start(self, timeout: float) -> None:
+        """Start the service unless it already runs, and return once it answers."""
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Spawn the service unless it already runs; do not wait for it."""
+        if self.process() is None:
+            self._check_ports_free()
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.prepare()
+            self._spawn()
+
+    def _check_ports_free(self) -> None:
+        for port in (self.port, *self.extra_ports()):
+            if port_answers(self.host, port, timeout=0.2):
+                raise ServiceError(
+                    f"{self.name}: port {port} on {self.host} is taken by "
+                    f"{port_holder(self.host, port)}; stop it or move the service with a "
+                    f"FLEET_*_PORT variable"
+                )
+
+    def _spawn(self) -> None:
+        env = {**os.environ, **self.environment()}
+        with self.log_path.open("ab") as log:
+            try:
+                popen = subprocess.Popen(
+                    list(self.command()),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    start_new_session=True,
+                    cwd=self.run_dir,
+                )
+            except FileNotFoundError as exc:
+                raise ServiceError(
+                    f"{self.name}: cannot run {exc.filename}: not installed"
+                ) from exc
+        PidRecord(popen.pid, psutil.Process(popen.pid).create_time()).write(self.pid_path)
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process() is None:
+                raise ServiceError(
+                    f"{self.name} exited while starting; last lines of {self.log_path}:\n"
+                    f"{log_tail(self.log_path)}"
+                )
+            if self.ready():
+                return
+            time.sleep(0.25)
+        raise ServiceError(
+            f"{self.name} did not answer on {self.host}:{self.port} within {timeout:.0f}s; "
+            f"see {self.log_path}:\n{log_tail(self.log_path)}"
+        )
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop exactly the process this service started; True if one was running."""
+        proc = self.process()
+        if proc is None:
+            self.pid_path.unlink(missing_ok=True)
+            return False
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except psutil.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        self.pid_path.unlink(missing_ok=True)
+        return True
+
+    def kill(self) -> None:
+        """SIGKILL, for crash tests: no clean shutdown."""
+        proc = self.process()
+        if proc is not None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    def signal(self, signum: int) -> None:
+        proc = self.process()
+        if proc is None:
+            raise ServiceError(f"{self.name} is not running")
+        proc.send_signal(signum)

@@ -1,0 +1,93 @@
+"""The one settings object: every address, port and path comes from here.
+
+Values are read from `FLEET_` environment variables (for instance `FLEET_KAFKA_PORT=19092`),
+so a test or an operator can move a whole stack without touching code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The checkout this package lives in: state and downloaded jars stay inside it, git-ignored.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Where the platform's services live and how they are sized."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEET_", frozen=True, extra="ignore")
+
+    host: str = "127.0.0.1"
+    state_dir: Path = PROJECT_ROOT / ".state" / "stack"
+    lib_dir: Path = PROJECT_ROOT / ".state" / "lib"
+
+    # Kafka: broker i (0-based) listens on kafka_port + 2*i, its controller on the next port.
+    brokers: int = Field(default=1, ge=1, le=5)
+    kafka_port: int = 9092
+    kafka_heap: str = "512m"
+    default_partitions: int = Field(default=6, ge=1)
+
+    registry_port: int = 8081
+    registry_management_port: int = 9001
+    registry_heap: str = "384m"
+
+    mqtt_port: int = 8883
+    mqtt_max_inflight: int = Field(default=1000, ge=1)
+    mqtt_max_queued: int = Field(default=100_000, ge=0)
+
+    java_home: Path | None = None
+    registry_java_home: Path | None = None
+
+    startup_timeout_s: float = Field(default=120.0, gt=0)
+
+    @field_validator("host")
+    @classmethod
+    def _loopback_only(cls, value: str) -> str:
+        # The platform's promise on one machine: nothing listens beyond loopback.
+        if not value.startswith("127.") and value != "localhost":
+            raise ValueError(f"FLEET_HOST must be a loopback address, got {value!r}")
+        return value
+
+    # --- derived addresses -------------------------------------------------------------
+
+    def broker_port(self, index: int) -> int:
+        return self.kafka_port + 2 * index
+
+    def controller_port(self, index: int) -> int:
+        return self.kafka_port + 2 * index + 1
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return ",".join(f"{self.host}:{self.broker_port(i)}" for i in range(self.brokers))
+
+    @property
+    def registry_url(self) -> str:
+        """Confluent-compatible API of the schema registry."""
+        return f"http://{self.host}:{self.registry_port}/apis/ccompat/v7"
+
+    @property
+    def replication_factor(self) -> int:
+        return min(self.brokers, 3)
+
+    @property
+    def min_insync_replicas(self) -> int:
+        return 2 if self.replication_factor >= 3 else 1
+
+    # --- derived paths -----------------------------------------------------------------
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.state_dir / "pki"
+
+    @property
+    def run_dir(self) -> Path:
+        """Pid files and logs of what `fleet up` started."""
+        return self.state_dir / "run"
+
+
+def load_settings() -> Settings:
+    """Read the settings from the environment (one place, so tests can override)."""
+    return Settings()

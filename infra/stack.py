@@ -1,0 +1,77 @@
+"""The platform stack on one machine: what `fleet up`, `down` and `status` act on."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from infra.services.base import Service, ServiceError, ServiceStatus
+from infra.services.kafka import KafkaBroker
+from infra.services.mosquitto import Mosquitto
+from infra.services.registry import SchemaRegistry
+from infra.settings import Settings
+from infra.topics import ensure_topics, list_topics
+
+
+@dataclass(frozen=True)
+class StackStatus:
+    services: list[ServiceStatus]
+    topics: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def all_up(self) -> bool:
+        return all(s.state == "up" for s in self.services)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "services": [s.to_dict() for s in self.services],
+            "topics": [{"name": n, "partitions": p} for n, p in self.topics.items()],
+        }
+
+
+class Stack:
+    """Kafka broker(s), the schema registry and Mosquitto, started in dependency order."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.brokers = [KafkaBroker(settings, i) for i in range(settings.brokers)]
+        self.registry = SchemaRegistry(settings)
+        self.mosquitto = Mosquitto(settings)
+
+    @property
+    def services(self) -> Sequence[Service]:
+        return [*self.brokers, self.registry, self.mosquitto]
+
+    def up(self) -> StackStatus:
+        """Start what is not running and return once everything answers (idempotent)."""
+        self._check_broker_count()
+        timeout = self.settings.startup_timeout_s
+        # Brokers of a multi-node quorum only answer together: spawn all, then wait.
+        for broker in self.brokers:
+            broker.launch()
+        for broker in self.brokers:
+            broker.wait_ready(timeout)
+        ensure_topics(self.settings)
+        self.registry.start(timeout)
+        self.mosquitto.start(timeout)
+        return self.status()
+
+    def down(self) -> list[str]:
+        """Stop, in reverse order, what `up` started; return the names stopped."""
+        return [s.name for s in reversed(self.services) if s.stop()]
+
+    def status(self) -> StackStatus:
+        services = [s.status() for s in self.services]
+        kafka_up = any(s.state == "up" for s in services if s.name.startswith("kafka"))
+        topics = list_topics(self.settings) if kafka_up else {}
+        return StackStatus(services=services, topics=topics)
+
+    def _check_broker_count(self) -> None:
+        """A state folder formatted for N brokers cannot be started with another N."""
+        kafka_dir = self.settings.state_dir / "kafka"
+        formatted = sorted(p.name for p in kafka_dir.glob("kafka-*") if (p / "data").exists())
+        if formatted and len(formatted) != self.settings.brokers:
+            raise ServiceError(
+                f"{kafka_dir} holds a {len(formatted)}-broker cluster; start it with "
+                f"--brokers {len(formatted)}, or use another FLEET_STATE_DIR"
+            )

@@ -1,0 +1,98 @@
+"""The Kafka topics of ARCHITECTURE.md, declared once, created idempotently.
+
+Names are contracts: consumers outside the platform subscribe to them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+from infra.settings import Settings
+
+DAY_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    key: str
+    value: str
+    cleanup: Literal["delete", "compact"] = "delete"
+    retention_ms: int | None = 7 * DAY_MS
+    partitions: int | None = None  # None: the stack's default partition count
+
+    def config(self, settings: Settings) -> dict[str, str]:
+        config = {
+            "cleanup.policy": self.cleanup,
+            "min.insync.replicas": str(settings.min_insync_replicas),
+        }
+        if self.cleanup == "delete" and self.retention_ms is not None:
+            config["retention.ms"] = str(self.retention_ms)
+        return config
+
+
+TOPICS: tuple[TopicSpec, ...] = (
+    TopicSpec("telemetry.raw", "device id", "Avro Telemetry"),
+    TopicSpec("device.events", "device id", "Avro DeviceEvent"),
+    TopicSpec("twin.reported", "device id", "Avro reported patch"),
+    TopicSpec("twin.desired", "device id", "Avro desired patch"),
+    TopicSpec("twin.state", "device id", "full twin", cleanup="compact"),
+    TopicSpec("alerts", "device id", "Avro Alert"),
+    TopicSpec("mqtt.downlink", "device id", "topic + payload + qos"),
+    TopicSpec("registry.devices", "device id", "Avro Device", cleanup="compact"),
+    TopicSpec("rbac.grants", "principal", "Avro grant set", cleanup="compact"),
+    TopicSpec("ota.rollouts", "rollout id", "Avro Rollout", cleanup="compact"),
+    TopicSpec(
+        "dlq.ingest", "original key", "original bytes + error headers", retention_ms=30 * DAY_MS
+    ),
+)
+
+
+def topic_names(specs: Iterable[TopicSpec] = TOPICS) -> list[str]:
+    return [spec.name for spec in specs]
+
+
+def ensure_topics(
+    settings: Settings, specs: Sequence[TopicSpec] = TOPICS, timeout: float = 30.0
+) -> list[str]:
+    """Create the topics that do not exist yet; return the names created."""
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    missing = [
+        NewTopic(
+            spec.name,
+            num_partitions=spec.partitions or settings.default_partitions,
+            replication_factor=settings.replication_factor,
+            config=spec.config(settings),
+        )
+        for spec in specs
+        if spec.name not in existing
+    ]
+    if not missing:
+        return []
+    created: list[str] = []
+    for name, future in admin.create_topics(missing, operation_timeout=timeout).items():
+        try:
+            future.result()
+            created.append(name)
+        except KafkaException as exc:
+            # Another `fleet up` may have created it meanwhile: that is success too.
+            if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
+                raise
+    return created
+
+
+def list_topics(settings: Settings, timeout: float = 5.0) -> dict[str, int]:
+    """Topic name -> partition count, internal topics left out."""
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    meta = admin.list_topics(timeout=timeout)
+    return {
+        name: len(topic.partitions)
+        for name, topic in sorted(meta.topics.items())
+        if not name.startswith("__")
+    }
