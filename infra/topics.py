@@ -47,9 +47,10 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("registry.devices", "device id", "Avro Device", cleanup="compact"),
     TopicSpec("rbac.grants", "principal", "Avro grant set", cleanup="compact"),
     TopicSpec("ota.rollouts", "rollout id", "Avro Rollout", cleanup="compact"),
-    TopicSpec(
-        "dlq.ingest", "original key", "original bytes + error headers", retention_ms=30 * DAY_MS
-    ),
+    TopicSpec("dlq.ingest", "original key", "original bytes + headers", retention_ms=30 * DAY_MS),
+    # The schema registry's storage: one ordered journal, kept forever (schema ids live here).
+    TopicSpec("_registry.journal", "registry", "registry journal", retention_ms=-1, partitions=1),
+    TopicSpec("_registry.snapshots", "registry", "snapshots", retention_ms=-1, partitions=1),
 )
 
 

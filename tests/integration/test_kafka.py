@@ -1,0 +1,92 @@
+"""Kafka (KRaft) started by the project: produce and consume; the 3-broker mode."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient, ConfigResource
+
+from infra.services.base import wait_until
+from infra.services.kafka import KafkaBroker
+from infra.settings import Settings
+from infra.topics import TOPICS, TopicSpec, ensure_topics, list_topics
+
+
+def test_declared_topics_exist_with_their_cleanup_policy(stack, settings: Settings) -> None:
+    topics = list_topics(settings)
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    for spec in TOPICS:
+        assert spec.name in topics
+    resource = ConfigResource(ConfigResource.Type.TOPIC, "twin.state")
+    config = admin.describe_configs([resource])[resource].result()
+    assert config["cleanup.policy"].value == "compact"
+    assert ensure_topics(settings) == []  # idempotent: nothing left to create
+
+
+def test_a_produced_record_is_consumed(settings: Settings, new_topic: Callable[..., str]) -> None:
+    topic = new_topic()
+    value = uuid.uuid4().bytes
+    producer = Producer(
+        {"bootstrap.servers": settings.bootstrap_servers, "enable.idempotence": True, "acks": "all"}
+    )
+    delivered: list[object] = []
+    producer.produce(
+        topic, key=b"device-1", value=value, on_delivery=lambda e, m: delivered.append(e)
+    )
+    assert producer.flush(15) == 0
+    assert delivered == [None]
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": f"test-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+        }
+    )
+    consumer.subscribe([topic])
+    deadline = time.monotonic() + 30
+    got = None
+    while got is None and time.monotonic() < deadline:
+        msg = consumer.poll(0.5)
+        if msg is not None and msg.error() is None:
+            got = msg
+    consumer.close()
+    assert got is not None
+    assert (got.key(), got.value()) == (b"device-1", value)
+
+
+def test_three_broker_mode_elects_a_leader_with_replication_factor_3(tmp_path: Path) -> None:
+    settings = Settings(
+        state_dir=tmp_path / "stack",
+        brokers=3,
+        kafka_port=29092,
+        kafka_heap="256m",
+        default_partitions=1,
+    )
+    brokers = [KafkaBroker(settings, i) for i in range(3)]
+    try:
+        for broker in brokers:
+            broker.launch()
+        for broker in brokers:
+            broker.wait_ready(settings.startup_timeout_s)
+        name = f"test.rf3.{uuid.uuid4().hex[:8]}"
+        ensure_topics(settings, [TopicSpec(name, "k", "v", partitions=1)])
+        admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+
+        def has_leader_and_full_isr() -> bool:
+            partition = admin.list_topics(name, timeout=5).topics[name].partitions[0]
+            return partition.leader in {1, 2, 3} and len(partition.isrs) == 3
+
+        assert wait_until(has_leader_and_full_isr, timeout=30)
+        partition = admin.list_topics(name, timeout=5).topics[name].partitions[0]
+        assert sorted(partition.replicas) == [1, 2, 3]
+        resource = ConfigResource(ConfigResource.Type.TOPIC, name)
+        config = admin.describe_configs([resource])[resource].result()
+        assert config["min.insync.replicas"].value == "2"
+    finally:
+        for broker in brokers:
+            broker.stop()

@@ -1,0 +1,105 @@
+"""A small synchronous MQTT 5 test client (paho) holding a fleet certificate."""
+
+from __future__ import annotations
+
+import ssl
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+from infra.services.mosquitto import client_tls_context
+from infra.settings import Settings
+
+
+@dataclass
+class MqttSession:
+    client: mqtt.Client
+    acks: dict[int, ReasonCode] = field(default_factory=dict)
+    received: list[mqtt.MQTTMessage] = field(default_factory=list)
+    disconnected: threading.Event = field(default_factory=threading.Event)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, timeout: float = 10) -> ReasonCode:
+        """Publish and return the broker's PUBACK reason code."""
+        info = self.client.publish(topic, payload, qos=qos)
+        with self._cond:
+            if not self._cond.wait_for(lambda: info.mid in self.acks, timeout):
+                raise TimeoutError(f"no PUBACK for {topic} within {timeout}s")
+            return self.acks[info.mid]
+
+    def subscribe(self, topic: str, qos: int = 1, timeout: float = 10) -> list[ReasonCode]:
+        granted: list[list[ReasonCode]] = []
+        done = threading.Event()
+
+        def on_subscribe(_c, _u, _mid, codes, _p):  # type: ignore[no-untyped-def]
+            granted.append(list(codes))
+            done.set()
+
+        self.client.on_subscribe = on_subscribe
+        self.client.subscribe(topic, qos=qos)
+        if not done.wait(timeout):
+            raise TimeoutError(f"no SUBACK for {topic}")
+        return granted[0]
+
+    def wait_for_messages(self, count: int, timeout: float = 10) -> list[mqtt.MQTTMessage]:
+        with self._cond:
+            self._cond.wait_for(lambda: len(self.received) >= count, timeout)
+            return list(self.received)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def connect(
+    settings: Settings,
+    cert: Path,
+    key: Path,
+    client_id: str,
+    ca_cert: Path | None = None,
+    timeout: float = 10,
+) -> MqttSession | None:
+    """An MQTT 5 session over mTLS, or None if the broker refused the client."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    client.tls_set_context(client_tls_context(ca_cert or settings.pki_dir / "ca.crt", cert, key))
+    session = MqttSession(client)
+    connected = threading.Event()
+    outcome: list[ReasonCode] = []
+
+    def on_connect(_c, _u, _flags, reason, _props):  # type: ignore[no-untyped-def]
+        outcome.append(reason)
+        connected.set()
+
+    def on_publish(_c, _u, mid, reason, _props):  # type: ignore[no-untyped-def]
+        with session._cond:
+            session.acks[mid] = reason
+            session._cond.notify_all()
+
+    def on_message(_c, _u, message):  # type: ignore[no-untyped-def]
+        with session._cond:
+            session.received.append(message)
+            session._cond.notify_all()
+
+    def on_disconnect(_c, _u, _flags, _reason, _props):  # type: ignore[no-untyped-def]
+        session.disconnected.set()
+        connected.set()
+
+    client.on_connect = on_connect
+    client.on_publish = on_publish
+    client.on_message = on_message
+    client.on_disconnect = on_disconnect
+    try:
+        client.connect(settings.host, settings.mqtt_port, keepalive=30)
+    except (ssl.SSLError, OSError):
+        return None
+    client.loop_start()
+    ok = connected.wait(timeout) and bool(outcome) and not outcome[0].is_failure
+    if not ok or session.disconnected.is_set():
+        client.loop_stop()
+        client.disconnect()
+        return None
+    return session

@@ -1,0 +1,94 @@
+"""Generated configuration: Kafka properties, Mosquitto config and ACL, topic declarations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from infra.services.base import PidRecord
+from infra.services.kafka import server_properties
+from infra.services.mosquitto import BrokerFiles, render_acl, render_config
+from infra.settings import Settings
+from infra.topics import TOPICS
+
+
+def _props(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if line)
+
+
+def test_single_broker_bootstraps_its_own_quorum(tmp_path: Path) -> None:
+    props = _props(server_properties(Settings(), 0, tmp_path))
+    assert props["process.roles"] == "broker,controller"
+    assert props["controller.quorum.bootstrap.servers"] == "127.0.0.1:9093"
+    assert "controller.quorum.voters" not in props
+    assert props["listeners"].startswith("PLAINTEXT://127.0.0.1:9092")
+    assert props["auto.create.topics.enable"] == "false"
+
+
+def test_three_brokers_share_a_static_quorum_with_rf_3(tmp_path: Path) -> None:
+    props = _props(server_properties(Settings(brokers=3), 2, tmp_path))
+    assert props["node.id"] == "3"
+    assert props["controller.quorum.voters"] == (
+        "1@127.0.0.1:9093,2@127.0.0.1:9095,3@127.0.0.1:9097"
+    )
+    assert props["default.replication.factor"] == "3"
+    assert props["min.insync.replicas"] == "2"
+
+
+def test_mosquitto_config_requires_client_certificates(tmp_path: Path) -> None:
+    files = BrokerFiles(home=tmp_path, pki_dir=tmp_path / "pki")
+    lines = render_config(Settings(), files, "fleet").splitlines()
+    for expected in (
+        "listener 8883 127.0.0.1",
+        "require_certificate true",
+        "use_identity_as_username true",
+        "allow_anonymous false",
+        "persistence true",
+        f"crlfile {files.crl}",
+    ):
+        assert expected in lines
+    assert sum(line.startswith("listener") for line in lines) == 1  # no plain listener
+
+
+def test_acl_gives_devices_their_own_subtree_and_the_orchestrator_everything() -> None:
+    acl = render_acl().splitlines()
+    assert "pattern readwrite devices/%u/#" in acl
+    orchestrator = acl.index("user orchestrator")
+    assert acl[orchestrator + 1] == "topic readwrite #"
+
+
+def test_topic_contract_names_and_compaction() -> None:
+    by_name = {t.name: t for t in TOPICS}
+    contract = {
+        "telemetry.raw",
+        "device.events",
+        "twin.reported",
+        "twin.desired",
+        "twin.state",
+        "alerts",
+        "mqtt.downlink",
+        "registry.devices",
+        "rbac.grants",
+        "ota.rollouts",
+    }
+    assert contract <= set(by_name)
+    compacted = {n for n, t in by_name.items() if t.cleanup == "compact"}
+    assert compacted == {"twin.state", "registry.devices", "rbac.grants", "ota.rollouts"}
+    assert by_name["_registry.journal"].partitions == 1
+    assert by_name["_registry.journal"].config(Settings())["retention.ms"] == "-1"
+
+
+def test_a_pid_record_never_names_a_recycled_pid(tmp_path: Path) -> None:
+    import os
+
+    import psutil
+
+    me = psutil.Process(os.getpid())
+    path = tmp_path / "svc.pid"
+    PidRecord(me.pid, me.create_time()).write(path)
+    record = PidRecord.read(path)
+    assert record is not None
+    assert record.process() is not None
+    PidRecord(me.pid, me.create_time() - 100).write(path)  # same pid, another process's start
+    stale = PidRecord.read(path)
+    assert stale is not None
+    assert stale.process() is None
