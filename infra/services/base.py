@@ -232,11 +232,11 @@ class Service(ABC):
             self.pid_path.unlink(missing_ok=True)
             return False
         proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except psutil.TimeoutExpired:
+        # Poll rather than wait(): a service whose parent is gone may linger as a zombie
+        # until something reaps it, and a zombie has stopped.
+        if not wait_until(lambda: self.process() is None, timeout):
             proc.kill()
-            proc.wait(timeout=10)
+            wait_until(lambda: self.process() is None, 10)
         self.pid_path.unlink(missing_ok=True)
         return True
 
@@ -245,7 +245,7 @@ class Service(ABC):
         proc = self.process()
         if proc is not None:
             proc.kill()
-            proc.wait(timeout=10)
+            wait_until(lambda: self.process() is None, 10)
 
     def signal(self, signum: int) -> None:
         proc = self.process()
