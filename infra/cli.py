@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+import uuid
+from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from infra.pki import KeyKind
 from infra.services.base import ServiceError
 from infra.settings import Settings, load_settings
 from infra.stack import Stack, StackStatus
@@ -84,6 +87,81 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
         _print_status(result)
     if not result.all_up:
         raise typer.Exit(code=3)
+
+
+@app.command()
+def bridge(replica: int = typer.Option(0, help="Replica number: its MQTT client id.")) -> None:
+    """Run the MQTT -> Kafka bridge in the foreground (`fleet up` runs it in the background)."""
+    from ingest.bridge import main as bridge_main
+
+    bridge_main(replica)
+
+
+@app.command()
+def provision(
+    org: str = typer.Option(..., help="Organization."),
+    project: str = typer.Option(..., help="Project."),
+    group: str = typer.Option(..., help="Device group."),
+    count: int = typer.Option(1, min=1, help="How many devices."),
+    out: Path = typer.Option(..., help="Where each device's key, certificate and ca.crt go."),
+    key: str = typer.Option("rsa", help="Key type made on the device side: rsa or ec."),
+) -> None:
+    """Make device identities: key pair and CSR on the device side, certificate from the CA."""
+    from infra.pki import CertificateAuthority, PkiError
+    from infra.provision import provision_device
+
+    settings = _settings()
+    ca = CertificateAuthority.load_or_create(settings.pki_dir)
+    kind: KeyKind = "ec" if key == "ec" else "rsa"
+    manifest = []
+    try:
+        for _ in range(count):
+            device_id = f"{group}-{uuid.uuid4().hex[:10]}"
+            creds = provision_device(ca, device_id, out, kind)
+            manifest.append(
+                {
+                    "device_id": device_id,
+                    "org": org,
+                    "project": project,
+                    "group": group,
+                    "serial": str(creds.serial),
+                }
+            )
+            console.print(f"{device_id}: {creds.cert_path}")
+    except PkiError as exc:
+        raise _fail(exc) from exc
+    (out / "devices.json").write_text(json.dumps(manifest, indent=2))
+
+
+@app.command()
+def simulate(
+    devices: int = typer.Option(10, min=1, help="Simulated devices."),
+    rate: float = typer.Option(1.0, min=0.001, help="Telemetry messages per second per device."),
+    duration: float = typer.Option(10.0, min=0, help="Seconds of publishing."),
+    messages: int = typer.Option(None, min=1, help="Stop each device after this many messages."),
+    key: str = typer.Option("ec", help="Device key type: ec (fast for large fleets) or rsa."),
+    prefix: str = typer.Option("sim", help="Device id prefix."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary last."),
+) -> None:
+    """A simulated fleet over MQTT 5 + mTLS, each device with its own certificate."""
+    import asyncio
+
+    from infra.pki import CertificateAuthority
+    from infra.provision import load_or_provision
+    from infra.simulator import run_fleet
+
+    settings = _settings()
+    ca = CertificateAuthority.load_or_create(settings.pki_dir)
+    ids = [f"{prefix}-{i:05d}" for i in range(devices)]
+    kind: KeyKind = "rsa" if key == "rsa" else "ec"
+    with console.status(f"provisioning {devices} devices…"):
+        creds = load_or_provision(ca, ids, settings.state_dir / "devices", kind)
+    stats, _ = asyncio.run(run_fleet(settings, creds, rate, duration, messages))
+    summary = stats.summary()
+    if as_json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+    else:
+        console.print(summary)
 
 
 def main() -> None:

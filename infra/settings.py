@@ -88,6 +88,15 @@ class Settings(BaseSettings):
         return self.state_dir / "run"
 
 
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The FLEET_ variables that give a child process these same settings."""
+    return {
+        f"FLEET_{name.upper()}": str(value)
+        for name, value in settings.model_dump().items()
+        if value is not None
+    }
+
+
 def load_settings() -> Settings:
     """Read the settings from the environment (one place, so tests can override)."""
     return Settings()

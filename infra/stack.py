@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from infra.services.base import Service, ServiceError, ServiceStatus
+from infra.services.bridge import BridgeService
 from infra.services.kafka import KafkaBroker
 from infra.services.mosquitto import Mosquitto
 from infra.services.registry import SchemaRegistry
@@ -37,10 +38,11 @@ class Stack:
         self.brokers = [KafkaBroker(settings, i) for i in range(settings.brokers)]
         self.registry = SchemaRegistry(settings)
         self.mosquitto = Mosquitto(settings)
+        self.bridge = BridgeService(settings)
 
     @property
     def services(self) -> Sequence[Service]:
-        return [*self.brokers, self.registry, self.mosquitto]
+        return [*self.brokers, self.registry, self.mosquitto, self.bridge]
 
     def up(self) -> StackStatus:
         """Start what is not running and return once everything answers (idempotent)."""
@@ -54,11 +56,17 @@ class Stack:
         ensure_topics(self.settings)
         self.registry.start(timeout)
         self.mosquitto.start(timeout)
+        self.bridge.start(timeout)
         return self.status()
 
     def down(self) -> list[str]:
         """Stop, in reverse order, what `up` started; return the names stopped."""
-        return [s.name for s in reversed(self.services) if s.stop()]
+        stopped = [s.name for s in (self.bridge, self.mosquitto, self.registry) if s.stop()]
+        # Brokers of a quorum stop together: one by one, the last would wait on a lost quorum.
+        for broker in self.brokers:
+            broker.terminate()
+        stopped += [b.name for b in reversed(self.brokers) if b.stop()]
+        return stopped
 
     def status(self) -> StackStatus:
         services = [s.status() for s in self.services]

@@ -12,6 +12,7 @@ import pytest
 
 from infra.pki import CertificateAuthority, generate_private_key, key_to_pem, make_csr
 from infra.settings import PROJECT_ROOT, Settings
+from infra.settings import settings_env as fleet_env
 from infra.stack import Stack
 
 # Test ports sit 10000 above the defaults, so a running `make demo` stack is left alone.
@@ -26,19 +27,8 @@ TEST_SETTINGS = {
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """The FLEET_ variables that point a `fleet` subprocess at the same stack."""
-    env = dict(os.environ)
-    for name in (
-        "state_dir",
-        "kafka_port",
-        "registry_port",
-        "registry_management_port",
-        "mqtt_port",
-        "default_partitions",
-        "brokers",
-    ):
-        env[f"FLEET_{name.upper()}"] = str(getattr(settings, name))
-    return env
+    """The environment that points a `fleet` subprocess at the same stack."""
+    return {**os.environ, **fleet_env(settings)}
 
 
 @pytest.fixture(scope="session")

@@ -181,8 +181,12 @@ class Service(ABC):
             self.prepare()
             self._spawn()
 
+    def bound_ports(self) -> Sequence[int]:
+        """Ports this service listens on, checked for conflicts before it starts."""
+        return (self.port, *self.extra_ports())
+
     def _check_ports_free(self) -> None:
-        for port in (self.port, *self.extra_ports()):
+        for port in self.bound_ports():
             if port_answers(self.host, port, timeout=0.2):
                 raise ServiceError(
                     f"{self.name}: port {port} on {self.host} is taken by "
@@ -239,6 +243,12 @@ class Service(ABC):
             wait_until(lambda: self.process() is None, 10)
         self.pid_path.unlink(missing_ok=True)
         return True
+
+    def terminate(self) -> None:
+        """SIGTERM without waiting (to stop several services at once)."""
+        proc = self.process()
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
         """SIGKILL, for crash tests: no clean shutdown."""

@@ -89,4 +89,6 @@ def test_three_broker_mode_elects_a_leader_with_replication_factor_3(tmp_path: P
         assert config["min.insync.replicas"].value == "2"
     finally:
         for broker in brokers:
+            broker.terminate()
+        for broker in brokers:
             broker.stop()

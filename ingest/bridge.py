@@ -1,0 +1,280 @@
+"""The MQTT -> Kafka bridge: at-least-once, acknowledging late.
+
+gmqtt with `optimistic_acknowledgement=False` runs one task per incoming QoS 1 message and sends
+its PUBACK with the int the handler returns; a handler that raises never acks, and the broker
+redelivers the message when this session reconnects. So a message is acknowledged only after
+Kafka's delivery report (acks=all, idempotent producer) for the record it became: the Avro
+record on its topic, or the original bytes on `dlq.ingest` with the reason.
+
+The session is persistent (clean_start false, long expiry) and the subscription shared
+(`$share/ingest/...`): N replicas split the load, and while every replica is down the broker
+queues for them instead of dropping devices' messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gmqtt
+from confluent_kafka import KafkaException
+from confluent_kafka.schema_registry import SchemaRegistryClient
+from gmqtt.mqtt.constants import MQTTv50
+
+from infra.services.mosquitto import ORCHESTRATOR, BrokerFiles, client_tls_context
+from infra.settings import Settings
+from ingest.envelope import (
+    EVENTS,
+    TELEMETRY,
+    Accepted,
+    Rejected,
+    RejectReason,
+    parse_uplink_topic,
+    validate,
+)
+from ingest.kafka_delivery import AsyncProducer, Headers
+from schemas.codec import AvroCodec, CodecRegistry, load_schema
+
+log = logging.getLogger("fleetstream.bridge")
+
+DLQ_TOPIC = "dlq.ingest"
+SHARE_GROUP = "ingest"
+BRIDGE_SESSION_EXPIRY_S = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class Route:
+    kind: str
+    kafka_topic: str
+    schema: str
+
+
+ROUTES: Mapping[str, Route] = {
+    TELEMETRY: Route(TELEMETRY, "telemetry.raw", "Telemetry"),
+    EVENTS: Route(EVENTS, "device.events", "DeviceEvent"),
+}
+
+
+def subscriptions() -> list[str]:
+    return [f"$share/{SHARE_GROUP}/devices/+/{kind}" for kind in ROUTES]
+
+
+@dataclass
+class BridgeCounters:
+    accepted: int = 0
+    dead_lettered: int = 0
+    redelivered: int = 0
+    kafka_retries: int = 0
+    refused_while_stopping: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+    def dead_letter(self, reason: str) -> None:
+        self.dead_lettered += 1
+        self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """What one MQTT message becomes in Kafka."""
+
+    topic: str
+    key: bytes
+    value: bytes
+    headers: Headers
+    reason: str | None  # None: accepted; else the dead-letter reason
+
+
+def dead_letter(
+    mqtt_topic: str, device_id: str, payload: bytes, reason: str, detail: str, received_at_ms: int
+) -> Outgoing:
+    headers = [
+        ("error", reason.encode()),
+        ("detail", detail.encode("utf-8", "replace")),
+        ("source", b"ingest"),
+        ("mqtt_topic", mqtt_topic.encode("utf-8", "replace")),
+        ("received_at", str(received_at_ms).encode()),
+    ]
+    return Outgoing(DLQ_TOPIC, device_id.encode(), payload, headers, reason)
+
+
+def route_message(
+    mqtt_topic: str, payload: bytes, received_at_ms: int, codecs: Mapping[str, AvroCodec]
+) -> Outgoing:
+    """Pure: an MQTT message to the Kafka record it becomes (accepted or dead letter)."""
+    parsed = parse_uplink_topic(mqtt_topic)
+    if parsed is None or parsed[1] not in codecs:
+        return dead_letter(
+            mqtt_topic, "", payload, RejectReason.bad_topic, "not an uplink topic", received_at_ms
+        )
+    device_id, kind = parsed  # the broker's ACL guarantees the id in the topic
+    outcome = validate(kind, device_id, payload, received_at_ms)
+    if isinstance(outcome, Rejected):
+        return dead_letter(
+            mqtt_topic, device_id, payload, outcome.reason, outcome.detail, received_at_ms
+        )
+    assert isinstance(outcome, Accepted)
+    try:
+        value = codecs[kind].encode(outcome.record)
+    except (ValueError, TypeError, OverflowError) as exc:
+        return dead_letter(
+            mqtt_topic, device_id, payload, "encode_failed", str(exc), received_at_ms
+        )
+    return Outgoing(ROUTES[kind].kafka_topic, device_id.encode(), value, [], None)
+
+
+class Bridge:
+    def __init__(self, settings: Settings, replica: int = 0) -> None:
+        self.settings = settings
+        self.replica = replica
+        self.client_id = f"bridge-{replica}"
+        self.counters = BridgeCounters()
+        self.stopping = asyncio.Event()
+        self.connected = False
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._producer: AsyncProducer | None = None
+        self._codecs: dict[str, AvroCodec] = {}
+        self._client: gmqtt.Client | None = None
+
+    @property
+    def status_path(self) -> Path:
+        return self.settings.run_dir / f"{self.client_id}.json"
+
+    def _register_schemas(self) -> None:
+        # Once per process, never per message.
+        registry = CodecRegistry(SchemaRegistryClient({"url": self.settings.registry_url}))
+        self._codecs = {
+            kind: registry.codec(route.kafka_topic, load_schema(route.schema))
+            for kind, route in ROUTES.items()
+        }
+
+    async def on_message(
+        self, client: gmqtt.Client, topic: str, payload: bytes, qos: int, props: dict[str, Any]
+    ) -> int:
+        if self.stopping.is_set():
+            # Withhold the ack: the persistent session gets it again after the restart.
+            self.counters.refused_while_stopping += 1
+            raise RuntimeError("bridge stopping: message left to the broker")
+        if props.get("dup"):
+            self.counters.redelivered += 1
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            out = route_message(topic, payload, int(time.time() * 1000), self._codecs)
+            await self._deliver(out)
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+        if out.reason is None:
+            self.counters.accepted += 1
+        else:
+            self.counters.dead_letter(out.reason)
+        return 0
+
+    async def _deliver(self, out: Outgoing) -> None:
+        """Retry until Kafka takes it: while Kafka is away, the ack stays withheld."""
+        assert self._producer is not None
+        backoff = 0.1
+        while True:
+            try:
+                await self._producer.deliver(out.topic, out.key, out.value, out.headers)
+                return
+            except KafkaException as exc:
+                self.counters.kafka_retries += 1
+                log.warning("kafka delivery failed (%s); retrying in %.1fs", exc, backoff)
+                if self.stopping.is_set():
+                    raise
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _write_status(self) -> None:
+        status = {
+            "client_id": self.client_id,
+            "pid": os.getpid(),
+            "connected": self.connected,
+            "inflight": self._inflight,
+            **asdict(self.counters),
+        }
+        tmp = self.status_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(status))
+        tmp.replace(self.status_path)
+
+    async def _report_forever(self) -> None:
+        while True:
+            self._write_status()
+            await asyncio.sleep(0.5)
+
+    def _mqtt_client(self) -> gmqtt.Client:
+        client = gmqtt.Client(
+            self.client_id,
+            clean_session=False,
+            optimistic_acknowledgement=False,
+            session_expiry_interval=BRIDGE_SESSION_EXPIRY_S,
+            # MQTT 5 Receive Maximum: how many unacknowledged messages the broker may send us.
+            # Late acks make this window the throughput cap, so it is sized with the broker's
+            # max_inflight_messages (FLEET_MQTT_MAX_INFLIGHT).
+            receive_maximum=self.settings.mqtt_max_inflight,
+        )
+        client.on_message = self.on_message
+        return client
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.settings.run_dir.mkdir(parents=True, exist_ok=True)
+        self._register_schemas()
+        self._producer = AsyncProducer(self.settings.bootstrap_servers, self.client_id, loop)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stopping.set)
+        files = BrokerFiles(self.settings.state_dir / "mosquitto", self.settings.pki_dir)
+        tls = client_tls_context(files.ca_cert, files.orchestrator_cert, files.orchestrator_key)
+        self._client = client = self._mqtt_client()
+        await client.connect(
+            self.settings.host, self.settings.mqtt_port, ssl=tls, version=MQTTv50, keepalive=30
+        )
+        for topic in subscriptions():
+            client.subscribe(topic, qos=1)
+        self.connected = True
+        log.info("bridge %s up as %s: %s", self.client_id, ORCHESTRATOR, subscriptions())
+        reporter = asyncio.create_task(self._report_forever())
+        await self.stopping.wait()
+        await self.shutdown(client)
+        reporter.cancel()
+        self.connected = False
+        self._write_status()
+
+    async def shutdown(self, client: gmqtt.Client, timeout: float = 30.0) -> None:
+        """Stop taking messages, let in-flight ones reach Kafka and be acked, then leave."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            log.warning(
+                "%d messages still in flight at shutdown: left to the broker", self._inflight
+            )
+        assert self._producer is not None
+        pending = self._producer.close(timeout)
+        await asyncio.sleep(0)  # let the last PUBACKs go out before DISCONNECT
+        await client.disconnect()
+        log.info("bridge stopped: %s (kafka pending: %d)", asdict(self.counters), pending)
+
+
+def main(replica: int = 0) -> None:
+    from infra.settings import load_settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(Bridge(load_settings(), replica).run())
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 0)

@@ -1,0 +1,284 @@
+"""What a device sent, checked before Avro: pure functions, no I/O.
+
+A device publishes JSON on ``devices/<id>/<kind>``. The device id is the topic's (the broker
+ACL ties it to the certificate CN); a ``device_id`` or ``received_at`` in the payload is
+ignored. Every message carries the envelope ``seq`` (integer, 0..2**63-1, only grows) and
+``ts`` (integer milliseconds since the epoch, device time). The result is either
+:class:`Accepted`, whose ``record`` matches the Avro schema of its kind (``Telemetry`` or
+``DeviceEvent``), or :class:`Rejected` with a reason for the dead-letter topic.
+
+Rules beyond the types: JSON ``NaN``/``Infinity`` and numbers beyond a double's range are
+refused; strings must be valid Unicode (no lone surrogates, which Avro could not encode); a
+present but invalid ``seq``/``ts`` is ``bad_seq``/``bad_timestamp`` whatever its type; an
+optional field may be ``null``; an event field other than ``type``, ``message`` and
+``attributes`` is refused (``wrong_type``: free-form values belong in ``attributes``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, NoReturn
+
+from infra.pki import DEVICE_ID_PATTERN
+
+__all__ = [
+    "EVENTS",
+    "MAX_PAYLOAD_BYTES",
+    "MAX_SEQ",
+    "MAX_TS_MS",
+    "METRICS",
+    "TELEMETRY",
+    "Accepted",
+    "RejectReason",
+    "Rejected",
+    "parse_uplink_topic",
+    "validate",
+    "validate_event",
+    "validate_telemetry",
+]
+
+MAX_PAYLOAD_BYTES = 64 * 1024
+MAX_SEQ = 2**63 - 1
+# 9999-12-31T23:59:59.999Z: the last instant a Python datetime holds, so any consumer that
+# decodes timestamp-millis into datetimes can read every accepted record.
+MAX_TS_MS = 253_402_300_799_999
+
+TELEMETRY = "telemetry"
+EVENTS = "events"
+METRICS = ("temperature", "humidity", "battery", "vibration_rms")
+
+_BRIDGE_FIELDS = frozenset({"device_id", "received_at"})  # set by the bridge, not the device
+_ENVELOPE_FIELDS = frozenset({"seq", "ts"}) | _BRIDGE_FIELDS
+_EVENT_FIELDS = frozenset({"type", "message", "attributes"})
+_SHOWN_CHARS = 64  # how much of a device-chosen string goes into a reject detail
+
+
+class RejectReason(StrEnum):
+    not_json = "not_json"
+    not_object = "not_object"
+    missing_field = "missing_field"
+    wrong_type = "wrong_type"
+    bad_seq = "bad_seq"
+    bad_timestamp = "bad_timestamp"
+    oversize = "oversize"
+    bad_topic = "bad_topic"
+    unknown_device_id = "unknown_device_id"
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    kind: str
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    reason: RejectReason
+    detail: str
+
+
+class _Invalid(Exception):
+    """Internal: carries a :class:`Rejected` out of the nested checks."""
+
+    def __init__(self, reason: RejectReason, detail: str) -> None:
+        super().__init__(detail)
+        self.rejected = Rejected(reason, detail)
+
+
+def _reject(reason: RejectReason, detail: str) -> NoReturn:
+    raise _Invalid(reason, detail)
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "..."
+
+
+# --------------------------------------------------------------------------- topics
+
+
+def parse_uplink_topic(topic: str) -> tuple[str, str] | None:
+    """``devices/<id>/<kind...>`` -> ``(id, kind)``, e.g. ``(id, "state/reported")``.
+
+    Only the shape is checked (no empty level); the id and kind are judged by :func:`validate`.
+    """
+    levels = topic.split("/")
+    if len(levels) < 3 or levels[0] != "devices" or "" in levels:
+        return None
+    return levels[1], "/".join(levels[2:])
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _is_text(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON "\ud800" escape
+        return False
+    return True
+
+
+def _as_double(value: object) -> float | None:
+    """``value`` as a finite double, or None if it is not a JSON number that fits one."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond a double's range
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _bounded_int(value: object, high: int) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+        return None
+    return value
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+# --------------------------------------------------------------------------- envelope
+
+
+def _document(device_id: str, payload: bytes) -> dict[str, Any]:
+    if DEVICE_ID_PATTERN.fullmatch(device_id) is None:
+        _reject(RejectReason.unknown_device_id, f"device id {_shown(device_id)} is not valid")
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        _reject(RejectReason.oversize, f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+    try:
+        document = json.loads(payload, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        _reject(RejectReason.not_json, f"{type(exc).__name__}: {exc}")
+    if not isinstance(document, dict):
+        _reject(RejectReason.not_object, f"top level is a {type(document).__name__}")
+    return document
+
+
+def _envelope(document: dict[str, Any], device_id: str, received_at_ms: int) -> dict[str, Any]:
+    for name in ("seq", "ts"):
+        if name not in document:
+            _reject(RejectReason.missing_field, f"{name!r} is required")
+    seq = _bounded_int(document["seq"], MAX_SEQ)
+    if seq is None:
+        detail = f"seq must be an integer in [0, 2**63-1], got {_shown(document['seq'])}"
+        _reject(RejectReason.bad_seq, detail)
+    ts = _bounded_int(document["ts"], MAX_TS_MS)
+    if ts is None:
+        _reject(
+            RejectReason.bad_timestamp,
+            f"ts must be integer epoch milliseconds in [0, {MAX_TS_MS}], "
+            f"got {_shown(document['ts'])}",
+        )
+    return {"device_id": device_id, "seq": seq, "ts": ts, "received_at": received_at_ms}
+
+
+def _checked(
+    kind: str,
+    device_id: str,
+    payload: bytes,
+    received_at_ms: int,
+    body: Callable[[dict[str, Any]], dict[str, Any]],
+) -> Accepted | Rejected:
+    """Run the shared checks, then ``body(document)`` for the kind's own fields."""
+    try:
+        document = _document(device_id, payload)
+        record = _envelope(document, device_id, received_at_ms)
+        record.update(body(document))
+    except _Invalid as invalid:
+        return invalid.rejected
+    return Accepted(kind, record)
+
+
+# --------------------------------------------------------------------------- telemetry
+
+
+def _metric(name: str, value: object) -> float:
+    number = _as_double(value)
+    if number is None:
+        _reject(RejectReason.wrong_type, f"{name!r} must be a finite number, got {_shown(value)}")
+    return number
+
+
+def _telemetry_fields(document: dict[str, Any]) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        name: None if document.get(name) is None else _metric(name, document[name])
+        for name in METRICS
+    }
+    extra: dict[str, float] = {}
+    for key, value in document.items():
+        if key in _ENVELOPE_FIELDS or key in METRICS:
+            continue
+        if not _is_text(key):
+            _reject(RejectReason.wrong_type, f"metric name {_shown(key)} is not valid text")
+        extra[key] = _metric(key, value)
+    fields["extra"] = extra
+    return fields
+
+
+def validate_telemetry(device_id: str, payload: bytes, received_at_ms: int) -> Accepted | Rejected:
+    """A ``Telemetry`` record: envelope, the known metrics, other numeric keys in ``extra``."""
+    return _checked(TELEMETRY, device_id, payload, received_at_ms, _telemetry_fields)
+
+
+# --------------------------------------------------------------------------- events
+
+
+def _optional_text(document: dict[str, Any], name: str) -> str | None:
+    value = document.get(name)
+    if value is not None and not _is_text(value):
+        _reject(RejectReason.wrong_type, f"{name!r} must be a string, got {_shown(value)}")
+    return value
+
+
+def _attributes(document: dict[str, Any]) -> dict[str, str]:
+    value = document.get("attributes")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        _reject(RejectReason.wrong_type, f"'attributes' must be an object, got {_shown(value)}")
+    for key, item in value.items():
+        if not (_is_text(key) and _is_text(item)):
+            _reject(RejectReason.wrong_type, f"attributes[{_shown(key)}] must be a string")
+    return value
+
+
+def _event_fields(document: dict[str, Any]) -> dict[str, Any]:
+    if "type" not in document:
+        _reject(RejectReason.missing_field, "'type' is required")
+    event_type = _optional_text(document, "type")
+    if not event_type:
+        _reject(RejectReason.wrong_type, "'type' must be a non-empty string")
+    unexpected = sorted(document.keys() - _ENVELOPE_FIELDS - _EVENT_FIELDS)
+    if unexpected:
+        _reject(
+            RejectReason.wrong_type,
+            f"unexpected field {_shown(unexpected[0])}: put free-form values in 'attributes'",
+        )
+    message = _optional_text(document, "message")
+    return {"type": event_type, "message": message, "attributes": _attributes(document)}
+
+
+def validate_event(device_id: str, payload: bytes, received_at_ms: int) -> Accepted | Rejected:
+    """A ``DeviceEvent`` record: envelope, ``type``, optional ``message`` and ``attributes``."""
+    return _checked(EVENTS, device_id, payload, received_at_ms, _event_fields)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def validate(kind: str, device_id: str, payload: bytes, received_at_ms: int) -> Accepted | Rejected:
+    """Validate a payload from ``devices/<device_id>/<kind>``; unknown kinds are ``bad_topic``."""
+    if kind == TELEMETRY:
+        return validate_telemetry(device_id, payload, received_at_ms)
+    if kind == EVENTS:
+        return validate_event(device_id, payload, received_at_ms)
+    return Rejected(RejectReason.bad_topic, f"no uplink handled for kind {_shown(kind)}")

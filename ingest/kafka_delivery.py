@@ -1,0 +1,103 @@
+"""An asyncio face on confluent-kafka's producer: `await deliver(...)` returns after Kafka's
+delivery report (acks=all, idempotent), so the bridge can acknowledge MQTT late.
+
+librdkafka batches what many concurrent handlers produce; one thread serves delivery reports
+and hands each result back to the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+Headers = Sequence[tuple[str, bytes]]
+
+
+@dataclass(frozen=True)
+class ProducerTuning:
+    linger_ms: int = 5
+    batch_size: int = 512 * 1024
+    compression: str = "lz4"
+    message_timeout_ms: int = 30_000
+
+
+def producer_config(bootstrap: str, client_id: str, tuning: ProducerTuning) -> dict[str, object]:
+    return {
+        "bootstrap.servers": bootstrap,
+        "client.id": client_id,
+        "enable.idempotence": True,  # implies acks=all and ordered retries per partition
+        "acks": "all",
+        "linger.ms": tuning.linger_ms,
+        "batch.size": tuning.batch_size,
+        "compression.type": tuning.compression,
+        "message.timeout.ms": tuning.message_timeout_ms,
+    }
+
+
+class AsyncProducer:
+    def __init__(
+        self,
+        bootstrap: str,
+        client_id: str,
+        loop: asyncio.AbstractEventLoop,
+        tuning: ProducerTuning | None = None,
+    ) -> None:
+        self._producer = Producer(producer_config(bootstrap, client_id, tuning or ProducerTuning()))
+        self._loop = loop
+        self._closing = threading.Event()
+        self._poller = threading.Thread(target=self._poll_forever, name="kafka-poll", daemon=True)
+        self._poller.start()
+
+    def _poll_forever(self) -> None:
+        while not self._closing.is_set():
+            self._producer.poll(0.05)
+
+    def deliver(
+        self, topic: str, key: bytes, value: bytes, headers: Headers | None = None
+    ) -> asyncio.Future[Message]:
+        """Produce one record; the future resolves on its delivery report."""
+        future: asyncio.Future[Message] = self._loop.create_future()
+
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            self._loop.call_soon_threadsafe(_settle, future, err, msg)
+
+        while True:
+            try:
+                self._producer.produce(
+                    topic,
+                    value=value,
+                    key=key,
+                    headers=list(headers or ()),
+                    on_delivery=on_delivery,
+                )
+                return future
+            except BufferError:
+                # librdkafka's queue is full: back-pressure, wait for reports to drain it.
+                self._producer.poll(0.05)
+
+    def flush(self, timeout: float = 30.0) -> int:
+        """Wait for every outstanding delivery report; return how many are still pending."""
+        return int(self._producer.flush(timeout))
+
+    def close(self, timeout: float = 30.0) -> int:
+        pending = self.flush(timeout)
+        self._closing.set()
+        self._poller.join(timeout=5)
+        return pending
+
+
+def _settle(future: asyncio.Future[Message], err: KafkaError | None, msg: Message) -> None:
+    if future.done():
+        return
+    if err is not None:
+        future.set_exception(KafkaException(err))
+    else:
+        future.set_result(msg)
+
+
+def headers_dict(headers: Headers | None) -> Mapping[str, bytes]:
+    return dict(headers or ())
