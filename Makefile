@@ -21,7 +21,7 @@ lint: $(VENV)/.installed
 unit: $(VENV)/.installed
 	$(VENV)/bin/pytest -q tests/unit
 
-# Integration and e2e tests start their own stack (ports 1xxxx, state in .state/test-stack).
+# Integration and e2e tests start their own stack (ports 1xxxx, state in .state/test-stack-10000).
 integration: $(VENV)/.installed system-deps
 	$(VENV)/bin/pytest -q -ra tests/integration tests/e2e
 
@@ -49,4 +49,4 @@ $(VENV)/.installed: pyproject.toml
 
 clean:
 	-$(VENV)/bin/fleet down
-	rm -rf .state/stack .state/test-stack
+	rm -rf .state/stack .state/test-stack-*

@@ -38,6 +38,14 @@ class Settings(BaseSettings):
     mqtt_max_inflight: int = Field(default=1000, ge=1)
     mqtt_max_queued: int = Field(default=100_000, ge=0)
 
+    # Warehouse: empty means embedded chDB in <state_dir>/warehouse; else http(s)://host:port
+    # of a ClickHouse server (same sink code through clickhouse-connect).
+    warehouse_url: str = ""
+    # The process owning the embedded chDB answers `fleet sql` here while it runs.
+    query_port: int = 8124
+    sink_batch_rows: int = Field(default=50_000, ge=1)
+    sink_batch_seconds: float = Field(default=1.0, gt=0)
+
     java_home: Path | None = None
     registry_java_home: Path | None = None
 
@@ -81,6 +89,10 @@ class Settings(BaseSettings):
     @property
     def pki_dir(self) -> Path:
         return self.state_dir / "pki"
+
+    @property
+    def warehouse_dsn(self) -> str:
+        return self.warehouse_url or f"chdb://{self.state_dir / 'warehouse'}"
 
     @property
     def run_dir(self) -> Path:

@@ -15,13 +15,15 @@ from infra.settings import PROJECT_ROOT, Settings
 from infra.settings import settings_env as fleet_env
 from infra.stack import Stack
 
-# Test ports sit 10000 above the defaults, so a running `make demo` stack is left alone.
+# Test ports sit 10000 above the defaults (FLEET_TEST_PORT_OFFSET moves them), so a running
+# `make demo` stack, or another checkout's tests, is left alone.
+PORT_OFFSET = int(os.environ.get("FLEET_TEST_PORT_OFFSET", "10000"))
 TEST_SETTINGS = {
-    "state_dir": PROJECT_ROOT / ".state" / "test-stack",
-    "kafka_port": 19092,
-    "registry_port": 18081,
-    "registry_management_port": 19001,
-    "mqtt_port": 18883,
+    "state_dir": PROJECT_ROOT / ".state" / f"test-stack-{PORT_OFFSET}",
+    "kafka_port": 9092 + PORT_OFFSET,
+    "registry_port": 8081 + PORT_OFFSET,
+    "registry_management_port": 9001 + PORT_OFFSET,
+    "mqtt_port": 8883 + PORT_OFFSET,
     "default_partitions": 3,
 }
 

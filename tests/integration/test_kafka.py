@@ -14,6 +14,7 @@ from infra.services.base import wait_until
 from infra.services.kafka import KafkaBroker
 from infra.settings import Settings
 from infra.topics import TOPICS, TopicSpec, ensure_topics, list_topics
+from tests.conftest import PORT_OFFSET
 
 
 def test_declared_topics_exist_with_their_cleanup_policy(stack, settings: Settings) -> None:
@@ -63,7 +64,7 @@ def test_three_broker_mode_elects_a_leader_with_replication_factor_3(tmp_path: P
     settings = Settings(
         state_dir=tmp_path / "stack",
         brokers=3,
-        kafka_port=29092,
+        kafka_port=19092 + PORT_OFFSET,  # beside the session stack, never on it
         kafka_heap="256m",
         default_partitions=1,
     )
