@@ -31,6 +31,7 @@ from gmqtt.mqtt.constants import MQTTv50
 
 from infra.services.mosquitto import ORCHESTRATOR, BrokerFiles, client_tls_context
 from infra.settings import Settings
+from ingest.downlink import DOWNLINK_TOPIC, DownlinkCounters, DownlinkRelay, MqttOut
 from ingest.envelope import (
     EVENTS,
     TELEMETRY,
@@ -143,6 +144,8 @@ class Bridge:
         self._idle.set()
         self._producer: AsyncProducer | None = None
         self._codecs: dict[str, AvroCodec] = {}
+        self._downlink_codec: AvroCodec | None = None
+        self.downlink = DownlinkCounters()
         self._client: gmqtt.Client | None = None
 
     @property
@@ -156,6 +159,7 @@ class Bridge:
             kind: registry.codec(route.kafka_topic, load_schema(route.schema))
             for kind, route in ROUTES.items()
         }
+        self._downlink_codec = registry.codec(DOWNLINK_TOPIC, load_schema("Downlink"))
 
     async def on_message(
         self, client: gmqtt.Client, topic: str, payload: bytes, qos: int, props: dict[str, Any]
@@ -204,6 +208,7 @@ class Bridge:
             "connected": self.connected,
             "inflight": self._inflight,
             **asdict(self.counters),
+            "downlink": asdict(self.downlink),
         }
         tmp = self.status_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(status))
@@ -246,7 +251,17 @@ class Bridge:
         self.connected = True
         log.info("bridge %s up as %s: %s", self.client_id, ORCHESTRATOR, subscriptions())
         reporter = asyncio.create_task(self._report_forever())
+        assert self._downlink_codec is not None
+
+        def publish(out: MqttOut) -> None:
+            client.publish(out.topic, out.payload, qos=out.qos)
+
+        relay = DownlinkRelay(
+            self.settings.bootstrap_servers, self._downlink_codec, publish, self.downlink
+        )
+        downlink = asyncio.create_task(relay.run(self.stopping))
         await self.stopping.wait()
+        await downlink
         await self.shutdown(client)
         reporter.cancel()
         self.connected = False

@@ -201,3 +201,74 @@ def test_schemas_are_registered_once_and_compatible_backward(
     removed["fields"].append({"name": "sequence", "type": "long"})  # a new required field
     with pytest.raises(SchemaRegistryError):
         register_schema(client, subject, removed)
+
+
+def test_sigterm_stops_the_bridge_cleanly_without_loss_or_duplicates(
+    stack: Stack, settings: Settings, ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    creds = _fleet(ca, tmp_path, 50)
+    outcome: list[tuple[FleetStats, list[SimulatedDevice]]] = []
+
+    def simulate() -> None:
+        outcome.append(
+            asyncio.run(
+                run_fleet(settings, creds, rate=20, duration=60, max_messages=60, drain_timeout=120)
+            )
+        )
+
+    accepted_before = stack.bridge.counters().get("accepted", 0)
+    runner = threading.Thread(target=simulate)
+    runner.start()
+    assert wait_until(
+        lambda: stack.bridge.counters().get("accepted", 0) > accepted_before + 500, timeout=60
+    )
+    assert stack.bridge.stop(timeout=60)  # SIGTERM, and it exits by itself
+    assert "bridge stopped" in stack.bridge.log_path.read_text()
+    stack.bridge.start(settings.startup_timeout_s)
+    runner.join(timeout=180)
+    assert outcome, "the simulated fleet did not finish"
+    published = _published(outcome[0][1])
+    stored = _stored(settings, published)
+    assert set(stored) == published
+    assert len(stored) == len(published)  # a clean stop acks exactly what reached Kafka
+
+
+def test_downlink_records_reach_their_device_and_only_it(
+    stack: Stack, settings: Settings, make_device: Callable[..., DeviceIdentity]
+) -> None:
+    from confluent_kafka import Producer
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    from ingest.downlink import downlink_record
+    from schemas.codec import CodecRegistry
+
+    target, bystander = make_device(), make_device()
+    codec = CodecRegistry(SchemaRegistryClient({"url": settings.registry_url})).codec(
+        "mqtt.downlink", load_schema("Downlink")
+    )
+    sessions = {}
+    for device in (target, bystander):
+        session = connect(settings, device.cert, device.key, device.device_id)
+        assert session is not None
+        session.subscribe(f"devices/{device.device_id}/#")
+        sessions[device.device_id] = session
+    refused_before = stack.bridge.counters().get("downlink", {}).get("refused", 0)
+    producer = Producer({"bootstrap.servers": settings.bootstrap_servers})
+    # A producer bug: keyed to the target, aimed at the bystander. Refused by the bridge.
+    forged = downlink_record(bystander.device_id, "state/desired", b'{"evil": 1}')
+    producer.produce("mqtt.downlink", key=target.device_id.encode(), value=codec.encode(forged))
+    good = downlink_record(target.device_id, "state/desired", b'{"led": "on"}', command_id="c1")
+    producer.produce("mqtt.downlink", key=target.device_id.encode(), value=codec.encode(good))
+    assert producer.flush(15) == 0
+    try:
+        received = sessions[target.device_id].wait_for_messages(1, timeout=30)
+        assert [(m.topic, m.payload) for m in received] == [
+            (f"devices/{target.device_id}/state/desired", b'{"led": "on"}')
+        ]
+        assert wait_until(
+            lambda: stack.bridge.counters()["downlink"]["refused"] > refused_before, timeout=10
+        )
+        assert sessions[bystander.device_id].received == []
+    finally:
+        for session in sessions.values():
+            session.close()
