@@ -50,3 +50,7 @@ $(VENV)/.installed: pyproject.toml
 clean:
 	-$(VENV)/bin/fleet down
 	rm -rf .state/stack .state/test-stack-*
+
+# Benchmarks on a stack of their own; writes bench/results.json.
+bench: $(VENV)/.installed system-deps
+	$(VENV)/bin/python -m bench

@@ -54,6 +54,8 @@ def _print_status(status: StackStatus) -> None:
         for name, partitions in status.topics.items():
             topics.add_row(name, str(partitions))
         console.print(topics)
+    for group, lag in status.consumer_lag.items():
+        console.print(f"consumer group [bold]{group}[/]: lag {lag}")
 
 
 @app.command()
@@ -162,6 +164,44 @@ def simulate(
         sys.stdout.write(json.dumps(summary) + "\n")
     else:
         console.print(summary)
+
+
+@app.command()
+def sql(
+    query: str = typer.Argument(..., help="A SQL statement, or a path to a queries/*.sql file."),
+    param: list[str] = typer.Option([], "--param", help="Query parameter k=v (repeatable)."),
+    fmt: str = typer.Option("table", "--format", help="table, json or csv."),
+) -> None:
+    """Run an analyst query against the warehouse (through the pipeline while it runs)."""
+    from queries.runner import QueryError, run_sql
+
+    params = dict(p.split("=", 1) for p in param if "=" in p)
+    if fmt not in ("table", "json", "csv"):
+        raise _fail(ValueError(f"--format must be table, json or csv, not {fmt!r}"))
+    try:
+        sys.stdout.write(run_sql(_settings(), query, params, fmt) + "\n")  # type: ignore[arg-type]
+    except QueryError as exc:
+        raise _fail(exc) from exc
+
+
+@app.command()
+def demo(
+    devices: int = typer.Option(500, min=1, help="Simulated devices."),
+    duration: float = typer.Option(60.0, min=1, help="Seconds of publishing."),
+    rate: float = typer.Option(1.0, min=0.01, help="Telemetry messages per second per device."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON summary as the last line."),
+) -> None:
+    """The whole pipeline against a simulated fleet; the summary is counted with SQL."""
+    from infra.demo import DemoPlan, run_demo
+
+    try:
+        summary = run_demo(_settings(), DemoPlan(devices, duration, rate), console)
+    except ServiceError as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+    else:
+        console.print_json(json.dumps(summary))
 
 
 def main() -> None:

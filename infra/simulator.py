@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import gmqtt
@@ -102,14 +103,20 @@ class _AckCountingClient(gmqtt.Client):  # type: ignore[misc]
 
 class SimulatedDevice:
     def __init__(
-        self, creds: DeviceCredentials, settings: Settings, stats: FleetStats, rng: random.Random
+        self,
+        creds: DeviceCredentials,
+        settings: Settings,
+        stats: FleetStats,
+        rng: random.Random,
+        last_seq: dict[str, int] | None = None,
     ) -> None:
         self.creds = creds
         self.settings = settings
         self.stats = stats
         self.rng = rng
         self.model = SensorModel.sample(rng)
-        self.seq = {"telemetry": 0, "events": 0}
+        # A device's sequence numbers only grow, across runs too: they continue from disk.
+        self.seq = {"telemetry": 0, "events": 0, **(last_seq or {})}
         self.outbox: deque[tuple[str, bytes]] = deque()
         self.sent: list[tuple[str, int]] = []  # (kind, seq) handed to the broker, in order
         self.client = _AckCountingClient(
@@ -205,14 +212,17 @@ async def run_fleet(
     drain_timeout: float = 60.0,
     seed: int = 7,
     connect_concurrency: int = 50,
+    on_start: Callable[[FleetStats], None] | None = None,
 ) -> tuple[FleetStats, list[SimulatedDevice]]:
     """Connect every device, publish at `rate` msgs/s each for `duration` s (or `max_messages`
     each), wait until every message is acknowledged, disconnect."""
     stats = FleetStats(devices=len(credentials))
     rng = random.Random(seed)
     devices = [
-        SimulatedDevice(c, settings, stats, random.Random(rng.random())) for c in credentials
+        SimulatedDevice(c, settings, stats, random.Random(rng.random()), load_seq(c))
+        for c in credentials
     ]
+
     gate = asyncio.Semaphore(connect_concurrency)  # TLS handshakes cost CPU: pace them
 
     async def connect(device: SimulatedDevice) -> bool:
@@ -222,8 +232,28 @@ async def run_fleet(
     connected = await asyncio.gather(*(connect(d) for d in devices))
     live = [d for d, ok in zip(devices, connected, strict=True) if ok]
     stats.started_at = time.monotonic()
+    if on_start is not None:
+        on_start(stats)  # live progress reads the counters while the fleet runs
     until = stats.started_at + duration
     await asyncio.gather(*(d.run(rate, until, max_messages) for d in live))
     await asyncio.gather(*(d.drain(drain_timeout) for d in live))
     await asyncio.gather(*(d.close() for d in live))
+    for device in devices:
+        save_seq(device.creds, device.seq)
     return stats, devices
+
+
+def _seq_path(creds: DeviceCredentials) -> Path:
+    return creds.cert_path.with_suffix(".seq.json")
+
+
+def load_seq(creds: DeviceCredentials) -> dict[str, int]:
+    try:
+        data = json.loads(_seq_path(creds).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def save_seq(creds: DeviceCredentials, seq: dict[str, int]) -> None:
+    _seq_path(creds).write_text(json.dumps(seq))

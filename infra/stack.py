@@ -10,14 +10,16 @@ from infra.services.bridge import BridgeService
 from infra.services.kafka import KafkaBroker
 from infra.services.mosquitto import Mosquitto
 from infra.services.registry import SchemaRegistry
+from infra.services.worker import ColdWorkerService
 from infra.settings import Settings
-from infra.topics import ensure_topics, list_topics
+from infra.topics import consumer_lag, ensure_topics, list_topics
 
 
 @dataclass(frozen=True)
 class StackStatus:
     services: list[ServiceStatus]
     topics: dict[str, int] = field(default_factory=dict)
+    consumer_lag: dict[str, int] = field(default_factory=dict)
 
     @property
     def all_up(self) -> bool:
@@ -27,7 +29,15 @@ class StackStatus:
         return {
             "services": [s.to_dict() for s in self.services],
             "topics": [{"name": n, "partitions": p} for n, p in self.topics.items()],
+            "consumer_lag": self.consumer_lag,
         }
+
+
+# Consumer groups whose lag `fleet status` shows: the cold path's, and the bridge's downlink.
+LAG_GROUPS = (
+    ("fleetstream-cold", ("telemetry.raw", "device.events")),
+    ("bridge-downlink", ("mqtt.downlink",)),
+)
 
 
 class Stack:
@@ -39,10 +49,11 @@ class Stack:
         self.registry = SchemaRegistry(settings)
         self.mosquitto = Mosquitto(settings)
         self.bridge = BridgeService(settings)
+        self.cold_worker = ColdWorkerService(settings)
 
     @property
     def services(self) -> Sequence[Service]:
-        return [*self.brokers, self.registry, self.mosquitto, self.bridge]
+        return [*self.brokers, self.registry, self.mosquitto, self.bridge, self.cold_worker]
 
     def up(self) -> StackStatus:
         """Start what is not running and return once everything answers (idempotent)."""
@@ -56,12 +67,15 @@ class Stack:
         ensure_topics(self.settings)
         self.registry.start(timeout)
         self.mosquitto.start(timeout)
-        self.bridge.start(timeout)
+        self.bridge.launch()
+        self.cold_worker.start(timeout)
+        self.bridge.wait_ready(timeout)
         return self.status()
 
     def down(self) -> list[str]:
         """Stop, in reverse order, what `up` started; return the names stopped."""
-        stopped = [s.name for s in (self.bridge, self.mosquitto, self.registry) if s.stop()]
+        platform = (self.bridge, self.cold_worker, self.mosquitto, self.registry)
+        stopped = [s.name for s in platform if s.stop()]
         # Brokers of a quorum stop together: one by one, the last would wait on a lost quorum.
         for broker in self.brokers:
             broker.terminate()
@@ -72,7 +86,12 @@ class Stack:
         services = [s.status() for s in self.services]
         kafka_up = any(s.state == "up" for s in services if s.name.startswith("kafka"))
         topics = list_topics(self.settings) if kafka_up else {}
-        return StackStatus(services=services, topics=topics)
+        lag = (
+            {group: consumer_lag(self.settings, group, sources) for group, sources in LAG_GROUPS}
+            if kafka_up
+            else {}
+        )
+        return StackStatus(services=services, topics=topics, consumer_lag=lag)
 
     def _check_broker_count(self) -> None:
         """A state folder formatted for N brokers cannot be started with another N."""

@@ -48,6 +48,7 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("rbac.grants", "principal", "Avro grant set", cleanup="compact"),
     TopicSpec("ota.rollouts", "rollout id", "Avro Rollout", cleanup="compact"),
     TopicSpec("dlq.ingest", "original key", "original bytes + headers", retention_ms=30 * DAY_MS),
+    TopicSpec("dlq.cold", "original key", "original bytes + headers", retention_ms=30 * DAY_MS),
     # The schema registry's storage: one ordered journal, kept forever (schema ids live here).
     TopicSpec("_registry.journal", "registry", "registry journal", retention_ms=-1, partitions=1),
     TopicSpec("_registry.snapshots", "registry", "snapshots", retention_ms=-1, partitions=1),
@@ -97,3 +98,33 @@ def list_topics(settings: Settings, timeout: float = 5.0) -> dict[str, int]:
         for name, topic in sorted(meta.topics.items())
         if not name.startswith("__")
     }
+
+
+def consumer_lag(
+    settings: Settings, group: str, topics: Sequence[str], timeout: float = 5.0
+) -> int:
+    """Records of `topics` the consumer group has not committed yet (end offset - committed)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": group,
+            "enable.auto.commit": False,
+        }
+    )
+    try:
+        meta = consumer.list_topics(timeout=timeout)
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in topics
+            if topic in meta.topics
+            for p in meta.topics[topic].partitions
+        ]
+        lag = 0
+        for tp in consumer.committed(partitions, timeout=timeout):
+            low, high = consumer.get_watermark_offsets(tp, timeout=timeout)
+            lag += high - (tp.offset if tp.offset >= 0 else low)
+        return lag
+    finally:
+        consumer.close()

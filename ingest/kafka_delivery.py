@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -49,12 +50,21 @@ class AsyncProducer:
         self._producer = Producer(producer_config(bootstrap, client_id, tuning or ProducerTuning()))
         self._loop = loop
         self._closing = threading.Event()
+        # Delivery reports of one poll() are handed to the loop in one call: a wake-up of the
+        # event loop per message (call_soon_threadsafe) costs more than the produce itself.
+        self._reports: list[tuple[asyncio.Future[Message], KafkaError | None, Message]] = []
         self._poller = threading.Thread(target=self._poll_forever, name="kafka-poll", daemon=True)
         self._poller.start()
 
     def _poll_forever(self) -> None:
         while not self._closing.is_set():
-            self._producer.poll(0.05)
+            self._poll(0.05)
+
+    def _poll(self, timeout: float) -> None:
+        self._producer.poll(timeout)
+        if self._reports:
+            reports, self._reports = self._reports, []
+            self._loop.call_soon_threadsafe(_settle_all, reports)
 
     def deliver(
         self, topic: str, key: bytes, value: bytes, headers: Headers | None = None
@@ -63,7 +73,8 @@ class AsyncProducer:
         future: asyncio.Future[Message] = self._loop.create_future()
 
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
-            self._loop.call_soon_threadsafe(_settle, future, err, msg)
+            # Runs in the poll thread, inside poll(): only it touches the report list.
+            self._reports.append((future, err, msg))
 
         while True:
             try:
@@ -76,12 +87,15 @@ class AsyncProducer:
                 )
                 return future
             except BufferError:
-                # librdkafka's queue is full: back-pressure, wait for reports to drain it.
-                self._producer.poll(0.05)
+                # librdkafka's queue is full: back-pressure until reports drain it.
+                time.sleep(0.01)
 
     def flush(self, timeout: float = 30.0) -> int:
         """Wait for every outstanding delivery report; return how many are still pending."""
-        return int(self._producer.flush(timeout))
+        deadline = time.monotonic() + timeout
+        while len(self._producer) > 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return len(self._producer)
 
     def close(self, timeout: float = 30.0) -> int:
         pending = self.flush(timeout)
@@ -90,14 +104,13 @@ class AsyncProducer:
         return pending
 
 
-def _settle(future: asyncio.Future[Message], err: KafkaError | None, msg: Message) -> None:
-    if future.done():
-        return
-    if err is not None:
-        future.set_exception(KafkaException(err))
-    else:
-        future.set_result(msg)
-
-
-def headers_dict(headers: Headers | None) -> Mapping[str, bytes]:
-    return dict(headers or ())
+def _settle_all(
+    reports: list[tuple[asyncio.Future[Message], KafkaError | None, Message]],
+) -> None:
+    for future, err, msg in reports:
+        if future.done():
+            continue
+        if err is not None:
+            future.set_exception(KafkaException(err))
+        else:
+            future.set_result(msg)

@@ -24,6 +24,7 @@ TEST_SETTINGS = {
     "registry_port": 8081 + PORT_OFFSET,
     "registry_management_port": 9001 + PORT_OFFSET,
     "mqtt_port": 8883 + PORT_OFFSET,
+    "query_port": 8124 + PORT_OFFSET,
     "default_partitions": 3,
 }
 

@@ -1,0 +1,39 @@
+"""`make bench`: every figure beside a baseline measured in the same run, as a ratio.
+
+Runs on a stack of its own (ports 2xxxx, state in .state/bench), prints a table and writes
+bench/results.json as a list of {"stage", "value", "unit", "baseline", "ratio"}.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from bench import ingest
+from infra.settings import PROJECT_ROOT
+from infra.stack import Stack
+
+RESULTS = Path(__file__).resolve().parent / "results.json"
+
+
+def main() -> None:
+    settings = ingest.bench_settings(PROJECT_ROOT / ".state" / "bench")
+    try:
+        results = ingest.run(settings)
+    finally:
+        Stack(settings).down()
+    table = Table(title="fleetstream benchmarks")
+    for column in ("stage", "value", "unit", "baseline", "ratio"):
+        table.add_column(column)
+    for r in results:
+        row = r.to_dict()
+        table.add_row(*(str(row[c]) for c in ("stage", "value", "unit", "baseline", "ratio")))
+    Console().print(table)
+    RESULTS.write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

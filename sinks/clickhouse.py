@@ -1,0 +1,504 @@
+"""The ClickHouse warehouse sink: embedded chDB (``chdb:///dir``) or a server (``http(s)://``).
+
+Both go through clickhouse-connect, so the code is the same. Writes are columnar: a batch
+of decoded Avro records becomes a pyarrow Table column by column and is sent with
+``insert_arrow``. Exactly-once has two layers (see ``queries/README.md``):
+
+1. each insert carries ``insert_deduplication_token`` = a hash of the table name and the
+   batch's sorted (device_id, seq) keys, and the tables keep a deduplication window, so a
+   re-delivered batch is dropped by ClickHouse at insert;
+2. the tables are ReplacingMergeTree ORDER BY (device_id, seq), so a message re-sent in a
+   different batch is one row after merges, and every read goes through ``FINAL``.
+
+Errors are typed for the caller's retry loop: :class:`SinkUnavailable` means "nothing was
+stored, or a re-send is a no-op: back off and retry the same batch"; :class:`InvalidBatch`
+means the records cannot be converted (retrying will not help); :class:`QueryFailed` is a
+SQL error in a read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from datetime import date, datetime, time
+from decimal import Decimal
+from types import TracebackType
+from typing import Any, Final, Literal, TypeAlias
+
+import clickhouse_connect
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import ClickHouseError, DatabaseError, OperationalError
+
+from queries.migrations import (
+    APPLIED_SQL,
+    MIGRATIONS_DDL,
+    RECORD_SQL,
+    Migration,
+    load_migrations,
+    pending_migrations,
+)
+from queries.sqltext import check_read_only
+
+__all__ = [
+    "EVENTS_TABLE",
+    "EVENT_SCHEMA",
+    "TELEMETRY_SCHEMA",
+    "TELEMETRY_TABLE",
+    "ClickHouseSink",
+    "InvalidBatch",
+    "QueryFailed",
+    "QueryResult",
+    "SinkError",
+    "SinkUnavailable",
+    "WriteResult",
+    "dedup_token",
+    "events_to_arrow",
+    "json_value",
+    "normalize_dsn",
+    "telemetry_to_arrow",
+]
+
+Record: TypeAlias = Mapping[str, Any]
+Role: TypeAlias = Literal["read", "write"]
+
+TELEMETRY_TABLE: Final = "telemetry"
+EVENTS_TABLE: Final = "device_events"
+DEDUPLICATED_TABLES: Final = frozenset({TELEMETRY_TABLE, EVENTS_TABLE})
+
+_MS_UTC = pa.timestamp("ms", tz="UTC")
+TELEMETRY_SCHEMA: Final = pa.schema(
+    [
+        pa.field("device_id", pa.string(), nullable=False),
+        pa.field("seq", pa.uint64(), nullable=False),
+        pa.field("ts", _MS_UTC, nullable=False),
+        pa.field("received_at", _MS_UTC, nullable=False),
+        pa.field("temperature", pa.float64()),
+        pa.field("humidity", pa.float64()),
+        pa.field("battery", pa.float64()),
+        pa.field("vibration_rms", pa.float64()),
+        pa.field("extra", pa.map_(pa.string(), pa.float64()), nullable=False),
+    ]
+)
+EVENT_SCHEMA: Final = pa.schema(
+    [
+        pa.field("device_id", pa.string(), nullable=False),
+        pa.field("seq", pa.uint64(), nullable=False),
+        pa.field("ts", _MS_UTC, nullable=False),
+        pa.field("received_at", _MS_UTC, nullable=False),
+        pa.field("type", pa.string(), nullable=False),
+        pa.field("message", pa.string()),
+        pa.field("attributes", pa.map_(pa.string(), pa.string()), nullable=False),
+    ]
+)
+
+# ClickHouse error codes that say "not now" rather than "never": the batch is retried.
+TRANSIENT_CODES: Final = frozenset(
+    {
+        159,  # TIMEOUT_EXCEEDED
+        202,  # TOO_MANY_SIMULTANEOUS_QUERIES
+        209,  # SOCKET_TIMEOUT
+        210,  # NETWORK_ERROR
+        241,  # MEMORY_LIMIT_EXCEEDED
+        242,  # TABLE_IS_READ_ONLY
+        243,  # NOT_ENOUGH_SPACE
+        252,  # TOO_MANY_PARTS (merges behind)
+        285,  # TOO_FEW_LIVE_REPLICAS
+        319,  # UNKNOWN_STATUS_OF_INSERT
+        425,  # SYSTEM_ERROR
+        999,  # KEEPER_EXCEPTION
+        1000,  # POCO_EXCEPTION
+    }
+)
+
+INSERT_SETTINGS: Final[Mapping[str, Any]] = {
+    # A device with a broken clock must not fail the whole batch (TOO_MANY_PARTS would be
+    # retried forever): write the extra partitions and let ClickHouse log a warning.
+    "throw_on_max_partitions_per_insert_block": 0,
+}
+# The read path: enforced read-only, FINAL applied to every table that supports it (so an
+# ad-hoc `SELECT count() FROM telemetry` is exact before merges too).
+READ_SETTINGS: Final[Mapping[str, Any]] = {"readonly": 2, "final": 1}
+
+_FIRST_WORD_SELECT = re.compile(r"[\s(]*(SELECT|WITH)\b", re.IGNORECASE)
+
+STORED_SQL: Final = (
+    "SELECT uniqExact(device_id, seq) FROM {table:Identifier} "
+    "WHERE startsWith(device_id, {device_prefix:String})"
+)
+DUPLICATES_SQL: Final = (
+    "SELECT count() FROM (SELECT device_id, seq FROM {table:Identifier} FINAL "
+    "WHERE startsWith(device_id, {device_prefix:String}) "
+    "GROUP BY device_id, seq HAVING count() > 1)"
+)
+
+
+class SinkError(Exception):
+    """The warehouse refused or failed an operation."""
+
+
+class SinkUnavailable(SinkError):
+    """The warehouse cannot be reached or written now; retry the same batch after a pause.
+
+    Nothing is lost by retrying: either the batch was not stored, or its insert token makes
+    the retry a no-op.
+    """
+
+
+class InvalidBatch(SinkError, ValueError):
+    """Records that cannot become the table's columns (a missing key, a wrong type)."""
+
+
+class QueryFailed(SinkError):
+    """A read the warehouse rejected (SQL error, unknown table, bad parameter)."""
+
+
+# --- records -> Arrow (pure) ---------------------------------------------------------------
+
+
+def _column(records: Sequence[Record], field: pa.Field, get: Callable[[Record], Any]) -> pa.Array:
+    try:
+        values = [get(record) for record in records]
+        array = pa.array(values, type=field.type)
+    except (KeyError, TypeError, ValueError, OverflowError, pa.ArrowException) as exc:
+        raise InvalidBatch(f"column {field.name}: {exc!r}") from exc
+    if not field.nullable and array.null_count:
+        raise InvalidBatch(f"column {field.name}: {array.null_count} null value(s)")
+    return array
+
+
+def _getter(field: pa.Field) -> Callable[[Record], Any]:
+    name: str = field.name
+    if isinstance(field.type, pa.MapType):
+        return lambda record: record.get(name) or {}
+    if field.nullable:
+        return lambda record: record.get(name)
+    return lambda record: record[name]
+
+
+def records_to_arrow(records: Sequence[Record], schema: pa.Schema) -> pa.Table:
+    """``records`` (dicts as the Avro codec decodes them) as a Table of ``schema``."""
+    columns = [_column(records, field, _getter(field)) for field in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def telemetry_to_arrow(records: Sequence[Record]) -> pa.Table:
+    """Decoded ``Telemetry`` records as the columns of the ``telemetry`` table."""
+    return records_to_arrow(records, TELEMETRY_SCHEMA)
+
+
+def events_to_arrow(records: Sequence[Record]) -> pa.Table:
+    """Decoded ``DeviceEvent`` records as the columns of the ``device_events`` table."""
+    return records_to_arrow(records, EVENT_SCHEMA)
+
+
+def dedup_token(table: str, batch: pa.Table) -> str:
+    """A token naming the batch's content: the table and its sorted (device_id, seq) keys.
+
+    (device_id, seq) identifies a message, so two batches with the same keys hold the same
+    messages: the token does not depend on row order or on how the columns are chunked.
+    """
+    keys = batch.select(["device_id", "seq"])
+    order = pc.sort_indices(keys, sort_keys=[("device_id", "ascending"), ("seq", "ascending")])
+    device_ids = pc.take(keys.column("device_id"), order).combine_chunks().cast(pa.large_string())
+    seqs = pc.take(keys.column("seq"), order).combine_chunks().cast(pa.uint64())
+    digest = hashlib.sha256(f"fleetstream/v1/{table}\0{len(batch)}\0".encode())
+    if len(batch):
+        offsets = np.frombuffer(device_ids.buffers()[1], dtype="<i8")
+        offsets = offsets[device_ids.offset : device_ids.offset + len(device_ids) + 1]
+        data = device_ids.buffers()[2]
+        digest.update(np.diff(offsets).astype("<i8").tobytes())
+        digest.update(memoryview(data)[int(offsets[0]) : int(offsets[-1])])
+        digest.update(seqs.to_numpy(zero_copy_only=False).astype("<u8").tobytes())
+    return f"{table}-{digest.hexdigest()}"
+
+
+# --- results (pure) ------------------------------------------------------------------------
+
+
+def json_value(value: Any) -> Any:
+    """``value`` as something ``json.dumps`` writes faithfully (datetimes as ISO 8601)."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, datetime | date | time):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, Mapping):
+        return {str(k): json_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [json_value(v) for v in value]
+    if isinstance(value, Decimal):
+        return str(value)
+    return str(value)  # UUID, IP addresses, enums
+
+
+@dataclass(frozen=True, slots=True)
+class QueryResult:
+    columns: tuple[str, ...]
+    types: tuple[str, ...]
+    rows: tuple[tuple[Any, ...], ...]
+
+    def json_safe(self) -> QueryResult:
+        """The same result with every value JSON-safe (what the query server sends)."""
+        rows = tuple(tuple(json_value(v) for v in row) for row in self.rows)
+        return QueryResult(self.columns, self.types, rows)
+
+    def to_json(self) -> dict[str, Any]:
+        safe = self.json_safe()
+        return {
+            "columns": list(safe.columns),
+            "types": list(safe.types),
+            "rows": [list(row) for row in safe.rows],
+        }
+
+    @classmethod
+    def from_json(cls, payload: Mapping[str, Any]) -> QueryResult:
+        columns = tuple(str(c) for c in payload["columns"])
+        types = tuple(str(t) for t in payload.get("types", [""] * len(columns)))
+        return cls(columns, types, tuple(tuple(row) for row in payload["rows"]))
+
+    def records(self) -> list[dict[str, Any]]:
+        """One JSON-safe object per row (``fleet sql --format json``)."""
+        safe = self.json_safe()
+        return [dict(zip(safe.columns, row, strict=True)) for row in safe.rows]
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    table: str
+    rows: int
+    token: str
+
+
+# --- the sink ------------------------------------------------------------------------------
+
+
+def normalize_dsn(dsn: str) -> str:
+    """``chdb://`` DSNs with an absolute, resolved folder (chDB compares paths literally)."""
+    if not dsn.startswith("chdb:"):
+        return dsn
+    location = dsn.removeprefix("chdb:").lstrip("/")
+    if location in ("", "memory", ":memory:"):
+        return "chdb://:memory:"
+    path = dsn.removeprefix("chdb://")
+    return "chdb://" + os.path.realpath(path)
+
+
+def _is_unavailable(exc: DatabaseError) -> bool:
+    """Whether retrying later can succeed: the connection, a busy or full warehouse, or a chDB
+    folder another process owns (not this process holding another folder: that is a bug)."""
+    message = str(exc)
+    if "Unable to open the chdb engine" in message:
+        return "cannot connect with different path" not in message
+    return isinstance(exc, OperationalError) or (exc.code or 0) in TRANSIENT_CODES
+
+
+class ClickHouseSink:
+    """Writes batches into the warehouse at ``dsn`` and answers read-only queries.
+
+    Connections open lazily and reopen after a failure, so one sink lives as long as its
+    process: after :class:`SinkUnavailable`, wait and call again. An embedded chDB folder is
+    owned by one process at a time; a second process gets :class:`SinkUnavailable` and should
+    go through the owner's query server (:mod:`sinks.query_server`). Thread-safe.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        connect_timeout_s: float = 5.0,
+        query_timeout_s: float = 300.0,
+    ) -> None:
+        self._dsn = normalize_dsn(dsn)
+        self._connect_timeout_s = connect_timeout_s
+        self._query_timeout_s = query_timeout_s
+        self._lock = threading.Lock()
+        self._clients: dict[Role, Client] = {}
+
+    @property
+    def dsn(self) -> str:
+        return self._dsn
+
+    @property
+    def embedded(self) -> bool:
+        return self._dsn.startswith("chdb:")
+
+    # --- connections ---
+
+    def _open(self, role: Role) -> Client:
+        settings = dict(READ_SETTINGS) if role == "read" else {}
+        if role == "read":
+            settings["max_execution_time"] = int(self._query_timeout_s)
+        if self.embedded:
+            return clickhouse_connect.get_client(dsn=self._dsn, tz_mode="aware", settings=settings)
+        return clickhouse_connect.get_client(
+            dsn=self._dsn,
+            tz_mode="aware",
+            settings=settings,
+            connect_timeout=self._connect_timeout_s,
+            send_receive_timeout=self._query_timeout_s,
+            # One client serves many threads (the query server): no HTTP session to lock.
+            autogenerate_session_id=False,
+        )
+
+    def _client(self, role: Role) -> Client:
+        with self._lock:
+            client = self._clients.get(role)
+            if client is None:
+                client = self._clients[role] = self._open(role)
+            return client
+
+    def _drop(self, role: Role) -> None:
+        with self._lock:
+            client = self._clients.pop(role, None)
+        if client is not None:
+            with suppress(ClickHouseError, OSError):
+                client.close()
+
+    @contextmanager
+    def _guard(self, role: Role, failure: type[SinkError] = SinkError) -> Iterator[None]:
+        """Translate driver errors into the sink's; forget a connection that failed."""
+        try:
+            yield
+        except DatabaseError as exc:
+            if _is_unavailable(exc):
+                self._drop(role)
+                raise SinkUnavailable(self._unavailable_reason(exc)) from exc
+            raise failure(str(exc)) from exc
+        except OSError as exc:  # a temp file for the chDB insert, a socket
+            self._drop(role)
+            raise SinkUnavailable(f"{self._dsn}: {exc}") from exc
+
+    def _unavailable_reason(self, exc: Exception) -> str:
+        if self.embedded and "EmbeddedServer" in str(exc):
+            return (
+                f"{self._dsn}: the chDB folder is owned by another process "
+                f"(query it through that process's query server): {exc}"
+            )
+        return f"{self._dsn}: {exc}"
+
+    def ping(self) -> bool:
+        try:
+            with self._guard("write"):
+                return bool(self._client("write").ping())
+        except SinkError:
+            return False
+
+    def close(self) -> None:
+        self._drop("read")
+        self._drop("write")
+
+    def __enter__(self) -> ClickHouseSink:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- schema ---
+
+    def applied_migrations(self) -> dict[int, str]:
+        with self._guard("write"):
+            client = self._client("write")
+            client.command(MIGRATIONS_DDL)
+            rows = client.query(APPLIED_SQL).result_rows
+        return {int(version): str(name) for version, name in rows}
+
+    def ensure_schema(self) -> tuple[Migration, ...]:
+        """Apply the DDL migrations not yet recorded, in order; returns those applied now."""
+        pending = pending_migrations(load_migrations(), self.applied_migrations())
+        for migration in pending:
+            with self._guard("write"):
+                client = self._client("write")
+                for statement in migration.statements:
+                    client.command(statement)
+                client.command(
+                    RECORD_SQL,
+                    parameters={"version": migration.version, "name": migration.name},
+                )
+        return pending
+
+    # --- writes ---
+
+    def write_telemetry(self, records: Sequence[Record]) -> WriteResult:
+        """Store decoded ``Telemetry`` records (exactly once; see the module doc)."""
+        return self.write_arrow(TELEMETRY_TABLE, telemetry_to_arrow(records))
+
+    def write_events(self, records: Sequence[Record]) -> WriteResult:
+        """Store decoded ``DeviceEvent`` records (exactly once)."""
+        return self.write_arrow(EVENTS_TABLE, events_to_arrow(records))
+
+    def write_arrow(self, table: str, batch: pa.Table) -> WriteResult:
+        """Insert an Arrow table whose columns are ``table``'s, with its dedup token."""
+        if table not in DEDUPLICATED_TABLES:
+            raise ValueError(
+                f"unknown table {table!r}; expected one of {sorted(DEDUPLICATED_TABLES)}"
+            )
+        token = dedup_token(table, batch)
+        if len(batch):
+            settings = {**INSERT_SETTINGS, "insert_deduplication_token": token}
+            with self._guard("write"):
+                self._client("write").insert_arrow(table, batch, settings=settings)
+        return WriteResult(table, len(batch), token)
+
+    # --- reads ---
+
+    def _select(self, sql: str, params: Mapping[str, Any] | None = None) -> QueryResult:
+        with self._guard("read", QueryFailed):
+            client = self._client("read")
+            result = client.query(sql, parameters=dict(params or {}))
+            columns, types = tuple(result.column_names), tuple(t.name for t in result.column_types)
+            rows = tuple(tuple(row) for row in result.result_rows)
+            if not columns and _FIRST_WORD_SELECT.match(sql):
+                columns, types = self._describe(client, sql, params)
+            return QueryResult(columns, types, rows)
+
+    @staticmethod
+    def _describe(
+        client: Client, sql: str, params: Mapping[str, Any] | None
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The columns of a query (chDB sends none with an empty result)."""
+        try:
+            described = client.query(f"DESCRIBE TABLE ({sql})", parameters=dict(params or {}))
+        except DatabaseError:
+            return (), ()
+        names = tuple(str(row[0]) for row in described.result_rows)
+        return names, tuple(str(row[1]) for row in described.result_rows)
+
+    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> QueryResult:
+        """Run one read-only statement (``{name:Type}`` parameters bound by the server).
+
+        Raises :class:`queries.sqltext.NotReadOnly` for anything but a read, and
+        :class:`QueryFailed` when the warehouse rejects the SQL.
+        """
+        return self._select(check_read_only(sql), params)
+
+    def _count(self, sql: str, table: str, device_prefix: str) -> int:
+        if table not in DEDUPLICATED_TABLES:
+            raise ValueError(f"unknown table {table!r}")
+        result = self._select(sql, {"table": table, "device_prefix": device_prefix})
+        return int(result.rows[0][0])
+
+    def count_stored(self, table: str = TELEMETRY_TABLE, device_prefix: str = "") -> int:
+        """Distinct (device_id, seq) messages stored (optionally of devices with a prefix)."""
+        return self._count(STORED_SQL, table, device_prefix)
+
+    def count_duplicates(self, table: str = TELEMETRY_TABLE, device_prefix: str = "") -> int:
+        """(device_id, seq) pairs an analyst would see more than once (reading FINAL): 0 when
+        exactly-once holds."""
+        return self._count(DUPLICATES_SQL, table, device_prefix)

@@ -1,0 +1,120 @@
+"""The whole pipeline on real services: simulator -> Mosquitto -> bridge -> Kafka -> Faust
+cold path -> chDB, counted with SQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import threading
+import uuid
+from pathlib import Path
+
+from infra.pki import CertificateAuthority
+from infra.provision import load_or_provision
+from infra.services.base import wait_until
+from infra.settings import PROJECT_ROOT, Settings
+from infra.simulator import FleetStats, SimulatedDevice, run_fleet
+from infra.stack import Stack
+from queries.runner import fetch, warehouse_counts
+from tests.conftest import settings_env
+
+FLEET = str(PROJECT_ROOT / ".venv" / "bin" / "fleet")
+SUMMARY_KEYS = {
+    "devices",
+    "published",
+    "stored",
+    "duplicates",
+    "dead_lettered",
+    "alerts",
+    "twins",
+    "e2e_latency_ms",
+}
+
+
+def test_demo_with_200_devices_stores_exactly_what_was_published(
+    stack: Stack, settings: Settings
+) -> None:
+    result = subprocess.run(
+        [FLEET, "demo", "--devices", "200", "--duration", "10", "--rate", "2", "--json"],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(summary) >= SUMMARY_KEYS
+    assert summary["devices"] == 200
+    assert summary["published"] >= 200 * 10  # 2 msgs/s for 10 s, less start-up jitter
+    assert summary["stored"] == summary["published"]
+    assert summary["duplicates"] == 0
+    assert summary["dead_lettered"] == 0
+    assert 0 < summary["e2e_latency_ms"]["p50"] <= summary["e2e_latency_ms"]["p99"]
+
+
+def test_kill_9_of_the_worker_mid_stream_keeps_the_warehouse_exact(
+    stack: Stack, settings: Settings, tmp_path: Path
+) -> None:
+    ca = CertificateAuthority.load_or_create(settings.pki_dir)
+    prefix = f"crash{uuid.uuid4().hex[:4]}-"
+    creds = load_or_provision(ca, [f"{prefix}{i:03d}" for i in range(50)], tmp_path, "ec")
+    outcome: list[tuple[FleetStats, list[SimulatedDevice]]] = []
+
+    def simulate() -> None:
+        outcome.append(
+            asyncio.run(run_fleet(settings, creds, rate=10, duration=60, max_messages=150))
+        )
+
+    stored_before = int(stack.cold_worker.counters().get("stored_rows", 0))
+    runner = threading.Thread(target=simulate)
+    runner.start()
+    assert wait_until(
+        lambda: int(stack.cold_worker.counters().get("stored_rows", 0)) > stored_before + 1000,
+        timeout=90,
+    )
+    stack.cold_worker.kill()
+    stack.cold_worker.start(settings.startup_timeout_s)
+    runner.join(timeout=180)
+    assert outcome
+    published = outcome[0][0].published
+    assert published == 50 * 150
+
+    def drained() -> bool:
+        return warehouse_counts(settings, device_prefix=prefix).stored >= published
+
+    assert wait_until(drained, timeout=120, interval=1.0)
+    counts = warehouse_counts(settings, device_prefix=prefix)
+    assert (counts.stored, counts.duplicates) == (published, 0)
+    # Every (device, seq) the fleet sent is there: not just the right number of rows.
+    rows = fetch(
+        settings,
+        "SELECT device_id, seq FROM telemetry FINAL WHERE startsWith(device_id, {p:String})",
+        {"p": prefix},
+    ).rows
+    sent = {(d.device_id, s) for d in outcome[0][1] for k, s in d.sent if k == "telemetry"}
+    assert {(r[0], int(r[1])) for r in rows} == sent
+
+
+def test_fleet_sql_prints_json_rows_while_the_pipeline_runs(
+    stack: Stack, settings: Settings
+) -> None:
+    result = subprocess.run(
+        [FLEET, "sql", "SELECT 1 AS one, 'x' AS letter", "--format", "json"],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [{"one": 1, "letter": "x"}]
+    listed = subprocess.run(
+        [FLEET, "sql", "queries/latest_reading.sql", "--format", "json"],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=PROJECT_ROOT,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert isinstance(json.loads(listed.stdout), list)
