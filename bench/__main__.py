@@ -1,6 +1,6 @@
 """`make bench`: every figure beside a baseline measured in the same run, as a ratio.
 
-Runs on a stack of its own (ports 2xxxx, state in .state/bench), prints a table and writes
+Runs on a stack of its own (ports 3xxxx, state in .state/bench), prints a table and writes
 bench/results.json as a list of {"stage", "value", "unit", "baseline", "ratio"}.
 """
 

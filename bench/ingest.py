@@ -185,9 +185,9 @@ def run(settings: Settings, devices: int = 200, messages: int = 100) -> list[Res
 def bench_settings(root: Path) -> Settings:
     return Settings(
         state_dir=root,
-        kafka_port=29092,
-        registry_port=28081,
-        registry_management_port=29001,
-        mqtt_port=28883,
-        query_port=28124,
+        kafka_port=39092,
+        registry_port=38081,
+        registry_management_port=39001,
+        mqtt_port=38883,
+        query_port=38124,
     )

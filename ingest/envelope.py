@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -55,6 +56,9 @@ _BRIDGE_FIELDS = frozenset({"device_id", "received_at"})  # set by the bridge, n
 _ENVELOPE_FIELDS = frozenset({"seq", "ts"}) | _BRIDGE_FIELDS
 _EVENT_FIELDS = frozenset({"type", "message", "attributes"})
 _SHOWN_CHARS = 64  # how much of a device-chosen string goes into a reject detail
+_TELEMETRY_KEYS = _ENVELOPE_FIELDS | frozenset(METRICS)
+_MAX_DOUBLE = sys.float_info.max
+_EXACT_INT_TO_DOUBLE = 2**1023  # float() of any int below this (in size) is finite
 
 
 class RejectReason(StrEnum):
@@ -149,13 +153,44 @@ def _no_constant(name: str) -> NoReturn:
 # --------------------------------------------------------------------------- envelope
 
 
+# json.loads(..., parse_constant=...) builds a JSONDecoder per call, which costs about as much
+# as parsing a telemetry payload; this one is built once (it keeps no state between calls).
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+# The scanner JSONDecoder.decode runs (set by JSONDecoder.__init__, not in typeshed).
+_SCAN: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
+
+
+def _loads(payload: bytes) -> Any:
+    """``json.loads(payload, parse_constant=_no_constant)``: the same result or exception."""
+    if not isinstance(payload, bytes | bytearray):
+        return json.loads(payload, parse_constant=_no_constant)
+    # What json.loads does with bytes; a payload opening with "{" and no NUL after it is UTF-8
+    # by json.detect_encoding's rules, so the common case skips asking it.
+    if payload[:1] == b"{" and payload[1:2] != b"\x00":
+        encoding = "utf-8"
+    else:
+        encoding = json.detect_encoding(payload)
+    text = payload.decode(encoding, "surrogatepass")
+    # JSONDecoder.decode skips whitespace around the value, scans it, and turns what is left
+    # over into "Extra data". Scanning at 0 directly gives the same value, or the same error,
+    # for a text that opens with the value; JSONDecoder.decode redoes anything else (leading
+    # or trailing whitespace, nothing to scan, extra data) to answer exactly as json.loads.
+    try:
+        document, end = _SCAN(text, 0)
+    except StopIteration:  # no value at 0 (whitespace, or nothing)
+        return _DECODER.decode(text)
+    if end != len(text):
+        return _DECODER.decode(text)
+    return document
+
+
 def _document(device_id: str, payload: bytes) -> dict[str, Any]:
     if DEVICE_ID_PATTERN.fullmatch(device_id) is None:
         _reject(RejectReason.unknown_device_id, f"device id {_shown(device_id)} is not valid")
     if len(payload) > MAX_PAYLOAD_BYTES:
         _reject(RejectReason.oversize, f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
     try:
-        document = json.loads(payload, parse_constant=_no_constant)
+        document = _loads(payload)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         _reject(RejectReason.not_json, f"{type(exc).__name__}: {exc}")
     if not isinstance(document, dict):
@@ -191,6 +226,19 @@ def _checked(
     """Run the shared checks, then ``body(document)`` for the kind's own fields."""
     try:
         document = _document(device_id, payload)
+    except _Invalid as invalid:
+        return invalid.rejected
+    return _checked_document(kind, document, device_id, received_at_ms, body)
+
+
+def _checked_document(
+    kind: str,
+    document: dict[str, Any],
+    device_id: str,
+    received_at_ms: int,
+    body: Callable[[dict[str, Any]], dict[str, Any]],
+) -> Accepted | Rejected:
+    try:
         record = _envelope(document, device_id, received_at_ms)
         record.update(body(document))
     except _Invalid as invalid:
@@ -224,9 +272,83 @@ def _telemetry_fields(document: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+class _Uncommon(Exception):
+    """Internal: the telemetry fast path hands this document to the careful checks."""
+
+
+def _uncommon_number(value: object) -> float:
+    """A number that is not a finite float: an int in a double's range becomes its float;
+    anything else is for the careful checks."""
+    if type(value) is int and -_EXACT_INT_TO_DOUBLE < value < _EXACT_INT_TO_DOUBLE:
+        return float(value)
+    raise _Uncommon
+
+
+def _uncommon_metric(value: object) -> float | None:
+    """As :func:`_uncommon_number`, but a known metric may be absent or null."""
+    return None if value is None else _uncommon_number(value)
+
+
+def _telemetry_record(
+    document: dict[str, Any], device_id: str, received_at_ms: int
+) -> dict[str, Any]:
+    """The record of a common-case ``document``; raises _Uncommon for anything else.
+
+    Straight-line: seq and ts plain ints in range, the metrics finite floats (or ints, or
+    null, or absent), other keys ASCII with finite float values. Whatever else goes to
+    :func:`_telemetry_fields`, which accepts it the same way or says exactly why not.
+    """
+    get = document.get
+    seq = get("seq")
+    ts = get("ts")
+    if not (type(seq) is int and 0 <= seq <= MAX_SEQ and type(ts) is int and 0 <= ts <= MAX_TS_MS):
+        raise _Uncommon
+    # Comparisons with the largest double refuse infinities (JSON 1e400) as well.
+    temperature = get("temperature")
+    if type(temperature) is not float or not -_MAX_DOUBLE <= temperature <= _MAX_DOUBLE:
+        temperature = _uncommon_metric(temperature)
+    humidity = get("humidity")
+    if type(humidity) is not float or not -_MAX_DOUBLE <= humidity <= _MAX_DOUBLE:
+        humidity = _uncommon_metric(humidity)
+    battery = get("battery")
+    if type(battery) is not float or not -_MAX_DOUBLE <= battery <= _MAX_DOUBLE:
+        battery = _uncommon_metric(battery)
+    vibration_rms = get("vibration_rms")
+    if type(vibration_rms) is not float or not -_MAX_DOUBLE <= vibration_rms <= _MAX_DOUBLE:
+        vibration_rms = _uncommon_metric(vibration_rms)
+    extra: dict[str, float] = {}
+    if not document.keys() <= _TELEMETRY_KEYS:
+        for key, value in document.items():
+            if key in _TELEMETRY_KEYS:
+                continue
+            if not key.isascii():  # ASCII can't hold a lone surrogate; other text is checked
+                raise _Uncommon
+            if type(value) is not float or not -_MAX_DOUBLE <= value <= _MAX_DOUBLE:
+                value = _uncommon_number(value)
+            extra[key] = value
+    return {
+        "device_id": device_id,
+        "seq": seq,
+        "ts": ts,
+        "received_at": received_at_ms,
+        "temperature": temperature,
+        "humidity": humidity,
+        "battery": battery,
+        "vibration_rms": vibration_rms,
+        "extra": extra,
+    }
+
+
 def validate_telemetry(device_id: str, payload: bytes, received_at_ms: int) -> Accepted | Rejected:
     """A ``Telemetry`` record: envelope, the known metrics, other numeric keys in ``extra``."""
-    return _checked(TELEMETRY, device_id, payload, received_at_ms, _telemetry_fields)
+    try:
+        document = _document(device_id, payload)
+    except _Invalid as invalid:
+        return invalid.rejected
+    try:
+        return Accepted(TELEMETRY, _telemetry_record(document, device_id, received_at_ms))
+    except _Uncommon:
+        return _checked_document(TELEMETRY, document, device_id, received_at_ms, _telemetry_fields)
 
 
 # --------------------------------------------------------------------------- events

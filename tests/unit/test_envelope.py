@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ingest import envelope
 from ingest.envelope import (
     MAX_PAYLOAD_BYTES,
     Accepted,
@@ -163,3 +165,138 @@ def test_accepted_telemetry_round_trips_through_avro(fields: dict[str, Any], seq
 @given(kind=st.sampled_from(["telemetry", "events"]), body=st.binary(max_size=256))
 def test_garbage_payloads_never_raise(kind: str, body: bytes) -> None:
     assert isinstance(validate(kind, "dev-1", body, NOW), Accepted | Rejected)
+
+
+# --------------------------------------------------------------------------- fast paths
+#
+# validate_telemetry takes a straight-line path for the common document and the careful checks
+# for everything else, and parses JSON without json.loads' per-call decoder: both must answer
+# exactly as the careful checks on json.loads' document do.
+
+
+def careful_telemetry(device_id: str, body: bytes, received_at_ms: int) -> Accepted | Rejected:
+    return envelope._checked(
+        "telemetry", device_id, body, received_at_ms, envelope._telemetry_fields
+    )
+
+
+def careful_loads(body: bytes) -> Any:
+    return json.loads(body, parse_constant=envelope._no_constant)
+
+
+def outcome(parse: Callable[[], Any]) -> tuple[str, str]:
+    """repr of the result, or the exception's type and message (repr tells 1 from 1.0)."""
+    try:
+        return "ok", repr(parse())
+    except (ValueError, RecursionError) as exc:
+        return type(exc).__name__, str(exc)
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(2**1020, 2**1030)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=6,
+)
+metric_names = st.sampled_from(
+    [
+        *("temperature", "humidity", "battery", "vibration_rms"),
+        *("seq", "ts", "device_id", "received_at"),
+        *("rssi", "snr", "\u00e9t\u00e9", "\ud800", ""),
+    ]
+)
+numbers = (
+    st.none()
+    | st.floats(allow_nan=False)
+    | st.integers(-(2**70), 2**70)
+    | st.integers(2**1020, 2**1030)
+    | st.sampled_from([0, -1, 2**63 - 1, 2**63, envelope.MAX_TS_MS, envelope.MAX_TS_MS + 1])
+    | st.booleans()
+)
+any_documents = st.dictionaries(metric_names, numbers | json_values, max_size=8)
+common_documents = st.fixed_dictionaries(
+    {"seq": st.integers(0, 2**63 - 1), "ts": st.integers(0, envelope.MAX_TS_MS)},
+    optional={
+        name: numbers for name in ["temperature", "humidity", "battery", "vibration_rms", "rssi"]
+    },
+)
+documents = any_documents | common_documents
+
+
+def dumps(document: dict[str, Any]) -> bytes:
+    # allow_nan: json writes inf as Infinity (refused by the parser); 1e400 is also inf.
+    text = json.dumps(document).replace("Infinity", "1e400")
+    return text.encode("utf-8", "surrogatepass")
+
+
+@settings(deadline=None, max_examples=500)
+@given(document=documents)
+def test_the_telemetry_fast_path_answers_as_the_careful_checks(document: dict[str, Any]) -> None:
+    body = dumps(document)
+    fast = outcome(lambda: validate_telemetry("dev-1", body, NOW))
+    assert fast == outcome(lambda: careful_telemetry("dev-1", body, NOW))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"seq": 1, "ts": 2, "temperature": 21, "humidity": null, "rssi": -70}',
+        b'{"seq": 1, "ts": 2, "temperature": 1e400}',
+        b'{"seq": 1, "ts": 2, "rssi": -1e400}',
+        b'{"seq": 1, "ts": 2, "rssi": null}',
+        b'{"seq": 1, "ts": 2, "rssi": true}',
+        b'{"seq": 1, "ts": 2, "\\ud800": 1.0}',
+        b'{"seq": 1, "ts": 2, "\xc3\xa9": 1.0}',
+        b'{"seq": 1, "ts": 2, "battery": ' + str(2**1023).encode() + b"}",
+        b'{"seq": 1, "ts": 2, "battery": ' + str(2**1024).encode() + b"}",
+        b'{"seq": 1.0, "ts": 2}',
+        b'{"seq": 1, "ts": 2, "seq": -1}',
+        b'{"seq": 1, "ts": 2, "device_id": 5, "received_at": "x"}',
+    ],
+)
+def test_edge_documents_answer_as_the_careful_checks(body: bytes) -> None:
+    fast = outcome(lambda: validate_telemetry("dev-1", body, NOW))
+    assert fast == outcome(lambda: careful_telemetry("dev-1", body, NOW))
+
+
+def test_the_common_payload_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    def careful(document: dict[str, Any]) -> dict[str, Any]:
+        raise AssertionError("the careful checks ran")
+
+    monkeypatch.setattr(envelope, "_telemetry_fields", careful)
+    body = payload(temperature=20.1, humidity=40, battery=None, rssi=-70.5)
+    result = validate_telemetry("dev-1", body, NOW)
+    assert isinstance(result, Accepted)
+    assert result.record["humidity"] == 40.0
+    assert type(result.record["humidity"]) is float
+    assert result.record["extra"] == {"rssi": -70.5}
+
+
+@settings(deadline=None, max_examples=500)
+@given(
+    body=st.binary(max_size=64)
+    | documents.map(dumps)
+    | st.builds(
+        lambda d, pad, enc: (pad[0] + json.dumps(d) + pad[1]).encode(enc),
+        st.dictionaries(st.text(max_size=3), json_values, max_size=3),
+        st.tuples(st.sampled_from(["", " ", "\n\t"]), st.sampled_from(["", " ", "x", "{}"])),
+        st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-32-be"]),
+    )
+)
+def test_parsing_answers_as_json_loads(body: bytes) -> None:
+    assert outcome(lambda: envelope._loads(body)) == outcome(lambda: careful_loads(body))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b" ", b"{", b"{}", b"{} ", b" {}", b"{}x", b"{\x00", b"[1]", b"NaN", b'{"a": -Infinity}'],
+)
+def test_parsing_edge_cases_answer_as_json_loads(body: bytes) -> None:
+    assert outcome(lambda: envelope._loads(body)) == outcome(lambda: careful_loads(body))
+    assert outcome(lambda: envelope._loads(bytearray(body))) == outcome(
+        lambda: careful_loads(bytearray(body))
+    )
