@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bench import ingest
+from bench import cold, ingest
 from infra.settings import PROJECT_ROOT
 from infra.stack import Stack
 
@@ -23,6 +23,8 @@ def main() -> None:
     settings = ingest.bench_settings(PROJECT_ROOT / ".state" / "bench")
     try:
         results = ingest.run(settings)
+        results += cold.run_cold(settings)
+        results += cold.run_pipeline(settings)
     finally:
         Stack(settings).down()
     table = Table(title="fleetstream benchmarks")

@@ -160,7 +160,7 @@ _DECODER = json.JSONDecoder(parse_constant=_no_constant)
 _SCAN: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
 
 
-def _loads(payload: bytes) -> Any:
+def _loads(payload: bytes | bytearray) -> Any:
     """``json.loads(payload, parse_constant=_no_constant)``: the same result or exception."""
     if not isinstance(payload, bytes | bytearray):
         return json.loads(payload, parse_constant=_no_constant)

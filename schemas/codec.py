@@ -1,6 +1,8 @@
 """Avro in the Confluent wire format: magic byte 0, 4-byte big-endian schema id, Avro body.
 
-The body is fastavro's schemaless encoding of one record. Schemas live as ``.avsc`` files in
+The body is the Avro binary encoding of one record, byte for byte what fastavro's
+schemaless_writer writes: each codec compiles its schema into small writer functions for the
+common cases and hands fastavro whatever they don't take. Schemas live as ``.avsc`` files in
 :data:`SCHEMA_DIR` and are registered under the TopicNameStrategy subject ``<topic>-value``
 with BACKWARD compatibility, so a reader on the newest schema can read every older version.
 
@@ -590,9 +592,9 @@ class AvroCodec:
         if compiled is not None:
             try:
                 return self._header + compiled(record)
-            # The compiled writer refuses what it doesn't know (_Fallback) and may trip on what
-            # fastavro rejects (a lone surrogate, ...): either way fastavro writes the record
-            # or raises its own error, exactly as it always did.
+            # The compiled writer refuses what it doesn't take (_Fallback) and may trip on what
+            # fastavro rejects too (a lone surrogate, ...): either way fastavro writes the
+            # record or raises its own error, as it always did.
             except Exception:  # noqa: BLE001, S110
                 pass
         buffer = io.BytesIO()

@@ -1,7 +1,8 @@
-"""The Faust app of the cold path, configured from the one settings object.
+"""The cold-path worker: Kafka batches -> decode -> warehouse, then commit.
 
-The cold path is an app (consumer group) of its own, `fleetstream-cold`, so it scales, lags
-and fails apart from the hot path. Workers scale by partition.
+It is a consumer group of its own (`fleetstream-cold`, streams/source.py), so it scales, lags
+and fails apart from the hot path; workers scale by partition. Configured from the one
+settings object.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import faust
 from confluent_kafka import KafkaException, Producer
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
@@ -28,39 +28,14 @@ from sinks.clickhouse import (
     SinkUnavailable,
 )
 from streams.cold import DLQ_TOPIC, ColdCounters, ColdPath, DeadLetter, SourceRecord
+from streams.source import BatchSource
 
 log = logging.getLogger("fleetstream.streams")
 
-COLD_APP_ID = "fleetstream-cold"
 SOURCES = {
     TELEMETRY_TABLE: ("telemetry.raw", "Telemetry"),
     EVENTS_TABLE: ("device.events", "DeviceEvent"),
 }
-
-
-def faust_broker(settings: Settings) -> str:
-    return ";".join(f"kafka://{server}" for server in settings.bootstrap_servers.split(","))
-
-
-def create_cold_app(settings: Settings) -> faust.App:
-    datadir = settings.state_dir / "faust"
-    datadir.mkdir(parents=True, exist_ok=True)
-    return faust.App(
-        COLD_APP_ID,
-        broker=faust_broker(settings),
-        store="memory://",
-        key_serializer="raw",
-        value_serializer="raw",
-        consumer_auto_offset_reset="earliest",
-        topic_allow_declare=False,  # topics are declared once, by `fleet up` (infra/topics.py)
-        topic_disable_leader=True,
-        web_enabled=False,
-        producer_acks=-1,
-        broker_commit_every=10_000,
-        broker_commit_interval=1.0,
-        stream_buffer_maxsize=max(4096, settings.sink_batch_rows * 2),
-        datadir=str(datadir),
-    )
 
 
 class DeadLetterProducer:
@@ -89,30 +64,23 @@ class DeadLetterProducer:
             raise KafkaException(f"dead letters not delivered: {failures[:3]}")
 
 
-def _source(event: Any) -> SourceRecord:
-    message = event.message
-    return SourceRecord(
-        message.topic, message.partition, message.offset, message.key, message.value or b""
-    )
-
-
 class ColdWorker:
-    """The app, its agents and the sink they share; one process owns the chDB folder."""
+    """The cold path's loader and the sink it writes; one process owns the chDB folder."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.app = create_cold_app(settings)
         self.counters = ColdCounters()
         self.sink = ClickHouseSink(settings.warehouse_dsn)
         # One writer thread: batches reach the warehouse in order, one at a time.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sink")
         self.dlq = DeadLetterProducer(settings)
-        self._register_agents()
+        self.paths: dict[str, ColdPath] = {}
+        self._build_paths()
 
     async def _in_sink_thread(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    def _register_agents(self) -> None:
+    def _build_paths(self) -> None:
         registry = CodecRegistry(SchemaRegistryClient({"url": self.settings.registry_url}))
         for table, (topic_name, schema) in SOURCES.items():
             codec = registry.codec(topic_name, load_schema(schema))
@@ -135,25 +103,50 @@ class ColdWorker:
                 self.counters,
                 rejected=(InvalidBatch,),
             )
-            self._agent(topic_name, path)
-        self.app.timer(1.0)(self._report)
+            self.paths[topic_name] = path
 
-    def _agent(self, topic_name: str, path: ColdPath) -> None:
-        topic = self.app.topic(topic_name, key_serializer="raw", value_serializer="raw")
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Until `stopping`: take a batch, store it (retrying while the warehouse is away),
+        then commit it. A batch in hand when asked to stop is finished first."""
+        reporter = asyncio.create_task(self._report_forever())
+        try:
+            await self._load_until(stopping)
+        finally:
+            reporter.cancel()
+
+    async def _load_until(self, stopping: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        source = BatchSource(self.settings, [topic for topic, _ in SOURCES.values()])
+        consumer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka")
         rows, seconds = self.settings.sink_batch_rows, self.settings.sink_batch_seconds
-
-        async def cold_agent(stream: Any) -> None:  # a faust Stream (untyped take_events)
-            async for events in stream.take_events(rows, within=seconds):
-                await path.store_batch([_source(e) for e in events])
-
-        self.app.agent(topic, name=f"cold-{path.table}")(cold_agent)
+        try:
+            while not stopping.is_set():
+                batch = await loop.run_in_executor(consumer_thread, source.take, rows, seconds)
+                by_topic: dict[str, list[SourceRecord]] = {}
+                for rec in batch:
+                    by_topic.setdefault(rec.topic, []).append(rec)
+                for topic, records in by_topic.items():
+                    await self.paths[topic].store_batch(records)
+                await loop.run_in_executor(consumer_thread, source.commit, batch)
+        finally:
+            await loop.run_in_executor(consumer_thread, source.close)
 
     @property
     def status_path(self) -> Path:
         return self.settings.run_dir / "cold-worker.json"
 
-    async def _report(self) -> None:
+    def close(self) -> None:
+        self.write_status()
+        self.executor.shutdown(wait=True)
+        self.sink.close()
+
+    def write_status(self) -> None:
         status = {"pid": os.getpid(), "ready": True, **self.counters.__dict__}
         tmp = self.status_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(status))
         tmp.replace(self.status_path)
+
+    async def _report_forever(self) -> None:
+        while True:
+            self.write_status()
+            await asyncio.sleep(1.0)

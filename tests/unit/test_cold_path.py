@@ -75,3 +75,12 @@ def test_a_refused_batch_goes_whole_to_the_dead_letters() -> None:
     assert {d.reason for d in dead} == {"sink_rejected"}
     assert path.counters.dead_lettered == 2
     assert path.counters.stored_rows == 0
+
+
+def test_commit_offsets_are_one_past_each_partitions_last_record() -> None:
+    from streams.source import next_offsets
+
+    batch = [SourceRecord("telemetry.raw", p, o, None, b"") for p, o in [(0, 5), (1, 9), (0, 7)]]
+    batch.append(SourceRecord("device.events", 0, 2, None, b""))
+    got = {(tp.topic, tp.partition, tp.offset) for tp in next_offsets(batch)}
+    assert got == {("telemetry.raw", 0, 8), ("telemetry.raw", 1, 10), ("device.events", 0, 3)}

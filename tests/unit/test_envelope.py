@@ -180,7 +180,7 @@ def careful_telemetry(device_id: str, body: bytes, received_at_ms: int) -> Accep
     )
 
 
-def careful_loads(body: bytes) -> Any:
+def careful_loads(body: bytes | bytearray) -> Any:
     return json.loads(body, parse_constant=envelope._no_constant)
 
 
