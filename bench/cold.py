@@ -144,7 +144,7 @@ def run_cold(settings: Settings, rows: int = 300_000) -> list[Result]:
     cold = _cold_rate(settings, prefix, rows)
     return [
         Result(
-            "cold path: Kafka->chDB via Faust (baseline: bare consume+decode+Arrow insert)",
+            "cold path: Kafka->chDB worker (baseline: bare consume+decode+Arrow insert)",
             cold,
             "rows/s",
             raw,

@@ -648,23 +648,36 @@ class AvroCodec:
         return Decoded(schema_id, record)
 
 
+def _set_backward(client: SchemaRegistryClient, subject: str) -> bool:
+    """Set the subject's compatibility; False if the subject does not exist yet.
+
+    Processes starting together (bridge, workers) race to create the rule: Apicurio answers
+    409 "already exists" to the loser, and the rule it finds is the same BACKWARD, so that is
+    success too.
+    """
+    try:
+        client.set_compatibility(subject_name=subject, level=COMPATIBILITY)
+    except SchemaRegistryError as exc:
+        if exc.http_status_code == 404:
+            return False
+        if exc.http_status_code != 409:
+            raise
+    return True
+
+
 def register_schema(client: SchemaRegistryClient, subject: str, schema: Mapping[str, Any]) -> int:
     """Register ``schema`` under ``subject`` with BACKWARD compatibility; returns its id.
 
     Idempotent: registering the same schema again returns the same id.
     """
     avro = Schema(json.dumps(schema), "AVRO")
-    try:
-        client.set_compatibility(subject_name=subject, level=COMPATIBILITY)
-    except SchemaRegistryError as exc:
-        if exc.http_status_code != 404:
-            raise
-        # Apicurio's ccompat API keeps compatibility as a rule on an existing artifact, so a new
-        # subject has no config to set yet. Its first version needs no check: set it right after.
-        schema_id = client.register_schema(subject, avro)
-        client.set_compatibility(subject_name=subject, level=COMPATIBILITY)
-        return schema_id
-    return client.register_schema(subject, avro)
+    if _set_backward(client, subject):
+        return client.register_schema(subject, avro)
+    # Apicurio's ccompat API keeps compatibility as a rule on an existing artifact, so a new
+    # subject has no config to set yet. Its first version needs no check: set it right after.
+    schema_id = client.register_schema(subject, avro)
+    _set_backward(client, subject)
+    return schema_id
 
 
 class CodecRegistry:
