@@ -19,13 +19,14 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import gmqtt
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from gmqtt.mqtt.constants import MQTTv50
 
@@ -82,7 +83,7 @@ class BridgeCounters:
         self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Outgoing:
     """What one MQTT message becomes in Kafka."""
 
@@ -161,45 +162,83 @@ class Bridge:
         }
         self._downlink_codec = registry.codec(DOWNLINK_TOPIC, load_schema("Downlink"))
 
+    def accept(
+        self, topic: str, payload: bytes, props: dict[str, Any], ack: Callable[[], None]
+    ) -> bool:
+        """Route one MQTT message and hand it to Kafka; `ack` runs once Kafka has it.
+
+        False: refused (the bridge is stopping), and the message is left un-acked to the broker.
+        """
+        if self.stopping.is_set():
+            self.counters.refused_while_stopping += 1
+            return False
+        if props.get("dup"):
+            self.counters.redelivered += 1
+        out = route_message(topic, payload, int(time.time() * 1000), self._codecs)
+        self._inflight += 1
+        self._idle.clear()
+        self._send(out, ack, 0)
+        return True
+
+    def _send(self, out: Outgoing, ack: Callable[[], None], attempt: int) -> None:
+        assert self._producer is not None
+        self._producer.send(
+            out.topic,
+            out.key,
+            out.value,
+            out.headers,
+            partial(self._delivered, out, ack, attempt),
+        )
+
+    def _delivered(
+        self, out: Outgoing, ack: Callable[[], None], attempt: int, err: KafkaError | None
+    ) -> None:
+        """On the event loop, per delivery report: ack, or retry while Kafka is away."""
+        if err is None:
+            ack()
+            if out.reason is None:
+                self.counters.accepted += 1
+            else:
+                self.counters.dead_letter(out.reason)
+            self._finished_one()
+            return
+        self.counters.kafka_retries += 1
+        if self.stopping.is_set():
+            self._finished_one()  # left un-acked: the persistent session gets it again
+            return
+        delay = min(0.1 * 2**attempt, 5.0)
+        log.warning("kafka delivery failed (%s); retrying in %.1fs", err, delay)
+        asyncio.get_running_loop().call_later(delay, self._send, out, ack, attempt + 1)
+
+    def _finished_one(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._idle.set()
+
+    def install_late_ack(self, client: gmqtt.Client) -> None:
+        """QoS 1 without a task and a future per message.
+
+        gmqtt (optimistic_acknowledgement=False) runs a coroutine per message and sends its
+        PUBACK when it returns; that machinery cost more than the bridge's own work. Here the
+        handler's QoS 1 entry point is replaced: the message is routed and produced at once,
+        and its PUBACK is sent from the delivery report. Pinned to gmqtt 0.8's handler
+        (`_handle_qos_1_publish_packet`, `_send_puback`); the integration tests exercise it.
+        """
+        handler = client._package_handler
+
+        def on_qos1(mid: int, payload: bytes, topic: str, props: dict[str, Any]) -> None:
+            self.accept(topic, payload, props, partial(handler._send_puback, mid))
+
+        handler._handle_qos_1_publish_packet = on_qos1
+
     async def on_message(
         self, client: gmqtt.Client, topic: str, payload: bytes, qos: int, props: dict[str, Any]
     ) -> int:
-        if self.stopping.is_set():
-            # Withhold the ack: the persistent session gets it again after the restart.
-            self.counters.refused_while_stopping += 1
+        """QoS 0 and 2 (devices use 1): the same path, awaited through gmqtt's coroutine."""
+        acked: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if not self.accept(topic, payload, props, partial(acked.set_result, 0)):
             raise RuntimeError("bridge stopping: message left to the broker")
-        if props.get("dup"):
-            self.counters.redelivered += 1
-        self._inflight += 1
-        self._idle.clear()
-        try:
-            out = route_message(topic, payload, int(time.time() * 1000), self._codecs)
-            await self._deliver(out)
-        finally:
-            self._inflight -= 1
-            if self._inflight == 0:
-                self._idle.set()
-        if out.reason is None:
-            self.counters.accepted += 1
-        else:
-            self.counters.dead_letter(out.reason)
-        return 0
-
-    async def _deliver(self, out: Outgoing) -> None:
-        """Retry until Kafka takes it: while Kafka is away, the ack stays withheld."""
-        assert self._producer is not None
-        backoff = 0.1
-        while True:
-            try:
-                await self._producer.deliver(out.topic, out.key, out.value, out.headers)
-                return
-            except KafkaException as exc:
-                self.counters.kafka_retries += 1
-                log.warning("kafka delivery failed (%s); retrying in %.1fs", exc, backoff)
-                if self.stopping.is_set():
-                    raise
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+        return await acked
 
     def _write_status(self) -> None:
         status = {
@@ -231,6 +270,7 @@ class Bridge:
             receive_maximum=self.settings.mqtt_max_inflight,
         )
         client.on_message = self.on_message
+        self.install_late_ack(client)
         return client
 
     async def run(self) -> None:

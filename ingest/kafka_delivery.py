@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 Headers = Sequence[tuple[str, bytes]]
+Delivered = Callable[[KafkaError | None], None]
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class AsyncProducer:
         self._closing = threading.Event()
         # Delivery reports of one poll() are handed to the loop in one call: a wake-up of the
         # event loop per message (call_soon_threadsafe) costs more than the produce itself.
-        self._reports: list[tuple[asyncio.Future[Message], KafkaError | None, Message]] = []
+        self._reports: list[tuple[Delivered, KafkaError | None]] = []
         self._poller = threading.Thread(target=self._poll_forever, name="kafka-poll", daemon=True)
         self._poller.start()
 
@@ -66,15 +67,14 @@ class AsyncProducer:
             reports, self._reports = self._reports, []
             self._loop.call_soon_threadsafe(_settle_all, reports)
 
-    def deliver(
-        self, topic: str, key: bytes, value: bytes, headers: Headers | None = None
-    ) -> asyncio.Future[Message]:
-        """Produce one record; the future resolves on its delivery report."""
-        future: asyncio.Future[Message] = self._loop.create_future()
+    def send(
+        self, topic: str, key: bytes, value: bytes, headers: Headers | None, done: Delivered
+    ) -> None:
+        """Produce one record; `done(error or None)` runs on the event loop on its report."""
 
-        def on_delivery(err: KafkaError | None, msg: Message) -> None:
+        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
             # Runs in the poll thread, inside poll(): only it touches the report list.
-            self._reports.append((future, err, msg))
+            self._reports.append((done, err))
 
         while True:
             try:
@@ -85,10 +85,27 @@ class AsyncProducer:
                     headers=list(headers or ()),
                     on_delivery=on_delivery,
                 )
-                return future
+                return
             except BufferError:
                 # librdkafka's queue is full: back-pressure until reports drain it.
                 time.sleep(0.01)
+
+    def deliver(
+        self, topic: str, key: bytes, value: bytes, headers: Headers | None = None
+    ) -> asyncio.Future[None]:
+        """Produce one record; the future resolves on its delivery report."""
+        future: asyncio.Future[None] = self._loop.create_future()
+
+        def done(err: KafkaError | None) -> None:
+            if future.done():
+                return
+            if err is None:
+                future.set_result(None)
+            else:
+                future.set_exception(KafkaException(err))
+
+        self.send(topic, key, value, headers, done)
+        return future
 
     def flush(self, timeout: float = 30.0) -> int:
         """Wait for every outstanding delivery report; return how many are still pending."""
@@ -104,13 +121,6 @@ class AsyncProducer:
         return pending
 
 
-def _settle_all(
-    reports: list[tuple[asyncio.Future[Message], KafkaError | None, Message]],
-) -> None:
-    for future, err, msg in reports:
-        if future.done():
-            continue
-        if err is not None:
-            future.set_exception(KafkaException(err))
-        else:
-            future.set_result(msg)
+def _settle_all(reports: list[tuple[Delivered, KafkaError | None]]) -> None:
+    for done, err in reports:
+        done(err)
