@@ -8,8 +8,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test lint unit integration bench up down status system-deps clean
 
+# The main job on the embedded default: a simulated fleet through the whole pipeline; the stack
+# stays up afterwards (`fleet sql`, `fleet status`; `fleet down` stops it).
+DEMO_DEVICES ?= 500
+DEMO_DURATION ?= 60
 demo: $(VENV)/.installed system-deps
-	$(VENV)/bin/fleet up
+	$(VENV)/bin/fleet demo --devices $(DEMO_DEVICES) --duration $(DEMO_DURATION) --json
 	$(VENV)/bin/fleet status
 
 test: $(VENV)/.installed system-deps lint unit integration
