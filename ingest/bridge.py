@@ -35,6 +35,8 @@ from infra.settings import Settings
 from ingest.downlink import DOWNLINK_TOPIC, DownlinkCounters, DownlinkRelay, MqttOut
 from ingest.envelope import (
     EVENTS,
+    OTA_STATUS,
+    STATE_REPORTED,
     TELEMETRY,
     Accepted,
     Rejected,
@@ -62,6 +64,8 @@ class Route:
 ROUTES: Mapping[str, Route] = {
     TELEMETRY: Route(TELEMETRY, "telemetry.raw", "Telemetry"),
     EVENTS: Route(EVENTS, "device.events", "DeviceEvent"),
+    STATE_REPORTED: Route(STATE_REPORTED, "twin.reported", "TwinReported"),
+    OTA_STATUS: Route(OTA_STATUS, "device.events", "DeviceEvent"),
 }
 
 

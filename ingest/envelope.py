@@ -50,6 +50,8 @@ MAX_TS_MS = 253_402_300_799_999
 
 TELEMETRY = "telemetry"
 EVENTS = "events"
+STATE_REPORTED = "state/reported"
+OTA_STATUS = "ota/status"
 METRICS = ("temperature", "humidity", "battery", "vibration_rms")
 
 _BRIDGE_FIELDS = frozenset({"device_id", "received_at"})  # set by the bridge, not the device
@@ -394,6 +396,45 @@ def validate_event(device_id: str, payload: bytes, received_at_ms: int) -> Accep
     return _checked(EVENTS, device_id, payload, received_at_ms, _event_fields)
 
 
+# --------------------------------------------------------------------------- twin, ota
+
+
+def _reported_fields(document: dict[str, Any]) -> dict[str, Any]:
+    if "reported" not in document:
+        _reject(RejectReason.missing_field, "'reported' is required")
+    reported = document["reported"]
+    if not isinstance(reported, dict):
+        _reject(RejectReason.wrong_type, f"'reported' must be an object, got {_shown(reported)}")
+    return {"patch": json.dumps(reported, sort_keys=True, separators=(",", ":"))}
+
+
+def validate_reported(device_id: str, payload: bytes, received_at_ms: int) -> Accepted | Rejected:
+    """A ``TwinReported`` record: envelope and the ``reported`` patch (kept as JSON text)."""
+    return _checked(STATE_REPORTED, device_id, payload, received_at_ms, _reported_fields)
+
+
+def _ota_status_fields(document: dict[str, Any]) -> dict[str, Any]:
+    """An OTA status report as a ``DeviceEvent`` of type ``ota_status``: its scalar fields
+    (status, version, command_id, rollout_id, ...) become string attributes."""
+    if "status" not in document:
+        _reject(RejectReason.missing_field, "'status' is required")
+    if not _optional_text(document, "status"):
+        _reject(RejectReason.wrong_type, "'status' must be a non-empty string")
+    attributes: dict[str, str] = {}
+    for key in sorted(document.keys() - _ENVELOPE_FIELDS):
+        value = document[key]
+        if isinstance(value, bool) or not isinstance(value, str | int | float) or value is None:
+            if value is None:
+                continue
+            _reject(RejectReason.wrong_type, f"{_shown(key)} must be a string or a number")
+        attributes[key] = value if isinstance(value, str) else json.dumps(value)
+    return {"type": "ota_status", "message": attributes.get("reason"), "attributes": attributes}
+
+
+def validate_ota_status(device_id: str, payload: bytes, received_at_ms: int) -> Accepted | Rejected:
+    return _checked(OTA_STATUS, device_id, payload, received_at_ms, _ota_status_fields)
+
+
 # --------------------------------------------------------------------------- dispatch
 
 
@@ -403,4 +444,8 @@ def validate(kind: str, device_id: str, payload: bytes, received_at_ms: int) -> 
         return validate_telemetry(device_id, payload, received_at_ms)
     if kind == EVENTS:
         return validate_event(device_id, payload, received_at_ms)
+    if kind == STATE_REPORTED:
+        return validate_reported(device_id, payload, received_at_ms)
+    if kind == OTA_STATUS:
+        return validate_ota_status(device_id, payload, received_at_ms)
     return Rejected(RejectReason.bad_topic, f"no uplink handled for kind {_shown(kind)}")

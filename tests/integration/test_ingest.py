@@ -272,3 +272,33 @@ def test_downlink_records_reach_their_device_and_only_it(
     finally:
         for session in sessions.values():
             session.close()
+
+
+def test_reported_state_and_ota_status_reach_their_topics(
+    stack: Stack, settings: Settings, make_device: Callable[..., DeviceIdentity]
+) -> None:
+    device = make_device()
+    session = connect(settings, device.cert, device.key, device.device_id)
+    assert session is not None
+    try:
+        reported = {"seq": 1, "ts": 1_700_000_000_000, "reported": {"led": "on"}}
+        ota = {"seq": 1, "ts": 1_700_000_000_000, "status": "succeeded", "version": "2.0.1"}
+        base = f"devices/{device.device_id}"
+        assert session.publish(f"{base}/state/reported", json.dumps(reported).encode()).value < 128
+        assert session.publish(f"{base}/ota/status", json.dumps(ota).encode()).value < 128
+    finally:
+        session.close()
+    mine = device.device_id.encode()
+    twins = collect(
+        settings, "twin.reported", keep=lambda m: m.key() == mine, done=lambda got: len(got) >= 1
+    )
+    events = collect(
+        settings, "device.events", keep=lambda m: m.key() == mine, done=lambda got: len(got) >= 1
+    )
+    assert len(twins) == 1
+    event_codec = AvroCodec(
+        load_schema("DeviceEvent"), int.from_bytes(events[0].value()[1:5], "big")
+    )
+    event = event_codec.decode(events[0].value())
+    assert isinstance(event, Decoded)
+    assert (event.record["type"], event.record["attributes"]["version"]) == ("ota_status", "2.0.1")

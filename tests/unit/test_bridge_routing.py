@@ -13,6 +13,8 @@ from schemas.codec import AvroCodec, Decoded, load_schema
 CODECS = {
     "telemetry": AvroCodec(load_schema("Telemetry"), schema_id=1),
     "events": AvroCodec(load_schema("DeviceEvent"), schema_id=2),
+    "state/reported": AvroCodec(load_schema("TwinReported"), schema_id=4),
+    "ota/status": AvroCodec(load_schema("DeviceEvent"), schema_id=2),
 }
 DOWNLINK = AvroCodec(load_schema("Downlink"), schema_id=3)
 NOW = 1_700_000_000_123
@@ -57,7 +59,48 @@ def test_subscriptions_are_shared_by_the_ingest_group() -> None:
     assert subscriptions() == [
         "$share/ingest/devices/+/telemetry",
         "$share/ingest/devices/+/events",
+        "$share/ingest/devices/+/state/reported",
+        "$share/ingest/devices/+/ota/status",
     ]
+
+
+def test_reported_state_goes_to_twin_reported_as_canonical_json() -> None:
+    payload = json.dumps({"seq": 3, "ts": NOW, "reported": {"led": "on", "fw": {"v": 2}}})
+    out = route_message("devices/d-1/state/reported", payload.encode(), NOW, CODECS)
+    decoded = CODECS["state/reported"].decode(out.value)
+    assert isinstance(decoded, Decoded)
+    assert (out.topic, decoded.record["seq"]) == ("twin.reported", 3)
+    assert json.loads(decoded.record["patch"]) == {"led": "on", "fw": {"v": 2}}
+
+
+def test_ota_status_becomes_a_device_event() -> None:
+    payload = {"seq": 9, "ts": NOW, "status": "failed", "reason": "bad signature", "version": 2}
+    out = route_message("devices/d-1/ota/status", json.dumps(payload).encode(), NOW, CODECS)
+    decoded = CODECS["ota/status"].decode(out.value)
+    assert isinstance(decoded, Decoded)
+    assert out.topic == "device.events"
+    assert decoded.record["type"] == "ota_status"
+    assert decoded.record["message"] == "bad signature"
+    assert decoded.record["attributes"] == {
+        "status": "failed",
+        "reason": "bad signature",
+        "version": "2",
+    }
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "reason"),
+    [
+        ("devices/d-1/state/reported", {"seq": 1, "ts": NOW}, "missing_field"),
+        ("devices/d-1/state/reported", {"seq": 1, "ts": NOW, "reported": [1]}, "wrong_type"),
+        ("devices/d-1/ota/status", {"seq": 1, "ts": NOW}, "missing_field"),
+        ("devices/d-1/ota/status", {"seq": 1, "ts": NOW, "status": "ok", "x": [1]}, "wrong_type"),
+    ],
+)
+def test_bad_twin_and_ota_reports_are_dead_lettered(
+    topic: str, payload: dict[str, object], reason: str
+) -> None:
+    assert route_message(topic, json.dumps(payload).encode(), NOW, CODECS).reason == reason
 
 
 def test_a_downlink_reaches_the_topic_of_its_key() -> None:
