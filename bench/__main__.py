@@ -7,6 +7,7 @@ bench/results.json as a list of {"stage", "value", "unit", "baseline", "ratio"}.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from rich.console import Console
@@ -20,7 +21,11 @@ RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
 def main() -> None:
-    settings = ingest.bench_settings(PROJECT_ROOT / ".state" / "bench")
+    root = PROJECT_ROOT / ".state" / "bench"
+    settings = ingest.bench_settings(root)
+    Stack(settings).down()
+    # A fresh stack each run: persistent MQTT sessions of an earlier run would queue for it.
+    shutil.rmtree(root, ignore_errors=True)
     try:
         results = ingest.run(settings)
         results += cold.run_cold(settings)
