@@ -225,13 +225,29 @@ class Bridge:
         gmqtt (optimistic_acknowledgement=False) runs a coroutine per message and sends its
         PUBACK when it returns; that machinery cost more than the bridge's own work. Here the
         handler's QoS 1 entry point is replaced: the message is routed and produced at once,
-        and its PUBACK is sent from the delivery report. Pinned to gmqtt 0.8's handler
-        (`_handle_qos_1_publish_packet`, `_send_puback`); the integration tests exercise it.
+        and its PUBACK is sent from the delivery report. Pinned to gmqtt 0.8's internals
+        (`_package_handler._handle_qos_1_publish_packet`, `_connection.send_package`); the
+        integration tests exercise it.
         """
         handler = client._package_handler
+        pending: list[int] = []
+
+        def flush_acks() -> None:
+            # All PUBACKs of one batch of delivery reports in one TLS write: a write (and a
+            # syscall) per PUBACK was the largest single cost left. MQTT 5 lets a successful
+            # PUBACK without properties be just the packet id (remaining length 2).
+            packets = b"".join(b"\x40\x02" + mid.to_bytes(2, "big") for mid in pending)
+            pending.clear()
+            if client._connection is not None and not client._connection.is_closing():
+                client._connection.send_package(packets)
+
+        def queue_ack(mid: int) -> None:
+            if not pending:
+                asyncio.get_running_loop().call_soon(flush_acks)
+            pending.append(mid)
 
         def on_qos1(mid: int, payload: bytes, topic: str, props: dict[str, Any]) -> None:
-            self.accept(topic, payload, props, partial(handler._send_puback, mid))
+            self.accept(topic, payload, props, partial(queue_ack, mid))
 
         handler._handle_qos_1_publish_packet = on_qos1
 
