@@ -14,7 +14,6 @@ queues for them instead of dropping devices' messages.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -32,6 +31,7 @@ from gmqtt.mqtt.constants import MQTTv50
 
 from infra.services.mosquitto import ORCHESTRATOR, BrokerFiles, client_tls_context
 from infra.settings import Settings
+from infra.status_file import write_status
 from ingest.downlink import DOWNLINK_TOPIC, DownlinkCounters, DownlinkRelay, MqttOut
 from ingest.envelope import (
     EVENTS,
@@ -261,17 +261,17 @@ class Bridge:
         return await acked
 
     def _write_status(self) -> None:
-        status = {
-            "client_id": self.client_id,
-            "pid": os.getpid(),
-            "connected": self.connected,
-            "inflight": self._inflight,
-            **asdict(self.counters),
-            "downlink": asdict(self.downlink),
-        }
-        tmp = self.status_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(status))
-        tmp.replace(self.status_path)
+        write_status(
+            self.status_path,
+            {
+                "client_id": self.client_id,
+                "pid": os.getpid(),
+                "connected": self.connected,
+                "inflight": self._inflight,
+                **asdict(self.counters),
+                "downlink": asdict(self.downlink),
+            },
+        )
 
     async def _report_forever(self) -> None:
         while True:

@@ -8,10 +8,10 @@ settings object.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from confluent_kafka import KafkaException, Producer
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from infra.settings import Settings
+from infra.status_file import write_status
 from schemas.codec import CodecRegistry, load_schema
 from sinks.clickhouse import (
     EVENTS_TABLE,
@@ -141,10 +142,7 @@ class ColdWorker:
         self.sink.close()
 
     def write_status(self) -> None:
-        status = {"pid": os.getpid(), "ready": True, **self.counters.__dict__}
-        tmp = self.status_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(status))
-        tmp.replace(self.status_path)
+        write_status(self.status_path, {"pid": os.getpid(), "ready": True, **asdict(self.counters)})
 
     async def _report_forever(self) -> None:
         while True:

@@ -236,13 +236,26 @@ class Service(ABC):
             self.pid_path.unlink(missing_ok=True)
             return False
         proc.send_signal(signal.SIGTERM)
-        # Poll rather than wait(): a service whose parent is gone may linger as a zombie
-        # until something reaps it, and a zombie has stopped.
-        if not wait_until(lambda: self.process() is None, timeout):
+        if not self._wait_gone(timeout):
             proc.kill()
-            wait_until(lambda: self.process() is None, 10)
+            self._wait_gone(30)
         self.pid_path.unlink(missing_ok=True)
         return True
+
+    def _wait_gone(self, timeout: float) -> bool:
+        """Until the process is gone and its ports are free.
+
+        Poll rather than wait(): a service whose parent is gone may linger as a zombie until
+        something reaps it, and a zombie has stopped. But a many-threaded process can show as
+        a zombie while its other threads still hold its sockets, so the ports are checked too.
+        """
+        return wait_until(
+            lambda: (
+                self.process() is None
+                and not any(port_answers(self.host, port, 0.2) for port in self.bound_ports())
+            ),
+            timeout,
+        )
 
     def terminate(self) -> None:
         """SIGTERM without waiting (to stop several services at once)."""
@@ -255,7 +268,7 @@ class Service(ABC):
         proc = self.process()
         if proc is not None:
             proc.kill()
-            wait_until(lambda: self.process() is None, 10)
+            self._wait_gone(30)
 
     def signal(self, signum: int) -> None:
         proc = self.process()

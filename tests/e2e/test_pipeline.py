@@ -3,10 +3,8 @@ cold path -> chDB, counted with SQL."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
-import threading
 import uuid
 from pathlib import Path
 
@@ -14,10 +12,10 @@ from infra.pki import CertificateAuthority
 from infra.provision import load_or_provision
 from infra.services.base import wait_until
 from infra.settings import PROJECT_ROOT, Settings
-from infra.simulator import FleetStats, SimulatedDevice, run_fleet
 from infra.stack import Stack
 from queries.runner import fetch, warehouse_counts
 from tests.conftest import settings_env
+from tests.support.fleet import start_fleet, telemetry_sent
 
 FLEET = str(PROJECT_ROOT / ".venv" / "bin" / "fleet")
 SUMMARY_KEYS = {
@@ -59,25 +57,16 @@ def test_kill_9_of_the_worker_mid_stream_keeps_the_warehouse_exact(
     ca = CertificateAuthority.load_or_create(settings.pki_dir)
     prefix = f"crash{uuid.uuid4().hex[:4]}-"
     creds = load_or_provision(ca, [f"{prefix}{i:03d}" for i in range(50)], tmp_path, "ec")
-    outcome: list[tuple[FleetStats, list[SimulatedDevice]]] = []
-
-    def simulate() -> None:
-        outcome.append(
-            asyncio.run(run_fleet(settings, creds, rate=10, duration=60, max_messages=150))
-        )
-
     stored_before = int(stack.cold_worker.counters().get("stored_rows", 0))
-    runner = threading.Thread(target=simulate)
-    runner.start()
+    fleet = start_fleet(settings, creds, rate=10, duration=60, max_messages=150)
     assert wait_until(
         lambda: int(stack.cold_worker.counters().get("stored_rows", 0)) > stored_before + 1000,
         timeout=90,
     )
     stack.cold_worker.kill()
     stack.cold_worker.start(settings.startup_timeout_s)
-    runner.join(timeout=180)
-    assert outcome
-    published = outcome[0][0].published
+    stats, devices = fleet.wait()
+    published = stats.published
     assert published == 50 * 150
 
     def drained() -> bool:
@@ -92,8 +81,7 @@ def test_kill_9_of_the_worker_mid_stream_keeps_the_warehouse_exact(
         "SELECT device_id, seq FROM telemetry FINAL WHERE startsWith(device_id, {p:String})",
         {"p": prefix},
     ).rows
-    sent = {(d.device_id, s) for d in outcome[0][1] for k, s in d.sent if k == "telemetry"}
-    assert {(r[0], int(r[1])) for r in rows} == sent
+    assert {(r[0], int(r[1])) for r in rows} == telemetry_sent(devices)
 
 
 def test_fleet_sql_prints_json_rows_while_the_pipeline_runs(

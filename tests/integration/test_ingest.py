@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -17,10 +16,11 @@ from infra.pki import CertificateAuthority
 from infra.provision import load_or_provision
 from infra.services.base import wait_until
 from infra.settings import Settings
-from infra.simulator import FleetStats, SimulatedDevice, run_fleet
+from infra.simulator import run_fleet
 from infra.stack import Stack
 from schemas.codec import AvroCodec, Decoded, load_schema
 from tests.conftest import DeviceIdentity
+from tests.support.fleet import start_fleet, telemetry_sent
 from tests.support.kafka import collect
 from tests.support.mqtt import connect
 
@@ -43,10 +43,6 @@ def _fleet(ca: CertificateAuthority, tmp_path: Path, count: int) -> list:  # typ
     return load_or_provision(ca, [f"{prefix}-{i:03d}" for i in range(count)], tmp_path, "ec")
 
 
-def _published(devices: list[SimulatedDevice]) -> set[tuple[str, int]]:
-    return {(d.device_id, seq) for d in devices for kind, seq in d.sent if kind == "telemetry"}
-
-
 def _stored(settings: Settings, expected: set[tuple[str, int]], timeout: float = 90) -> list:
     ids = {device for device, _ in expected}
     messages = collect(
@@ -64,7 +60,7 @@ def test_100_devices_x_50_messages_arrive_exactly(
 ) -> None:
     creds = _fleet(ca, tmp_path, 100)
     stats, devices = asyncio.run(run_fleet(settings, creds, rate=20, duration=60, max_messages=50))
-    published = _published(devices)
+    published = telemetry_sent(devices)
     assert stats.connect_failures == 0
     assert len(published) == 100 * 50
     stored = _stored(settings, published)
@@ -75,30 +71,22 @@ def test_100_devices_x_50_messages_arrive_exactly(
 def test_kill_9_of_the_bridge_mid_stream_loses_nothing(
     stack: Stack, settings: Settings, ca: CertificateAuthority, tmp_path: Path
 ) -> None:
-    creds = _fleet(ca, tmp_path, 50)
-    outcome: list[tuple[FleetStats, list[SimulatedDevice]]] = []
-
-    def simulate() -> None:
-        outcome.append(
-            asyncio.run(
-                run_fleet(
-                    settings, creds, rate=20, duration=60, max_messages=100, drain_timeout=120
-                )
-            )
-        )
-
     accepted_before = stack.bridge.counters().get("accepted", 0)
-    runner = threading.Thread(target=simulate)
-    runner.start()
+    fleet = start_fleet(
+        settings,
+        _fleet(ca, tmp_path, 50),
+        rate=20,
+        duration=60,
+        max_messages=100,
+        drain_timeout=120,
+    )
     # Mid-stream: once the bridge has taken some of this fleet's messages.
     assert wait_until(
         lambda: stack.bridge.counters().get("accepted", 0) > accepted_before + 1000, timeout=60
     )
     stack.bridge.kill()
     stack.bridge.start(settings.startup_timeout_s)
-    runner.join(timeout=180)
-    assert outcome, "the simulated fleet did not finish"
-    published = _published(outcome[0][1])
+    published = telemetry_sent(fleet.wait()[1])
     assert len(published) == 50 * 100
     stored = _stored(settings, published)
     assert set(stored) == published
@@ -206,28 +194,17 @@ def test_schemas_are_registered_once_and_compatible_backward(
 def test_sigterm_stops_the_bridge_cleanly_without_loss_or_duplicates(
     stack: Stack, settings: Settings, ca: CertificateAuthority, tmp_path: Path
 ) -> None:
-    creds = _fleet(ca, tmp_path, 50)
-    outcome: list[tuple[FleetStats, list[SimulatedDevice]]] = []
-
-    def simulate() -> None:
-        outcome.append(
-            asyncio.run(
-                run_fleet(settings, creds, rate=20, duration=60, max_messages=60, drain_timeout=120)
-            )
-        )
-
     accepted_before = stack.bridge.counters().get("accepted", 0)
-    runner = threading.Thread(target=simulate)
-    runner.start()
+    fleet = start_fleet(
+        settings, _fleet(ca, tmp_path, 50), rate=20, duration=60, max_messages=60, drain_timeout=120
+    )
     assert wait_until(
         lambda: stack.bridge.counters().get("accepted", 0) > accepted_before + 500, timeout=60
     )
     assert stack.bridge.stop(timeout=60)  # SIGTERM, and it exits by itself
     assert "bridge stopped" in stack.bridge.log_path.read_text()
     stack.bridge.start(settings.startup_timeout_s)
-    runner.join(timeout=180)
-    assert outcome, "the simulated fleet did not finish"
-    published = _published(outcome[0][1])
+    published = telemetry_sent(fleet.wait()[1])
     stored = _stored(settings, published)
     assert set(stored) == published
     assert len(stored) == len(published)  # a clean stop acks exactly what reached Kafka

@@ -79,8 +79,11 @@ def test_three_broker_mode_elects_a_leader_with_replication_factor_3(tmp_path: P
         admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
 
         def has_leader_and_full_isr() -> bool:
-            partition = admin.list_topics(name, timeout=5).topics[name].partitions[0]
-            return partition.leader in {1, 2, 3} and len(partition.isrs) == 3
+            # Right after creation the metadata may not list the partition yet.
+            partition = admin.list_topics(name, timeout=5).topics[name].partitions.get(0)
+            return (
+                partition is not None and partition.leader in {1, 2, 3} and len(partition.isrs) == 3
+            )
 
         assert wait_until(has_leader_and_full_isr, timeout=30)
         partition = admin.list_topics(name, timeout=5).topics[name].partitions[0]

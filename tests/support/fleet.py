@@ -1,0 +1,42 @@
+"""Running a simulated fleet in a thread while a test crashes or restarts something."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from infra.provision import DeviceCredentials
+from infra.settings import Settings
+from infra.simulator import FleetStats, SimulatedDevice, run_fleet
+
+
+@dataclass
+class BackgroundFleet:
+    thread: threading.Thread
+    outcome: list[tuple[FleetStats, list[SimulatedDevice]]] = field(default_factory=list)
+
+    def wait(self, timeout: float = 180) -> tuple[FleetStats, list[SimulatedDevice]]:
+        self.thread.join(timeout=timeout)
+        assert self.outcome, "the simulated fleet did not finish"
+        return self.outcome[0]
+
+
+def start_fleet(
+    settings: Settings, creds: Sequence[DeviceCredentials], **options: Any
+) -> BackgroundFleet:
+    fleet = BackgroundFleet(threading.Thread(target=lambda: None))
+
+    def simulate() -> None:
+        fleet.outcome.append(asyncio.run(run_fleet(settings, creds, **options)))
+
+    fleet.thread = threading.Thread(target=simulate, name="simulated-fleet")
+    fleet.thread.start()
+    return fleet
+
+
+def telemetry_sent(devices: Sequence[SimulatedDevice]) -> set[tuple[str, int]]:
+    """Every (device id, seq) of telemetry the fleet handed to the broker."""
+    return {(d.device_id, seq) for d in devices for kind, seq in d.sent if kind == "telemetry"}
