@@ -1,5 +1,5 @@
-"""An asyncio face on confluent-kafka's producer: `await deliver(...)` returns after Kafka's
-delivery report (acks=all, idempotent), so the bridge can acknowledge MQTT late.
+"""An asyncio face on confluent-kafka's producer: `send(..., done)` calls `done` on the event
+loop with Kafka's delivery report (acks=all, idempotent), so the bridge can acknowledge late.
 
 librdkafka batches what many concurrent handlers produce; one thread serves delivery reports
 and hands each result back to the event loop.
@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import KafkaError, Message, Producer
 
 Headers = Sequence[tuple[str, bytes]]
 Delivered = Callable[[KafkaError | None], None]
@@ -89,23 +89,6 @@ class AsyncProducer:
             except BufferError:
                 # librdkafka's queue is full: back-pressure until reports drain it.
                 time.sleep(0.01)
-
-    def deliver(
-        self, topic: str, key: bytes, value: bytes, headers: Headers | None = None
-    ) -> asyncio.Future[None]:
-        """Produce one record; the future resolves on its delivery report."""
-        future: asyncio.Future[None] = self._loop.create_future()
-
-        def done(err: KafkaError | None) -> None:
-            if future.done():
-                return
-            if err is None:
-                future.set_result(None)
-            else:
-                future.set_exception(KafkaException(err))
-
-        self.send(topic, key, value, headers, done)
-        return future
 
     def flush(self, timeout: float = 30.0) -> int:
         """Wait for every outstanding delivery report; return how many are still pending."""
