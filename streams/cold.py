@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,7 +85,7 @@ class Backoff:
     first: float = 0.2
     longest: float = 10.0
 
-    def delays(self) -> Any:
+    def delays(self) -> Iterator[float]:
         delay = self.first
         while True:
             yield delay

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.pki import CertificateAuthority, generate_private_key, key_to_pem, make_csr
+from infra.pki import CertificateAuthority
+from infra.provision import provision_device
 from infra.settings import PROJECT_ROOT, Settings
 from infra.settings import settings_env as fleet_env
 from infra.stack import Stack
@@ -67,15 +68,8 @@ def make_device(ca: CertificateAuthority, tmp_path: Path) -> Callable[..., Devic
     """Factory: a device with a key made on its side and a certificate issued from its CSR."""
 
     def factory(prefix: str = "dev") -> DeviceIdentity:
-        device_id = f"{prefix}-{uuid.uuid4().hex[:10]}"
-        key = generate_private_key("ec")
-        cert = ca.issue_from_csr(make_csr(key, device_id), device_id)
-        key_path, cert_path = tmp_path / f"{device_id}.key", tmp_path / f"{device_id}.crt"
-        key_path.write_bytes(key_to_pem(key))
-        from cryptography.hazmat.primitives.serialization import Encoding
-
-        cert_path.write_bytes(cert.public_bytes(Encoding.PEM))
-        return DeviceIdentity(device_id, key_path, cert_path, cert.serial_number)
+        creds = provision_device(ca, f"{prefix}-{uuid.uuid4().hex[:10]}", tmp_path, "ec")
+        return DeviceIdentity(creds.device_id, creds.key_path, creds.cert_path, creds.serial)
 
     return factory
 

@@ -6,7 +6,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from infra.pki import CertificateAuthority, generate_private_key, key_to_pem, make_csr
+from infra.pki import CertificateAuthority
+from infra.provision import provision_device
 from infra.services.base import wait_until
 from infra.settings import Settings
 from infra.stack import Stack
@@ -77,13 +78,8 @@ def test_a_certificate_from_another_ca_is_refused(
     stack: Stack, settings: Settings, tmp_path: Path
 ) -> None:
     rogue_ca = CertificateAuthority.load_or_create(tmp_path / "rogue-ca", name="rogue CA")
-    key = generate_private_key("ec")
-    cert = rogue_ca.issue_from_csr(make_csr(key, "rogue-1"), "rogue-1")
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    (tmp_path / "rogue.key").write_bytes(key_to_pem(key))
-    (tmp_path / "rogue.crt").write_bytes(cert.public_bytes(Encoding.PEM))
-    session = connect(settings, tmp_path / "rogue.crt", tmp_path / "rogue.key", "rogue-1")
+    rogue = provision_device(rogue_ca, "rogue-1", tmp_path / "rogue", "ec")
+    session = connect(settings, rogue.cert_path, rogue.key_path, "rogue-1")
     assert session is None
 
 
