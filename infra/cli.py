@@ -6,6 +6,7 @@ import json
 import sys
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -15,6 +16,9 @@ from infra.pki import KeyKind
 from infra.services.base import ServiceError
 from infra.settings import Settings, load_settings
 from infra.stack import Stack, StackStatus
+
+if TYPE_CHECKING:
+    from streams.client import HotPathClient
 
 app = typer.Typer(help="fleetstream: IoT fleet telemetry on Kafka.", no_args_is_help=True)
 console = Console()
@@ -202,6 +206,154 @@ def demo(
         sys.stdout.write(json.dumps(summary) + "\n")
     else:
         console.print_json(json.dumps(summary))
+
+
+twin_app = typer.Typer(help="Device twins: desired, reported, delta, version.")
+alerts_app = typer.Typer(help="Alert rules (data on alerts.rules) and the alerts they raise.")
+app.add_typer(twin_app, name="twin")
+app.add_typer(alerts_app, name="alerts")
+
+# `fleet twin set` exit codes: 4 = version conflict (HTTP 409), 5 = invalid patch (HTTP 400).
+EXIT_CONFLICT, EXIT_INVALID = 4, 5
+
+
+def _hot_client() -> HotPathClient:
+    from streams.client import HotPathClient
+
+    return HotPathClient(_settings())
+
+
+@twin_app.command("get")
+def twin_get(
+    device_id: str = typer.Argument(..., help="Device id."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON document only."),
+) -> None:
+    """A device's twin: {"desired", "reported", "delta", "version"} (all empty: no twin yet)."""
+    from streams.twin import Twin, twin_view
+
+    twin = _hot_client().twin(device_id) or Twin(device_id=device_id)
+    text = json.dumps(twin_view(twin))
+    if as_json:
+        sys.stdout.write(text + "\n")
+    else:
+        console.print_json(text)
+
+
+@twin_app.command("set")
+def twin_set(
+    device_id: str = typer.Argument(..., help="Device id."),
+    patch: str = typer.Argument(..., help='Desired patch, JSON: \'{"fan": "on", "old": null}\'.'),
+    version: int = typer.Option(None, help="Refuse unless the twin is at this version (409)."),
+) -> None:
+    """Change desired state (a null removes a key); the device gets the delta at QoS 1."""
+    from streams.client import HotPathError
+
+    try:
+        document = json.loads(patch)
+    except ValueError as exc:
+        raise _fail(ValueError(f"the patch is not JSON: {exc}")) from exc
+    if not isinstance(document, dict):
+        raise _fail(ValueError("the patch must be a JSON object"))
+    try:
+        answer = _hot_client().set_desired(device_id, document, version)
+    except HotPathError as exc:
+        raise _fail(exc) from exc
+    sys.stdout.write(
+        json.dumps({"status": answer.status, "version": answer.version, "detail": answer.detail})
+        + "\n"
+    )
+    if answer.status == "conflict":
+        raise typer.Exit(code=EXIT_CONFLICT)
+    if answer.status == "invalid":
+        raise typer.Exit(code=EXIT_INVALID)
+
+
+@alerts_app.command("rules")
+def alerts_rules(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """The alert rules in force."""
+    from streams.alerts import rule_to_record
+
+    rules = [rule_to_record(r) for r in _hot_client().rules().values()]
+    if as_json:
+        sys.stdout.write(json.dumps(rules) + "\n")
+        return
+    table = Table(title="alert rules")
+    columns = ("rule_id", "scope_type", "scope", "metric", "kind", "threshold", "clear_threshold")
+    for column in (*columns, "severity"):
+        table.add_column(column)
+    for rule in rules:
+        table.add_row(*(str(rule[c]) for c in (*columns, "severity")))
+    console.print(table)
+
+
+@alerts_app.command("add")
+def alerts_add(
+    rule_id: str = typer.Argument(..., help="Rule id (adding it again replaces the rule)."),
+    kind: str = typer.Option(..., help="above, below, rate_of_change or missing_heartbeat."),
+    metric: str = typer.Option("", help="Telemetry metric, e.g. temperature."),
+    threshold: float = typer.Option(0.0, help="Raise past this value (per second for rates)."),
+    clear: float = typer.Option(None, help="Resolve back past this value (hysteresis band)."),
+    group: str = typer.Option(None, help="Scope: a device group."),
+    device: str = typer.Option(None, help="Scope: one device."),
+    window: float = typer.Option(None, help="rate_of_change: longest gap between readings, s."),
+    heartbeat: float = typer.Option(None, help="missing_heartbeat: silence before raising, s."),
+    severity: str = typer.Option("warning", help="info, warning or critical."),
+) -> None:
+    """Add or replace an alert rule."""
+    from streams.alerts import AlertRule, RuleKind, ScopeType, Severity
+
+    if (group is None) == (device is None):
+        raise _fail(ValueError("give exactly one of --group and --device"))
+    try:
+        rule = AlertRule(
+            rule_id=rule_id,
+            scope_type=ScopeType.group if group is not None else ScopeType.device,
+            scope=group if group is not None else device,
+            metric=metric,
+            kind=RuleKind(kind),
+            threshold=threshold,
+            clear_threshold=clear,
+            window_s=window,
+            heartbeat_s=heartbeat,
+            severity=Severity(severity),
+        )
+    except ValueError as exc:
+        raise _fail(exc) from exc
+    _hot_client().put_rule(rule)
+    console.print(f"rule {rule_id} stored")
+
+
+@alerts_app.command("rm")
+def alerts_rm(rule_id: str = typer.Argument(..., help="Rule id.")) -> None:
+    """Delete an alert rule (a tombstone on alerts.rules)."""
+    _hot_client().delete_rule(rule_id)
+    console.print(f"rule {rule_id} deleted")
+
+
+@alerts_app.command("list")
+def alerts_list(
+    since_minutes: float = typer.Option(60.0, help="Alerts of the last N minutes."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Alert lifecycle records (raised, resolved) on the `alerts` topic."""
+    import time
+
+    from streams.alerts import alert_to_record
+
+    since = int((time.time() - since_minutes * 60) * 1000)
+    events = [alert_to_record(e) for e in _hot_client().alerts(since)]
+    if as_json:
+        sys.stdout.write(json.dumps(events) + "\n")
+        return
+    table = Table(title="alerts")
+    columns = ("ts", "device_id", "rule_id", "status", "metric", "value", "severity")
+    for column in columns:
+        table.add_column(column)
+    for event in events:
+        table.add_row(*(str(event[c]) for c in columns))
+    console.print(table)
 
 
 def main() -> None:

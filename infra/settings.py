@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     sink_batch_rows: int = Field(default=50_000, ge=1)
     sink_batch_seconds: float = Field(default=1.0, gt=0)
 
+    # Hot path (alerts, twins): a batch is what arrived within hot_poll_ms (at most
+    # hot_max_batch records), written in one transaction; short, for alert latency.
+    hot_poll_ms: int = Field(default=20, ge=1)
+    hot_max_batch: int = Field(default=5_000, ge=1)
+    hot_instance: int = Field(default=0, ge=0)  # its transactional id: one per worker
+
     java_home: Path | None = None
     registry_java_home: Path | None = None
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from infra.services.base import Service, ServiceError, ServiceStatus
 from infra.services.bridge import BridgeService
+from infra.services.hot_worker import HotWorkerService
 from infra.services.kafka import KafkaBroker
 from infra.services.mosquitto import Mosquitto
 from infra.services.registry import SchemaRegistry
@@ -33,9 +34,10 @@ class StackStatus:
         }
 
 
-# Consumer groups whose lag `fleet status` shows: the cold path's, and the bridge's downlink.
+# Consumer groups whose lag `fleet status` shows: the cold and hot paths', the bridge's downlink.
 LAG_GROUPS = (
-    ("fleetstream-cold", ("telemetry.raw", "device.events")),
+    ("fleetstream-cold", ("telemetry.raw", "device.events", "twin.state")),
+    ("fleetstream-hot", ("telemetry.raw", "twin.reported", "twin.desired")),
     ("bridge-downlink", ("mqtt.downlink",)),
 )
 
@@ -50,10 +52,18 @@ class Stack:
         self.mosquitto = Mosquitto(settings)
         self.bridge = BridgeService(settings)
         self.cold_worker = ColdWorkerService(settings)
+        self.hot_worker = HotWorkerService(settings)
 
     @property
     def services(self) -> Sequence[Service]:
-        return [*self.brokers, self.registry, self.mosquitto, self.bridge, self.cold_worker]
+        return [
+            *self.brokers,
+            self.registry,
+            self.mosquitto,
+            self.bridge,
+            self.cold_worker,
+            self.hot_worker,
+        ]
 
     def up(self) -> StackStatus:
         """Start what is not running and return once everything answers (idempotent)."""
@@ -68,13 +78,15 @@ class Stack:
         self.registry.start(timeout)
         self.mosquitto.start(timeout)
         self.bridge.launch()
+        self.hot_worker.launch()
         self.cold_worker.start(timeout)
         self.bridge.wait_ready(timeout)
+        self.hot_worker.wait_ready(timeout)
         return self.status()
 
     def down(self) -> list[str]:
         """Stop, in reverse order, what `up` started; return the names stopped."""
-        platform = (self.bridge, self.cold_worker, self.mosquitto, self.registry)
+        platform = (self.bridge, self.hot_worker, self.cold_worker, self.mosquitto, self.registry)
         stopped = [s.name for s in platform if s.stop()]
         # Brokers of a quorum stop together: one by one, the last would wait on a lost quorum.
         for broker in self.brokers:

@@ -42,13 +42,21 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("twin.reported", "device id", "Avro reported patch"),
     TopicSpec("twin.desired", "device id", "Avro desired patch"),
     TopicSpec("twin.state", "device id", "full twin", cleanup="compact"),
+    # The twin agent's answers to twin.desired requests (accepted, conflict, ...).
+    TopicSpec("twin.responses", "device id", "Avro TwinResponse", retention_ms=DAY_MS),
     TopicSpec("alerts", "device id", "Avro Alert"),
+    # Rules are data: one record per rule id, a tombstone deletes it. Every hot worker reads
+    # all of it (a global table), so one partition keeps it ordered.
+    TopicSpec("alerts.rules", "rule id", "Avro AlertRule", cleanup="compact", partitions=1),
+    # Changelog of the alert agent's per-device state (co-partitioned with telemetry.raw).
+    TopicSpec("alerts.state", "device id", "JSON rule states", cleanup="compact"),
     TopicSpec("mqtt.downlink", "device id", "topic + payload + qos"),
     TopicSpec("registry.devices", "device id", "Avro Device", cleanup="compact"),
     TopicSpec("rbac.grants", "principal", "Avro grant set", cleanup="compact"),
     TopicSpec("ota.rollouts", "rollout id", "Avro Rollout", cleanup="compact"),
     TopicSpec("dlq.ingest", "original key", "original bytes + headers", retention_ms=30 * DAY_MS),
     TopicSpec("dlq.cold", "original key", "original bytes + headers", retention_ms=30 * DAY_MS),
+    TopicSpec("dlq.hot", "original key", "original bytes + headers", retention_ms=30 * DAY_MS),
     # The schema registry's storage: one ordered journal, kept forever (schema ids live here).
     TopicSpec("_registry.journal", "registry", "registry journal", retention_ms=-1, partitions=1),
     TopicSpec("_registry.snapshots", "registry", "snapshots", retention_ms=-1, partitions=1),

@@ -1,0 +1,229 @@
+"""Talking to the hot path from outside it: twins, alert rules, alerts (used by `fleet`).
+
+Everything goes through Kafka, as any client of the platform would: a desired-state change is
+a request on `twin.desired` answered on `twin.responses`; the twin is read from `twin.state`;
+rules are records on the compacted `alerts.rules`; alerts are read from `alerts`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.schema_registry import SchemaRegistryClient
+
+from infra.settings import Settings
+from schemas.codec import AvroCodec, CodecRegistry, Decoded, load_schema
+from streams.alerts import (
+    AlertEvent,
+    AlertRule,
+    alert_from_record,
+    rule_from_record,
+    rule_to_record,
+)
+from streams.tables import key_text, read_to_end
+from streams.twin import Twin, from_record
+
+TWIN_STATE, DESIRED, RESPONSES = "twin.state", "twin.desired", "twin.responses"
+RULES, ALERTS, DEVICES = "alerts.rules", "alerts", "registry.devices"
+_SCHEMAS = {
+    TWIN_STATE: "TwinState",
+    DESIRED: "TwinDesired",
+    RESPONSES: "TwinResponse",
+    RULES: "AlertRule",
+    ALERTS: "Alert",
+    DEVICES: "Device",
+}
+
+
+class HotPathError(Exception):
+    """The request did not complete (no answer in time, Kafka refused it)."""
+
+
+@dataclass(frozen=True)
+class TwinAnswer:
+    """The twin agent's answer to a desired-state change."""
+
+    status: str  # accepted, unchanged, conflict, invalid
+    version: int
+    detail: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("accepted", "unchanged")
+
+
+class HotPathClient:
+    def __init__(self, settings: Settings, timeout: float = 30.0) -> None:
+        self.settings = settings
+        self.timeout = timeout
+        registry = CodecRegistry(SchemaRegistryClient({"url": settings.registry_url}))
+        self._registry = registry
+        self._codecs: dict[str, AvroCodec] = {}
+        self._producer: Producer | None = None
+
+    def codec(self, topic: str) -> AvroCodec:
+        if topic not in self._codecs:
+            self._codecs[topic] = self._registry.codec(topic, load_schema(_SCHEMAS[topic]))
+        return self._codecs[topic]
+
+    def _consumer(self) -> Consumer:
+        return Consumer(
+            {
+                "bootstrap.servers": self.settings.bootstrap_servers,
+                "group.id": f"fleet-cli-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "isolation.level": "read_committed",
+            }
+        )
+
+    def _get_producer(self) -> Producer:
+        if self._producer is None:
+            self._producer = Producer(
+                {
+                    "bootstrap.servers": self.settings.bootstrap_servers,
+                    "enable.idempotence": True,
+                    "acks": "all",
+                }
+            )
+        return self._producer
+
+    def _produce_many(self, topic: str, records: Sequence[tuple[str, bytes | None]]) -> None:
+        """Write `(key, value)` records and wait until Kafka has every one."""
+        producer = self._get_producer()
+        failures: list[str] = []
+        for key, value in records:
+            producer.produce(
+                topic,
+                key=key,
+                value=value,
+                on_delivery=lambda err, _m: failures.append(str(err)) if err else None,
+            )
+            producer.poll(0)
+        if producer.flush(self.timeout) or failures:
+            raise HotPathError(f"{topic}: not delivered: {failures[:3] or 'timed out'}")
+
+    def _produce(self, topic: str, key: str, value: bytes | None) -> None:
+        self._produce_many(topic, [(key, value)])
+
+    def _read_all(self, topic: str) -> list[Message]:
+        """Every committed record of `topic`, in partition order."""
+        consumer = self._consumer()
+        try:
+            meta = consumer.list_topics(topic, timeout=self.timeout).topics[topic]
+            messages: list[Message] = []
+            tps = [TopicPartition(topic, p) for p in sorted(meta.partitions)]
+            read_to_end(consumer, tps, messages.append, self.timeout)
+            return messages
+        finally:
+            consumer.close()
+
+    def _decode(self, topic: str, msg: Message) -> dict[str, Any] | None:
+        value = msg.value()
+        if value is None:
+            return None
+        decoded = self.codec(topic).decode(value)
+        return decoded.record if isinstance(decoded, Decoded) else None
+
+    # ------------------------------------------------------------------ twins
+
+    def twins(self) -> dict[str, Twin]:
+        """Every device's current twin (the compacted `twin.state`, read to its end)."""
+        out: dict[str, Twin] = {}
+        for msg in self._read_all(TWIN_STATE):
+            record = self._decode(TWIN_STATE, msg)
+            if record is None:
+                out.pop(key_text(msg), None)
+            else:
+                out[key_text(msg)] = from_record(record)
+        return out
+
+    def twin(self, device_id: str) -> Twin | None:
+        return self.twins().get(device_id)
+
+    def set_desired(
+        self, device_id: str, patch: Mapping[str, Any], version: int | None, principal: str = "cli"
+    ) -> TwinAnswer:
+        """Send a desired patch and wait for the twin agent's answer."""
+        request_id = uuid.uuid4().hex
+        consumer = self._consumer()
+        try:
+            # Listen from the current end first, so the answer cannot slip by.
+            meta = consumer.list_topics(RESPONSES, timeout=self.timeout).topics[RESPONSES]
+            ends = []
+            for p in sorted(meta.partitions):
+                _, high = consumer.get_watermark_offsets(
+                    TopicPartition(RESPONSES, p), timeout=self.timeout
+                )
+                ends.append(TopicPartition(RESPONSES, p, high))
+            consumer.assign(ends)
+            deadline = time.monotonic() + self.timeout
+            record = {
+                "device_id": device_id,
+                "request_id": request_id,
+                "expected_version": version,
+                "patch": json.dumps(dict(patch), separators=(",", ":")),
+                "principal": principal,
+                "ts": int(time.time() * 1000),
+            }
+            self._produce(DESIRED, device_id, self.codec(DESIRED).encode(record))
+            while time.monotonic() < deadline:
+                for msg in consumer.consume(100, 0.2):
+                    if msg.error() is not None:
+                        continue
+                    answer = self._decode(RESPONSES, msg)
+                    if answer is not None and answer["request_id"] == request_id:
+                        return TwinAnswer(
+                            str(answer["status"]), int(answer["version"]), answer.get("detail")
+                        )
+            raise HotPathError(
+                f"no answer from the twin agent within {self.timeout}s (is the hot worker up?)"
+            )
+        except KafkaException as exc:
+            raise HotPathError(str(exc)) from exc
+        finally:
+            consumer.close()
+
+    # ------------------------------------------------------------------ alert rules
+
+    def put_rule(self, rule: AlertRule) -> None:
+        self._produce(RULES, rule.rule_id, self.codec(RULES).encode(rule_to_record(rule)))
+
+    def delete_rule(self, rule_id: str) -> None:
+        self._produce(RULES, rule_id, None)
+
+    def rules(self) -> dict[str, AlertRule]:
+        out: dict[str, AlertRule] = {}
+        for msg in self._read_all(RULES):
+            record = self._decode(RULES, msg)
+            if record is None:
+                out.pop(key_text(msg), None)
+            else:
+                out[key_text(msg)] = rule_from_record(record)
+        return out
+
+    # ------------------------------------------------------------------ alerts and devices
+
+    def alerts(self, since_ms: int = 0) -> list[AlertEvent]:
+        """Alert records on `alerts` whose device time is at or after `since_ms`."""
+        events = []
+        for msg in self._read_all(ALERTS):
+            record = self._decode(ALERTS, msg)
+            if record is not None and int(record["ts"]) >= since_ms:
+                events.append(alert_from_record(record))
+        return sorted(events, key=lambda e: (e.ts, e.device_id, e.seq))
+
+    def register_devices(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Write `registry.devices` entries (Avro `Device` records), keyed by device id."""
+        codec = self.codec(DEVICES)
+        self._produce_many(DEVICES, [(r["device_id"], codec.encode(r)) for r in records])
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.flush(self.timeout)

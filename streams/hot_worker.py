@@ -1,0 +1,308 @@
+"""`python -m streams.hot_worker`: the hot path (alerts and device twins), run by `fleet up`.
+
+It consumes `telemetry.raw`, `twin.reported` and `twin.desired` in its own consumer group
+(`fleetstream-hot`, apart from the cold path's) and, per batch, in **one Kafka transaction**
+writes what the batch emitted (`alerts`, `twin.state`, `mqtt.downlink`, `twin.responses`,
+`dlq.hot`), the state it changed (`twin.state`, `alerts.state`: the changelogs) and the
+batch's input offsets. Either all of it is visible to read-committed consumers or none: a
+worker killed mid-batch restarts from the last committed offsets with the state committed
+with them, and emits the batch once. Alerting consumers therefore read with
+`isolation.level=read_committed` (librdkafka's default; Java's is read_uncommitted).
+
+State is rebuilt from the changelogs for the partitions a worker is given (the topics are
+co-partitioned: same key, same partition count); alert rules and the device -> group map are
+global tables every worker reads whole. Workers scale by partition: start more with another
+`FLEET_HOT_INSTANCE`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.schema_registry import SchemaRegistryClient
+
+from infra.settings import Settings, load_settings
+from infra.status_file import write_status
+from schemas.codec import AvroCodec, CodecRegistry, Decoded, load_schema
+from streams.alerts import alert_to_record, rule_from_record
+from streams.cold import DeadLetter, SourceRecord
+from streams.hot import (
+    STAGE,
+    Emitted,
+    HotCounters,
+    HotProcessor,
+    alert_states_from_json,
+    alert_states_to_json,
+)
+from streams.tables import ChangelogReader, GlobalTable, key_text
+from streams.twin import from_record, to_record
+
+log = logging.getLogger("fleetstream.hot")
+
+HOT_GROUP = "fleetstream-hot"
+TELEMETRY, REPORTED, DESIRED = "telemetry.raw", "twin.reported", "twin.desired"
+INPUTS = {TELEMETRY: "Telemetry", REPORTED: "TwinReported", DESIRED: "TwinDesired"}
+TWIN_STATE, ALERT_STATE = "twin.state", "alerts.state"
+ALERTS, DOWNLINK, RESPONSES, DLQ = "alerts", "mqtt.downlink", "twin.responses", "dlq.hot"
+RULES, DEVICES = "alerts.rules", "registry.devices"
+OUTPUTS = {
+    ALERTS: "Alert",
+    TWIN_STATE: "TwinState",
+    DOWNLINK: "Downlink",
+    RESPONSES: "TwinResponse",
+    RULES: "AlertRule",
+    DEVICES: "Device",
+}
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class HotWorker:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.counters = HotCounters()
+        self.processor = HotProcessor(self.counters)
+        registry = CodecRegistry(SchemaRegistryClient({"url": settings.registry_url}))
+        self.codecs: dict[str, AvroCodec] = {
+            topic: registry.codec(topic, load_schema(schema))
+            for topic, schema in {**INPUTS, **OUTPUTS}.items()
+        }
+        self.rules = GlobalTable(settings, RULES, self._apply_rule)
+        self.devices = GlobalTable(settings, DEVICES, self._apply_device)
+        self.changelogs = ChangelogReader(
+            settings, {TWIN_STATE: self._restore_twin, ALERT_STATE: self._restore_alerts}
+        )
+        self.producer = Producer(
+            {
+                "bootstrap.servers": settings.bootstrap_servers,
+                "transactional.id": f"{HOT_GROUP}-{settings.hot_instance}",
+                "transaction.timeout.ms": 10_000,
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 2,
+            }
+        )
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": settings.bootstrap_servers,
+                "group.id": HOT_GROUP,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",
+                # Range assignment gives one worker the same partition numbers of every input,
+                # which is what co-partitioned state needs.
+                "partition.assignment.strategy": "range",
+            }
+        )
+        self._owned: set[int] = set()
+        self._last_tick = 0.0
+
+    # ------------------------------------------------------------------ tables
+
+    def _apply_rule(self, msg: Message) -> None:
+        rule_id, value = key_text(msg), msg.value()
+        if value is None:
+            self.processor.set_rule(rule_id, None)
+            return
+        decoded = self.codecs[RULES].decode(value)
+        try:
+            if not isinstance(decoded, Decoded):
+                raise ValueError(decoded.detail)
+            self.processor.set_rule(rule_id, rule_from_record(decoded.record))
+        except ValueError as exc:
+            log.warning("alert rule %s at offset %d ignored: %s", rule_id, msg.offset(), exc)
+
+    def _apply_device(self, msg: Message) -> None:
+        device_id, value = key_text(msg), msg.value()
+        decoded = self.codecs[DEVICES].decode(value) if value is not None else None
+        if isinstance(decoded, Decoded):
+            self.processor.set_device_group(device_id, str(decoded.record["group"]))
+        else:
+            self.processor.set_device_group(device_id, None)
+
+    def _restore_twin(self, msg: Message) -> None:
+        device_id, value = key_text(msg), msg.value()
+        if value is None:
+            self.processor.forget(msg.partition() or 0, device_id)
+            return
+        decoded = self.codecs[TWIN_STATE].decode(value)
+        if isinstance(decoded, Decoded):
+            self.processor.restore_twin(msg.partition() or 0, from_record(decoded.record))
+
+    def _restore_alerts(self, msg: Message) -> None:
+        value = msg.value()
+        if value is not None:
+            states = alert_states_from_json(value)
+            self.processor.restore_alert_states(msg.partition() or 0, key_text(msg), states)
+
+    # ------------------------------------------------------------------ partitions
+
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        new = {tp.partition for tp in partitions} - self._owned
+        restored = self.changelogs.restore(sorted(new))
+        self._owned |= new
+        log.info("given partitions %s; %d changelog records restored", sorted(new), restored)
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        gone = {tp.partition for tp in partitions}
+        self.processor.drop_partitions(gone)
+        self._owned -= gone
+        log.info("partitions %s moved away", sorted(gone))
+
+    # ------------------------------------------------------------------ the loop
+
+    def start(self) -> None:
+        self.producer.init_transactions(30)  # fences a predecessor, aborts what it left open
+        self.rules.catch_up()
+        self.devices.catch_up()
+        self.consumer.subscribe(list(INPUTS), on_assign=self._on_assign, on_revoke=self._on_revoke)
+
+    def run(self, stopping: threading.Event) -> None:
+        self.start()
+        reported_at = 0.0
+        try:
+            while not stopping.is_set():
+                self.step()
+                if time.monotonic() - reported_at > 1.0:
+                    self.write_status()
+                    reported_at = time.monotonic()
+        finally:
+            self.close()
+
+    def step(self) -> None:
+        """One batch: consume, process, write outputs + state + offsets in a transaction."""
+        self.rules.poll()
+        self.devices.poll()
+        batch = self.consumer.consume(self.settings.hot_max_batch, self.settings.hot_poll_ms / 1000)
+        out = Emitted()
+        now = now_ms()
+        consumed = False
+        for msg in batch:
+            if msg.error() is None:
+                consumed = True
+                self._process(msg, now, out)
+        if time.monotonic() - self._last_tick >= 1.0:
+            self._last_tick = time.monotonic()
+            self.processor.on_heartbeat_tick(now, out)
+        if consumed or out:
+            self._commit(out, consumed)
+
+    def _process(self, msg: Message, now: int, out: Emitted) -> None:
+        topic = msg.topic() or ""
+        source = SourceRecord(
+            topic, msg.partition() or 0, msg.offset() or 0, msg.key(), msg.value() or b""
+        )
+        decoded = self.codecs[topic].decode(source.value)
+        if not isinstance(decoded, Decoded):
+            out.dead.append(DeadLetter(source, str(decoded.reason), decoded.detail, stage=STAGE))
+            self.counters.dead_lettered += 1
+            return
+        if topic == TELEMETRY:
+            self.processor.on_telemetry(source, decoded.record, out)
+        elif topic == REPORTED:
+            self.processor.on_reported(source, decoded.record, now, out)
+        else:
+            self.processor.on_desired(source, decoded.record, now, out)
+
+    def _produce_all(self, out: Emitted) -> None:
+        produce, codecs = self.producer.produce, self.codecs
+        for event in out.alerts:
+            produce(
+                ALERTS, key=event.device_id, value=codecs[ALERTS].encode(alert_to_record(event))
+            )
+        for device_id, twin in out.twins.items():
+            produce(TWIN_STATE, key=device_id, value=codecs[TWIN_STATE].encode(to_record(twin)))
+        for device_id in out.alert_states:
+            states = self.processor.alert_states.get(device_id, {})
+            produce(ALERT_STATE, key=device_id, value=alert_states_to_json(states))
+        for device_id, record in out.downlinks:
+            produce(DOWNLINK, key=device_id, value=codecs[DOWNLINK].encode(record))
+        for response in out.responses:
+            value = codecs[RESPONSES].encode(response)
+            produce(RESPONSES, key=response["device_id"], value=value)
+        for dead in out.dead:
+            produce(DLQ, key=dead.source.key, value=dead.source.value, headers=dead.headers())
+
+    def _commit(self, out: Emitted, consumed: bool) -> None:
+        try:
+            self.producer.begin_transaction()
+            self._produce_all(out)
+            if consumed:
+                positions = [
+                    tp
+                    for tp in self.consumer.position(self.consumer.assignment())
+                    if tp.offset >= 0
+                ]
+                self.producer.send_offsets_to_transaction(
+                    positions, self.consumer.consumer_group_metadata(), 30
+                )
+            self.producer.commit_transaction(30)
+            self.counters.transactions += 1
+        except KafkaException as exc:
+            error: KafkaError = exc.args[0]
+            if error.fatal() or not error.txn_requires_abort():
+                raise
+            log.warning("transaction aborted (%s); rewinding to the last commit", error)
+            self.producer.abort_transaction(30)
+            self._rewind()
+
+    def _rewind(self) -> None:
+        """After an abort: state and positions back to what the last commit holds."""
+        owned = sorted(self._owned)
+        self.processor.drop_partitions(owned)
+        self.changelogs.restore(owned)
+        for tp in self.consumer.committed(self.consumer.assignment(), timeout=30):
+            if tp.offset >= 0:
+                self.consumer.seek(tp)
+
+    # ------------------------------------------------------------------ status
+
+    @property
+    def status_path(self) -> Path:
+        return self.settings.run_dir / "hot-worker.json"
+
+    def write_status(self) -> None:
+        write_status(
+            self.status_path,
+            {
+                "pid": os.getpid(),
+                "ready": True,
+                "partitions": sorted(self._owned),
+                "rules": len(self.processor.rules),
+                "twins": len(self.processor.twins),
+                **asdict(self.counters),
+            },
+        )
+
+    def close(self) -> None:
+        self.write_status()
+        self.consumer.close()
+        self.rules.close()
+        self.devices.close()
+        self.producer.flush(10)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = load_settings()
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    worker = HotWorker(settings)
+    log.info("hot worker %d up", settings.hot_instance)
+    worker.run(stopping)
+    log.info("hot worker stopped: %s", worker.counters)
+
+
+if __name__ == "__main__":
+    main()
