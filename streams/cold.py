@@ -39,12 +39,13 @@ class DeadLetter:
     source: SourceRecord
     reason: str
     detail: str
+    stage: str = "cold"  # which part of the platform refused it (header `source`)
 
     def headers(self) -> list[tuple[str, str | bytes | None]]:
         return [
             ("error", self.reason.encode()),
             ("detail", self.detail.encode("utf-8", "replace")),
-            ("source", b"cold"),
+            ("source", self.stage.encode()),
             ("topic", self.source.topic.encode()),
             ("partition", str(self.source.partition).encode()),
             ("offset", str(self.source.offset).encode()),
