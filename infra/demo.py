@@ -1,10 +1,13 @@
 """`fleet demo`: the whole pipeline against a simulated fleet, then the numbers, from SQL.
 
-It brings the stack up (Kafka, registry, Mosquitto, bridge, cold-path worker), provisions a
-fresh fleet (ids `demo<run>-NNNNN`, so this run's rows are counted apart from earlier runs),
-runs the simulator while showing live progress, waits until the warehouse holds every
-published message (or a deadline passes), prints the analyst queries' results and, last, one
-JSON summary line.
+It brings the stack up (Kafka, registry, Mosquitto, bridge, hot and cold workers), provisions
+a fresh fleet (ids `demo<run>-NNNNN`, so this run's rows are counted apart from earlier runs)
+into the registry's device group `demo`, installs the demo's alert rules on that group, runs
+the simulator while showing live progress, changes every device's desired state a third of
+the way in, waits until the warehouse holds every published message and the twins have
+converged (or a deadline passes), prints the analyst queries' results and, last, one JSON
+summary line: `alerts` counts the alerts raised on this run's devices, `twins` the twins
+whose delta is empty at the end.
 """
 
 from __future__ import annotations
@@ -21,11 +24,49 @@ from rich.live import Live
 from rich.table import Table
 
 from infra.pki import CertificateAuthority
-from infra.provision import load_or_provision
+from infra.provision import load_or_provision, registry_entry
 from infra.settings import Settings
 from infra.simulator import FleetStats, SimulatedDevice, run_fleet
 from infra.stack import Stack
 from queries.runner import QueryError, fetch, render, warehouse_counts
+from streams.alerts import AlertRule, AlertStatus, RuleKind, ScopeType, Severity
+from streams.client import HotPathClient
+from streams.twin import delta
+
+DEMO_GROUP = "demo"
+DEMO_RULES = (
+    # Failing devices vibrate at about 6x normal: critical, with a band against flapping.
+    AlertRule(
+        "demo-vibration",
+        ScopeType.group,
+        DEMO_GROUP,
+        "vibration_rms",
+        RuleKind.above,
+        threshold=3.0,
+        clear_threshold=2.0,
+        severity=Severity.critical,
+    ),
+    # Drifting sensors warm steadily.
+    AlertRule(
+        "demo-overheat",
+        ScopeType.group,
+        DEMO_GROUP,
+        "temperature",
+        RuleKind.above,
+        threshold=30.0,
+        clear_threshold=28.0,
+    ),
+    AlertRule(
+        "demo-battery-low",
+        ScopeType.group,
+        DEMO_GROUP,
+        "battery",
+        RuleKind.below,
+        threshold=15.0,
+        clear_threshold=20.0,
+    ),
+)
+DESIRED_CHANGE = {"sampling": {"vibration_hz": 200}, "led": "green"}
 
 ANALYST_QUERIES = (
     "latest_reading.sql",
@@ -83,6 +124,16 @@ def _stored(settings: Settings, prefix: str) -> int:
         return 0
 
 
+def _converged_twins(client: HotPathClient, prefix: str, devices: int, deadline: float) -> int:
+    """Twins of this run whose delta is empty, once all are or the deadline passed."""
+    while True:
+        twins = [t for d, t in client.twins().items() if d.startswith(prefix)]
+        converged = sum(1 for t in twins if not delta(t))
+        if converged >= devices or time.monotonic() > deadline:
+            return converged
+        time.sleep(1.0)
+
+
 def run_demo(settings: Settings, plan: DemoPlan, console: Console) -> dict[str, Any]:
     stack = Stack(settings)
     with console.status("starting the stack…"):
@@ -96,6 +147,14 @@ def run_demo(settings: Settings, plan: DemoPlan, console: Console) -> dict[str, 
             settings.state_dir / "devices",
             "ec",
         )
+    client = HotPathClient(settings)
+    started_ms = int(time.time() * 1000)
+    with console.status("registering the fleet and its alert rules…"):
+        client.register_devices(
+            [registry_entry(c, "demo", "fleet", DEMO_GROUP, started_ms) for c in creds]
+        )
+        for rule in DEMO_RULES:
+            client.put_rule(rule)
     dead_before = int(stack.bridge.counters().get("dead_lettered", 0))
     result: list[tuple[FleetStats, list[SimulatedDevice]]] = []
     stats_box: list[FleetStats] = []
@@ -110,11 +169,16 @@ def run_demo(settings: Settings, plan: DemoPlan, console: Console) -> dict[str, 
     runner = threading.Thread(target=simulate, name="simulator")
     runner.start()
     stored = 0
+    desired_sent = False
     with Live(console=console, refresh_per_second=2, transient=False) as live:
         while runner.is_alive():
             if stats_box:
                 stored = _stored(settings, prefix)
                 live.update(_progress(stats_box[0], stack, stored))
+                running_s = time.monotonic() - stats_box[0].started_at
+                if not desired_sent and running_s > plan.duration / 3:
+                    desired_sent = True  # devices get the delta live, or on reconnect
+                    client.set_desired_many({c.device_id: DESIRED_CHANGE for c in creds})
             runner.join(timeout=1.0)
         stats, _ = result[0]
         deadline = time.monotonic() + plan.drain_timeout
@@ -128,6 +192,12 @@ def run_demo(settings: Settings, plan: DemoPlan, console: Console) -> dict[str, 
             console.print(render(fetch(settings, f"queries/{name}")), highlight=False)
         except QueryError as exc:
             console.print(f"[red]{exc}[/]")
+    converged = _converged_twins(client, prefix, plan.devices, deadline=time.monotonic() + 60)
+    raised = [
+        a
+        for a in client.alerts(since_ms=started_ms)
+        if a.device_id.startswith(prefix) and a.status is AlertStatus.raised
+    ]
     counts = warehouse_counts(settings, device_prefix=prefix)
     latency = fetch(settings, LATENCY_SQL, {"prefix": prefix}).rows[0]
     return {
@@ -136,8 +206,8 @@ def run_demo(settings: Settings, plan: DemoPlan, console: Console) -> dict[str, 
         "stored": counts.stored,
         "duplicates": counts.duplicates,
         "dead_lettered": int(stack.bridge.counters().get("dead_lettered", 0)) - dead_before,
-        "alerts": 0,
-        "twins": 0,
+        "alerts": len(raised),
+        "twins": converged,
         "e2e_latency_ms": {"p50": latency[0], "p99": latency[1]},
         "events": stats.events,
         "duration_s": plan.duration,

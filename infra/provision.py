@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -72,3 +73,27 @@ def load_or_provision(
                 continue
         result.append(provision_device(ca, device_id, out_dir, kind))
     return result
+
+
+def registry_entry(
+    creds: DeviceCredentials, org: str, project: str, group: str, now_ms: int, region: str = "local"
+) -> dict[str, Any]:
+    """The `registry.devices` record (Avro `Device`) of a freshly provisioned device."""
+    from cryptography import x509
+
+    from infra.pki import cert_fingerprint_sha256
+    from streams.registry import DeviceRecord, DeviceStatus
+
+    cert = x509.load_pem_x509_certificate(creds.cert_path.read_bytes())
+    return DeviceRecord(
+        device_id=creds.device_id,
+        org=org,
+        project=project,
+        group=group,
+        region=region,
+        status=DeviceStatus.provisioned,
+        cert_serial=str(creds.serial),
+        cert_fingerprint=cert_fingerprint_sha256(cert),
+        created_ms=now_ms,
+        updated_ms=now_ms,
+    ).to_record()

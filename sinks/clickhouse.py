@@ -10,6 +10,9 @@ of decoded Avro records becomes a pyarrow Table column by column and is sent wit
 2. the tables are ReplacingMergeTree ORDER BY (device_id, seq), so a message re-sent in a
    different batch is one row after merges, and every read goes through ``FINAL``.
 
+``twin_history`` follows the same design on (device_id, version) (its token also hashes
+last_reported_seq, see :data:`TOKEN_KEYS`).
+
 Errors are typed for the caller's retry loop: :class:`SinkUnavailable` means "nothing was
 stored, or a re-send is a no-op: back off and retry the same batch"; :class:`InvalidBatch`
 means the records cannot be converted (retrying will not help); :class:`QueryFailed` is a
@@ -53,6 +56,8 @@ __all__ = [
     "EVENT_SCHEMA",
     "TELEMETRY_SCHEMA",
     "TELEMETRY_TABLE",
+    "TWIN_HISTORY_SCHEMA",
+    "TWIN_HISTORY_TABLE",
     "ClickHouseSink",
     "InvalidBatch",
     "QueryFailed",
@@ -65,6 +70,7 @@ __all__ = [
     "json_value",
     "normalize_dsn",
     "telemetry_to_arrow",
+    "twin_history_to_arrow",
 ]
 
 Record: TypeAlias = Mapping[str, Any]
@@ -72,7 +78,19 @@ Role: TypeAlias = Literal["read", "write"]
 
 TELEMETRY_TABLE: Final = "telemetry"
 EVENTS_TABLE: Final = "device_events"
+TWIN_HISTORY_TABLE: Final = "twin_history"
+# The tables keyed on (device_id, seq): what the count helpers (STORED_SQL, DUPLICATES_SQL)
+# and `fleet demo` count. twin_history is keyed on (device_id, version), so it is not here.
 DEDUPLICATED_TABLES: Final = frozenset({TELEMETRY_TABLE, EVENTS_TABLE})
+# The tables write_arrow inserts into (each with a dedup token): the columns after device_id
+# that the token hashes, sorted by. (device_id, seq) identifies a message; a twin version may
+# be re-published with only last_reported_seq advanced, a copy that must not be dropped as a
+# re-delivery, so its token hashes that too.
+TOKEN_KEYS: Final[Mapping[str, tuple[str, ...]]] = {
+    TELEMETRY_TABLE: ("seq",),
+    EVENTS_TABLE: ("seq",),
+    TWIN_HISTORY_TABLE: ("version", "last_reported_seq"),
+}
 
 _MS_UTC = pa.timestamp("ms", tz="UTC")
 TELEMETRY_SCHEMA: Final = pa.schema(
@@ -97,6 +115,20 @@ EVENT_SCHEMA: Final = pa.schema(
         pa.field("type", pa.string(), nullable=False),
         pa.field("message", pa.string()),
         pa.field("attributes", pa.map_(pa.string(), pa.string()), nullable=False),
+    ]
+)
+# Documents as compact JSON text; delta is streams.twin.delta as JSON, delta_keys its number
+# of top-level keys (0: the device has converged).
+TWIN_HISTORY_SCHEMA: Final = pa.schema(
+    [
+        pa.field("device_id", pa.string(), nullable=False),
+        pa.field("version", pa.uint64(), nullable=False),
+        pa.field("updated_at", _MS_UTC, nullable=False),
+        pa.field("desired", pa.string(), nullable=False),
+        pa.field("reported", pa.string(), nullable=False),
+        pa.field("delta", pa.string(), nullable=False),
+        pa.field("delta_keys", pa.uint32(), nullable=False),
+        pa.field("last_reported_seq", pa.int64(), nullable=False),
     ]
 )
 
@@ -200,16 +232,27 @@ def events_to_arrow(records: Sequence[Record]) -> pa.Table:
     return records_to_arrow(records, EVENT_SCHEMA)
 
 
+def twin_history_to_arrow(rows: Sequence[Record]) -> pa.Table:
+    """``twin_history`` rows as its columns.
+
+    The rows are decoded ``TwinState`` records with ``delta`` and ``delta_keys`` added by the
+    cold worker (``streams.app.twin_history_rows``): computing a delta is the twin's domain
+    (``streams.twin``), and the sink stays below the stream layer, importing nothing from it.
+    """
+    return records_to_arrow(rows, TWIN_HISTORY_SCHEMA)
+
+
 def dedup_token(table: str, batch: pa.Table) -> str:
-    """A token naming the batch's content: the table and its sorted (device_id, seq) keys.
+    """A token naming the batch's content: the table and its sorted key columns (device_id,
+    then :data:`TOKEN_KEYS`: ``seq`` for messages).
 
     (device_id, seq) identifies a message, so two batches with the same keys hold the same
     messages: the token does not depend on row order or on how the columns are chunked.
     """
-    keys = batch.select(["device_id", "seq"])
-    order = pc.sort_indices(keys, sort_keys=[("device_id", "ascending"), ("seq", "ascending")])
+    names = ["device_id", *TOKEN_KEYS.get(table, ("seq",))]
+    keys = batch.select(names)
+    order = pc.sort_indices(keys, sort_keys=[(name, "ascending") for name in names])
     device_ids = pc.take(keys.column("device_id"), order).combine_chunks().cast(pa.large_string())
-    seqs = pc.take(keys.column("seq"), order).combine_chunks().cast(pa.uint64())
     digest = hashlib.sha256(f"fleetstream/v1/{table}\0{len(batch)}\0".encode())
     if len(batch):
         offsets = np.frombuffer(device_ids.buffers()[1], dtype="<i8")
@@ -217,7 +260,10 @@ def dedup_token(table: str, batch: pa.Table) -> str:
         data = device_ids.buffers()[2]
         digest.update(np.diff(offsets).astype("<i8").tobytes())
         digest.update(memoryview(data)[int(offsets[0]) : int(offsets[-1])])
-        digest.update(seqs.to_numpy(zero_copy_only=False).astype("<u8").tobytes())
+        for name in names[1:]:
+            column = pc.take(keys.column(name), order).combine_chunks()
+            wide = "<u8" if pa.types.is_unsigned_integer(column.type) else "<i8"
+            digest.update(column.to_numpy(zero_copy_only=False).astype(wide).tobytes())
     return f"{table}-{digest.hexdigest()}"
 
 
@@ -443,12 +489,14 @@ class ClickHouseSink:
         """Store decoded ``DeviceEvent`` records (exactly once)."""
         return self.write_arrow(EVENTS_TABLE, events_to_arrow(records))
 
+    def write_twin_history(self, rows: Sequence[Record]) -> WriteResult:
+        """Store ``twin_history`` rows (see :func:`twin_history_to_arrow`; exactly once)."""
+        return self.write_arrow(TWIN_HISTORY_TABLE, twin_history_to_arrow(rows))
+
     def write_arrow(self, table: str, batch: pa.Table) -> WriteResult:
         """Insert an Arrow table whose columns are ``table``'s, with its dedup token."""
-        if table not in DEDUPLICATED_TABLES:
-            raise ValueError(
-                f"unknown table {table!r}; expected one of {sorted(DEDUPLICATED_TABLES)}"
-            )
+        if table not in TOKEN_KEYS:
+            raise ValueError(f"unknown table {table!r}; expected one of {sorted(TOKEN_KEYS)}")
         token = dedup_token(table, batch)
         if len(batch):
             settings = {**INSERT_SETTINGS, "insert_deduplication_token": token}

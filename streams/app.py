@@ -3,13 +3,19 @@
 It is a consumer group of its own (`fleetstream-cold`, streams/source.py), so it scales, lags
 and fails apart from the hot path; workers scale by partition. Configured from the one
 settings object.
+
+Besides telemetry and device events it loads `twin.state` into `twin_history` (one row per twin
+version). That topic is written by the hot worker's transactional producer: the consumer's
+default isolation.level (read_committed) is what keeps aborted twin states out; keep it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -24,19 +30,63 @@ from schemas.codec import CodecRegistry, load_schema
 from sinks.clickhouse import (
     EVENTS_TABLE,
     TELEMETRY_TABLE,
+    TWIN_HISTORY_TABLE,
     ClickHouseSink,
     InvalidBatch,
     SinkUnavailable,
+    WriteResult,
 )
 from streams.cold import DLQ_TOPIC, ColdCounters, ColdPath, DeadLetter, SourceRecord
 from streams.source import BatchSource
+from streams.twin import TwinDocumentError, delta, from_record
 
 log = logging.getLogger("fleetstream.streams")
 
 SOURCES = {
     TELEMETRY_TABLE: ("telemetry.raw", "Telemetry"),
     EVENTS_TABLE: ("device.events", "DeviceEvent"),
+    TWIN_HISTORY_TABLE: ("twin.state", "TwinState"),
 }
+
+
+def _compact_json(document: Mapping[str, Any]) -> str:
+    """As streams.twin writes documents into TwinState: compact, keys sorted, UTF-8, strict
+    JSON (a NaN raises ValueError)."""
+    return json.dumps(
+        document, separators=(",", ":"), sort_keys=True, ensure_ascii=False, allow_nan=False
+    )
+
+
+def twin_history_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Decoded ``TwinState`` records as ``twin_history`` rows: device_id, version, updated_at,
+    last_reported_seq, the desired and reported documents (compact JSON), ``delta`` (compact
+    JSON of :func:`streams.twin.delta`) and ``delta_keys`` (its number of top-level keys).
+
+    Done here, not in the sink: the delta is the twin's domain, and sinks/ imports nothing from
+    streams/ (the sink converts these rows generically). A record whose documents are not JSON
+    objects raises :class:`InvalidBatch`, so the cold path dead-letters the batch, as it does a
+    telemetry batch the sink refuses.
+    """
+    rows = []
+    for i, record in enumerate(records):
+        try:
+            twin = from_record(record)
+            twin_delta = delta(twin)
+            row = {
+                "device_id": twin.device_id,
+                "version": twin.version,
+                "updated_at": twin.updated_at,
+                "desired": _compact_json(twin.desired),
+                "reported": _compact_json(twin.reported),
+                "delta": _compact_json(twin_delta),
+                "delta_keys": len(twin_delta),
+                "last_reported_seq": twin.last_reported_seq,
+            }
+        except (TwinDocumentError, KeyError, TypeError, ValueError) as exc:
+            device = record.get("device_id", "?")
+            raise InvalidBatch(f"twin_history: record {i} (device {device!r}): {exc}") from exc
+        rows.append(row)
+    return rows
 
 
 class DeadLetterProducer:
@@ -78,16 +128,27 @@ class ColdWorker:
         self.paths: dict[str, ColdPath] = {}
         self._build_paths()
 
+    def _writers(self) -> dict[str, Callable[[list[dict[str, Any]]], WriteResult]]:
+        """Per table, what stores a batch of its decoded records (in the sink thread)."""
+
+        def write_twin_history(records: list[dict[str, Any]]) -> WriteResult:
+            return self.sink.write_twin_history(twin_history_rows(records))
+
+        return {
+            TELEMETRY_TABLE: self.sink.write_telemetry,
+            EVENTS_TABLE: self.sink.write_events,
+            TWIN_HISTORY_TABLE: write_twin_history,
+        }
+
     async def _in_sink_thread(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def _build_paths(self) -> None:
         registry = CodecRegistry(SchemaRegistryClient({"url": self.settings.registry_url}))
+        writers = self._writers()
         for table, (topic_name, schema) in SOURCES.items():
             codec = registry.codec(topic_name, load_schema(schema))
-            writer = (
-                self.sink.write_telemetry if table == TELEMETRY_TABLE else self.sink.write_events
-            )
+            writer = writers[table]
 
             async def write(records: list[dict[str, Any]], writer: Any = writer) -> None:
                 await self._in_sink_thread(writer, records)

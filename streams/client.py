@@ -151,10 +151,18 @@ class HotPathClient:
         self, device_id: str, patch: Mapping[str, Any], version: int | None, principal: str = "cli"
     ) -> TwinAnswer:
         """Send a desired patch and wait for the twin agent's answer."""
-        request_id = uuid.uuid4().hex
+        return self.set_desired_many({device_id: patch}, version, principal)[device_id]
+
+    def set_desired_many(
+        self,
+        patches: Mapping[str, Mapping[str, Any]],
+        version: int | None = None,
+        principal: str = "cli",
+    ) -> dict[str, TwinAnswer]:
+        """Send one desired patch per device, then wait for every answer (device -> answer)."""
         consumer = self._consumer()
         try:
-            # Listen from the current end first, so the answer cannot slip by.
+            # Listen from the current end first, so no answer can slip by.
             meta = consumer.list_topics(RESPONSES, timeout=self.timeout).topics[RESPONSES]
             ends = []
             for p in sorted(meta.partitions):
@@ -164,27 +172,38 @@ class HotPathClient:
                 ends.append(TopicPartition(RESPONSES, p, high))
             consumer.assign(ends)
             deadline = time.monotonic() + self.timeout
-            record = {
-                "device_id": device_id,
-                "request_id": request_id,
-                "expected_version": version,
-                "patch": json.dumps(dict(patch), separators=(",", ":")),
-                "principal": principal,
-                "ts": int(time.time() * 1000),
-            }
-            self._produce(DESIRED, device_id, self.codec(DESIRED).encode(record))
-            while time.monotonic() < deadline:
-                for msg in consumer.consume(100, 0.2):
-                    if msg.error() is not None:
+            now = int(time.time() * 1000)
+            waiting: dict[str, str] = {}  # request id -> device id
+            requests = []
+            for device_id, patch in patches.items():
+                request_id = uuid.uuid4().hex
+                waiting[request_id] = device_id
+                record = {
+                    "device_id": device_id,
+                    "request_id": request_id,
+                    "expected_version": version,
+                    "patch": json.dumps(dict(patch), separators=(",", ":")),
+                    "principal": principal,
+                    "ts": now,
+                }
+                requests.append((device_id, self.codec(DESIRED).encode(record)))
+            self._produce_many(DESIRED, requests)
+            answers: dict[str, TwinAnswer] = {}
+            while waiting and time.monotonic() < deadline:
+                for msg in consumer.consume(1000, 0.2):
+                    answer = self._decode(RESPONSES, msg) if msg.error() is None else None
+                    if answer is None or answer["request_id"] not in waiting:
                         continue
-                    answer = self._decode(RESPONSES, msg)
-                    if answer is not None and answer["request_id"] == request_id:
-                        return TwinAnswer(
-                            str(answer["status"]), int(answer["version"]), answer.get("detail")
-                        )
-            raise HotPathError(
-                f"no answer from the twin agent within {self.timeout}s (is the hot worker up?)"
-            )
+                    device_id = waiting.pop(answer["request_id"])
+                    answers[device_id] = TwinAnswer(
+                        str(answer["status"]), int(answer["version"]), answer.get("detail")
+                    )
+            if waiting:
+                raise HotPathError(
+                    f"{len(waiting)} of {len(patches)} desired changes unanswered within "
+                    f"{self.timeout}s (is the hot worker up?)"
+                )
+            return answers
         except KafkaException as exc:
             raise HotPathError(str(exc)) from exc
         finally:

@@ -35,6 +35,8 @@ from sinks.clickhouse import (
     SinkUnavailable,
 )
 from sinks.query_server import QueryServer, start_query_server
+from streams.app import twin_history_rows
+from streams.twin import Accepted, Twin, apply_desired, apply_reported, to_record
 
 MINUTE_MS = 60_000
 HOUR_MS = 60 * MINUTE_MS
@@ -469,3 +471,100 @@ def test_an_unreachable_server_is_sink_unavailable() -> None:
 def test_the_warehouse_folder_is_where_settings_say(tmp_path: Path) -> None:
     settings = Settings(state_dir=tmp_path)
     assert ClickHouseSink(settings.warehouse_dsn).dsn == f"chdb://{tmp_path.resolve()}/warehouse"
+
+
+# --- twin history --------------------------------------------------------------------------
+
+
+def twin_versions(device_id: str, t0: int) -> list[dict[str, Any]]:
+    """``twin_history`` rows of one device: desired set (v1), half reported (v2), converged (v3)."""
+    twin, states = Twin(device_id), []
+    for step in (
+        lambda t: apply_desired(t, {"rate": 2, "fw": "1.2"}, None, t0),
+        lambda t: apply_reported(t, {"rate": 2}, 10, t0 + MINUTE_MS),
+        lambda t: apply_reported(t, {"fw": "1.2"}, 11, t0 + 2 * MINUTE_MS),
+    ):
+        result = step(twin)
+        assert isinstance(result, Accepted)
+        twin = result.twin
+        states.append(to_record(twin))
+    return twin_history_rows(states)
+
+
+def test_twin_versions_written_twice_are_one_row_each(
+    sink: ClickHouseSink, raw: Client, prefix: str
+) -> None:
+    device = f"{prefix}twin"
+    versions = twin_versions(device, now_ms())
+    raw.command("SYSTEM STOP MERGES twin_history")
+    try:
+        first = sink.write_twin_history(versions[:2])
+        again = sink.write_twin_history(list(reversed(versions[:2])))  # a re-delivered batch
+        assert first.token == again.token
+        assert raw_count(raw, prefix, "twin_history") == 2  # dropped at insert
+        sink.write_twin_history(versions)  # v1 and v2 again, in another batch
+        assert raw_count(raw, prefix, "twin_history") == 5  # both copies until a merge
+        final = sink.query(
+            "SELECT version, count() AS n FROM twin_history FINAL "
+            "WHERE device_id = {d:String} GROUP BY version ORDER BY version",
+            {"d": device},
+        )
+        assert final.rows == ((1, 1), (2, 1), (3, 1))
+        # v3 re-published with only last_reported_seq advanced: kept, and it wins.
+        sink.write_twin_history([{**versions[2], "last_reported_seq": 12}])
+        sink.write_twin_history([versions[2]])  # the older copy arriving late loses anyway
+        latest = sink.query(
+            "SELECT count() AS n, max(last_reported_seq) AS seq FROM twin_history FINAL "
+            "WHERE device_id = {d:String} AND version = 3",
+            {"d": device},
+        )
+        assert latest.rows == ((1, 12),)
+    finally:
+        raw.command("SYSTEM START MERGES twin_history")
+    raw.command("OPTIMIZE TABLE twin_history FINAL")
+    assert raw_count(raw, prefix, "twin_history") == 3
+    stored = raw.query(
+        "SELECT version, delta, delta_keys, last_reported_seq FROM twin_history "
+        "WHERE device_id = {d:String} ORDER BY version",
+        parameters={"d": device},
+    ).result_rows
+    assert stored == [
+        (1, '{"fw":"1.2","rate":2}', 2, -1),
+        (2, '{"fw":"1.2"}', 1, 10),
+        (3, "{}", 0, 12),
+    ]
+
+
+def test_twin_history_query_at_a_time_and_latest(
+    sink: ClickHouseSink, via: Settings, prefix: str
+) -> None:
+    t0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+    sink.write_twin_history(twin_versions(f"{prefix}a", t0))  # converged at 00:02
+    sink.write_twin_history(twin_versions(f"{prefix}b", t0 + 30_000)[:2])  # never converges
+
+    def state(at: str) -> list[tuple[Any, ...]]:
+        result = rows(via, "queries/twin_history.sql", at=at, device_prefix=prefix)
+        return [
+            (
+                r["device_id"].removeprefix(prefix),
+                r["version"],
+                json.loads(r["delta"]),
+                r["delta_keys"],
+                r["not_converged_devices"],
+            )
+            for r in result
+        ]
+
+    desired = {"fw": "1.2", "rate": 2}
+    assert state("") == [("a", 3, {}, 0, 1), ("b", 2, {"fw": "1.2"}, 1, 1)]
+    assert state("2026-01-01 00:00:10") == [("a", 1, desired, 2, 1)]  # b has no twin yet
+    # A version counts from its updated_at on (inclusive): a's v2 is from 00:01:00.
+    assert state("2026-01-01T00:01:00Z") == [("a", 2, {"fw": "1.2"}, 1, 2), ("b", 1, desired, 2, 2)]
+    assert state("2026-01-01T01:02:00+01:00") == state("")
+    (latest, _) = rows(via, "queries/twin_history.sql", device_prefix=prefix)
+    assert json.loads(latest["desired"]) == {"fw": "1.2", "rate": 2}
+    assert json.loads(latest["reported"]) == {"fw": "1.2", "rate": 2}
+    assert latest["updated_at"] == datetime.fromtimestamp(t0 / 1000 + 120, UTC).isoformat()
+    assert latest["last_reported_seq"] == 11
+    with pytest.raises(QueryError, match="CANNOT_PARSE"):
+        rows(via, "queries/twin_history.sql", at="yesterday-ish", device_prefix=prefix)

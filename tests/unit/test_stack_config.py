@@ -72,7 +72,10 @@ def test_topic_contract_names_and_compaction() -> None:
     }
     assert contract <= set(by_name)
     compacted = {n for n, t in by_name.items() if t.cleanup == "compact"}
-    assert compacted == {"twin.state", "registry.devices", "rbac.grants", "ota.rollouts"}
+    state = {"twin.state", "registry.devices", "rbac.grants", "ota.rollouts"}
+    assert compacted == state | {"alerts.rules", "alerts.state"}
+    # Changelogs are co-partitioned with the inputs whose state they keep.
+    assert by_name["alerts.state"].partitions == by_name["telemetry.raw"].partitions
     assert by_name["_registry.journal"].partitions == 1
     assert by_name["_registry.journal"].config(Settings())["retention.ms"] == "-1"
 
