@@ -277,7 +277,7 @@ class HotWorker:
                 "pid": os.getpid(),
                 "ready": True,
                 "partitions": sorted(self._owned),
-                "rules": len(self.processor.rules),
+                "rules": sorted(self.processor.rules),
                 "twins": len(self.processor.twins),
                 **asdict(self.counters),
             },

@@ -50,8 +50,7 @@ def read_to_end(
         low, high = consumer.get_watermark_offsets(tp, timeout=timeout)
         if high > low:
             pending.add((tp.topic, tp.partition))
-    if not pending:
-        return 0
+    # Assigned even when empty: a global table goes on following what comes next.
     consumer.assign([TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING) for tp in partitions])
     deadline = time.monotonic() + timeout
     applied = 0
