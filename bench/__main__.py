@@ -8,28 +8,43 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from bench import cold, ingest
+from bench import cold, hot, ingest
 from infra.settings import PROJECT_ROOT
 from infra.stack import Stack
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
+STAGES = ("ingest", "cold", "pipeline", "hot")
+
+
 def main() -> None:
+    """`python -m bench [stage ...]`: all stages by default."""
+    chosen = sys.argv[1:] or list(STAGES)
+    unknown = set(chosen) - set(STAGES)
+    if unknown:
+        raise SystemExit(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
     root = PROJECT_ROOT / ".state" / "bench"
     settings = ingest.bench_settings(root)
     Stack(settings).down()
     # A fresh stack each run: persistent MQTT sessions of an earlier run would queue for it.
     shutil.rmtree(root, ignore_errors=True)
     try:
-        results = ingest.run(settings)
-        results += cold.run_cold(settings)
-        results += cold.run_pipeline(settings)
+        results = []
+        if "ingest" in chosen:
+            results += ingest.run(settings)
+        if "cold" in chosen:
+            results += cold.run_cold(settings)
+        if "pipeline" in chosen:
+            results += cold.run_pipeline(settings)
+        if "hot" in chosen:
+            results += hot.run_hot(settings)
     finally:
         Stack(settings).down()
     table = Table(title="fleetstream benchmarks")

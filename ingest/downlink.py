@@ -98,8 +98,10 @@ class DownlinkRelay:
         self._consumer.subscribe([DOWNLINK_TOPIC])
         try:
             while not stopping.is_set():
+                # consume() waits for a full batch or the timeout: keep the wait short, a
+                # twin delta or OTA command should not sit here for half a second.
                 batch: list[Message] = await loop.run_in_executor(
-                    None, lambda: self._consumer.consume(num_messages=500, timeout=0.5)
+                    None, lambda: self._consumer.consume(num_messages=500, timeout=0.02)
                 )
                 if self._relay(batch):
                     await loop.run_in_executor(

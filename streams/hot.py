@@ -85,6 +85,9 @@ class HotCounters:
     transactions: int = 0
     restored_twins: int = 0
     restored_alert_states: int = 0
+    # Where the time goes: decoding and processing vs writing and committing transactions.
+    process_s: float = 0.0
+    commit_s: float = 0.0
 
 
 def desired_message(twin: Twin, now_ms: int) -> bytes:

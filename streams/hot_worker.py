@@ -183,6 +183,7 @@ class HotWorker:
         self.rules.poll()
         self.devices.poll()
         batch = self.consumer.consume(self.settings.hot_max_batch, self.settings.hot_poll_ms / 1000)
+        started = time.perf_counter()
         out = Emitted()
         now = now_ms()
         consumed = False
@@ -193,8 +194,11 @@ class HotWorker:
         if time.monotonic() - self._last_tick >= 1.0:
             self._last_tick = time.monotonic()
             self.processor.on_heartbeat_tick(now, out)
+        processed = time.perf_counter()
+        self.counters.process_s += processed - started
         if consumed or out:
             self._commit(out, consumed)
+            self.counters.commit_s += time.perf_counter() - processed
 
     def _process(self, msg: Message, now: int, out: Emitted) -> None:
         topic = msg.topic() or ""

@@ -1,0 +1,270 @@
+"""Hot-path benchmark: MQTT publish -> alert on `alerts`, and desired-set -> device receives.
+
+A simulated fleet publishes a steady load while a rule flaps on a noisy metric (vibration_rms
+around its mean, no hysteresis band: about one reading in four is a transition), so alerts
+flow all the time. A read-committed consumer (what an alerting consumer sees) stamps each
+`alerts` record and each `telemetry.raw` record on arrival:
+
+- publish -> alert: arrival of the alert minus the device time of the reading that raised or
+  resolved it; baseline: publish -> the same kind of consumer seeing the telemetry record
+  itself (what any Kafka consumer of the platform waits anyway).
+- desired-set -> device: a few measurement devices subscribe to their desired topic; rounds of
+  desired changes go through `twin.desired`, the hot worker, `mqtt.downlink` and the bridge;
+  baseline: the orchestrator publishing straight to the same devices over MQTT (the broker
+  hop alone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import gmqtt
+from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.schema_registry import SchemaRegistryClient
+from gmqtt.mqtt.constants import MQTTv50
+
+from bench.ingest import Result
+from infra.pki import CertificateAuthority
+from infra.provision import DeviceCredentials, load_or_provision, registry_entry
+from infra.services.base import wait_until
+from infra.services.mosquitto import BrokerFiles, client_tls_context
+from infra.settings import Settings
+from infra.simulator import run_fleet
+from infra.stack import Stack
+from schemas.codec import CodecRegistry, Decoded, load_schema
+from streams.alerts import AlertRule, RuleKind, ScopeType
+from streams.client import HotPathClient
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class Arrivals:
+    """(arrival ms, topic, value) of every record, decoded after the run."""
+
+    records: list[tuple[float, str, bytes]] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+def _collect(settings: Settings, arrivals: Arrivals, ready: threading.Event) -> None:
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": f"bench-hot-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "fetch.wait.max.ms": 10,
+        }
+    )
+    tps = []
+    for topic in ("alerts", "telemetry.raw"):
+        meta = consumer.list_topics(topic, timeout=10).topics[topic]
+        for p in meta.partitions:
+            _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            tps.append(TopicPartition(topic, p, high))
+    consumer.assign(tps)
+    ready.set()
+    while not arrivals.stop.is_set():
+        msg = consumer.poll(0.1)  # one at a time: each stamped as it is handed over
+        if msg is not None and msg.error() is None:
+            now = time.time() * 1000
+            arrivals.records.append((now, msg.topic() or "", msg.value() or b""))
+    consumer.close()
+
+
+class MeasuringDevice:
+    """A device that only notes when its desired updates and direct messages arrive."""
+
+    def __init__(self, creds: DeviceCredentials, settings: Settings) -> None:
+        self.creds = creds
+        self.settings = settings
+        self.desired: dict[int, float] = {}  # round -> arrival ms
+        self.direct: dict[int, float] = {}
+        self.client = gmqtt.Client(f"{creds.device_id}", clean_session=True)
+        self.client.on_message = self._on_message
+
+    def _on_message(self, _c: object, topic: str, payload: bytes, _qos: int, _p: object) -> int:
+        now = time.time() * 1000
+        body = json.loads(payload)
+        if topic.endswith("/state/desired"):
+            self.desired.setdefault(int(body["state"]["bench_round"]), now)
+        else:
+            self.direct.setdefault(int(body["round"]), now)
+        return 0
+
+    async def connect(self) -> None:
+        tls = client_tls_context(self.creds.ca_path, self.creds.cert_path, self.creds.key_path)
+        await self.client.connect(
+            self.settings.host, self.settings.mqtt_port, ssl=tls, version=MQTTv50
+        )
+        device = self.creds.device_id
+        self.client.subscribe(
+            [
+                gmqtt.Subscription(f"devices/{device}/state/desired", qos=1),
+                gmqtt.Subscription(f"devices/{device}/bench/direct", qos=1),
+            ]
+        )
+
+
+async def _measure_desired(
+    settings: Settings,
+    creds: Sequence[DeviceCredentials],
+    rounds: int,
+    sent: dict[str, dict[int, float]],
+) -> list[MeasuringDevice]:
+    devices = [MeasuringDevice(c, settings) for c in creds]
+    for device in devices:
+        await device.connect()
+    files = BrokerFiles(settings.state_dir / "mosquitto", settings.pki_dir)
+    orchestrator = gmqtt.Client(f"bench-orchestrator-{uuid.uuid4().hex[:6]}")
+    await orchestrator.connect(
+        settings.host,
+        settings.mqtt_port,
+        ssl=client_tls_context(files.ca_cert, files.orchestrator_cert, files.orchestrator_key),
+        version=MQTTv50,
+    )
+    await asyncio.sleep(1.0)  # SUBACKs land (set-up, not a measurement)
+    client = HotPathClient(settings)
+    loop = asyncio.get_running_loop()
+    for r in range(rounds):
+        sent["desired"][r] = time.time() * 1000
+        patches = {d.creds.device_id: {"bench_round": r} for d in devices}
+        await loop.run_in_executor(None, client.set_desired_many, patches)
+        sent["direct"][r] = time.time() * 1000
+        for d in devices:
+            topic = f"devices/{d.creds.device_id}/bench/direct"
+            orchestrator.publish(topic, json.dumps({"round": r}).encode(), qos=1)
+        await asyncio.sleep(1.0)  # pacing between rounds
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(
+        len(d.desired) == rounds and len(d.direct) == rounds for d in devices
+    ):
+        await asyncio.sleep(0.1)
+    client.close()
+    for d in devices:
+        with contextlib.suppress(ssl.SSLError):
+            await d.client.disconnect()
+    await orchestrator.disconnect()
+    return devices
+
+
+def _latencies(
+    records: list[tuple[float, str, bytes]], settings: Settings, prefix: str
+) -> tuple[list[float], list[float]]:
+    registry = CodecRegistry(SchemaRegistryClient({"url": settings.registry_url}))
+    alerts = registry.codec("alerts", load_schema("Alert"))
+    telemetry = registry.codec("telemetry.raw", load_schema("Telemetry"))
+    alert_ms: list[float] = []
+    telemetry_ms: list[float] = []
+    for arrived, topic, value in records:
+        codec = alerts if topic == "alerts" else telemetry
+        decoded = codec.decode(value)
+        if not isinstance(decoded, Decoded):
+            continue
+        record = decoded.record
+        if not str(record["device_id"]).startswith(prefix):
+            continue
+        (alert_ms if topic == "alerts" else telemetry_ms).append(arrived - int(record["ts"]))
+    return alert_ms, telemetry_ms
+
+
+def run_hot(
+    settings: Settings,
+    devices: int = 500,
+    rate: float = 10.0,
+    duration: float = 30.0,
+    measuring_devices: int = 20,
+    rounds: int = 10,
+) -> list[Result]:
+    stack = Stack(settings)
+    stack.up()
+    ca = CertificateAuthority.load_or_create(settings.pki_dir)
+    prefix = f"hotb{uuid.uuid4().hex[:4]}-"
+    group = f"{prefix}group"
+    folder = settings.state_dir / "bench-devices"
+    creds = load_or_provision(ca, [f"{prefix}{i:04d}" for i in range(devices)], folder, "ec")
+    probes = load_or_provision(
+        ca, [f"{prefix}probe{i:03d}" for i in range(measuring_devices)], folder, "ec"
+    )
+    client = HotPathClient(settings)
+    now = int(time.time() * 1000)
+    client.register_devices([registry_entry(c, "bench", "bench", group, now) for c in creds])
+    rule = AlertRule(
+        f"{prefix}flap", ScopeType.group, group, "vibration_rms", RuleKind.above, threshold=0.85
+    )
+    client.put_rule(rule)
+    client.close()
+    wait_until(lambda: rule.rule_id in stack.hot_worker.counters().get("rules", []), timeout=60)
+
+    arrivals = Arrivals()
+    ready = threading.Event()
+    collector = threading.Thread(target=_collect, args=(settings, arrivals, ready))
+    collector.start()
+    ready.wait(30)
+    sent: dict[str, dict[int, float]] = {"desired": {}, "direct": {}}
+    measured: list[list[MeasuringDevice]] = []
+
+    def desired_rounds() -> None:
+        time.sleep(duration / 4)  # under load, not during connect storms
+        measured.append(asyncio.run(_measure_desired(settings, probes, rounds, sent)))
+
+    prober = threading.Thread(target=desired_rounds)
+    prober.start()
+    stats, _ = asyncio.run(run_fleet(settings, creds, rate, duration))
+    offered = stats.published / max(float(stats.summary()["elapsed_s"]), 1e-3)
+    prober.join(timeout=120)
+    time.sleep(2.0)  # the tail of the run reaches the collector
+    arrivals.stop.set()
+    collector.join(timeout=30)
+
+    alert_ms, telemetry_ms = _latencies(arrivals.records, settings, prefix)
+    probed = measured[0] if measured else []
+    desired_ms = [d.desired[r] - sent["desired"][r] for d in probed for r in d.desired]
+    direct_ms = [d.direct[r] - sent["direct"][r] for d in probed for r in d.direct]
+    load = f"{offered:,.0f} msgs/s, {len(alert_ms)} alerts"
+    results = []
+    for q, name in ((0.5, "p50"), (0.99, "p99")):
+        a, t = quantile(alert_ms, q), quantile(telemetry_ms, q)
+        results.append(
+            Result(
+                f"hot: {name} publish->alert on `alerts` at {load}"
+                f" (baseline: {name} publish->telemetry record)",
+                a,
+                "ms",
+                t,
+                a / max(t, 1.0),
+            )
+        )
+    for q, name in ((0.5, "p50"), (0.99, "p99")):
+        d, b = quantile(desired_ms, q), quantile(direct_ms, q)
+        results.append(
+            Result(
+                f"hot: {name} desired-set->device under load"
+                f" (baseline: {name} orchestrator MQTT publish->device)",
+                d,
+                "ms",
+                b,
+                d / max(b, 1.0),
+            )
+        )
+    results.append(
+        Result(
+            "hot: alerts per second emitted (baseline: telemetry msgs/s offered)",
+            len(alert_ms) / max(duration, 1e-3),
+            "alerts/s",
+            offered,
+            len(alert_ms) / max(duration, 1e-3) / max(offered, 1e-3),
+        )
+    )
+    return results
