@@ -33,7 +33,7 @@ from gmqtt.mqtt.constants import MQTTv50
 
 from bench.ingest import Result
 from infra.pki import CertificateAuthority
-from infra.provision import DeviceCredentials, load_or_provision, registry_entry
+from infra.provision import DeviceCredentials, load_or_provision, register
 from infra.services.base import wait_until
 from infra.services.mosquitto import BrokerFiles, client_tls_context
 from infra.settings import Settings
@@ -198,8 +198,7 @@ def run_hot(
         ca, [f"{prefix}probe{i:03d}" for i in range(measuring_devices)], folder, "ec"
     )
     client = HotPathClient(settings)
-    now = int(time.time() * 1000)
-    client.register_devices([registry_entry(c, "bench", "bench", group, now) for c in creds])
+    register(client, creds, "bench", "bench", group)
     rule = AlertRule(
         f"{prefix}flap", ScopeType.group, group, "vibration_rms", RuleKind.above, threshold=0.85
     )

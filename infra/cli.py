@@ -111,32 +111,64 @@ def provision(
     count: int = typer.Option(1, min=1, help="How many devices."),
     out: Path = typer.Option(..., help="Where each device's key, certificate and ca.crt go."),
     key: str = typer.Option("rsa", help="Key type made on the device side: rsa or ec."),
+    principal: str = typer.Option(
+        "orchestrator", "--as", help="Who provisions (user:<id>, service:<id>): authorized."
+    ),
 ) -> None:
-    """Make device identities: key pair and CSR on the device side, certificate from the CA."""
+    """Make device identities (key pair and CSR on the device side, certificate from the CA)
+    and record them in the registry through its agent (authorized, audited)."""
+    import time
+
     from infra.pki import CertificateAuthority, PkiError
-    from infra.provision import provision_device
+    from infra.provision import provision_device, register
+    from streams.client import HotPathClient, HotPathError
+    from streams.rbac import Action, Principal, Resource, authorize
 
     settings = _settings()
     ca = CertificateAuthority.load_or_create(settings.pki_dir)
     kind: KeyKind = "ec" if key == "ec" else "rsa"
-    manifest = []
     try:
-        for _ in range(count):
-            device_id = f"{group}-{uuid.uuid4().hex[:10]}"
-            creds = provision_device(ca, device_id, out, kind)
-            manifest.append(
-                {
-                    "device_id": device_id,
-                    "org": org,
-                    "project": project,
-                    "group": group,
-                    "serial": str(creds.serial),
-                }
-            )
-            console.print(f"{device_id}: {creds.cert_path}")
-    except PkiError as exc:
+        who = Principal.parse(principal)
+        client = HotPathClient(settings)
+        # Ask first: no certificate is issued to a principal the registry would refuse.
+        decision = authorize(
+            who, Action.device_provision, Resource(org, project, group), client.grant_sets()
+        )
+        if not decision.allowed:
+            raise ValueError(f"denied: {decision.reason}")
+        started = time.perf_counter()
+        creds = [
+            provision_device(ca, f"{group}-{uuid.uuid4().hex[:10]}", out, kind)
+            for _ in range(count)
+        ]
+        signed_s = time.perf_counter() - started
+        audits = register(client, creds, org, project, group, who)
+        for c in creds:  # refused by the agent after all (grant revoked meanwhile...)
+            if audits[c.device_id].decision != "applied":
+                ca.revoke(c.serial, "registry refused the device")
+    except (PkiError, ValueError, HotPathError) as exc:
         raise _fail(exc) from exc
+    manifest = []
+    for c in creds:
+        audit = audits[c.device_id]
+        manifest.append(
+            {
+                "device_id": c.device_id,
+                "org": org,
+                "project": project,
+                "group": group,
+                "serial": str(c.serial),
+                "registry": str(audit.decision),
+            }
+        )
+        console.print(f"{c.device_id}: {c.cert_path} ({audit.decision}: {audit.reason})")
     (out / "devices.json").write_text(json.dumps(manifest, indent=2))
+    console.print(
+        f"{count} key pairs + CSRs made and signed in {signed_s:.2f}s "
+        f"({count / max(signed_s, 1e-9):,.0f}/s, {kind})"
+    )
+    if any(m["registry"] != "applied" for m in manifest):
+        raise typer.Exit(code=6)  # some entries denied or refused: see the audit reasons
 
 
 @app.command()

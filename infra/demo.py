@@ -24,7 +24,7 @@ from rich.live import Live
 from rich.table import Table
 
 from infra.pki import CertificateAuthority
-from infra.provision import load_or_provision, registry_entry
+from infra.provision import load_or_provision, register
 from infra.settings import Settings
 from infra.simulator import FleetStats, SimulatedDevice, run_fleet
 from infra.stack import Stack
@@ -150,9 +150,7 @@ def run_demo(settings: Settings, plan: DemoPlan, console: Console) -> dict[str, 
     client = HotPathClient(settings)
     started_ms = int(time.time() * 1000)
     with console.status("registering the fleet and its alert rules…"):
-        client.register_devices(
-            [registry_entry(c, "demo", "fleet", DEMO_GROUP, started_ms) for c in creds]
-        )
+        register(client, creds, "demo", "fleet", DEMO_GROUP)
         for rule in DEMO_RULES:
             client.put_rule(rule)
     dead_before = int(stack.bridge.counters().get("dead_lettered", 0))

@@ -1,27 +1,34 @@
 """Provisioning a device identity: the key is made on the device side, only its CSR reaches
 the CA, and the owner gets `<id>.key`, `<id>.crt` and the fleet's `ca.crt` to flash.
 
-(The registry entry and authorization arrive with the registry/RBAC work; this is the PKI path
-the simulator and `fleet provision` share.)
+The registry entry is then created through the registry agent (`register`): a
+`ProvisionDevice` command on `registry.commands`, authorized and audited like any other.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from infra.pki import (
     CertificateAuthority,
     KeyKind,
+    cert_fingerprint_sha256,
     generate_private_key,
     key_to_pem,
     make_csr,
     write_device_bundle,
 )
+from streams.rbac import Principal
+from streams.registry import AuditRecord, ProvisionDevice
+
+if TYPE_CHECKING:
+    from streams.client import HotPathClient
 
 
 @dataclass(frozen=True)
@@ -57,8 +64,6 @@ def load_or_provision(
     ca: CertificateAuthority, device_ids: Iterable[str], out_dir: Path, kind: KeyKind = "ec"
 ) -> list[DeviceCredentials]:
     """Credentials for each id, reusing a bundle already on disk (a device keeps its identity)."""
-    from cryptography import x509
-
     result = []
     for device_id in device_ids:
         cert_path, key_path = out_dir / f"{device_id}.crt", out_dir / f"{device_id}.key"
@@ -75,25 +80,40 @@ def load_or_provision(
     return result
 
 
-def registry_entry(
-    creds: DeviceCredentials, org: str, project: str, group: str, now_ms: int, region: str = "local"
-) -> dict[str, Any]:
-    """The `registry.devices` record (Avro `Device`) of a freshly provisioned device."""
-    from cryptography import x509
-
-    from infra.pki import cert_fingerprint_sha256
-    from streams.registry import DeviceRecord, DeviceStatus
-
+def provision_command(
+    creds: DeviceCredentials,
+    org: str,
+    project: str,
+    group: str,
+    principal: Principal,
+    region: str = "local",
+) -> ProvisionDevice:
+    """The registry command that records a freshly issued device (its id is the command's)."""
     cert = x509.load_pem_x509_certificate(creds.cert_path.read_bytes())
-    return DeviceRecord(
+    return ProvisionDevice(
+        command_id=f"provision-{creds.device_id}-{creds.serial}",
+        principal=principal,
         device_id=creds.device_id,
         org=org,
         project=project,
         group=group,
         region=region,
-        status=DeviceStatus.provisioned,
         cert_serial=str(creds.serial),
         cert_fingerprint=cert_fingerprint_sha256(cert),
-        created_ms=now_ms,
-        updated_ms=now_ms,
-    ).to_record()
+    )
+
+
+def register(
+    client: HotPathClient,
+    creds: Sequence[DeviceCredentials],
+    org: str,
+    project: str,
+    group: str,
+    principal: Principal | None = None,
+) -> dict[str, AuditRecord]:
+    """Provision `creds` in the registry through its agent (authorized, audited); returns
+    each device's audit record. A device already registered is refused, not doubled."""
+    who = principal or Principal.orchestrator()
+    commands = [provision_command(c, org, project, group, who) for c in creds]
+    audits = client.registry_commands(commands)
+    return {c.device_id: audits[c.command_id] for c in commands}

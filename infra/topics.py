@@ -52,6 +52,10 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("alerts.state", "device id", "JSON rule states", cleanup="compact"),
     TopicSpec("mqtt.downlink", "device id", "topic + payload + qos"),
     TopicSpec("registry.devices", "device id", "Avro Device", cleanup="compact"),
+    # Requests to change the registry; the registry agent applies them after authorization.
+    TopicSpec("registry.commands", "device id", "Avro RegistryCommand"),
+    # Every decision on a command (applied, unchanged, denied, refused), kept a year.
+    TopicSpec("audit.log", "device id or principal", "Avro AuditRecord", retention_ms=365 * DAY_MS),
     TopicSpec("rbac.grants", "principal", "Avro grant set", cleanup="compact"),
     TopicSpec("ota.rollouts", "rollout id", "Avro Rollout", cleanup="compact"),
     TopicSpec("dlq.ingest", "original key", "original bytes + headers", retention_ms=30 * DAY_MS),

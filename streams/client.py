@@ -26,11 +26,14 @@ from streams.alerts import (
     rule_from_record,
     rule_to_record,
 )
+from streams.rbac import GrantSet
+from streams.registry import AuditRecord, DeviceRecord, RegistryCommand, command_to_record
 from streams.tables import key_text, read_to_end
 from streams.twin import Twin, from_record
 
 TWIN_STATE, DESIRED, RESPONSES = "twin.state", "twin.desired", "twin.responses"
 RULES, ALERTS, DEVICES = "alerts.rules", "alerts", "registry.devices"
+COMMANDS, AUDIT, GRANTS = "registry.commands", "audit.log", "rbac.grants"
 _SCHEMAS = {
     TWIN_STATE: "TwinState",
     DESIRED: "TwinDesired",
@@ -38,6 +41,9 @@ _SCHEMAS = {
     RULES: "AlertRule",
     ALERTS: "Alert",
     DEVICES: "Device",
+    COMMANDS: "RegistryCommand",
+    AUDIT: "AuditRecord",
+    GRANTS: "GrantSet",
 }
 
 
@@ -160,54 +166,103 @@ class HotPathClient:
         principal: str = "cli",
     ) -> dict[str, TwinAnswer]:
         """Send one desired patch per device, then wait for every answer (device -> answer)."""
-        consumer = self._consumer()
-        try:
-            # Listen from the current end first, so no answer can slip by.
-            meta = consumer.list_topics(RESPONSES, timeout=self.timeout).topics[RESPONSES]
-            ends = []
-            for p in sorted(meta.partitions):
-                _, high = consumer.get_watermark_offsets(
-                    TopicPartition(RESPONSES, p), timeout=self.timeout
-                )
-                ends.append(TopicPartition(RESPONSES, p, high))
-            consumer.assign(ends)
-            deadline = time.monotonic() + self.timeout
-            now = int(time.time() * 1000)
-            waiting: dict[str, str] = {}  # request id -> device id
-            requests = []
-            for device_id, patch in patches.items():
-                request_id = uuid.uuid4().hex
-                waiting[request_id] = device_id
-                record = {
+        now = int(time.time() * 1000)
+        requests: dict[str, tuple[str, dict[str, Any]]] = {}  # request id -> (key, record)
+        by_request: dict[str, str] = {}
+        for device_id, patch in patches.items():
+            request_id = uuid.uuid4().hex
+            by_request[request_id] = device_id
+            requests[request_id] = (
+                device_id,
+                {
                     "device_id": device_id,
                     "request_id": request_id,
                     "expected_version": version,
                     "patch": json.dumps(dict(patch), separators=(",", ":")),
                     "principal": principal,
                     "ts": now,
-                }
-                requests.append((device_id, self.codec(DESIRED).encode(record)))
-            self._produce_many(DESIRED, requests)
-            answers: dict[str, TwinAnswer] = {}
-            while waiting and time.monotonic() < deadline:
-                for msg in consumer.consume(1000, 0.2):
-                    answer = self._decode(RESPONSES, msg) if msg.error() is None else None
-                    if answer is None or answer["request_id"] not in waiting:
-                        continue
-                    device_id = waiting.pop(answer["request_id"])
-                    answers[device_id] = TwinAnswer(
-                        str(answer["status"]), int(answer["version"]), answer.get("detail")
-                    )
-            if waiting:
+                },
+            )
+        answers = self._request(DESIRED, requests, RESPONSES, "request_id", "desired changes")
+        return {
+            by_request[rid]: TwinAnswer(str(a["status"]), int(a["version"]), a.get("detail"))
+            for rid, a in answers.items()
+        }
+
+    def _request(
+        self,
+        topic: str,
+        requests: Mapping[str, tuple[str, dict[str, Any]]],
+        answers_topic: str,
+        id_field: str,
+        what: str,
+    ) -> dict[str, dict[str, Any]]:
+        """Write request records (id -> (key, record)) and wait for the answer to each one: the
+        record on `answers_topic` whose `id_field` is its id."""
+        consumer = self._consumer()
+        try:
+            # Listen from the current end first, so no answer can slip by.
+            meta = consumer.list_topics(answers_topic, timeout=self.timeout).topics[answers_topic]
+            ends = []
+            for p in sorted(meta.partitions):
+                _, high = consumer.get_watermark_offsets(
+                    TopicPartition(answers_topic, p), timeout=self.timeout
+                )
+                ends.append(TopicPartition(answers_topic, p, high))
+            consumer.assign(ends)
+            deadline = time.monotonic() + self.timeout
+            codec = self.codec(topic)
+            self._produce_many(topic, [(k, codec.encode(r)) for k, r in requests.values()])
+            answers: dict[str, dict[str, Any]] = {}
+            while len(answers) < len(requests) and time.monotonic() < deadline:
+                for msg in consumer.consume(1000, 0.05):
+                    answer = self._decode(answers_topic, msg) if msg.error() is None else None
+                    if answer is not None and answer[id_field] in requests:
+                        answers[answer[id_field]] = answer
+            if len(answers) < len(requests):
                 raise HotPathError(
-                    f"{len(waiting)} of {len(patches)} desired changes unanswered within "
-                    f"{self.timeout}s (is the hot worker up?)"
+                    f"{len(requests) - len(answers)} of {len(requests)} {what} unanswered "
+                    f"within {self.timeout}s (is the stream worker up?)"
                 )
             return answers
         except KafkaException as exc:
             raise HotPathError(str(exc)) from exc
         finally:
             consumer.close()
+
+    # ------------------------------------------------------------------ registry and grants
+
+    def registry_commands(self, commands: Sequence[RegistryCommand]) -> dict[str, AuditRecord]:
+        """Send registry commands; wait for the audit record of each (command id -> record)."""
+        requests = {c.command_id: (c.device_id, command_to_record(c)) for c in commands}
+        answers = self._request(COMMANDS, requests, AUDIT, "command_id", "registry commands")
+        return {cid: AuditRecord.from_record(a) for cid, a in answers.items()}
+
+    def devices(self) -> dict[str, DeviceRecord]:
+        """The registry (the compacted `registry.devices`, read to its end)."""
+        out: dict[str, DeviceRecord] = {}
+        for msg in self._read_all(DEVICES):
+            record = self._decode(DEVICES, msg)
+            if record is None:
+                out.pop(key_text(msg), None)
+            else:
+                out[key_text(msg)] = DeviceRecord.from_record(record)
+        return out
+
+    def grant_sets(self) -> dict[str, GrantSet]:
+        out: dict[str, GrantSet] = {}
+        for msg in self._read_all(GRANTS):
+            record = self._decode(GRANTS, msg)
+            if record is None:
+                out.pop(key_text(msg), None)
+            else:
+                out[key_text(msg)] = GrantSet.from_record(record)
+        return out
+
+    def put_grants(self, grants: GrantSet) -> None:
+        """Replace a principal's grant set (the caller has authorized the change)."""
+        key = grants.principal.key
+        self._produce(GRANTS, key, self.codec(GRANTS).encode(grants.to_record()))
 
     # ------------------------------------------------------------------ alert rules
 

@@ -33,6 +33,7 @@ from streams.alerts import (
     evaluate,
 )
 from streams.cold import DeadLetter, SourceRecord
+from streams.registry import AuditRecord, DeviceRecord
 from streams.twin import (
     Accepted,
     Conflict,
@@ -59,6 +60,8 @@ class Emitted:
     responses: list[dict[str, Any]] = field(default_factory=list)  # TwinResponse records
     alert_states: set[str] = field(default_factory=set)  # devices whose rule state changed
     dead: list[DeadLetter] = field(default_factory=list)
+    devices: dict[str, DeviceRecord] = field(default_factory=dict)  # registry entries changed
+    audits: list[AuditRecord] = field(default_factory=list)  # registry decisions
 
     def __bool__(self) -> bool:
         return bool(
@@ -68,6 +71,8 @@ class Emitted:
             or self.responses
             or self.alert_states
             or self.dead
+            or self.devices
+            or self.audits
         )
 
 

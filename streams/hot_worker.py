@@ -41,6 +41,9 @@ from streams.hot import (
     alert_states_from_json,
     alert_states_to_json,
 )
+from streams.rbac import GrantSet
+from streams.registry import DeviceRecord
+from streams.registry_agent import RegistryAgent
 from streams.tables import ChangelogReader, GlobalTable, key_text
 from streams.twin import from_record, to_record
 
@@ -48,11 +51,19 @@ log = logging.getLogger("fleetstream.hot")
 
 HOT_GROUP = "fleetstream-hot"
 TELEMETRY, REPORTED, DESIRED = "telemetry.raw", "twin.reported", "twin.desired"
-INPUTS = {TELEMETRY: "Telemetry", REPORTED: "TwinReported", DESIRED: "TwinDesired"}
+COMMANDS = "registry.commands"
+INPUTS = {
+    TELEMETRY: "Telemetry",
+    REPORTED: "TwinReported",
+    DESIRED: "TwinDesired",
+    COMMANDS: "RegistryCommand",
+}
 TWIN_STATE, ALERT_STATE = "twin.state", "alerts.state"
 ALERTS, DOWNLINK, RESPONSES, DLQ = "alerts", "mqtt.downlink", "twin.responses", "dlq.hot"
-RULES, DEVICES = "alerts.rules", "registry.devices"
+RULES, DEVICES, GRANTS, AUDIT = "alerts.rules", "registry.devices", "rbac.grants", "audit.log"
 OUTPUTS = {
+    AUDIT: "AuditRecord",
+    GRANTS: "GrantSet",
     ALERTS: "Alert",
     TWIN_STATE: "TwinState",
     DOWNLINK: "Downlink",
@@ -71,6 +82,7 @@ class HotWorker:
         self.settings = settings
         self.counters = HotCounters()
         self.processor = HotProcessor(self.counters)
+        self.registry = RegistryAgent()
         registry = CodecRegistry(SchemaRegistryClient({"url": settings.registry_url}))
         self.codecs: dict[str, AvroCodec] = {
             topic: registry.codec(topic, load_schema(schema))
@@ -78,8 +90,14 @@ class HotWorker:
         }
         self.rules = GlobalTable(settings, RULES, self._apply_rule)
         self.devices = GlobalTable(settings, DEVICES, self._apply_device)
+        self.grants = GlobalTable(settings, GRANTS, self._apply_grants)
         self.changelogs = ChangelogReader(
-            settings, {TWIN_STATE: self._restore_twin, ALERT_STATE: self._restore_alerts}
+            settings,
+            {
+                TWIN_STATE: self._restore_twin,
+                ALERT_STATE: self._restore_alerts,
+                DEVICES: self._restore_device,
+            },
         )
         self.producer = Producer(
             {
@@ -129,6 +147,22 @@ class HotWorker:
         else:
             self.processor.set_device_group(device_id, None)
 
+    def _apply_grants(self, msg: Message) -> None:
+        key, value = key_text(msg), msg.value()
+        decoded = self.codecs[GRANTS].decode(value) if value is not None else None
+        try:
+            grants = GrantSet.from_record(decoded.record) if isinstance(decoded, Decoded) else None
+        except ValueError as exc:
+            log.warning("grants of %s at offset %d ignored: %s", key, msg.offset(), exc)
+            grants = None
+        self.registry.set_grants(key, grants)
+
+    def _restore_device(self, msg: Message) -> None:
+        value = msg.value()
+        decoded = self.codecs[DEVICES].decode(value) if value is not None else None
+        record = DeviceRecord.from_record(decoded.record) if isinstance(decoded, Decoded) else None
+        self.registry.restore(msg.partition() or 0, key_text(msg), record)
+
     def _restore_twin(self, msg: Message) -> None:
         device_id, value = key_text(msg), msg.value()
         if value is None:
@@ -155,6 +189,7 @@ class HotWorker:
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = {tp.partition for tp in partitions}
         self.processor.drop_partitions(gone)
+        self.registry.drop_partitions(gone)
         self._owned -= gone
         log.info("partitions %s moved away", sorted(gone))
 
@@ -164,6 +199,7 @@ class HotWorker:
         self.producer.init_transactions(30)  # fences a predecessor, aborts what it left open
         self.rules.catch_up()
         self.devices.catch_up()
+        self.grants.catch_up()
         self.consumer.subscribe(list(INPUTS), on_assign=self._on_assign, on_revoke=self._on_revoke)
 
     def run(self, stopping: threading.Event) -> None:
@@ -182,6 +218,7 @@ class HotWorker:
         """One batch: consume, process, write outputs + state + offsets in a transaction."""
         self.rules.poll()
         self.devices.poll()
+        self.grants.poll()
         batch = self.consumer.consume(self.settings.hot_max_batch, self.settings.hot_poll_ms / 1000)
         started = time.perf_counter()
         out = Emitted()
@@ -214,6 +251,8 @@ class HotWorker:
             self.processor.on_telemetry(source, decoded.record, out)
         elif topic == REPORTED:
             self.processor.on_reported(source, decoded.record, now, out)
+        elif topic == COMMANDS:
+            self.registry.on_command(source, decoded.record, now, out.devices, out.audits, out.dead)
         else:
             self.processor.on_desired(source, decoded.record, now, out)
 
@@ -233,6 +272,11 @@ class HotWorker:
         for response in out.responses:
             value = codecs[RESPONSES].encode(response)
             produce(RESPONSES, key=response["device_id"], value=value)
+        for device_id, device in out.devices.items():
+            produce(DEVICES, key=device_id, value=codecs[DEVICES].encode(device.to_record()))
+        for audit in out.audits:
+            value = codecs[AUDIT].encode(audit.to_record())
+            produce(AUDIT, key=audit.device_id or audit.principal, value=value)
         for dead in out.dead:
             produce(DLQ, key=dead.source.key, value=dead.source.value, headers=dead.headers())
 
@@ -263,6 +307,7 @@ class HotWorker:
         """After an abort: state and positions back to what the last commit holds."""
         owned = sorted(self._owned)
         self.processor.drop_partitions(owned)
+        self.registry.drop_partitions(set(owned))
         self.changelogs.restore(owned)
         for tp in self.consumer.committed(self.consumer.assignment(), timeout=30):
             if tp.offset >= 0:
@@ -284,6 +329,7 @@ class HotWorker:
                 "rules": sorted(self.processor.rules),
                 "twins": len(self.processor.twins),
                 **asdict(self.counters),
+                "registry": asdict(self.registry.counters),
             },
         )
 
@@ -292,6 +338,7 @@ class HotWorker:
         self.consumer.close()
         self.rules.close()
         self.devices.close()
+        self.grants.close()
         self.producer.flush(10)
 
 
