@@ -4,17 +4,25 @@ The device generates its key and a CSR; the platform's :class:`CertificateAuthor
 CSR, so private keys never leave the device. Platform identities (orchestrator) and the broker's
 server certificate are issued on the platform side. Revocations are kept in ``revoked.json`` and
 published as ``crl.pem`` for the broker (``crlfile`` in mosquitto.conf).
+
+A revocation is permanent. A *hold* (CRL reason ``certificateHold``, RFC 5280 5.3.1) is the
+standard temporary revocation: the broker refuses the certificate while it is listed, and
+:meth:`CertificateAuthority.release` lifts it (a full CRL simply stops listing the serial). A
+held serial may still be revoked for good; a revoked one is never released.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import ipaddress
 import json
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from enum import StrEnum
 from pathlib import Path
 from typing import Literal, TypeAlias, TypedDict, TypeGuard
 
@@ -27,10 +35,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 __all__ = [
     "DEVICE_ID_PATTERN",
     "RESERVED_IDENTITIES",
+    "HOLD_REASON",
     "CertificateAuthority",
     "KeyKind",
     "PkiError",
     "PrivateKey",
+    "RevocationState",
     "cert_fingerprint_sha256",
     "generate_private_key",
     "key_to_pem",
@@ -43,7 +53,9 @@ KeyKind = Literal["rsa", "ec"]
 PrivateKey: TypeAlias = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 _PublicKey: TypeAlias = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
-RESERVED_IDENTITIES = frozenset({"orchestrator", "broker"})
+# "enforcer": the broker-enforcement process (ingest/enforcement.py), allowed only to end
+# device sessions through the broker's control API.
+RESERVED_IDENTITIES = frozenset({"orchestrator", "broker", "enforcer"})
 # At most 64 characters: RFC 5280 caps commonName at 64 (ub-common-name) and cryptography
 # refuses longer CNs. No '/', '+', '#' so an id is safe inside MQTT topics and file names.
 DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -59,6 +71,21 @@ _CA_KEY = "ca.key"
 _CA_CERT = "ca.crt"
 _CRL = "crl.pem"
 _REVOKED = "revoked.json"
+_LOCK = ".revocations.lock"
+# The revoked.json reason that marks a hold, spelt as RFC 5280's CRLReason (and cryptography's
+# ReasonFlags value); every other reason is a permanent revocation.
+HOLD_REASON = x509.ReasonFlags.certificate_hold.value
+# Reasons a permanent revocation may carry in the CRL (others stay free text in revoked.json).
+_CRL_REASONS = {
+    flag.value: flag
+    for flag in x509.ReasonFlags
+    if flag
+    not in (
+        x509.ReasonFlags.unspecified,
+        x509.ReasonFlags.certificate_hold,
+        x509.ReasonFlags.remove_from_crl,
+    )
+}
 _ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1)
 
 
@@ -70,6 +97,25 @@ class _Revocation(TypedDict, total=False):
     serial: int
     revoked_at: str
     reason: str
+
+
+class RevocationState(StrEnum):
+    """How a listed serial is refused: for good, or on hold until released."""
+
+    revoked = "revoked"
+    on_hold = "on_hold"
+
+
+def _state(entry: _Revocation) -> RevocationState:
+    if entry.get("reason") == HOLD_REASON:
+        return RevocationState.on_hold
+    return RevocationState.revoked
+
+
+def _check_serial(serial: int) -> int:
+    if isinstance(serial, bool) or not isinstance(serial, int) or serial <= 0:
+        raise PkiError(f"invalid certificate serial {serial!r}")
+    return serial
 
 
 # --------------------------------------------------------------------------- helpers
@@ -213,8 +259,9 @@ def write_device_bundle(
 class CertificateAuthority:
     """A fleet CA persisted in a directory (ca.key, ca.crt, crl.pem, revoked.json).
 
-    Assumes a single writer process; concurrent ``revoke`` calls from several processes
-    could lose an entry.
+    Changes to the revocations (``revoke``, ``hold``, ``release``) hold an exclusive lock on
+    ``.revocations.lock`` while they read, change and republish, so several processes (the
+    enforcer, the CLI) may revoke without losing an entry.
     """
 
     def __init__(self, directory: Path, key: rsa.RSAPrivateKey, cert: x509.Certificate) -> None:
@@ -409,27 +456,113 @@ class CertificateAuthority:
             raise PkiError(f"{path}: expected a list of {{serial, revoked_at, reason?}}")
         return data
 
+    @contextlib.contextmanager
+    def _revocations_locked(self) -> Iterator[None]:
+        """Serialize read-modify-write of revoked.json across processes (enforcer, CLI)."""
+        with (self._dir / _LOCK).open("a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
     def revoke(self, serial: int, reason: str | None = None) -> None:
-        """Record ``serial`` as revoked and republish crl.pem (no-op if already revoked)."""
-        if isinstance(serial, bool) or not isinstance(serial, int) or serial <= 0:
-            raise PkiError(f"invalid certificate serial {serial!r}")
-        entries = self._read_revoked()
-        if any(e["serial"] == serial for e in entries):
-            return
-        entry = _Revocation(serial=serial, revoked_at=_now().isoformat())
-        if reason is not None:
-            entry["reason"] = reason
-        entries.append(entry)
-        payload = json.dumps(entries, indent=2) + "\n"
-        _atomic_write(self._dir / _REVOKED, payload.encode("utf-8"))
-        self._write_crl(entries)
+        """Record ``serial`` as revoked for good and republish crl.pem.
+
+        No-op if already revoked; a serial on hold becomes permanently revoked. ``reason`` is
+        free text, written into the CRL as its reason code when it names an RFC 5280 reason
+        (``keyCompromise``, ``cessationOfOperation``, ...). Use :meth:`hold` to suspend.
+        """
+        if reason == HOLD_REASON:
+            raise PkiError("a hold is not a revocation: use hold()")
+        self.update_revocations(revoke=[serial], reason=reason)
+
+    def hold(self, serial: int) -> None:
+        """Put ``serial`` on hold (CRL reason certificateHold); no-op if already listed."""
+        self.update_revocations(hold=[serial])
+
+    def release(self, serial: int) -> bool:
+        """Lift the hold on ``serial``; True if it was on hold.
+
+        False if it was not listed. Raises PkiError for a permanent revocation: a revoked
+        certificate is never valid again (issue a new one).
+        """
+        if self.revocation_states().get(serial) is RevocationState.revoked:
+            raise PkiError(f"serial {serial} is revoked for good; it cannot be released")
+        return self.update_revocations(release=[serial])
+
+    def update_revocations(
+        self,
+        *,
+        revoke: Iterable[int] = (),
+        hold: Iterable[int] = (),
+        release: Iterable[int] = (),
+        reason: str | None = None,
+    ) -> bool:
+        """Apply several changes with one CRL signature; True if the CRL changed.
+
+        ``revoke`` lists (or upgrades a hold to) a permanent revocation with ``reason``;
+        ``hold`` lists a serial not yet listed as on hold; ``release`` removes holds only, never
+        a permanent revocation (those serials are skipped). A serial both held and revoked in
+        one call ends up revoked.
+        """
+        to_revoke = {_check_serial(s) for s in revoke}
+        to_hold = {_check_serial(s) for s in hold} - to_revoke
+        to_release = {_check_serial(s) for s in release} - to_revoke - to_hold
+        if reason == HOLD_REASON:
+            raise PkiError("a hold is not a revocation reason: pass the serial in hold")
+        with self._revocations_locked():
+            entries = self._read_revoked()
+            by_serial = {e["serial"]: e for e in entries}
+            changed = False
+            now = _now().isoformat()
+            for serial in sorted(to_revoke):
+                current = by_serial.get(serial)
+                if current is not None and _state(current) is RevocationState.revoked:
+                    continue
+                entry = _Revocation(serial=serial, revoked_at=now)
+                if reason is not None:
+                    entry["reason"] = reason
+                by_serial[serial] = entry
+                changed = True
+            for serial in sorted(to_hold):
+                if serial not in by_serial:
+                    by_serial[serial] = _Revocation(
+                        serial=serial, revoked_at=now, reason=HOLD_REASON
+                    )
+                    changed = True
+            for serial in to_release:
+                current = by_serial.get(serial)
+                if current is not None and _state(current) is RevocationState.on_hold:
+                    del by_serial[serial]
+                    changed = True
+            if not changed:
+                return False
+            # Keep the file's order (oldest first); new entries go last.
+            order = [e["serial"] for e in entries if e["serial"] in by_serial]
+            known = set(order)
+            order += [s for s in by_serial if s not in known]
+            updated = [by_serial[s] for s in order]
+            payload = json.dumps(updated, indent=2) + "\n"
+            _atomic_write(self._dir / _REVOKED, payload.encode("utf-8"))
+            self._write_crl(updated)
+            return True
+
+    def revocation_states(self) -> dict[int, RevocationState]:
+        """Every listed serial and whether it is revoked for good or on hold."""
+        return {e["serial"]: _state(e) for e in self._read_revoked()}
 
     def is_revoked(self, serial: int) -> bool:
+        """True if the CRL refuses ``serial`` (revoked for good or on hold)."""
         return any(e["serial"] == serial for e in self._read_revoked())
+
+    def is_on_hold(self, serial: int) -> bool:
+        return self.revocation_states().get(serial) is RevocationState.on_hold
 
     def refresh_crl(self) -> None:
         """Re-sign crl.pem. Call well within CRL_VALIDITY_DAYS: brokers reject expired CRLs."""
-        self._write_crl(self._read_revoked())
+        with self._revocations_locked():
+            self._write_crl(self._read_revoked())
 
     def _write_crl(self, entries: Sequence[_Revocation]) -> None:
         now = _now()
@@ -450,9 +583,15 @@ class CertificateAuthority:
                 x509.RevokedCertificateBuilder()
                 .serial_number(entry["serial"])
                 .revocation_date(dt.datetime.fromisoformat(entry["revoked_at"]))
-                .build()
             )
-            builder = builder.add_revoked_certificate(revoked)
+            flag = (
+                x509.ReasonFlags.certificate_hold
+                if _state(entry) is RevocationState.on_hold
+                else _CRL_REASONS.get(entry.get("reason", ""))
+            )
+            if flag is not None:
+                revoked = revoked.add_extension(x509.CRLReason(flag), critical=False)
+            builder = builder.add_revoked_certificate(revoked.build())
         crl = builder.sign(self._key, hashes.SHA256())
         _atomic_write(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
 

@@ -37,7 +37,7 @@ from sinks.clickhouse import (
     WriteResult,
 )
 from streams.cold import DLQ_TOPIC, ColdCounters, ColdPath, DeadLetter, SourceRecord
-from streams.source import BatchSource
+from streams.source import COLD_GROUP, BatchSource
 from streams.twin import TwinDocumentError, delta, from_record
 
 log = logging.getLogger("fleetstream.streams")
@@ -178,7 +178,8 @@ class ColdWorker:
 
     async def _load_until(self, stopping: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
-        source = BatchSource(self.settings, [topic for topic, _ in SOURCES.values()])
+        topics = [topic for topic, _ in SOURCES.values()]
+        source = BatchSource(self.settings, topics, instance=f"{COLD_GROUP}-0")
         consumer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka")
         rows, seconds = self.settings.sink_batch_rows, self.settings.sink_batch_seconds
         try:

@@ -26,9 +26,18 @@ COLD_GROUP = "fleetstream-cold"
 
 
 class BatchSource:
-    def __init__(self, settings: Settings, topics: Sequence[str], group: str = COLD_GROUP) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        topics: Sequence[str],
+        group: str = COLD_GROUP,
+        instance: str | None = None,
+    ) -> None:
+        # A static member (`instance`) gets its partitions back at once after a restart.
+        static = {"group.instance.id": instance} if instance else {}
         self._consumer = Consumer(
             {
+                **static,
                 "bootstrap.servers": settings.bootstrap_servers,
                 "group.id": group,
                 "enable.auto.commit": False,

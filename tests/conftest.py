@@ -26,6 +26,7 @@ TEST_SETTINGS = {
     "registry_management_port": 9001 + PORT_OFFSET,
     "mqtt_port": 8883 + PORT_OFFSET,
     "query_port": 8124 + PORT_OFFSET,
+    "api_port": 8090 + PORT_OFFSET,
     "default_partitions": 3,
 }
 
