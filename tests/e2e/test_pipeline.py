@@ -49,6 +49,10 @@ def test_demo_with_200_devices_stores_exactly_what_was_published(
     assert summary["duplicates"] == 0
     assert summary["dead_lettered"] == 0
     assert 0 < summary["e2e_latency_ms"]["p50"] <= summary["e2e_latency_ms"]["p99"]
+    # Every device got the demo's desired change and reported it back: no delta left.
+    assert summary["twins"] == 200
+    assert isinstance(summary["alerts"], int)
+    assert summary["alerts"] >= 0
 
 
 def test_kill_9_of_the_worker_mid_stream_keeps_the_warehouse_exact(
