@@ -203,8 +203,9 @@ class ColdWorker:
         self.executor.shutdown(wait=True)
         self.sink.close()
 
-    def write_status(self) -> None:
-        write_status(self.status_path, {"pid": os.getpid(), "ready": True, **asdict(self.counters)})
+    def write_status(self, ready: bool = True, **extra: Any) -> None:
+        status = {"pid": os.getpid(), "ready": ready, **asdict(self.counters), **extra}
+        write_status(self.status_path, status)
 
     async def _report_forever(self) -> None:
         while True:

@@ -9,32 +9,43 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
+import threading
 
 from infra.settings import Settings, load_settings
 from sinks.clickhouse import SinkUnavailable
 from sinks.query_server import start_query_server
 from streams.app import ColdWorker
+from streams.cold import Backoff
 
 log = logging.getLogger("fleetstream.worker")
 
 
-def apply_schema(worker: ColdWorker, timeout_s: float = 60.0) -> None:
-    """Versioned DDL, applied once; the folder may be held a moment by a direct `fleet sql`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+def apply_schema(worker: ColdWorker, stopping: threading.Event) -> bool:
+    """Versioned DDL, applied once the warehouse answers: it may be down, or the embedded
+    folder held by another process for a while. Waits with back-off (reporting why in the
+    status file) rather than giving up: what waits in Kafka is loaded once it is back.
+    Returns False if asked to stop first."""
+    for delay in Backoff(first=0.5, longest=5.0).delays():
         try:
             worker.sink.ensure_schema()
-            return
-        except SinkUnavailable:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1.0)
+            return True
+        except SinkUnavailable as exc:
+            worker.counters.retries += 1
+            worker.write_status(ready=False, waiting_for=str(exc))
+            log.warning("warehouse unavailable (%s); retrying in %.1fs", exc, delay)
+            if stopping.wait(delay):
+                return False
+    return False
 
 
 async def serve(settings: Settings) -> None:
     worker = ColdWorker(settings)
-    apply_schema(worker)
+    halt = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: halt.set())
+    if not apply_schema(worker, halt):
+        worker.close()
+        return
     server = start_query_server(worker.sink, settings.host, settings.query_port)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

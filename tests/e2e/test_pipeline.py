@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -110,3 +111,59 @@ def test_fleet_sql_prints_json_rows_while_the_pipeline_runs(
     )
     assert listed.returncode == 0, listed.stderr
     assert isinstance(json.loads(listed.stdout), list)
+
+
+HOLD_WAREHOUSE = """
+import signal, sys
+import clickhouse_connect
+client = clickhouse_connect.get_client(dsn=sys.argv[1])
+client.query("SELECT 1")
+print("holding", flush=True)
+signal.pause()
+"""
+
+
+def test_warehouse_unavailable_for_a_while_loses_nothing(
+    stack: Stack, settings: Settings, tmp_path: Path
+) -> None:
+    """The embedded warehouse is owned by another process (one owner per chDB folder) while
+    telemetry keeps arriving: the cold worker waits with back-off, then loads it all, once."""
+    ca = CertificateAuthority.load_or_create(settings.pki_dir)
+    prefix = f"down{uuid.uuid4().hex[:4]}-"
+    creds = load_or_provision(ca, [f"{prefix}{i:03d}" for i in range(40)], tmp_path, "ec")
+    stack.cold_worker.stop()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_WAREHOUSE, settings.warehouse_dsn],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "holding"
+        stack.cold_worker.launch()
+        fleet = start_fleet(settings, creds, rate=5, duration=60, max_messages=40)
+
+        def waiting() -> bool:
+            return "waiting_for" in stack.cold_worker.counters()
+
+        assert wait_until(waiting, timeout=60)
+        stats, devices = fleet.wait()
+        assert stats.published == 40 * 40
+        assert not stack.cold_worker.counters().get("ready")
+    finally:
+        holder.terminate()
+        holder.wait(timeout=30)
+    stack.cold_worker.wait_ready(settings.startup_timeout_s)
+
+    def drained() -> bool:
+        return warehouse_counts(settings, device_prefix=prefix).stored >= stats.published
+
+    assert wait_until(drained, timeout=120, interval=1.0)
+    counts = warehouse_counts(settings, device_prefix=prefix)
+    assert (counts.stored, counts.duplicates) == (stats.published, 0)
+    rows = fetch(
+        settings,
+        "SELECT device_id, seq FROM telemetry FINAL WHERE startsWith(device_id, {p:String})",
+        {"p": prefix},
+    ).rows
+    assert {(r[0], int(r[1])) for r in rows} == telemetry_sent(devices)
