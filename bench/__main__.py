@@ -39,6 +39,10 @@ def main() -> None:
         results = []
         if "ingest" in chosen:
             results += ingest.run(settings)
+            # Scaled out on this machine's two cores: two replicas share the subscription.
+            two = settings.model_copy(update={"bridge_replicas": 2})
+            results += ingest.run(two)
+            Stack(two).bridges[1].stop()
         if "cold" in chosen:
             results += cold.run_cold(settings)
         if "pipeline" in chosen:

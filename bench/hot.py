@@ -3,8 +3,8 @@
 Lean devices (bench/loadgen.py: real certificates and mTLS, pre-framed QoS 1 PUBLISH) offer a
 steady load of about 6,000 msgs/s while a rule flaps on a noisy metric (vibration_rms two
 standard deviations above its mean, no hysteresis band: about one reading in 20 is a
-transition), so alerts flow all the time. A read-committed consumer (what an alerting consumer sees) stamps each
-`alerts` record and each `telemetry.raw` record on arrival:
+transition), so alerts flow all the time. A read-committed consumer (what an alerting
+consumer sees) stamps each `alerts` record and each `telemetry.raw` record on arrival:
 
 - publish -> alert: arrival of the alert minus the device time of the reading that raised or
   resolved it; baseline: publish -> the same kind of consumer seeing the telemetry record

@@ -93,9 +93,14 @@ class DemoPlan:
     drain_timeout: float = 180.0
 
 
+def _bridges_total(stack: Stack, counter: str) -> int:
+    """A counter summed over the bridge replicas."""
+    return sum(int(b.counters().get(counter, 0)) for b in stack.bridges)
+
+
 def _progress(stats: FleetStats, stack: Stack, stored: int) -> Table:
     elapsed = max(time.monotonic() - stats.started_at, 1e-9)
-    bridge = stack.bridge.counters()
+    accepted = _bridges_total(stack, "accepted")
     table = Table(title="fleetstream demo")
     for column in (
         "devices",
@@ -110,7 +115,7 @@ def _progress(stats: FleetStats, stack: Stack, stored: int) -> Table:
         str(stats.connected),
         str(stats.published),
         str(stats.acked),
-        str(bridge.get("accepted", "-")),
+        str(accepted),
         str(stored),
         f"{stats.published / elapsed:,.0f}/s",
     )
@@ -153,7 +158,7 @@ def run_demo(settings: Settings, plan: DemoPlan, console: Console) -> dict[str, 
         register(client, creds, "demo", "fleet", DEMO_GROUP)
         for rule in DEMO_RULES:
             client.put_rule(rule)
-    dead_before = int(stack.bridge.counters().get("dead_lettered", 0))
+    dead_before = _bridges_total(stack, "dead_lettered")
     result: list[tuple[FleetStats, list[SimulatedDevice]]] = []
     stats_box: list[FleetStats] = []
 
@@ -203,7 +208,7 @@ def run_demo(settings: Settings, plan: DemoPlan, console: Console) -> dict[str, 
         "published": stats.published,
         "stored": counts.stored,
         "duplicates": counts.duplicates,
-        "dead_lettered": int(stack.bridge.counters().get("dead_lettered", 0)) - dead_before,
+        "dead_lettered": _bridges_total(stack, "dead_lettered") - dead_before,
         "alerts": len(raised),
         "twins": converged,
         "e2e_latency_ms": {"p50": latency[0], "p99": latency[1]},

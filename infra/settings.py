@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     registry_heap: str = "384m"
 
     mqtt_port: int = 8883
+    # Bridge replicas `fleet up` runs: they share the uplinks through MQTT shared subscriptions.
+    bridge_replicas: int = Field(default=1, ge=1, le=8)
     mqtt_max_inflight: int = Field(default=1000, ge=1)
     mqtt_max_queued: int = Field(default=100_000, ge=0)
 

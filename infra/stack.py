@@ -50,7 +50,8 @@ class Stack:
         self.brokers = [KafkaBroker(settings, i) for i in range(settings.brokers)]
         self.registry = SchemaRegistry(settings)
         self.mosquitto = Mosquitto(settings)
-        self.bridge = BridgeService(settings)
+        self.bridges = [BridgeService(settings, i) for i in range(settings.bridge_replicas)]
+        self.bridge = self.bridges[0]
         self.cold_worker = ColdWorkerService(settings)
         self.hot_worker = HotWorkerService(settings)
 
@@ -60,7 +61,7 @@ class Stack:
             *self.brokers,
             self.registry,
             self.mosquitto,
-            self.bridge,
+            *self.bridges,
             self.cold_worker,
             self.hot_worker,
         ]
@@ -77,16 +78,18 @@ class Stack:
         ensure_topics(self.settings)
         self.registry.start(timeout)
         self.mosquitto.start(timeout)
-        self.bridge.launch()
+        for bridge in self.bridges:
+            bridge.launch()
         self.hot_worker.launch()
         self.cold_worker.start(timeout)
-        self.bridge.wait_ready(timeout)
+        for bridge in self.bridges:
+            bridge.wait_ready(timeout)
         self.hot_worker.wait_ready(timeout)
         return self.status()
 
     def down(self) -> list[str]:
         """Stop, in reverse order, what `up` started; return the names stopped."""
-        platform = (self.bridge, self.hot_worker, self.cold_worker, self.mosquitto, self.registry)
+        platform = (*self.bridges, self.hot_worker, self.cold_worker, self.mosquitto, self.registry)
         stopped = [s.name for s in platform if s.stop()]
         # Brokers of a quorum stop together: one by one, the last would wait on a lost quorum.
         for broker in self.brokers:
