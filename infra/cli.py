@@ -388,6 +388,23 @@ def alerts_list(
     console.print(table)
 
 
+@app.command()
+def token(
+    principal: str = typer.Option(..., help="Who the token is for: user:<id> or service:<id>."),
+    ttl: int = typer.Option(3600, min=1, help="Seconds the token stays valid."),
+) -> None:
+    """Print a bearer token for the HTTP API, signed with the platform's key (it says who the
+    caller is; what it may do is its grants')."""
+    from streams.rbac import Principal
+    from streams.tokens import TokenAuthority
+
+    try:
+        signed = TokenAuthority.for_settings(_settings()).issue(Principal.parse(principal), ttl)
+    except ValueError as exc:
+        raise _fail(exc) from exc
+    sys.stdout.write(signed + "\n")
+
+
 def main() -> None:
     app()
 

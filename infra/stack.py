@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from infra.services.api import ApiService
 from infra.services.base import Service, ServiceError, ServiceStatus
 from infra.services.bridge import BridgeService
 from infra.services.hot_worker import HotWorkerService
@@ -54,6 +55,7 @@ class Stack:
         self.bridge = self.bridges[0]
         self.cold_worker = ColdWorkerService(settings)
         self.hot_worker = HotWorkerService(settings)
+        self.api = ApiService(settings)
 
     @property
     def services(self) -> Sequence[Service]:
@@ -64,6 +66,7 @@ class Stack:
             *self.bridges,
             self.cold_worker,
             self.hot_worker,
+            self.api,
         ]
 
     def up(self) -> StackStatus:
@@ -81,15 +84,24 @@ class Stack:
         for bridge in self.bridges:
             bridge.launch()
         self.hot_worker.launch()
+        self.api.launch()
         self.cold_worker.start(timeout)
         for bridge in self.bridges:
             bridge.wait_ready(timeout)
         self.hot_worker.wait_ready(timeout)
+        self.api.wait_ready(timeout)
         return self.status()
 
     def down(self) -> list[str]:
         """Stop, in reverse order, what `up` started; return the names stopped."""
-        platform = (*self.bridges, self.hot_worker, self.cold_worker, self.mosquitto, self.registry)
+        platform = (
+            self.api,
+            *self.bridges,
+            self.hot_worker,
+            self.cold_worker,
+            self.mosquitto,
+            self.registry,
+        )
         stopped = [s.name for s in platform if s.stop()]
         # Brokers of a quorum stop together: one by one, the last would wait on a lost quorum.
         for broker in self.brokers:

@@ -1,0 +1,506 @@
+"""The HTTP API's routes (streams/api.py) on an in-memory backend: authentication, the
+authorization before each call, the status codes, audit records and the OpenAPI document.
+
+The fake backend applies registry commands with the registry's own pure core
+(`streams.registry.apply`) and desired patches with the twin's (`streams.twin.apply_desired`),
+so decisions are the ones the agents would take; the CA is a real one in a temp folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from cryptography import x509
+
+from infra.pki import CertificateAuthority, generate_private_key, make_csr
+from streams.api import ROUTES, create_app, openapi_document
+from streams.client import TwinAnswer
+from streams.rbac import Grant, GrantSet, Principal, Resource, Role
+from streams.registry import (
+    Applied,
+    AuditRecord,
+    DeviceRecord,
+    DeviceStatus,
+    ProvisionDevice,
+    RegistryCommand,
+    apply,
+)
+from streams.tokens import TokenAuthority
+from streams.twin import Accepted, Twin, TwinDocumentError, apply_desired
+
+ACME = Resource("acme")
+PA, PB = Resource("acme", "pA"), Resource("acme", "pB")
+ADMIN, OPERATOR, VIEWER = Principal.user("admin"), Principal.user("op"), Principal.user("viewer")
+
+
+class FakeBackend:
+    def __init__(self, ca: CertificateAuthority) -> None:
+        self.ca = ca
+        self.grant_sets: dict[str, GrantSet] = {}
+        self.agent_grants: dict[str, GrantSet] | None = None  # the agent's view, if it differs
+        self.records: dict[str, DeviceRecord] = {}
+        self.twins: dict[str, Twin] = {}
+        self.audits: list[AuditRecord] = []
+        self.issued: list[int] = []
+        self.revoked: list[int] = []
+        self.commands: list[RegistryCommand] = []
+
+    @property
+    def ca_pem(self) -> bytes:
+        return self.ca.cert_pem
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def ready(self) -> bool:
+        return True
+
+    def sizes(self) -> dict[str, int]:
+        return {"devices": len(self.records)}
+
+    def grants(self) -> Mapping[str, GrantSet]:
+        return dict(self.grant_sets)
+
+    def device(self, device_id: str) -> DeviceRecord | None:
+        return self.records.get(device_id)
+
+    def devices(self) -> list[DeviceRecord]:
+        return list(self.records.values())
+
+    def twin(self, device_id: str) -> Twin | None:
+        return self.twins.get(device_id)
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        return predicate()
+
+    def issue_certificate(self, csr_pem: bytes, device_id: str) -> x509.Certificate:
+        cert = self.ca.issue_from_csr(csr_pem, device_id)
+        self.issued.append(cert.serial_number)
+        return cert
+
+    def revoke_certificate(self, serial: int, reason: str) -> None:
+        self.ca.revoke(serial, reason)
+        self.revoked.append(serial)
+
+    def registry_commands(self, commands: Sequence[RegistryCommand]) -> dict[str, AuditRecord]:
+        out = {}
+        grants = self.grant_sets if self.agent_grants is None else self.agent_grants
+        for command in commands:
+            self.commands.append(command)
+            result = apply(command, self.records.get(command.device_id), grants, now_ms())
+            if isinstance(result, Applied):
+                self.records[command.device_id] = result.record
+            self.audits.append(result.audit)
+            out[command.command_id] = result.audit
+        return out
+
+    def set_desired(
+        self, device_id: str, patch: Mapping[str, Any], version: int | None, principal: str
+    ) -> TwinAnswer:
+        twin = self.twins.get(device_id, Twin(device_id))
+        try:
+            result = apply_desired(twin, patch, version, now_ms())
+        except TwinDocumentError as exc:
+            return TwinAnswer("invalid", twin.version, str(exc))
+        if not isinstance(result, Accepted):
+            return TwinAnswer("conflict", twin.version, "stale version")
+        self.twins[device_id] = result.twin
+        status = "accepted" if result.changed else "unchanged"
+        return TwinAnswer(status, result.twin.version, None)
+
+    def put_grants(self, grants: GrantSet, audit: AuditRecord) -> None:
+        self.grant_sets[grants.principal.key] = grants
+        self.audits.append(audit)
+
+    def write_audit(self, record: AuditRecord) -> None:
+        self.audits.append(record)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> CertificateAuthority:
+    return CertificateAuthority.load_or_create(tmp_path / "pki")
+
+
+@pytest.fixture
+def tokens(tmp_path: Path) -> TokenAuthority:
+    return TokenAuthority.load_or_create(tmp_path / "pki" / "api")
+
+
+@pytest.fixture
+def backend(ca: CertificateAuthority) -> FakeBackend:
+    fake = FakeBackend(ca)
+    for principal, role, scope in (
+        (ADMIN, Role.admin, ACME),
+        (OPERATOR, Role.operator, PA),
+        (VIEWER, Role.viewer, ACME),
+    ):
+        fake.grant_sets[principal.key] = GrantSet.of(principal, (role, scope))
+    for device_id, project in (("a-1", "pA"), ("b-1", "pB")):
+        command = ProvisionDevice(
+            command_id=f"seed-{device_id}",
+            principal=Principal.orchestrator(),
+            device_id=device_id,
+            org="acme",
+            project=project,
+            group="g",
+            region="local",
+            cert_serial="1",
+            cert_fingerprint="0" * 64,
+        )
+        fake.registry_commands([command])
+    fake.audits.clear()
+    return fake
+
+
+Scenario = Callable[[TestClient[Any, Any]], Awaitable[None]]
+
+
+def run(backend: FakeBackend, tokens: TokenAuthority, scenario: Scenario) -> None:
+    async def main() -> None:
+        async with TestClient(TestServer(create_app(backend, tokens))) as client:
+            await scenario(client)
+
+    asyncio.run(main())
+
+
+def bearer(tokens: TokenAuthority, principal: Principal) -> dict[str, str]:
+    return {"Authorization": f"Bearer {tokens.issue(principal)}"}
+
+
+def csr_for(device_id: str) -> str:
+    return make_csr(generate_private_key("ec"), device_id).decode()
+
+
+# --------------------------------------------------------------------------- the document
+
+
+def test_the_openapi_document_describes_every_route(
+    backend: FakeBackend, tokens: TokenAuthority
+) -> None:
+    document = openapi_document()
+    assert document["openapi"].startswith("3.1")
+    scheme = document["components"]["securitySchemes"]["bearerAuth"]
+    assert scheme == {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+    assert "Error" in document["components"]["schemas"]
+    documented = {(m.upper(), p) for p, ops in document["paths"].items() for m in ops}
+    assert documented == {(r.method, r.path) for r in ROUTES}
+    for route in ROUTES:
+        op = document["paths"][route.path][route.method.lower()]
+        if route.public:
+            assert op["security"] == []
+        else:
+            assert {"401", "403"} <= set(op["responses"])
+            assert op["x-fleetstream-action"] == str(route.action)
+    # Every $ref points at a schema that exists.
+    schemas = document["components"]["schemas"]
+
+    def refs(node: object) -> list[str]:
+        if isinstance(node, dict):
+            found = [node["$ref"]] if "$ref" in node else []
+            return found + [r for v in node.values() for r in refs(v)]
+        if isinstance(node, list):
+            return [r for v in node for r in refs(v)]
+        return []
+
+    for ref in refs(document):
+        assert ref.removeprefix("#/components/schemas/") in schemas
+
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        served = await client.get("/openapi.json")  # no token needed
+        assert served.status == 200
+        assert await served.json() == document
+        registered = {
+            (r.method, r.resource.canonical)
+            for r in client.app.router.routes()
+            if r.resource is not None and r.method != "HEAD"
+        }
+        assert registered == documented
+        health = await client.get("/healthz")
+        assert health.status == 200
+        assert (await health.json())["ready"] is True
+
+    run(backend, tokens, scenario)
+
+
+# --------------------------------------------------------------------------- authentication
+
+
+def test_no_token_or_a_bad_one_is_a_401_with_a_json_error(
+    backend: FakeBackend, tokens: TokenAuthority, tmp_path: Path
+) -> None:
+    other = TokenAuthority.load_or_create(tmp_path / "elsewhere")
+    expired = tokens.issue(ADMIN, ttl_s=60, now=time.time() - 3600)
+
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        for headers in (
+            {},
+            {"Authorization": "Basic YWRtaW46YWRtaW4="},
+            {"Authorization": "Bearer "},
+            {"Authorization": "Bearer garbage"},
+            {"Authorization": f"Bearer {other.issue(ADMIN)}"},
+            {"Authorization": f"Bearer {expired}"},
+        ):
+            answer = await client.get("/v1/devices", headers=headers)
+            assert answer.status == 401, headers
+            body = await answer.json()
+            assert body["error"] == "unauthorized"
+            assert body["reason"]
+            assert answer.headers["WWW-Authenticate"].startswith("Bearer")
+        # Unknown routes too: nothing is said to a caller without a token.
+        assert (await client.get("/v1/nothing")).status == 401
+        missing = await client.get("/v1/nothing", headers=bearer(tokens, ADMIN))
+        assert missing.status == 404
+        assert (await missing.json())["error"] == "not_found"
+        wrong_method = await client.delete("/v1/devices", headers=bearer(tokens, ADMIN))
+        assert wrong_method.status == 405
+        assert (await wrong_method.json())["error"] == "method_not_allowed"
+
+    run(backend, tokens, scenario)
+    assert backend.audits == []
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def test_an_operator_of_project_a_is_refused_project_b(
+    backend: FakeBackend, tokens: TokenAuthority
+) -> None:
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        op = bearer(tokens, OPERATOR)
+        own = await client.get("/v1/devices/a-1", headers=op)
+        assert own.status == 200
+        assert (await own.json())["resource"] == "org/acme/project/pA/group/g/device/a-1"
+        other = await client.get("/v1/devices/b-1", headers=op)
+        assert other.status == 403
+        body = await other.json()
+        assert body["error"] == "forbidden"
+        assert "no grant covers device.read" in body["reason"]
+        listed = await client.get("/v1/devices", headers=op)
+        assert [d["device_id"] for d in (await listed.json())["devices"]] == ["a-1"]
+        everything = await client.get("/v1/devices?org=acme", headers=bearer(tokens, VIEWER))
+        assert [d["device_id"] for d in (await everything.json())["devices"]] == ["a-1", "b-1"]
+        only_b = await client.get("/v1/devices?project=pB", headers=bearer(tokens, VIEWER))
+        assert [d["device_id"] for d in (await only_b.json())["devices"]] == ["b-1"]
+        suspend_b = await client.post("/v1/devices/b-1/suspend", headers=op)
+        assert suspend_b.status == 403
+        unknown = await client.get("/v1/devices/nope", headers=op)
+        assert unknown.status == 404
+
+    run(backend, tokens, scenario)
+    # The denials are audited by the API (no command reached the agent).
+    assert [(a.principal, a.action, a.decision) for a in backend.audits] == [
+        ("user:op", "device.read", "denied"),
+        ("user:op", "device.suspend", "denied"),
+    ]
+    assert backend.commands[2:] == []
+
+
+def test_a_viewer_cannot_provision_and_nothing_is_signed(
+    backend: FakeBackend, tokens: TokenAuthority
+) -> None:
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        answer = await client.post(
+            "/v1/devices",
+            headers=bearer(tokens, VIEWER),
+            json={"org": "acme", "project": "pA", "group": "g", "csr_pem": csr_for("v-1")},
+        )
+        assert answer.status == 403
+        body = await answer.json()
+        assert body["error"] == "forbidden"
+        audit = next(a for a in backend.audits if a.command_id == body["command_id"])
+        assert audit.decision == "denied"
+        assert audit.action == "device.provision"
+        assert audit.principal == "user:viewer"
+        assert audit.resource == "org/acme/project/pA/group/g"
+
+    run(backend, tokens, scenario)
+    assert backend.issued == []
+    assert "v-1" not in backend.records
+
+
+def test_an_admin_provisions_from_a_csr(
+    backend: FakeBackend, tokens: TokenAuthority, ca: CertificateAuthority
+) -> None:
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        admin = bearer(tokens, ADMIN)
+        request = {
+            "org": "acme",
+            "project": "pA",
+            "group": "g",
+            "csr_pem": csr_for("g-new"),
+            "labels": {"site": "north"},
+        }
+        answer = await client.post("/v1/devices", headers=admin, json=request)
+        assert answer.status == 201, await answer.text()
+        body = await answer.json()
+        assert body["device_id"] == "g-new"  # taken from the CSR's CN
+        cert = x509.load_pem_x509_certificate(body["certificate_pem"].encode())
+        assert ca.verify_chain(cert)
+        assert body["ca_pem"] == ca.cert_pem.decode()
+        assert body["device"]["status"] == "provisioned"
+        assert body["device"]["labels"] == {"site": "north"}
+        assert body["audit"]["decision"] == "applied"
+        listed = await client.get("/v1/devices?project=pA", headers=admin)
+        assert "g-new" in [d["device_id"] for d in (await listed.json())["devices"]]
+
+        again = await client.post("/v1/devices", headers=admin, json=request)
+        assert again.status == 409  # the id is taken: refused before signing
+        mismatch = {**request, "csr_pem": csr_for("g-x"), "device_id": "g-y"}
+        bad = await client.post("/v1/devices", headers=admin, json=mismatch)
+        assert bad.status == 400
+        assert "does not match" in (await bad.json())["reason"]
+        garbage = await client.post("/v1/devices", headers=admin, json={**request, "csr_pem": "x"})
+        assert garbage.status == 400
+        missing = await client.post("/v1/devices", headers=admin, json={"org": "acme"})
+        assert missing.status == 400
+
+    run(backend, tokens, scenario)
+    assert len(backend.issued) == 1
+    decisions = [a.decision for a in backend.audits]
+    assert decisions == ["applied", "refused", "refused", "refused"]
+
+
+def test_a_certificate_the_registry_refuses_is_revoked(
+    backend: FakeBackend, tokens: TokenAuthority, ca: CertificateAuthority
+) -> None:
+    # The agent's grants lag behind (the admin's grant was just withdrawn): it denies.
+    backend.agent_grants = {}
+
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        answer = await client.post(
+            "/v1/devices",
+            headers=bearer(tokens, ADMIN),
+            json={"org": "acme", "project": "pA", "group": "g", "csr_pem": csr_for("g-late")},
+        )
+        assert answer.status == 403
+        body = await answer.json()
+        assert body["audit"]["decision"] == "denied"
+
+    run(backend, tokens, scenario)
+    assert backend.revoked == backend.issued
+    assert ca.is_revoked(backend.issued[0])
+
+
+def test_lifecycle_commands_map_the_agents_decisions(
+    backend: FakeBackend, tokens: TokenAuthority
+) -> None:
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        op, admin = bearer(tokens, OPERATOR), bearer(tokens, ADMIN)
+        suspended = await client.post(
+            "/v1/devices/a-1/suspend", headers=op, json={"reason": "maintenance"}
+        )
+        assert suspended.status == 200
+        body = await suspended.json()
+        assert body["device"]["status"] == "suspended"
+        assert "maintenance" in body["audit"]["reason"]
+        again = await client.post("/v1/devices/a-1/suspend", headers=op)
+        assert (await again.json())["audit"]["decision"] == "unchanged"
+        assert (await client.post("/v1/devices/a-1/revoke", headers=op)).status == 403
+        revoked = await client.post("/v1/devices/a-1/revoke", headers=admin)
+        assert revoked.status == 200
+        assert (await revoked.json())["device"]["status"] == "revoked"
+        back = await client.post("/v1/devices/a-1/activate", headers=admin)
+        assert back.status == 409
+        assert (await back.json())["error"] == "conflict"
+        moved = await client.patch(
+            "/v1/devices/b-1", headers=admin, json={"group": "h", "firmware_version": "2.0"}
+        )
+        assert moved.status == 200
+        assert (await moved.json())["device"]["group"] == "h"
+        not_mine = await client.patch("/v1/devices/b-1", headers=op, json={"region": "eu"})
+        assert not_mine.status == 403
+        bad_labels = await client.patch("/v1/devices/b-1", headers=admin, json={"labels": [1]})
+        assert bad_labels.status == 400
+
+    run(backend, tokens, scenario)
+    assert backend.records["a-1"].status is DeviceStatus.revoked
+    assert backend.revoked == [1]  # the seeded device's serial
+
+
+# --------------------------------------------------------------------------- twins
+
+
+def test_twin_reads_and_writes(backend: FakeBackend, tokens: TokenAuthority) -> None:
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        op = bearer(tokens, OPERATOR)
+        empty = await client.get("/v1/devices/a-1/twin", headers=op)
+        assert await empty.json() == {"desired": {}, "reported": {}, "delta": {}, "version": 0}
+        first = await client.patch("/v1/devices/a-1/twin", headers=op, json={"desired": {"a": 1}})
+        assert first.status == 200
+        body = await first.json()
+        assert (body["status"], body["version"]) == ("accepted", 1)
+        assert body["twin"]["delta"] == {"a": 1}
+        stale = await client.patch(
+            "/v1/devices/a-1/twin", headers=op, json={"desired": {"a": 2}, "version": 0}
+        )
+        assert stale.status == 409
+        assert (await stale.json())["status"] == "conflict"
+        invalid = await client.patch(
+            "/v1/devices/a-1/twin", headers=op, json={"desired": {"": 1}, "version": 1}
+        )
+        assert invalid.status == 400
+        assert (
+            await client.patch("/v1/devices/a-1/twin", headers=op, json={"desired": [1]})
+        ).status == 400
+        assert (await client.get("/v1/devices/b-1/twin", headers=op)).status == 403
+        viewer = bearer(tokens, VIEWER)
+        assert (await client.get("/v1/devices/a-1/twin", headers=viewer)).status == 200
+        write = await client.patch("/v1/devices/a-1/twin", headers=viewer, json={"desired": {}})
+        assert write.status == 403
+
+    run(backend, tokens, scenario)
+    assert [a.decision for a in backend.audits] == [
+        "applied",
+        "refused",
+        "refused",
+        "denied",
+        "denied",
+    ]
+
+
+# --------------------------------------------------------------------------- grants
+
+
+def test_grant_changes_need_grant_write_on_every_scope(
+    backend: FakeBackend, tokens: TokenAuthority
+) -> None:
+    newcomer = Principal.user("new")
+
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        admin, op = bearer(tokens, ADMIN), bearer(tokens, OPERATOR)
+        body = {"grants": [{"role": "viewer", "scope": "org/acme/project/pB"}]}
+        assert (await client.put("/v1/grants/user:new", headers=op, json=body)).status == 403
+        put = await client.put("/v1/grants/user:new", headers=admin, json=body)
+        assert put.status == 200
+        answer = await put.json()
+        assert answer["grants"] == body["grants"]
+        assert answer["audit"]["decision"] == "applied"
+        assert answer["audit"]["resource"] == "org/acme/project/pB"
+        own = await client.get("/v1/grants/user:new", headers=bearer(tokens, newcomer))
+        assert (await own.json())["grants"] == body["grants"]
+        # Another's grants: only those on scopes the caller may read.
+        seen_by_op = await client.get("/v1/grants/user:new", headers=op)
+        assert (await seen_by_op.json())["grants"] == []
+        outside = {"grants": [{"role": "admin", "scope": "org/other"}]}
+        assert (await client.put("/v1/grants/user:new", headers=admin, json=outside)).status == 403
+        device = await client.put("/v1/grants/device:d-1", headers=admin, json=body)
+        assert device.status == 400
+        bad_role = {"grants": [{"role": "owner", "scope": "org/acme"}]}
+        assert (await client.put("/v1/grants/user:new", headers=admin, json=bad_role)).status == 400
+
+    run(backend, tokens, scenario)
+    assert backend.grant_sets["user:new"] == GrantSet(newcomer, (Grant(newcomer, Role.viewer, PB),))
+    assert [a.decision for a in backend.audits] == ["denied", "applied", "denied"]
