@@ -34,8 +34,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = [
     "DEVICE_ID_PATTERN",
-    "RESERVED_IDENTITIES",
     "HOLD_REASON",
+    "RESERVED_IDENTITIES",
     "CertificateAuthority",
     "KeyKind",
     "PkiError",
@@ -553,8 +553,13 @@ class CertificateAuthority:
         return {e["serial"]: _state(e) for e in self._read_revoked()}
 
     def is_revoked(self, serial: int) -> bool:
-        """True if the CRL refuses ``serial`` (revoked for good or on hold)."""
-        return any(e["serial"] == serial for e in self._read_revoked())
+        """True if ``serial`` is revoked for good (not merely on hold: see :meth:`is_on_hold`).
+
+        A held certificate is still its device's identity (it comes back on release), so
+        callers deciding whether to issue a replacement must not treat it as revoked; the
+        broker refuses both (``serial in revocation_states()``).
+        """
+        return self.revocation_states().get(serial) is RevocationState.revoked
 
     def is_on_hold(self, serial: int) -> bool:
         return self.revocation_states().get(serial) is RevocationState.on_hold
@@ -603,7 +608,7 @@ class CertificateAuthority:
     def verify_chain(self, cert: x509.Certificate) -> bool:
         """True iff ``cert`` was signed by this CA and ``now`` is inside its validity window.
 
-        Does not consult the CRL; use :meth:`is_revoked` for that.
+        Does not consult the CRL; use :meth:`revocation_states` for that.
         """
         try:
             cert.verify_directly_issued_by(self._cert)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from infra.services.api import ApiService
 from infra.services.base import Service, ServiceError, ServiceStatus
 from infra.services.bridge import BridgeService
+from infra.services.enforcer import EnforcerService
 from infra.services.hot_worker import HotWorkerService
 from infra.services.kafka import KafkaBroker
 from infra.services.mosquitto import Mosquitto
@@ -51,6 +52,7 @@ class Stack:
         self.brokers = [KafkaBroker(settings, i) for i in range(settings.brokers)]
         self.registry = SchemaRegistry(settings)
         self.mosquitto = Mosquitto(settings)
+        self.enforcer = EnforcerService(settings)
         self.bridges = [BridgeService(settings, i) for i in range(settings.bridge_replicas)]
         self.bridge = self.bridges[0]
         self.cold_worker = ColdWorkerService(settings)
@@ -63,6 +65,7 @@ class Stack:
             *self.brokers,
             self.registry,
             self.mosquitto,
+            self.enforcer,
             *self.bridges,
             self.cold_worker,
             self.hot_worker,
@@ -81,6 +84,7 @@ class Stack:
         ensure_topics(self.settings)
         self.registry.start(timeout)
         self.mosquitto.start(timeout)
+        self.enforcer.launch()
         for bridge in self.bridges:
             bridge.launch()
         self.hot_worker.launch()
@@ -90,6 +94,7 @@ class Stack:
             bridge.wait_ready(timeout)
         self.hot_worker.wait_ready(timeout)
         self.api.wait_ready(timeout)
+        self.enforcer.wait_ready(timeout)
         return self.status()
 
     def down(self) -> list[str]:
@@ -99,6 +104,7 @@ class Stack:
             *self.bridges,
             self.hot_worker,
             self.cold_worker,
+            self.enforcer,
             self.mosquitto,
             self.registry,
         )

@@ -73,6 +73,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import psutil
 from confluent_kafka import Message
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from paho.mqtt.enums import CallbackAPIVersion
@@ -111,6 +112,8 @@ __all__ = [
     "SessionEnder",
     "Verdict",
     "denied_devices",
+    "kick_commands",
+    "kicked",
     "main",
     "parse_serial",
     "plan",
@@ -319,7 +322,8 @@ class SessionEnder:
         self._ready = False  # connected and subscribed to the responses
         self._problem: str | None = None
         self._acks: dict[int, ReasonCode] = {}
-        self._responses: list[dict[str, Any]] = []
+        self._pending: set[str] = set()  # batches awaiting the plugin's answer
+        self._responses: list[dict[str, Any]] = []  # answers to those batches
 
     # ---------------------------------------------------------------- paho callbacks
 
@@ -387,7 +391,13 @@ class SessionEnder:
         except ValueError:
             return
         with self._cond:
-            self._responses.extend(r for r in responses if isinstance(r, dict))
+            # Only answers to our batches: another enforcer's are not ours to keep.
+            self._responses.extend(
+                r
+                for r in responses
+                if isinstance(r, dict)
+                and str(r.get("correlationData", "")).partition(":")[0] in self._pending
+            )
             self._cond.notify_all()
 
     # ---------------------------------------------------------------- API
@@ -424,6 +434,20 @@ class SessionEnder:
             raise EnforcementError(self.problem or "not connected to the broker")
         batch = uuid.uuid4().hex
         payload = json.dumps({"commands": kick_commands(device_ids, batch)})
+        with self._cond:
+            self._pending.add(batch)
+        try:
+            return self._send(device_ids, batch, payload)
+        finally:
+            with self._cond:
+                self._pending.discard(batch)
+                self._responses = [
+                    r
+                    for r in self._responses
+                    if str(r.get("correlationData", "")).partition(":")[0] != batch
+                ]
+
+    def _send(self, device_ids: list[str], batch: str, payload: str) -> dict[str, str | None]:
         info = self._client.publish(DYNSEC_TOPIC, payload, qos=1)
         deadline = time.monotonic() + self.timeout
         with self._cond:
@@ -450,7 +474,6 @@ class SessionEnder:
                 for r in self._responses
                 if str(r.get("correlationData", "")).startswith(f"{batch}:")
             ]
-            self._responses = [r for r in self._responses if r not in mine]
         return kicked(device_ids, batch, mine)
 
     def close(self) -> None:
@@ -495,6 +518,7 @@ class Enforcer:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        settings.run_dir.mkdir(parents=True, exist_ok=True)
         pki = settings.pki_dir
         if not (pki / "ca.key").exists() or not (pki / "ca.crt").exists():
             raise EnforcementError(f"no fleet CA in {pki}: start the stack first (fleet up)")
@@ -548,8 +572,11 @@ class Enforcer:
                 log.warning("device %s: %s", device_id, why)
         if result.stuck != state.stuck:
             for device_id in result.stuck:
-                log.warning("device %s is allowed but its certificate is revoked for good: "
-                            "it needs a new certificate", device_id)  # fmt: skip
+                log.warning(
+                    "device %s is allowed but its certificate is revoked for good: it needs a "
+                    "new certificate",
+                    device_id,
+                )
         state.invalid, state.stuck = result.invalid, result.stuck
         if result.crl_changes:
             self.ca.update_revocations(
@@ -579,7 +606,8 @@ class Enforcer:
             for device_id, error in outcome.items():
                 if error is not None:
                     log.warning("could not end the sessions of %s: %s", device_id, error)
-            self._note_latency(ended)
+            if self.ready:  # a live change, not the backlog read at start
+                self._note_latency(ended)
             self.counters.sessions_ended += len(ended)
             state.ended = state.ended | ended
             done = len(ended) == len(result.end_sessions)
@@ -619,7 +647,7 @@ class Enforcer:
             self._dirty = False
             try:
                 done = self.reconcile()
-            except (EnforcementError, ServiceError, OSError) as exc:
+            except (EnforcementError, ServiceError, OSError, psutil.Error) as exc:
                 done = False
                 self.counters.errors += 1
                 self.last_error = str(exc)
@@ -680,7 +708,6 @@ class Enforcer:
 
     def close(self) -> None:
         self.ready = False
-        self.settings.run_dir.mkdir(parents=True, exist_ok=True)
         self.write_status()
         self.sessions.close()
         self.table.close()

@@ -27,7 +27,16 @@ def test_status_json_lists_every_service_and_topic(stack: Stack, settings: Setti
     assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout.strip().splitlines()[-1])
     services = {s["name"]: s for s in status["services"]}
-    assert set(services) == {"kafka-0", "registry", "mosquitto", "bridge-0", "cold-worker"}
+    assert set(services) == {
+        "kafka-0",
+        "registry",
+        "mosquitto",
+        "enforcer",
+        "bridge-0",
+        "cold-worker",
+        "hot-worker",
+        "api",
+    }
     for name, service in services.items():
         assert service["state"] == "up", name
         assert service["host"] == "127.0.0.1"

@@ -1,0 +1,197 @@
+"""The registry drives the broker: a revoked or suspended device's open session ends within
+seconds and it is refused at connect; a device reinstated from suspended connects again."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+from confluent_kafka import Producer
+from confluent_kafka.schema_registry import SchemaRegistryClient
+from cryptography import x509
+
+from infra.pki import CertificateAuthority, RevocationState, cert_fingerprint_sha256
+from infra.services.base import wait_until
+from infra.settings import Settings
+from infra.stack import Stack
+from ingest.enforcement import DEVICES, Enforcer
+from schemas.codec import CodecRegistry, load_schema
+from streams.registry import DeviceRecord, DeviceStatus
+from tests.conftest import DeviceIdentity
+from tests.support.mqtt import MqttSession, connect
+
+KICK_DEADLINE_S = 10.0  # the issue asks for "within seconds"; measured well under one
+
+WriteStatus = Callable[[DeviceIdentity, str], float]
+
+
+@pytest.fixture
+def write_status(stack: Stack, settings: Settings) -> Iterator[WriteStatus]:
+    """Writes a device's registry record with a status; returns when Kafka has it."""
+    registry = CodecRegistry(SchemaRegistryClient({"url": settings.registry_url}))
+    codec = registry.codec(DEVICES, load_schema("Device"))
+    producer = Producer(
+        {"bootstrap.servers": settings.bootstrap_servers, "acks": "all", "linger.ms": 0}
+    )
+
+    def write(device: DeviceIdentity, status: str) -> float:
+        cert = x509.load_pem_x509_certificate(device.cert.read_bytes())
+        now = int(time.time() * 1000)
+        record = DeviceRecord(
+            device_id=device.device_id,
+            org="acme",
+            project="plant-1",
+            group="enforced",
+            region="local",
+            status=DeviceStatus(status),
+            cert_serial=str(device.serial),
+            cert_fingerprint=cert_fingerprint_sha256(cert),
+            created_ms=now,
+            updated_ms=now,
+        )
+        producer.produce(DEVICES, key=device.device_id, value=codec.encode(record.to_record()))
+        assert producer.flush(10) == 0
+        return time.monotonic()
+
+    yield write
+    producer.flush(10)
+
+
+@pytest.fixture
+def enforcer(stack: Stack, settings: Settings) -> Iterator[Enforcer]:
+    """An Enforcer running in a thread, as `python -m ingest.enforcement` would."""
+    runner = Enforcer(settings)
+    stopping = threading.Event()
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            runner.run(stopping)
+        except BaseException as exc:
+            failures.append(exc)
+            raise
+
+    thread = threading.Thread(target=run, name="enforcer", daemon=True)
+    thread.start()
+    assert wait_until(lambda: runner.ready or bool(failures), timeout=60)
+    assert not failures, failures
+    yield runner
+    stopping.set()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert not failures, failures
+
+
+def _connect(settings: Settings, device: DeviceIdentity, client_id: str) -> MqttSession | None:
+    return connect(settings, device.cert, device.key, client_id, timeout=5)
+
+
+def _ended_within(sessions: list[MqttSession], since: float) -> float:
+    """Seconds from `since` until the broker ended every session (fails past the deadline)."""
+    deadline = since + KICK_DEADLINE_S
+    for session in sessions:
+        ended = session.disconnected.wait(max(0.0, deadline - time.monotonic()))
+        assert ended, "a session outlived the deadline"
+    elapsed = time.monotonic() - since
+    for session in sessions:
+        session.client.loop_stop()  # no automatic reconnect of the old client
+    return elapsed
+
+
+def test_a_revoked_device_is_disconnected_and_refused(
+    settings: Settings,
+    ca: CertificateAuthority,
+    make_device: Callable[..., DeviceIdentity],
+    write_status: WriteStatus,
+    enforcer: Enforcer,
+) -> None:
+    device = make_device("enf")
+    write_status(device, "active")
+    # Two connections under client ids of its choosing: the kick goes by certificate identity.
+    sessions = [_connect(settings, device, f"any-{uuid.uuid4().hex[:8]}") for _ in range(2)]
+    assert all(sessions)
+    live = [s for s in sessions if s is not None]
+    assert live[0].publish(f"devices/{device.device_id}/telemetry", b"{}").value < 128
+
+    written = write_status(device, "revoked")
+    elapsed = _ended_within(live, written)
+    print(f"\nrevoked: sessions ended {elapsed:.3f}s after the registry write")
+
+    assert ca.revocation_states()[device.serial] is RevocationState.revoked
+    # The CRL was reloaded before the kick: the very first reconnect is refused.
+    assert _connect(settings, device, device.device_id) is None
+    assert enforcer.counters.sessions_ended >= 1
+    assert enforcer.counters.last_end_latency_ms is not None
+
+
+def test_a_suspended_device_is_refused_until_reinstated(
+    settings: Settings,
+    ca: CertificateAuthority,
+    make_device: Callable[..., DeviceIdentity],
+    write_status: WriteStatus,
+    enforcer: Enforcer,
+) -> None:
+    device, bystander = make_device("enf"), make_device("enf")
+    write_status(device, "active")
+    write_status(bystander, "active")
+    session = _connect(settings, device, device.device_id)
+    other = _connect(settings, bystander, bystander.device_id)
+    assert session is not None
+    assert other is not None
+
+    written = write_status(device, "suspended")
+    elapsed = _ended_within([session], written)
+    print(f"\nsuspended: session ended {elapsed:.3f}s after the registry write")
+    assert ca.revocation_states()[device.serial] is RevocationState.on_hold
+    assert _connect(settings, device, device.device_id) is None
+    # Only the suspended device was touched.
+    assert not other.disconnected.is_set()
+    assert other.publish(f"devices/{bystander.device_id}/telemetry", b"{}").value < 128
+
+    written = write_status(device, "active")
+
+    # The hold is lifted (and the broker signalled right after) ...
+    def lifted() -> bool:
+        return device.serial not in ca.revocation_states()
+
+    assert wait_until(lifted, KICK_DEADLINE_S, interval=0.01)
+    released = time.monotonic() - written
+    back: list[MqttSession] = []
+
+    def reconnects() -> bool:
+        again = _connect(settings, device, device.device_id)
+        if again is not None:
+            back.append(again)
+        return again is not None
+
+    # ... and the device gets in again.
+    assert wait_until(reconnects, timeout=KICK_DEADLINE_S, interval=0.05)
+    print(
+        f"reinstated: hold lifted {released:.3f}s after the write, "
+        f"connected {time.monotonic() - written:.3f}s after it"
+    )
+    try:
+        assert back[0].publish(f"devices/{device.device_id}/telemetry", b"{}").value < 128
+        assert not back[0].disconnected.is_set()  # a reinstated device is not kicked again
+    finally:
+        back[0].close()
+        other.close()
+
+
+def test_a_revoked_device_cannot_come_back(
+    settings: Settings,
+    ca: CertificateAuthority,
+    make_device: Callable[..., DeviceIdentity],
+    write_status: WriteStatus,
+    enforcer: Enforcer,
+) -> None:
+    device = make_device("enf")
+    write_status(device, "revoked")
+    assert wait_until(lambda: ca.is_revoked(device.serial), timeout=KICK_DEADLINE_S)
+    write_status(device, "active")  # the registry refuses this transition; the broker too
+    assert wait_until(lambda: device.device_id in enforcer.state.stuck, timeout=10)
+    assert ca.revocation_states()[device.serial] is RevocationState.revoked
+    assert _connect(settings, device, device.device_id) is None
