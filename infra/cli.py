@@ -405,6 +405,31 @@ def token(
     sys.stdout.write(signed + "\n")
 
 
+@app.command()
+def grant(
+    principal: str = typer.Option(..., help="Who gets it: user:<id> or service:<id>."),
+    role: str = typer.Option(..., help="viewer, operator, admin or ota-approver."),
+    scope: str = typer.Option(..., help="org/<o>[/project/<p>[/group/<g>[/device/<d>]]]."),
+    remove: bool = typer.Option(False, "--remove", help="Take the grant away instead."),
+) -> None:
+    """Give (or take) a role on a scope, as the platform itself: how the first admin is made.
+    Later grants go through the API, authorized and audited."""
+    from streams.client import HotPathClient
+    from streams.rbac import Grant, GrantSet, Principal, Resource, Role
+
+    try:
+        who = Principal.parse(principal)
+        wanted = Grant(who, Role(role), Resource.parse(scope))
+    except ValueError as exc:
+        raise _fail(exc) from exc
+    client = HotPathClient(_settings())
+    current = client.grant_sets().get(who.key, GrantSet(who))
+    updated = current.without_grant(wanted) if remove else current.with_grant(wanted)
+    client.put_grants(updated)
+    client.close()
+    sys.stdout.write(json.dumps(updated.to_record()) + "\n")
+
+
 def main() -> None:
     app()
 
