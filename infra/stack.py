@@ -12,6 +12,7 @@ from infra.services.enforcer import EnforcerService
 from infra.services.hot_worker import HotWorkerService
 from infra.services.kafka import KafkaBroker
 from infra.services.mosquitto import Mosquitto
+from infra.services.ota import OtaControllerService
 from infra.services.registry import SchemaRegistry
 from infra.services.worker import ColdWorkerService
 from infra.settings import Settings
@@ -39,7 +40,8 @@ class StackStatus:
 # Consumer groups whose lag `fleet status` shows: the cold and hot paths', the bridge's downlink.
 LAG_GROUPS = (
     ("fleetstream-cold", ("telemetry.raw", "device.events", "twin.state")),
-    ("fleetstream-hot", ("telemetry.raw", "twin.reported", "twin.desired")),
+    ("fleetstream-hot", ("telemetry.raw", "twin.reported", "twin.desired", "registry.commands")),
+    ("fleetstream-ota", ("ota.requests", "device.events", "alerts")),
     ("bridge-downlink", ("mqtt.downlink",)),
 )
 
@@ -57,6 +59,7 @@ class Stack:
         self.bridge = self.bridges[0]
         self.cold_worker = ColdWorkerService(settings)
         self.hot_worker = HotWorkerService(settings)
+        self.ota = OtaControllerService(settings)
         self.api = ApiService(settings)
 
     @property
@@ -69,6 +72,7 @@ class Stack:
             *self.bridges,
             self.cold_worker,
             self.hot_worker,
+            self.ota,
             self.api,
         ]
 
@@ -88,11 +92,13 @@ class Stack:
         for bridge in self.bridges:
             bridge.launch()
         self.hot_worker.launch()
+        self.ota.launch()
         self.api.launch()
         self.cold_worker.start(timeout)
         for bridge in self.bridges:
             bridge.wait_ready(timeout)
         self.hot_worker.wait_ready(timeout)
+        self.ota.wait_ready(timeout)
         self.api.wait_ready(timeout)
         self.enforcer.wait_ready(timeout)
         return self.status()
@@ -103,6 +109,7 @@ class Stack:
             self.api,
             *self.bridges,
             self.hot_worker,
+            self.ota,
             self.cold_worker,
             self.enforcer,
             self.mosquitto,

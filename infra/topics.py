@@ -25,6 +25,7 @@ class TopicSpec:
     cleanup: Literal["delete", "compact"] = "delete"
     retention_ms: int | None = 7 * DAY_MS
     partitions: int | None = None  # None: the stack's default partition count
+    max_message_bytes: int | None = None  # None: the broker's default (1 MiB)
 
     def config(self, settings: Settings) -> dict[str, str]:
         config = {
@@ -33,6 +34,8 @@ class TopicSpec:
         }
         if self.cleanup == "delete" and self.retention_ms is not None:
             config["retention.ms"] = str(self.retention_ms)
+        if self.max_message_bytes is not None:
+            config["max.message.bytes"] = str(self.max_message_bytes)
         return config
 
 
@@ -57,7 +60,17 @@ TOPICS: tuple[TopicSpec, ...] = (
     # Every decision on a command (applied, unchanged, denied, refused), kept a year.
     TopicSpec("audit.log", "device id or principal", "Avro AuditRecord", retention_ms=365 * DAY_MS),
     TopicSpec("rbac.grants", "principal", "Avro grant set", cleanup="compact"),
-    TopicSpec("ota.rollouts", "rollout id", "Avro Rollout", cleanup="compact"),
+    # A rollout record carries every device's progress (about 84 bytes each): room for 150k.
+    TopicSpec(
+        "ota.rollouts",
+        "rollout id",
+        "Avro Rollout",
+        cleanup="compact",
+        max_message_bytes=16 * 1024 * 1024,
+    ),
+    # Operators' requests (create, approve, pause, ...), answered on audit.log.
+    TopicSpec("ota.requests", "rollout id", "Avro OtaRequest"),
+    TopicSpec("ota.artifacts", "artifact id (sha256)", "Avro OtaArtifact", cleanup="compact"),
     TopicSpec("dlq.ingest", "original key", "original bytes + headers", retention_ms=30 * DAY_MS),
     TopicSpec("dlq.cold", "original key", "original bytes + headers", retention_ms=30 * DAY_MS),
     TopicSpec("dlq.hot", "original key", "original bytes + headers", retention_ms=30 * DAY_MS),

@@ -17,6 +17,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
+from infra.artifacts import Artifact
 from infra.settings import Settings
 from schemas.codec import AvroCodec, CodecRegistry, Decoded, load_schema
 from streams.alerts import (
@@ -26,7 +27,9 @@ from streams.alerts import (
     rule_from_record,
     rule_to_record,
 )
-from streams.rbac import GrantSet
+from streams.ota import Rollout
+from streams.ota import from_record as rollout_from_record
+from streams.rbac import GrantSet, Principal
 from streams.registry import AuditRecord, DeviceRecord, RegistryCommand, command_to_record
 from streams.tables import key_text, read_to_end
 from streams.twin import Twin, from_record
@@ -34,6 +37,7 @@ from streams.twin import Twin, from_record
 TWIN_STATE, DESIRED, RESPONSES = "twin.state", "twin.desired", "twin.responses"
 RULES, ALERTS, DEVICES = "alerts.rules", "alerts", "registry.devices"
 COMMANDS, AUDIT, GRANTS = "registry.commands", "audit.log", "rbac.grants"
+OTA_REQUESTS, ROLLOUTS, ARTIFACTS = "ota.requests", "ota.rollouts", "ota.artifacts"
 _SCHEMAS = {
     TWIN_STATE: "TwinState",
     DESIRED: "TwinDesired",
@@ -44,6 +48,9 @@ _SCHEMAS = {
     COMMANDS: "RegistryCommand",
     AUDIT: "AuditRecord",
     GRANTS: "GrantSet",
+    OTA_REQUESTS: "OtaRequest",
+    ROLLOUTS: "Rollout",
+    ARTIFACTS: "OtaArtifact",
 }
 
 
@@ -297,6 +304,53 @@ class HotPathClient:
         """Write `registry.devices` entries (Avro `Device` records), keyed by device id."""
         codec = self.codec(DEVICES)
         self._produce_many(DEVICES, [(r["device_id"], codec.encode(r)) for r in records])
+
+    # ------------------------------------------------------------------ OTA
+
+    def put_artifact(self, artifact: Artifact) -> None:
+        """Publish a stored artifact's record on `ota.artifacts` (key: its sha256)."""
+        value = self.codec(ARTIFACTS).encode(artifact.to_record())
+        self._produce(ARTIFACTS, artifact.artifact_id, value)
+
+    def ota_request(
+        self,
+        rollout_id: str,
+        kind: str,
+        principal: Principal,
+        *,
+        artifact_id: str | None = None,
+        target: str | None = None,
+        plan: Mapping[str, Any] | None = None,
+        comment: str | None = None,
+    ) -> AuditRecord:
+        """Ask the OTA controller (create, approve, reject, pause, resume, abort) and wait for
+        its decision: the audit record answering the request."""
+        request_id = uuid.uuid4().hex
+        record = {
+            "request_id": request_id,
+            "rollout_id": rollout_id,
+            "kind": kind,
+            "principal": str(principal),
+            "artifact_id": artifact_id,
+            "target": target,
+            "plan": None if plan is None else json.dumps(dict(plan)),
+            "comment": comment,
+            "ts": int(time.time() * 1000),
+        }
+        answers = self._request(
+            OTA_REQUESTS, {request_id: (rollout_id, record)}, AUDIT, "command_id", "OTA requests"
+        )
+        return AuditRecord.from_record(answers[request_id])
+
+    def rollouts(self) -> dict[str, Rollout]:
+        out: dict[str, Rollout] = {}
+        for msg in self._read_all(ROLLOUTS):
+            record = self._decode(ROLLOUTS, msg)
+            if record is None:
+                out.pop(key_text(msg), None)
+            else:
+                out[key_text(msg)] = rollout_from_record(record)
+        return out
 
     def close(self) -> None:
         if self._producer is not None:

@@ -35,6 +35,7 @@ def test_status_json_lists_every_service_and_topic(stack: Stack, settings: Setti
         "bridge-0",
         "cold-worker",
         "hot-worker",
+        "ota-controller",
         "api",
     }
     for name, service in services.items():

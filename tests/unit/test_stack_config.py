@@ -4,9 +4,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from infra.pki import (
+    BRIDGE_IDENTITIES,
+    MAX_BRIDGE_REPLICAS,
+    RESERVED_IDENTITIES,
+    CertificateAuthority,
+    PkiError,
+    generate_private_key,
+    make_csr,
+)
 from infra.services.base import PidRecord
 from infra.services.kafka import server_properties
-from infra.services.mosquitto import BrokerFiles, render_acl, render_config
+from infra.services.mosquitto import (
+    PLATFORM_IDENTITIES,
+    BrokerFiles,
+    bridge_identity,
+    render_acl,
+    render_config,
+)
 from infra.settings import Settings
 from infra.topics import TOPICS
 
@@ -41,6 +58,7 @@ def test_mosquitto_config_requires_client_certificates(tmp_path: Path) -> None:
         "listener 8883 127.0.0.1",
         "require_certificate true",
         "use_identity_as_username true",
+        "use_username_as_clientid true",  # a client's id is its certificate's CN
         "allow_anonymous false",
         "persistence true",
         f"crlfile {files.crl}",
@@ -54,6 +72,32 @@ def test_acl_gives_devices_their_own_subtree_and_the_orchestrator_everything() -
     assert "pattern readwrite devices/%u/#" in acl
     orchestrator = acl.index("user orchestrator")
     assert acl[orchestrator + 1] == "topic readwrite #"
+
+
+def test_each_bridge_replica_has_a_reserved_identity_with_the_orchestrators_topics() -> None:
+    acl = render_acl().splitlines()
+    orchestrator = acl.index("user orchestrator")
+    granted = acl[orchestrator + 1 : orchestrator + 4]
+    # As many identities as replicas may run, one per replica, each allowed what the
+    # orchestrator is (the client id is the identity: replicas must not share one).
+    field = Settings.model_fields["bridge_replicas"]
+    assert any(getattr(m, "le", None) == MAX_BRIDGE_REPLICAS for m in field.metadata)
+    assert [bridge_identity(i) for i in range(MAX_BRIDGE_REPLICAS)] == list(BRIDGE_IDENTITIES)
+    with pytest.raises(ValueError, match="out of range"):
+        bridge_identity(MAX_BRIDGE_REPLICAS)
+    for name in BRIDGE_IDENTITIES:
+        start = acl.index(f"user {name}")
+        assert acl[start + 1 : start + 4] == granted
+    users = {line.removeprefix("user ") for line in acl if line.startswith("user ")}
+    assert users == set(PLATFORM_IDENTITIES)  # nobody else is named
+    assert set(PLATFORM_IDENTITIES) <= RESERVED_IDENTITIES
+
+
+@pytest.mark.parametrize("name", ["bridge-0", "bridge-7", "Bridge-1", "enforcer-2"])
+def test_no_device_can_get_a_platform_identity(tmp_path: Path, name: str) -> None:
+    ca = CertificateAuthority.load_or_create(tmp_path)
+    with pytest.raises(PkiError, match="reserved"):
+        ca.issue_from_csr(make_csr(generate_private_key("ec"), name), name)
 
 
 def test_topic_contract_names_and_compaction() -> None:
@@ -73,7 +117,7 @@ def test_topic_contract_names_and_compaction() -> None:
     assert contract <= set(by_name)
     compacted = {n for n, t in by_name.items() if t.cleanup == "compact"}
     state = {"twin.state", "registry.devices", "rbac.grants", "ota.rollouts"}
-    assert compacted == state | {"alerts.rules", "alerts.state"}
+    assert compacted == state | {"alerts.rules", "alerts.state", "ota.artifacts"}
     # Changelogs are co-partitioned with the inputs whose state they keep.
     assert by_name["alerts.state"].partitions == by_name["telemetry.raw"].partitions
     assert by_name["_registry.journal"].partitions == 1

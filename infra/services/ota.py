@@ -1,0 +1,20 @@
+"""The OTA rollout controller (streams/ota_worker.py) as a service of `fleet up`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from infra.services.platform import PlatformProcess
+from infra.settings import Settings
+
+
+class OtaControllerService(PlatformProcess):
+    def __init__(self, settings: Settings) -> None:
+        # Shown at the Kafka address it consumes from; it listens on no port of its own.
+        super().__init__("ota-controller", settings, settings.kafka_port, "streams.ota_worker")
+
+    def bound_ports(self) -> Sequence[int]:
+        return ()
+
+    def ready(self) -> bool:
+        return self.reported_by_me() and bool(self.counters().get("ready"))

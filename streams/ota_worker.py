@@ -1,0 +1,434 @@
+"""`python -m streams.ota_worker`: the OTA rollout controller, run by `fleet up`.
+
+A thin loop around the pure state machine of streams/ota.py. It consumes operators' requests
+(`ota.requests`), devices' status reports (`device.events`, type `ota_status`), raised alerts
+(`alerts`) and telemetry arrival times (`telemetry.raw`, keys and timestamps only: nothing is
+decoded), in its own consumer group, `fleetstream-ota`. Per batch, in **one Kafka
+transaction**, it writes the rollouts that changed (`ota.rollouts`, compacted: the
+controller's changelog), the OTA commands they issued (`mqtt.downlink` ->
+`devices/<id>/ota/command`), the audit records (`audit.log`, which also answer the requests)
+and the batch's offsets. A controller killed mid-cohort restarts from the last commit with
+the rollouts committed with it: no command is sent twice.
+
+Rollouts span many devices, so they are not partitioned by device: the controller is one
+process (a static group member) holding every rollout; its inputs are small (one status
+report per device per command). The registry (`registry.devices`), grants (`rbac.grants`)
+and artifacts (`ota.artifacts`) are global tables. A device entering a rollout's target
+(provisioned, moved or re-activated) is a join, so it gets the update too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka.schema_registry import SchemaRegistryClient
+
+from infra.artifacts import Artifact
+from infra.settings import Settings, load_settings
+from infra.status_file import write_status
+from schemas.codec import AvroCodec, CodecRegistry, Decoded, load_schema
+from streams.alerts import alert_from_record
+from streams.ota import (
+    Abort,
+    AlertRaised,
+    ApprovalDecision,
+    Approve,
+    Command,
+    CreateRollout,
+    DeviceJoined,
+    Event,
+    Pause,
+    Resume,
+    Rollout,
+    RolloutPlan,
+    Tick,
+    from_record,
+    in_target,
+    report_from_event,
+    run,
+    to_record,
+)
+from streams.rbac import GrantSet, Principal, Resource
+from streams.registry import AuditDecision, AuditRecord, DeviceRecord
+from streams.tables import GlobalTable, key_text, read_to_end
+from streams.transactions import Transactions
+
+log = logging.getLogger("fleetstream.ota")
+
+OTA_GROUP = "fleetstream-ota"
+REQUESTS, EVENTS, ALERTS, TELEMETRY = "ota.requests", "device.events", "alerts", "telemetry.raw"
+ROLLOUTS, DOWNLINK, AUDIT = "ota.rollouts", "mqtt.downlink", "audit.log"
+DEVICES, GRANTS, ARTIFACTS = "registry.devices", "rbac.grants", "ota.artifacts"
+SCHEMAS = {
+    REQUESTS: "OtaRequest",
+    EVENTS: "DeviceEvent",
+    ALERTS: "Alert",
+    ROLLOUTS: "Rollout",
+    DOWNLINK: "Downlink",
+    AUDIT: "AuditRecord",
+    DEVICES: "Device",
+    GRANTS: "GrantSet",
+    ARTIFACTS: "OtaArtifact",
+}
+TICK_S = 1.0
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class OtaCounters:
+    requests: int = 0
+    reports: int = 0
+    alerts: int = 0
+    joins: int = 0
+    commands: int = 0
+    audits: int = 0
+    transactions: int = 0
+    rollouts: int = 0
+    active: int = 0
+
+
+@dataclass
+class Batch:
+    events: dict[str, list[Event]] = field(default_factory=lambda: defaultdict(list))
+    audits: list[AuditRecord] = field(default_factory=list)  # answers the controller itself gives
+
+
+def request_event(record: dict[str, object], artifacts: dict[str, Artifact]) -> Event | str:
+    """The event an `ota.requests` record asks for, or why it cannot be one."""
+    kind = str(record["kind"])
+    request_id = str(record["request_id"])
+    try:
+        principal = Principal.parse(str(record["principal"]))
+    except ValueError as exc:
+        return f"invalid principal: {exc}"
+    comment = record.get("comment")
+    note = None if comment is None else str(comment)
+    if kind == "create":
+        artifact = artifacts.get(str(record.get("artifact_id")))
+        if artifact is None:
+            return f"unknown artifact {record.get('artifact_id')!r}"
+        try:
+            target = Resource.parse(str(record.get("target")))
+            plan_text = record.get("plan")
+            plan = (
+                RolloutPlan()
+                if plan_text is None
+                else RolloutPlan.from_record(json.loads(str(plan_text)))
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            return f"invalid rollout: {exc}"
+        return CreateRollout(
+            request_id=request_id,
+            principal=principal,
+            rollout_id=str(record["rollout_id"]),
+            artifact=artifact,
+            target=target,
+            plan=plan,
+        )
+    if kind in ("approve", "reject"):
+        decision = ApprovalDecision.approved if kind == "approve" else ApprovalDecision.rejected
+        return Approve(request_id=request_id, principal=principal, decision=decision, comment=note)
+    if kind == "pause":
+        return Pause(request_id=request_id, principal=principal)
+    if kind == "resume":
+        return Resume(request_id=request_id, principal=principal)
+    return Abort(request_id=request_id, principal=principal, reason=note)
+
+
+class OtaWorker:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.counters = OtaCounters()
+        registry = CodecRegistry(SchemaRegistryClient({"url": settings.registry_url}))
+        self.codecs: dict[str, AvroCodec] = {
+            topic: registry.codec(topic, load_schema(schema)) for topic, schema in SCHEMAS.items()
+        }
+        self.rollouts: dict[str, Rollout] = {}
+        self.by_device: dict[str, set[str]] = defaultdict(set)  # device -> its rollouts
+        self.devices: dict[str, DeviceRecord] = {}
+        self.grants: dict[str, GrantSet] = {}
+        self.artifacts: dict[str, Artifact] = {}
+        self.last_seen: dict[str, int] = {}
+        self._joined: list[str] = []
+        self.device_table = GlobalTable(settings, DEVICES, self._apply_device)
+        self.grant_table = GlobalTable(settings, GRANTS, self._apply_grants)
+        self.artifact_table = GlobalTable(settings, ARTIFACTS, self._apply_artifact)
+        self.transactions = Transactions(settings, f"{OTA_GROUP}-0")
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": settings.bootstrap_servers,
+                "group.id": OTA_GROUP,
+                "group.instance.id": f"{OTA_GROUP}-0",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",
+            }
+        )
+        self._last_tick = 0.0
+
+    # ------------------------------------------------------------------ tables
+
+    def _decode(self, topic: str, msg: Message) -> dict[str, object] | None:
+        value = msg.value()
+        decoded = self.codecs[topic].decode(value) if value is not None else None
+        return decoded.record if isinstance(decoded, Decoded) else None
+
+    def _apply_device(self, msg: Message) -> None:
+        record = self._decode(DEVICES, msg)
+        device_id = key_text(msg)
+        if record is None:
+            self.devices.pop(device_id, None)
+            return
+        device = DeviceRecord.from_record(record)
+        before = self.devices.get(device_id)
+        self.devices[device_id] = device
+        if before is None or before.resource != device.resource or before.status != device.status:
+            self._joined.append(device_id)
+
+    def _apply_grants(self, msg: Message) -> None:
+        record = self._decode(GRANTS, msg)
+        if record is None:
+            self.grants.pop(key_text(msg), None)
+        else:
+            self.grants[key_text(msg)] = GrantSet.from_record(record)
+
+    def _apply_artifact(self, msg: Message) -> None:
+        record = self._decode(ARTIFACTS, msg)
+        if record is not None:
+            self.artifacts[key_text(msg)] = Artifact.from_record(record)
+
+    def _restore_rollouts(self) -> None:
+        """Every rollout, as last committed (the compacted `ota.rollouts`)."""
+        self.rollouts.clear()
+        self.by_device.clear()
+        reader = Consumer(
+            {
+                "bootstrap.servers": self.settings.bootstrap_servers,
+                "group.id": f"{OTA_GROUP}-restore",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "isolation.level": "read_committed",
+            }
+        )
+        try:
+            meta = reader.list_topics(ROLLOUTS, timeout=30).topics[ROLLOUTS]
+            tps = [TopicPartition(ROLLOUTS, p) for p in sorted(meta.partitions)]
+
+            def apply(msg: Message) -> None:
+                record = self._decode(ROLLOUTS, msg)
+                if record is None:
+                    self.rollouts.pop(key_text(msg), None)
+                else:
+                    self._keep(from_record(record))
+
+            read_to_end(reader, tps, apply, 60)
+        finally:
+            reader.close()
+
+    def _keep(self, rollout: Rollout) -> None:
+        self.rollouts[rollout.rollout_id] = rollout
+        for device_id in rollout.devices:
+            self.by_device[device_id].add(rollout.rollout_id)
+
+    # ------------------------------------------------------------------ the loop
+
+    def start(self) -> None:
+        self.transactions.start()
+        self.device_table.catch_up()
+        self.grant_table.catch_up()
+        self.artifact_table.catch_up()
+        self._joined.clear()  # the registry as it stands is what planning sees
+        self._restore_rollouts()
+        self.consumer.subscribe([REQUESTS, EVENTS, ALERTS, TELEMETRY])
+
+    def run(self, stopping: threading.Event) -> None:
+        self.start()
+        reported_at = 0.0
+        try:
+            while not stopping.is_set():
+                self.step()
+                if time.monotonic() - reported_at > 1.0:
+                    self.write_status()
+                    reported_at = time.monotonic()
+        finally:
+            self.close()
+
+    def step(self) -> None:
+        self.device_table.poll()
+        self.grant_table.poll()
+        self.artifact_table.poll()
+        messages = self.consumer.consume(5000, 0.05)
+        batch = Batch()
+        consumed = False
+        for msg in messages:
+            if msg.error() is None:
+                consumed = True
+                self._route(msg, batch)
+        self._route_joins(batch)
+        if time.monotonic() - self._last_tick >= TICK_S:
+            self._last_tick = time.monotonic()
+            tick = Tick(last_seen_ms=dict(self.last_seen))
+            for rollout_id, rollout in self.rollouts.items():
+                if not rollout.final:
+                    batch.events[rollout_id].append(tick)
+        if consumed or batch.events or batch.audits:
+            self._apply(batch, consumed)
+
+    def _route(self, msg: Message, batch: Batch) -> None:
+        topic = msg.topic()
+        if topic == TELEMETRY:
+            _kind, stamp = msg.timestamp()
+            self.last_seen[key_text(msg)] = stamp
+            return
+        record = self._decode(topic or "", msg)
+        if record is None:
+            return
+        if topic == REQUESTS:
+            self.counters.requests += 1
+            event = request_event(record, self.artifacts)
+            if isinstance(event, str):
+                batch.audits.append(self._refusal(record, event))
+            else:
+                batch.events[str(record["rollout_id"])].append(event)
+        elif topic == EVENTS:
+            report = report_from_event(record)
+            if report is not None:
+                self.counters.reports += 1
+                targets = self.by_device.get(report.device_id, set())
+                if report.rollout_id is not None and report.rollout_id in self.rollouts:
+                    targets = {report.rollout_id}
+                for rollout_id in targets:
+                    batch.events[rollout_id].append(report)
+        elif topic == ALERTS:
+            raised = AlertRaised.from_alert(alert_from_record(record))
+            if raised is not None:
+                self.counters.alerts += 1
+                for rollout_id in self.by_device.get(raised.device_id, set()):
+                    batch.events[rollout_id].append(raised)
+
+    def _route_joins(self, batch: Batch) -> None:
+        joined, self._joined = self._joined, []
+        for device_id in joined:
+            device = self.devices.get(device_id)
+            if device is None:
+                continue
+            for rollout in self.rollouts.values():
+                if (
+                    rollout.cohorts
+                    and device_id not in rollout.devices
+                    and in_target(rollout.target, device)
+                ):
+                    self.counters.joins += 1
+                    batch.events[rollout.rollout_id].append(DeviceJoined(device_id=device_id))
+
+    def _refusal(self, record: dict[str, object], reason: str) -> AuditRecord:
+        return AuditRecord(
+            ts_ms=now_ms(),
+            command_id=str(record["request_id"]),
+            command=f"ota.{record['kind']}",
+            principal=str(record["principal"]),
+            action="ota.create" if record["kind"] == "create" else "ota.control",
+            device_id=None,
+            resource=None if record.get("target") is None else str(record["target"]),
+            decision=AuditDecision.refused,
+            authorization="not evaluated: the request is invalid",
+            reason=reason,
+        )
+
+    def _apply(self, batch: Batch, consumed: bool) -> None:
+        now = now_ms()
+        changed: dict[str, Rollout] = {}
+        commands: list[Command] = []
+        audits = list(batch.audits)
+        for rollout_id, events in batch.events.items():
+            result = run(
+                self.rollouts.get(rollout_id),
+                events,
+                now_ms=now,
+                grants=self.grants,
+                devices=self.devices,
+            )
+            commands.extend(result.commands)
+            audits.extend(result.audits)
+            if result.changed and result.rollout is not None:
+                changed[rollout_id] = result.rollout
+
+        def produce(producer: Producer) -> None:
+            codecs = self.codecs
+            for rollout_id, rollout in changed.items():
+                producer.produce(
+                    ROLLOUTS, key=rollout_id, value=codecs[ROLLOUTS].encode(to_record(rollout))
+                )
+            for command in commands:
+                value = codecs[DOWNLINK].encode(command.to_downlink())
+                producer.produce(DOWNLINK, key=command.device_id, value=value)
+            for audit in audits:
+                value = codecs[AUDIT].encode(audit.to_record())
+                producer.produce(AUDIT, key=audit.device_id or audit.principal, value=value)
+
+        if self.transactions.commit(self.consumer, produce, consumed):
+            for rollout in changed.values():
+                self._keep(rollout)
+            self.counters.transactions += 1
+            self.counters.commands += len(commands)
+            self.counters.audits += len(audits)
+        else:  # aborted: back to what the last commit holds
+            self._restore_rollouts()
+            for tp in self.consumer.committed(self.consumer.assignment(), timeout=30):
+                if tp.offset >= 0:
+                    self.consumer.seek(tp)
+
+    # ------------------------------------------------------------------ status
+
+    @property
+    def status_path(self) -> Path:
+        return self.settings.run_dir / "ota-controller.json"
+
+    def write_status(self) -> None:
+        self.counters.rollouts = len(self.rollouts)
+        self.counters.active = sum(1 for r in self.rollouts.values() if not r.final)
+        write_status(
+            self.status_path,
+            {
+                "pid": os.getpid(),
+                "ready": True,
+                "states": {rid: str(r.state) for rid, r in self.rollouts.items()},
+                **asdict(self.counters),
+            },
+        )
+
+    def close(self) -> None:
+        self.write_status()
+        self.consumer.close()
+        for table in (self.device_table, self.grant_table, self.artifact_table):
+            table.close()
+        self.transactions.close()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = load_settings()
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    worker = OtaWorker(settings)
+    log.info("OTA controller up")
+    worker.run(stopping)
+    log.info("OTA controller stopped: %s", worker.counters)
+
+
+if __name__ == "__main__":
+    main()
