@@ -226,12 +226,19 @@ def demo(
     duration: float = typer.Option(60.0, min=1, help="Seconds of publishing."),
     rate: float = typer.Option(1.0, min=0.01, help="Telemetry messages per second per device."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON summary as the last line."),
+    ota: bool = typer.Option(False, "--ota", help="Also roll out new firmware to the fleet."),
+    ota_fail_rate: float = typer.Option(
+        0.0, min=0.0, max=1.0, help="Share of devices whose install fails (--ota)."
+    ),
 ) -> None:
     """The whole pipeline against a simulated fleet; the summary is counted with SQL."""
     from infra.demo import DemoPlan, run_demo
 
+    plan = DemoPlan(
+        devices, duration, rate, ota=ota or ota_fail_rate > 0, ota_fail_rate=ota_fail_rate
+    )
     try:
-        summary = run_demo(_settings(), DemoPlan(devices, duration, rate), console)
+        summary = run_demo(_settings(), plan, console)
     except ServiceError as exc:
         raise _fail(exc) from exc
     if as_json:

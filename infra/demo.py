@@ -16,13 +16,17 @@ import asyncio
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from infra.artifacts import ArtifactStore
+from infra.ota_summary import rollout_summary
 from infra.pki import CertificateAuthority
 from infra.provision import load_or_provision, register
 from infra.settings import Settings
@@ -31,41 +35,51 @@ from infra.stack import Stack
 from queries.runner import QueryError, fetch, render, warehouse_counts
 from streams.alerts import AlertRule, AlertStatus, RuleKind, ScopeType, Severity
 from streams.client import HotPathClient
+from streams.ota import RolloutPlan
+from streams.rbac import GrantSet, Principal, Resource, Role
+from streams.registry import AuditRecord
 from streams.twin import delta
 
-DEMO_GROUP = "demo"
-DEMO_RULES = (
-    # Failing devices vibrate at about 6x normal: critical, with a band against flapping.
-    AlertRule(
-        "demo-vibration",
-        ScopeType.group,
-        DEMO_GROUP,
-        "vibration_rms",
-        RuleKind.above,
-        threshold=3.0,
-        clear_threshold=2.0,
-        severity=Severity.critical,
-    ),
-    # Drifting sensors warm steadily.
-    AlertRule(
-        "demo-overheat",
-        ScopeType.group,
-        DEMO_GROUP,
-        "temperature",
-        RuleKind.above,
-        threshold=30.0,
-        clear_threshold=28.0,
-    ),
-    AlertRule(
-        "demo-battery-low",
-        ScopeType.group,
-        DEMO_GROUP,
-        "battery",
-        RuleKind.below,
-        threshold=15.0,
-        clear_threshold=20.0,
-    ),
-)
+DEMO_ORG, DEMO_PROJECT = "demo", "fleet"
+DEMO_OPERATOR, DEMO_APPROVER = "user:demo-operator", "user:demo-approver"
+
+
+def demo_rules(group: str) -> tuple[AlertRule, ...]:
+    """The alert rules of one demo run, scoped to its device group."""
+    return (
+        # Failing devices vibrate at about 6x normal; a band keeps a noisy one from flapping.
+        AlertRule(
+            f"{group}-vibration",
+            ScopeType.group,
+            group,
+            "vibration_rms",
+            RuleKind.above,
+            threshold=3.0,
+            clear_threshold=2.0,
+        ),
+        # Drifting sensors warm steadily.
+        AlertRule(
+            f"{group}-overheat",
+            ScopeType.group,
+            group,
+            "temperature",
+            RuleKind.above,
+            threshold=30.0,
+            clear_threshold=28.0,
+            severity=Severity.critical,
+        ),
+        AlertRule(
+            f"{group}-battery-low",
+            ScopeType.group,
+            group,
+            "battery",
+            RuleKind.below,
+            threshold=15.0,
+            clear_threshold=20.0,
+        ),
+    )
+
+
 DESIRED_CHANGE = {"sampling": {"vibration_hz": 200}, "led": "green"}
 
 ANALYST_QUERIES = (
@@ -91,6 +105,77 @@ class DemoPlan:
     duration: float
     rate: float
     drain_timeout: float = 180.0
+    ota: bool = False
+    ota_fail_rate: float = 0.0
+
+
+@dataclass
+class DemoRollout:
+    """The demo's OTA rollout: a fresh firmware image for this run's device group."""
+
+    rollout_id: str
+    artifact_root: Path
+    release_public_key: bytes
+    approved: bool = False
+
+    def approve(self, client: HotPathClient) -> None:
+        audit = client.ota_request(self.rollout_id, "approve", Principal.parse(DEMO_APPROVER))
+        self.approved = audit.decision in ("applied", "unchanged")
+
+    def summary(self, client: HotPathClient) -> dict[str, Any]:
+        rollout = client.rollouts().get(self.rollout_id)
+        if rollout is None:
+            return {"state": "missing", "updated": 0, "failed": 0, "rolled_back": 0}
+        full = rollout_summary(rollout)
+        return {k: full[k] for k in ("state", "updated", "failed", "rolled_back", "refused")}
+
+
+def _until_decided(ask: Callable[[], AuditRecord], deadline_s: float = 30.0) -> AuditRecord:
+    """Ask until the controller's tables (grants, artifacts, followed from Kafka) have caught
+    up with what the demo has just written."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        audit = ask()
+        if audit.decision in ("applied", "unchanged") or time.monotonic() > deadline:
+            return audit
+        time.sleep(0.5)
+
+
+def prepare_rollout(settings: Settings, client: HotPathClient, group: str) -> DemoRollout:
+    """Sign a new firmware image, grant the demo's operator and approver, create the rollout
+    (pending approval: nothing is sent yet)."""
+    store = ArtifactStore.open(settings.state_dir / "artifacts", settings.pki_dir)
+    image = f"fleetstream demo firmware 2.0.0 for {group}\n".encode() * 2048
+    artifact = store.add_bytes(image, "firmware", "2.0.0", name=f"{group}.bin")
+    client.put_artifact(artifact)
+    project = Resource(DEMO_ORG, DEMO_PROJECT)
+    operator, approver = Principal.parse(DEMO_OPERATOR), Principal.parse(DEMO_APPROVER)
+    client.put_grants(GrantSet.of(operator, (Role.operator, project)))
+    client.put_grants(GrantSet.of(approver, (Role.ota_approver, project)))
+    rollout_id = f"{group}-fw-2.0.0"
+    plan = RolloutPlan(
+        canary_size=5,
+        percentages=(1.0, 10.0, 100.0),
+        success_threshold=0.9,
+        error_threshold=0.05,
+        health_window_s=3.0,
+        cohort_timeout_s=20.0,
+        rollback_timeout_s=20.0,
+    )
+    target = str(Resource(DEMO_ORG, DEMO_PROJECT, group))
+    audit = _until_decided(
+        lambda: client.ota_request(
+            rollout_id,
+            "create",
+            operator,
+            artifact_id=artifact.artifact_id,
+            target=target,
+            plan=plan.to_record(),
+        )
+    )
+    if audit.decision not in ("applied", "unchanged"):
+        raise RuntimeError(f"the demo rollout was not created: {audit.reason}")
+    return DemoRollout(rollout_id, store.root, store.release_key.public_key_pem)
 
 
 def _bridges_total(stack: Stack, counter: str) -> int:
@@ -154,10 +239,13 @@ def run_demo(settings: Settings, plan: DemoPlan, console: Console) -> dict[str, 
         )
     client = HotPathClient(settings)
     started_ms = int(time.time() * 1000)
+    group = prefix.rstrip("-")  # this run's device group: its rules and rollout target
+    rules = demo_rules(group)
     with console.status("registering the fleet and its alert rules…"):
-        register(client, creds, "demo", "fleet", DEMO_GROUP)
-        for rule in DEMO_RULES:
+        register(client, creds, DEMO_ORG, DEMO_PROJECT, group)
+        for rule in rules:
             client.put_rule(rule)
+    ota = prepare_rollout(settings, client, group) if plan.ota else None
     dead_before = _bridges_total(stack, "dead_lettered")
     result: list[tuple[FleetStats, list[SimulatedDevice]]] = []
     stats_box: list[FleetStats] = []
@@ -165,7 +253,16 @@ def run_demo(settings: Settings, plan: DemoPlan, console: Console) -> dict[str, 
     def simulate() -> None:
         result.append(
             asyncio.run(
-                run_fleet(settings, creds, plan.rate, plan.duration, on_start=stats_box.append)
+                run_fleet(
+                    settings,
+                    creds,
+                    plan.rate,
+                    plan.duration,
+                    on_start=stats_box.append,
+                    artifact_root=ota.artifact_root if ota else None,
+                    release_public_key=ota.release_public_key if ota else None,
+                    ota_fail_rate=plan.ota_fail_rate,
+                )
             )
         )
 
@@ -179,6 +276,8 @@ def run_demo(settings: Settings, plan: DemoPlan, console: Console) -> dict[str, 
                 stored = _stored(settings, prefix)
                 live.update(_progress(stats_box[0], stack, stored))
                 running_s = time.monotonic() - stats_box[0].started_at
+                if ota is not None and not ota.approved and running_s > 2:
+                    ota.approve(client)  # the fleet is online: the canary can start
                 if not desired_sent and running_s > plan.duration / 3:
                     desired_sent = True  # devices get the delta live, or on reconnect
                     client.set_desired_many({c.device_id: DESIRED_CHANGE for c in creds})
@@ -196,6 +295,8 @@ def run_demo(settings: Settings, plan: DemoPlan, console: Console) -> dict[str, 
         except QueryError as exc:
             console.print(f"[red]{exc}[/]")
     converged = _converged_twins(client, prefix, plan.devices, deadline=time.monotonic() + 60)
+    for rule in rules:  # this run's rules go with it (tombstones on alerts.rules)
+        client.delete_rule(rule.rule_id)
     raised = [
         a
         for a in client.alerts(since_ms=started_ms)
@@ -214,4 +315,5 @@ def run_demo(settings: Settings, plan: DemoPlan, console: Console) -> dict[str, 
         "e2e_latency_ms": {"p50": latency[0], "p99": latency[1]},
         "events": stats.events,
         "duration_s": plan.duration,
+        **({"ota": ota.summary(client)} if ota is not None else {}),
     }
