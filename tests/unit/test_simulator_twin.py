@@ -382,11 +382,13 @@ def test_every_connect_subscribes_then_reports_the_whole_document(tmp_path: Path
         return device, client, stats
 
     device, client, stats = asyncio.run(scenario())
-    (first, sub), (second, again) = client.calls
-    assert (first, second) == ("subscribe", "resubscribe")
+    (first, subs), (second, again), (third, again_ota) = client.calls
+    assert (first, second, third) == ("subscribe", "resubscribe", "resubscribe")
+    sub, ota_sub = subs
     assert isinstance(sub, gmqtt.Subscription)
-    assert sub is again
+    assert (sub, ota_sub) == (again, again_ota)
     assert (sub.topic, sub.qos) == ("devices/dev-1/state/desired", 1)
+    assert (ota_sub.topic, ota_sub.qos) == ("devices/dev-1/ota/command", 1)
     queued = _queued(device)
     assert [topic for topic, _ in queued] == ["devices/dev-1/state/reported"] * 2
     assert [body["reported"] for _, body in queued] == [{"led": "on"}] * 2
