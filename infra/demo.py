@@ -116,6 +116,7 @@ class DemoRollout:
     rollout_id: str
     artifact_root: Path
     release_public_key: bytes
+    artifact_path: Path  # the stored image devices download
     approved: bool = False
 
     def approve(self, client: HotPathClient) -> None:
@@ -141,7 +142,20 @@ def _until_decided(ask: Callable[[], AuditRecord], deadline_s: float = 30.0) -> 
         time.sleep(0.5)
 
 
-def prepare_rollout(settings: Settings, client: HotPathClient, group: str) -> DemoRollout:
+DEMO_ROLLOUT_PLAN = RolloutPlan(
+    canary_size=5,
+    percentages=(1.0, 10.0, 100.0),
+    success_threshold=0.9,
+    error_threshold=0.05,
+    health_window_s=3.0,
+    cohort_timeout_s=20.0,
+    rollback_timeout_s=20.0,
+)
+
+
+def prepare_rollout(
+    settings: Settings, client: HotPathClient, group: str, plan: RolloutPlan = DEMO_ROLLOUT_PLAN
+) -> DemoRollout:
     """Sign a new firmware image, grant the demo's operator and approver, create the rollout
     (pending approval: nothing is sent yet)."""
     store = ArtifactStore.open(settings.state_dir / "artifacts", settings.pki_dir)
@@ -153,15 +167,6 @@ def prepare_rollout(settings: Settings, client: HotPathClient, group: str) -> De
     client.put_grants(GrantSet.of(operator, (Role.operator, project)))
     client.put_grants(GrantSet.of(approver, (Role.ota_approver, project)))
     rollout_id = f"{group}-fw-2.0.0"
-    plan = RolloutPlan(
-        canary_size=5,
-        percentages=(1.0, 10.0, 100.0),
-        success_threshold=0.9,
-        error_threshold=0.05,
-        health_window_s=3.0,
-        cohort_timeout_s=20.0,
-        rollback_timeout_s=20.0,
-    )
     target = str(Resource(DEMO_ORG, DEMO_PROJECT, group))
     audit = _until_decided(
         lambda: client.ota_request(
@@ -175,7 +180,12 @@ def prepare_rollout(settings: Settings, client: HotPathClient, group: str) -> De
     )
     if audit.decision not in ("applied", "unchanged"):
         raise RuntimeError(f"the demo rollout was not created: {audit.reason}")
-    return DemoRollout(rollout_id, store.root, store.release_key.public_key_pem)
+    return DemoRollout(
+        rollout_id,
+        store.root,
+        store.release_key.public_key_pem,
+        store.root / artifact.path,
+    )
 
 
 def _bridges_total(stack: Stack, counter: str) -> int:
