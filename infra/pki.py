@@ -33,8 +33,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = [
+    "BRIDGE_IDENTITIES",
     "DEVICE_ID_PATTERN",
+    "ENFORCER_IDENTITIES",
     "HOLD_REASON",
+    "MAX_BRIDGE_REPLICAS",
     "RESERVED_IDENTITIES",
     "CertificateAuthority",
     "KeyKind",
@@ -53,9 +56,17 @@ KeyKind = Literal["rsa", "ec"]
 PrivateKey: TypeAlias = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 _PublicKey: TypeAlias = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
-# "enforcer": the broker-enforcement process (ingest/enforcement.py), allowed only to end
-# device sessions through the broker's control API.
-RESERVED_IDENTITIES = frozenset({"orchestrator", "broker", "enforcer"})
+# The platform's MQTT identities. The broker makes a connection's client id its certificate CN
+# (`use_username_as_clientid`), so one identity holds one connection at a time: every bridge
+# replica has its own (`bridge-<replica>`, as many as Settings.bridge_replicas allows), and an
+# enforcer (ingest/enforcement.py, allowed only to end device sessions through the broker's
+# control API) takes the first free of a few. Reserved: no device may ever be issued one.
+MAX_BRIDGE_REPLICAS = 8
+BRIDGE_IDENTITIES = tuple(f"bridge-{replica}" for replica in range(MAX_BRIDGE_REPLICAS))
+ENFORCER_IDENTITIES = ("enforcer", "enforcer-1", "enforcer-2", "enforcer-3")
+RESERVED_IDENTITIES = frozenset(
+    {"orchestrator", "broker", *ENFORCER_IDENTITIES, *BRIDGE_IDENTITIES}
+)
 # At most 64 characters: RFC 5280 caps commonName at 64 (ub-common-name) and cryptography
 # refuses longer CNs. No '/', '+', '#' so an id is safe inside MQTT topics and file names.
 DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

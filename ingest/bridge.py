@@ -29,7 +29,7 @@ from confluent_kafka import KafkaError
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from gmqtt.mqtt.constants import MQTTv50
 
-from infra.services.mosquitto import ORCHESTRATOR, BrokerFiles, client_tls_context
+from infra.services.mosquitto import BrokerFiles, bridge_identity, client_tls_context
 from infra.settings import Settings
 from infra.status_file import write_status
 from ingest.downlink import DOWNLINK_TOPIC, DownlinkCounters, DownlinkRelay, MqttOut
@@ -140,7 +140,9 @@ class Bridge:
     def __init__(self, settings: Settings, replica: int = 0) -> None:
         self.settings = settings
         self.replica = replica
-        self.client_id = f"bridge-{replica}"
+        # Its own certificate identity: the broker makes the CN the client id, so replicas
+        # sharing one identity would take each other's connection over.
+        self.client_id = bridge_identity(replica)
         self.counters = BridgeCounters()
         self.stopping = asyncio.Event()
         self.connected = False
@@ -301,7 +303,10 @@ class Bridge:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
         files = BrokerFiles(self.settings.state_dir / "mosquitto", self.settings.pki_dir)
-        tls = client_tls_context(files.ca_cert, files.orchestrator_cert, files.orchestrator_key)
+        cert, key = files.identity_cert(self.client_id), files.identity_key(self.client_id)
+        if not cert.exists():
+            raise RuntimeError(f"no certificate {cert} for {self.client_id}: run `fleet up`")
+        tls = client_tls_context(files.ca_cert, cert, key)
         self._client = client = self._mqtt_client()
         await client.connect(
             self.settings.host, self.settings.mqtt_port, ssl=tls, version=MQTTv50, keepalive=30
@@ -309,7 +314,7 @@ class Bridge:
         for topic in subscriptions():
             client.subscribe(topic, qos=1)
         self.connected = True
-        log.info("bridge %s up as %s: %s", self.client_id, ORCHESTRATOR, subscriptions())
+        log.info("bridge %s up: %s", self.client_id, subscriptions())
         reporter = asyncio.create_task(self._report_forever())
         assert self._downlink_codec is not None
 

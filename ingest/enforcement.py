@@ -19,12 +19,9 @@ new TLS contexts on reload; checked: a ticket issued before the reload is not re
 weighed, each tried against the installed broker:
 
 - *Session takeover* (a platform identity connects with the device's client id, the broker
-  closes the old connection, then leaves with session expiry 0). Rejected: a device may connect
-  under any client id (Mosquitto checks only the certificate), so a device connected as
-  "xyz" escapes the takeover of its id. Forcing client id = identity
-  (`use_username_as_clientid`) is a listener-wide switch that would also give every bridge
-  replica (`orchestrator`, client ids `bridge-N`) the same client id, so they would take each
-  other over, and it would forbid the takeover itself.
+  closes the old connection, then leaves with session expiry 0). Impossible: the broker makes
+  every client id its certificate identity (`use_username_as_clientid`, so that no device can
+  take another's connection over), which forbids the takeover itself.
 - *The dynamic-security plugin* shipped with Mosquitto 2 (chosen). Its `deleteClient` command
   calls `mosquitto_kick_client_by_username`, which disconnects **every** connection whose
   username is the device id, whatever its client id; with `use_identity_as_username` the
@@ -43,7 +40,12 @@ Only the dedicated `enforcer` identity may publish to `$CONTROL/dynamic-security
 never matches a `$` topic, so neither the orchestrator nor devices can); whoever holds that
 power could grant devices topics through plugin roles, but the enforcer process also holds
 the CA key, which is strictly more power (it can mint any identity), so no new principal
-gains anything. The bridge keeps the orchestrator identity and its client ids untouched.
+gains anything.
+
+With the client id bound to the identity, two connections of one identity take each other
+over; an enforcer therefore claims the first free of the reserved enforcer identities
+(:func:`~infra.services.mosquitto.claim_identity`, a lock held while it runs), so a second one
+(a test's, beside the service) gets its own.
 
 Order matters: CRL written (atomically) -> SIGHUP -> kick. A kicked device that reconnects at
 once meets the reloaded CRL; if the reload fails, nothing is kicked and both are retried.
@@ -83,6 +85,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from infra.pki import (
     CRL_VALIDITY_DAYS,
     DEVICE_ID_PATTERN,
+    ENFORCER_IDENTITIES,
     RESERVED_IDENTITIES,
     CertificateAuthority,
     RevocationState,
@@ -94,6 +97,7 @@ from infra.services.mosquitto import (
     ENFORCER,
     BrokerFiles,
     Mosquitto,
+    claim_identity,
     client_tls_context,
     ensure_broker_identities,
 )
@@ -301,18 +305,34 @@ def kicked(
 
 
 class SessionEnder:
-    """An MQTT 5 client with the `enforcer` identity, talking to the dynamic-security plugin."""
+    """An MQTT 5 client with an enforcer identity, talking to the dynamic-security plugin.
+
+    It holds the first free enforcer identity until :meth:`close`; the broker makes that
+    identity its client id.
+    """
 
     def __init__(self, settings: Settings, files: BrokerFiles, timeout: float = 10.0) -> None:
         self.settings = settings
         self.timeout = timeout
-        self.client_id = f"{ENFORCER}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        claim = claim_identity(files, ENFORCER_IDENTITIES)
+        if claim is None:
+            raise EnforcementError(
+                f"all {len(ENFORCER_IDENTITIES)} enforcer identities are held by running "
+                "enforcers; stop one"
+            )
+        self._claim = claim
+        self.client_id = claim.name
+        try:
+            context = client_tls_context(
+                files.ca_cert, files.identity_cert(claim.name), files.identity_key(claim.name)
+            )
+        except BaseException:
+            claim.release()
+            raise
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5
         )
-        self._client.tls_set_context(
-            client_tls_context(files.ca_cert, files.enforcer_cert, files.enforcer_key)
-        )
+        self._client.tls_set_context(context)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_subscribe
@@ -479,6 +499,7 @@ class SessionEnder:
     def close(self) -> None:
         self._client.disconnect()
         self._client.loop_stop()
+        self._claim.release()  # after the loop: no reconnect under a released identity
 
 
 # --------------------------------------------------------------------------- the runner

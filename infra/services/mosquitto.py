@@ -1,13 +1,22 @@
 """Mosquitto (Debian package) with a generated config: MQTT 5 over mTLS only.
 
 Every client shows a certificate signed by the fleet CA; its CN becomes its username
-(`use_identity_as_username`), and the ACL lets a device touch `devices/<its CN>/#` only, while
-the platform's `orchestrator` identity may use every topic. Revoked serials are refused through
-the CRL, which the broker reads again on SIGHUP.
+(`use_identity_as_username`) and its client id too (`use_username_as_clientid`), whatever id it
+asked for. A client id is what MQTT sessions are keyed on, and a newcomer with the id of an open
+connection takes that connection over: so no device can disconnect another device or a platform
+client, nor take over a persistent session (the bridge's queue), by asking for its id.
+
+The ACL lets a device touch `devices/<its CN>/#` only, while the platform identities may use
+every topic: `orchestrator` (tests, benchmarks, tools) and one identity per bridge replica
+(`bridge-0`, `bridge-1`, ...: with the client id bound to the identity, replicas sharing one
+would take each other over). Those names are reserved (infra/pki.py): no device can get one.
+All are issued on the platform side by `fleet up`. One identity holds one connection at a time.
+Revoked serials are refused through the CRL, which the broker reads again on SIGHUP.
 
 A CRL reload refuses new connections but leaves open ones alone, so the broker also loads the
 dynamic-security plugin shipped with Mosquitto 2, used only as a control API to end sessions:
-the `enforcer` identity (ingest/enforcement.py), and no other, may publish to its control topic.
+the enforcer identities (ingest/enforcement.py; a running enforcer claims a free one with
+:func:`claim_identity`), and no other, may publish to its control topic.
 The plugin starts from an empty configuration on every start (no clients, roles or groups, every
 default access false): with `use_identity_as_username` it never authenticates anyone, and for a
 username it does not know it defers every ACL check, so the ACL file decides exactly as before.
@@ -15,6 +24,7 @@ username it does not know it defers every ACL check, so the ACL file decides exa
 
 from __future__ import annotations
 
+import fcntl
 import getpass
 import json
 import re
@@ -26,19 +36,29 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
-from infra.pki import CertificateAuthority
+from infra.pki import BRIDGE_IDENTITIES, ENFORCER_IDENTITIES, CertificateAuthority
 from infra.services.base import Service, ServiceError
 from infra.settings import Settings
 
 ORCHESTRATOR = "orchestrator"
-ENFORCER = "enforcer"
+ENFORCER = ENFORCER_IDENTITIES[0]
+# Every client identity the platform issues itself (all reserved in infra/pki.py).
+PLATFORM_IDENTITIES = (ORCHESTRATOR, *ENFORCER_IDENTITIES, *BRIDGE_IDENTITIES)
 # The dynamic-security plugin's control API (Mosquitto 2.0): commands in, responses out.
 DYNSEC_TOPIC = "$CONTROL/dynamic-security/v1"
 DYNSEC_RESPONSE_TOPIC = f"{DYNSEC_TOPIC}/response"
 DYNSEC_PLUGIN_NAME = "mosquitto_dynamic_security.so"
 # Where Debian's mosquitto package puts it (multiarch), then other common places.
 _DYNSEC_PLUGIN_GLOBS = ("/usr/lib/*-linux-gnu", "/usr/lib", "/usr/lib64", "/usr/local/lib")
+
+
+def bridge_identity(replica: int) -> str:
+    """The identity (certificate CN, hence MQTT client id) of bridge replica ``replica``."""
+    if not 0 <= replica < len(BRIDGE_IDENTITIES):
+        raise ValueError(f"bridge replica {replica} out of range 0..{len(BRIDGE_IDENTITIES) - 1}")
+    return BRIDGE_IDENTITIES[replica]
 
 
 def dynsec_plugin_path() -> Path:
@@ -90,30 +110,38 @@ class BrokerFiles:
     def dynsec_config(self) -> Path:
         return self.home / "dynamic-security.json"
 
+    def identity_cert(self, name: str) -> Path:
+        """The certificate of platform identity ``name`` (see PLATFORM_IDENTITIES)."""
+        return self.pki_dir / name / f"{name}.crt"
+
+    def identity_key(self, name: str) -> Path:
+        return self.pki_dir / name / f"{name}.key"
+
     @property
     def enforcer_cert(self) -> Path:
-        return self.pki_dir / ENFORCER / f"{ENFORCER}.crt"
+        return self.identity_cert(ENFORCER)
 
     @property
     def enforcer_key(self) -> Path:
-        return self.pki_dir / ENFORCER / f"{ENFORCER}.key"
+        return self.identity_key(ENFORCER)
 
     @property
     def orchestrator_cert(self) -> Path:
-        return self.pki_dir / ORCHESTRATOR / f"{ORCHESTRATOR}.crt"
+        return self.identity_cert(ORCHESTRATOR)
 
     @property
     def orchestrator_key(self) -> Path:
-        return self.pki_dir / ORCHESTRATOR / f"{ORCHESTRATOR}.key"
+        return self.identity_key(ORCHESTRATOR)
 
 
 def render_acl(
-    orchestrators: Sequence[str] = (ORCHESTRATOR,), enforcers: Sequence[str] = (ENFORCER,)
+    orchestrators: Sequence[str] = (ORCHESTRATOR, *BRIDGE_IDENTITIES),
+    enforcers: Sequence[str] = ENFORCER_IDENTITIES,
 ) -> str:
-    """Deny by default: a device gets its own subtree, platform identities everything.
+    """Deny by default: a device gets its own subtree, the orchestrator and bridges everything.
 
     An enforcer gets the dynamic-security control topic only (`#` never matches `$` topics, so
-    no orchestrator or device can reach it).
+    no orchestrator, bridge or device can reach it).
     """
     lines = ["# generated by fleetstream: edits are overwritten on `fleet up`"]
     for name in orchestrators:
@@ -174,7 +202,10 @@ def render_config(
             "max_packet_size 1048576",
             "set_tcp_nodelay true",
             f"acl_file {files.acl}",
-            "log_dest stdout",
+            # stderr, unbuffered: a line is in the service log (stdout and stderr both go
+            # there) as it happens. stdout into a file is block-buffered, so connection
+            # messages (who connected under which client id) showed up kilobytes late.
+            "log_dest stderr",
             "log_type error",
             "log_type warning",
             "log_type notice",
@@ -190,6 +221,9 @@ def render_config(
             f"crlfile {files.crl}",
             "require_certificate true",
             "use_identity_as_username true",
+            # Client id := username (the CN): nobody takes over a connection or session of
+            # another identity. Per listener in 2.0, and set on the only one there is.
+            "use_username_as_clientid true",
             "tls_version tlsv1.2",
             "",
         ]
@@ -210,19 +244,54 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def ensure_broker_identities(ca: CertificateAuthority, files: BrokerFiles) -> None:
-    """The broker's server certificate and the platform's client identities, made once."""
+    """The broker's server certificate and the platform's client identities, made once.
+
+    Every platform identity, whether or not it will run: the ACL names each of them, and a
+    bridge replica started later (more FLEET_BRIDGE_REPLICAS) finds its certificate ready.
+    """
     if not files.server_cert.exists():
         key_pem, cert_pem = ca.issue_server_certificate()
         _write_private(files.server_key, key_pem)
         files.server_cert.write_bytes(cert_pem)
-    if not files.orchestrator_cert.exists():
-        key_pem, cert_pem = ca.issue_identity(ORCHESTRATOR)
-        _write_private(files.orchestrator_key, key_pem)
-        files.orchestrator_cert.write_bytes(cert_pem)
-    if not files.enforcer_cert.exists():
-        key_pem, cert_pem = ca.issue_identity(ENFORCER)
-        _write_private(files.enforcer_key, key_pem)
-        files.enforcer_cert.write_bytes(cert_pem)
+    for name in PLATFORM_IDENTITIES:
+        if not files.identity_cert(name).exists():
+            key_pem, cert_pem = ca.issue_identity(name)
+            _write_private(files.identity_key(name), key_pem)
+            files.identity_cert(name).write_bytes(cert_pem)
+
+
+@dataclass
+class IdentityClaim:
+    """A platform identity this process holds (an exclusive lock) until :meth:`release`."""
+
+    name: str
+    _lock: IO[str]
+
+    def release(self) -> None:
+        self._lock.close()  # closing the file drops the lock
+
+
+def claim_identity(files: BrokerFiles, names: Sequence[str]) -> IdentityClaim | None:
+    """The first of ``names`` that no other live holder has claimed, or None if all are taken.
+
+    With the client id bound to the identity, two connections of one identity take each other
+    over; an exclusive `flock` per identity keeps concurrent holders apart (enforcers: the
+    service and, in tests, one more). The kernel drops the lock when its holder dies.
+    """
+    for name in names:
+        path = files.pki_dir / name / f"{name}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = path.open("a")
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        except OSError:
+            lock.close()
+            raise
+        return IdentityClaim(name, lock)
+    return None
 
 
 class Mosquitto(Service):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -9,10 +11,12 @@ from pathlib import Path
 from infra.pki import CertificateAuthority
 from infra.provision import provision_device
 from infra.services.base import wait_until
+from infra.services.bridge import BridgeService
 from infra.settings import Settings
 from infra.stack import Stack
 from tests.conftest import DeviceIdentity
-from tests.support.mqtt import connect
+from tests.support.kafka import collect
+from tests.support.mqtt import BrokerLog, MqttSession, connect
 
 NOT_AUTHORIZED = 135
 
@@ -110,3 +114,167 @@ def test_a_revoked_certificate_is_refused_after_the_crl_reload(
     session = connect(settings, still_fine.cert, still_fine.key, still_fine.device_id)
     assert session is not None
     session.close()
+
+
+# --------------------------------------------------------------------------- client ids
+
+
+def _telemetry(seq: int) -> bytes:
+    return json.dumps({"seq": seq, "ts": int(time.time() * 1000), "temperature": 21.5}).encode()
+
+
+def _intrude(
+    settings: Settings, attacker: DeviceIdentity, victim_id: str, log: BrokerLog
+) -> MqttSession:
+    """``attacker`` connects asking for ``victim_id`` (keeping any session under it)."""
+    session = connect(settings, attacker.cert, attacker.key, victim_id, clean_start=False)
+    assert session is not None
+    try:
+        # No session to resume: the victim's (live, or the bridge's persistent one) stays its own.
+        assert not session.session_present
+        # The broker named the connection after the certificate, not after the id it asked for.
+        assert wait_until(lambda: bool(log.client_ids(attacker.device_id)), timeout=5)
+        assert log.client_ids(attacker.device_id) == [attacker.device_id]
+    except BaseException:
+        session.close()
+        raise
+    return session
+
+
+def test_a_device_cannot_disconnect_another_by_using_its_client_id(
+    stack: Stack, settings: Settings, make_device: Callable[..., DeviceIdentity]
+) -> None:
+    victim, attacker = make_device(), make_device("atk")
+    log = BrokerLog(stack.mosquitto.log_path)
+    session = connect(settings, victim.cert, victim.key, victim.device_id)
+    assert session is not None
+    intruder = _intrude(settings, attacker, victim.device_id, log)
+    try:
+        # The victim's connection is left alone (a takeover would close it at once) ...
+        assert not session.disconnected.wait(2)
+        assert victim.device_id not in log.taken_over()
+        # ... and both publish, each under its own topics only.
+        topic = f"devices/{victim.device_id}/telemetry"
+        assert session.publish(topic, _telemetry(1)).value < 128
+        assert (
+            intruder.publish(f"devices/{attacker.device_id}/telemetry", _telemetry(1)).value < 128
+        )
+        assert intruder.publish(topic, _telemetry(2)).value == NOT_AUTHORIZED
+        assert not session.disconnected.is_set()
+        assert not intruder.disconnected.is_set()
+    finally:
+        intruder.close()
+        session.close()
+
+
+def test_a_device_cannot_disconnect_a_platform_client(
+    stack: Stack, settings: Settings, make_device: Callable[..., DeviceIdentity]
+) -> None:
+    log = BrokerLog(stack.mosquitto.log_path)
+    files = stack.mosquitto.files
+    asked = f"orch-{uuid.uuid4().hex[:8]}"
+    watcher = connect(settings, files.orchestrator_cert, files.orchestrator_key, asked)
+    assert watcher is not None
+    assert watcher.subscribe("devices/#")[0].value < 128
+    # One device asks for the id the platform client asked for, one for its identity's name.
+    attackers = [make_device("atk"), make_device("atk")]
+    intruders = [
+        _intrude(settings, attacker, victim_id, log)
+        for attacker, victim_id in zip(attackers, (asked, "orchestrator"), strict=True)
+    ]
+    try:
+        assert not watcher.disconnected.wait(2)
+        assert not {asked, "orchestrator"} & set(log.taken_over())
+        for attacker, intruder in zip(attackers, intruders, strict=True):
+            topic = f"devices/{attacker.device_id}/telemetry"
+            assert intruder.publish(topic, _telemetry(1)).value < 128
+        received = watcher.wait_for_messages(2)
+        assert {m.topic.split("/")[1] for m in received} == {a.device_id for a in attackers}
+        assert not watcher.disconnected.is_set()
+    finally:
+        for intruder in intruders:
+            intruder.close()
+        watcher.close()
+
+
+def test_a_device_cannot_take_over_the_bridges_session(
+    stack: Stack, settings: Settings, make_device: Callable[..., DeviceIdentity]
+) -> None:
+    attacker, device = make_device("atk"), make_device()
+    log = BrokerLog(stack.mosquitto.log_path)
+    bridge_id = stack.bridge.name  # the bridge's client id: "bridge-0"
+    intruder = _intrude(settings, attacker, bridge_id, log)
+    try:
+        # The bridge keeps its connection and its session, and goes on ingesting.
+        sender = connect(settings, device.cert, device.key, device.device_id)
+        assert sender is not None
+        try:
+            assert (
+                sender.publish(f"devices/{device.device_id}/telemetry", _telemetry(1)).value < 128
+            )
+        finally:
+            sender.close()
+        mine = device.device_id.encode()
+        stored = collect(
+            settings,
+            "telemetry.raw",
+            keep=lambda m: m.key() == mine,
+            done=lambda got: len(got) >= 1,
+        )
+        assert len(stored) == 1
+        assert bridge_id not in log.taken_over()
+        assert not intruder.disconnected.is_set()
+    finally:
+        intruder.close()
+
+
+def test_two_bridge_replicas_run_side_by_side(
+    stack: Stack, settings: Settings, make_device: Callable[..., DeviceIdentity]
+) -> None:
+    """Each replica has its own identity, so neither takes the other's connection over."""
+    log = BrokerLog(stack.mosquitto.log_path)
+    started = None if len(stack.bridges) >= 2 else BridgeService(settings, 1)
+    replicas = [stack.bridges[0], started or stack.bridges[1]]
+    if started is not None:
+        started.start(settings.startup_timeout_s)
+    try:
+        before = [replica.counters().get("accepted", 0) for replica in replicas]
+        device = make_device()
+        session = connect(settings, device.cert, device.key, device.device_id)
+        assert session is not None
+        topic = f"devices/{device.device_id}/telemetry"
+        try:
+            for seq in range(1, 41):
+                assert session.publish(topic, _telemetry(seq)).value < 128
+        finally:
+            session.close()
+        mine = device.device_id.encode()
+        stored = collect(
+            settings, "telemetry.raw", keep=lambda m: m.key() == mine, done=lambda g: len(g) >= 40
+        )
+        assert len(stored) == 40
+        # The shared subscription hands messages out in turn: both replicas took some.
+        assert wait_until(
+            lambda: all(
+                replica.counters().get("accepted", 0) > count
+                for replica, count in zip(replicas, before, strict=True)
+            ),
+            timeout=10,
+        )
+        assert all(replica.counters().get("connected") for replica in replicas)
+        assert not {r.name for r in replicas} & set(log.taken_over())
+    finally:
+        if started is not None:
+            started.stop()
+            # Its persistent session would go on taking its turn of the uplinks into a queue
+            # nobody reads: end it (a clean start with no expiry, under its own identity).
+            files = stack.mosquitto.files
+            leftover = connect(
+                settings,
+                files.identity_cert(started.name),
+                files.identity_key(started.name),
+                started.name,
+                clean_start=True,
+            )
+            assert leftover is not None
+            leftover.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import ssl
 import threading
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ class MqttSession:
     acks: dict[int, ReasonCode] = field(default_factory=dict)
     received: list[mqtt.MQTTMessage] = field(default_factory=list)
     disconnected: threading.Event = field(default_factory=threading.Event)
+    # CONNACK's Session Present: the broker resumed a session kept under this client id.
+    session_present: bool = False
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, timeout: float = 10) -> ReasonCode:
@@ -62,15 +65,22 @@ def connect(
     client_id: str,
     ca_cert: Path | None = None,
     timeout: float = 10,
+    clean_start: mqtt.CleanStartOption = mqtt.MQTT_CLEAN_START_FIRST_ONLY,
 ) -> MqttSession | None:
-    """An MQTT 5 session over mTLS, or None if the broker refused the client."""
+    """An MQTT 5 session over mTLS, or None if the broker refused the client.
+
+    ``client_id`` is what the client asks for; the broker names the connection after the
+    certificate's identity whatever it is (``use_username_as_clientid``).
+    """
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     client.tls_set_context(client_tls_context(ca_cert or settings.pki_dir / "ca.crt", cert, key))
     session = MqttSession(client)
     connected = threading.Event()
     outcome: list[ReasonCode] = []
 
-    def on_connect(_c, _u, _flags, reason, _props):  # type: ignore[no-untyped-def]
+    def on_connect(_c, _u, flags, reason, _props):  # type: ignore[no-untyped-def]
+        if not outcome:
+            session.session_present = bool(flags.session_present)
         outcome.append(reason)
         connected.set()
 
@@ -93,7 +103,7 @@ def connect(
     client.on_message = on_message
     client.on_disconnect = on_disconnect
     try:
-        client.connect(settings.host, settings.mqtt_port, keepalive=30)
+        client.connect(settings.host, settings.mqtt_port, keepalive=30, clean_start=clean_start)
     except (ssl.SSLError, OSError):
         return None
     client.loop_start()
@@ -103,3 +113,28 @@ def connect(
         client.disconnect()
         return None
     return session
+
+
+_CONNECTED = re.compile(r"New client connected from \S+ as (\S+) \(.*u'([^']*)'\)\.")
+_TAKEN_OVER = re.compile(r"Client (\S+) already connected, closing old connection\.")
+
+
+class BrokerLog:
+    """What the broker logged (``connection_messages true``) after this object was made."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.start = path.stat().st_size if path.exists() else 0
+
+    def text(self) -> str:
+        with self.path.open("rb") as log:
+            log.seek(self.start)
+            return log.read().decode("utf-8", "replace")
+
+    def client_ids(self, username: str) -> list[str]:
+        """The client ids the broker gave the connections of ``username``, in order."""
+        return [m[1] for m in _CONNECTED.finditer(self.text()) if m[2] == username]
+
+    def taken_over(self) -> list[str]:
+        """Client ids whose open connection the broker closed for a newcomer with that id."""
+        return [m[1] for m in _TAKEN_OVER.finditer(self.text())]

@@ -11,18 +11,28 @@ from cryptography import x509
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from infra.pki import HOLD_REASON, CertificateAuthority, PkiError, RevocationState
+from infra.pki import (
+    ENFORCER_IDENTITIES,
+    HOLD_REASON,
+    CertificateAuthority,
+    PkiError,
+    RevocationState,
+)
 from infra.services.mosquitto import (
     DYNSEC_RESPONSE_TOPIC,
     DYNSEC_TOPIC,
     BrokerFiles,
+    claim_identity,
+    ensure_broker_identities,
     render_acl,
     render_config,
     render_dynsec_config,
 )
 from infra.settings import Settings
 from ingest.enforcement import (
+    EnforcementError,
     Plan,
+    SessionEnder,
     Verdict,
     denied_devices,
     kick_commands,
@@ -160,7 +170,9 @@ def test_a_bad_serial_still_ends_the_session_and_is_reported() -> None:
     assert [device_id for device_id, _ in result.invalid] == ["a"]
 
 
-@pytest.mark.parametrize("name", ["orchestrator", "Enforcer", "broker", "bad/id"])
+@pytest.mark.parametrize(
+    "name", ["orchestrator", "Enforcer", "enforcer-1", "broker", "bridge-0", "Bridge-7", "bad/id"]
+)
 def test_platform_identities_and_bad_ids_are_never_kicked(name: str) -> None:
     result = plan({name: device(name, "revoked", 7)}, {})
     assert result.empty
@@ -338,17 +350,20 @@ def test_invalid_serials_are_refused(ca: CertificateAuthority, serial: int) -> N
 # --------------------------------------------------------------------------- broker config
 
 
-def test_only_the_enforcer_reaches_the_control_topic() -> None:
+def test_only_the_enforcers_reach_the_control_topic() -> None:
     acl = render_acl().splitlines()
     orchestrator = acl.index("user orchestrator")
-    assert acl[orchestrator + 1] == "topic readwrite #"  # unchanged: the bridge keeps it all
-    enforcer = acl.index("user enforcer")
-    assert acl[enforcer + 1 : enforcer + 3] == [
-        f"topic write {DYNSEC_TOPIC}",
-        f"topic read {DYNSEC_RESPONSE_TOPIC}",
-    ]
+    assert acl[orchestrator + 1] == "topic readwrite #"  # unchanged
+    bridge = acl.index("user bridge-0")
+    assert acl[bridge + 1] == "topic readwrite #"  # what the orchestrator has
+    for name in ENFORCER_IDENTITIES:
+        enforcer = acl.index(f"user {name}")
+        assert acl[enforcer + 1 : enforcer + 3] == [
+            f"topic write {DYNSEC_TOPIC}",
+            f"topic read {DYNSEC_RESPONSE_TOPIC}",
+        ]
     control = [line for line in acl if "$CONTROL" in line]
-    assert len(control) == 2  # nobody else, and no pattern names it
+    assert len(control) == 2 * len(ENFORCER_IDENTITIES)  # nobody else, and no pattern names it
     assert "pattern readwrite devices/%u/#" in acl
 
 
@@ -359,7 +374,29 @@ def test_the_broker_loads_the_plugin_with_an_empty_configuration(tmp_path: Path)
     assert f"plugin {plugin}" in lines
     assert f"plugin_opt_config_file {files.dynsec_config}" in lines
     assert "use_identity_as_username true" in lines  # the plugin never authenticates
-    assert not any(line.startswith("use_username_as_clientid") for line in lines)
+    assert "use_username_as_clientid true" in lines  # no takeover of another identity's id
     config = json.loads(render_dynsec_config())
     assert config["clients"] == config["groups"] == config["roles"] == []
     assert not any(config["defaultACLAccess"].values())
+
+
+def test_concurrent_enforcers_hold_distinct_identities(tmp_path: Path) -> None:
+    # The broker makes the certificate identity the client id: two enforcers sharing one would
+    # take each other's connection over, so each claims its own until it closes.
+    files = BrokerFiles(home=tmp_path / "mosquitto", pki_dir=tmp_path / "pki")
+    ensure_broker_identities(CertificateAuthority.load_or_create(files.pki_dir), files)
+    config = Settings(state_dir=tmp_path)
+    first, second = SessionEnder(config, files), SessionEnder(config, files)
+    assert (first.client_id, second.client_id) == ENFORCER_IDENTITIES[:2]
+    first.close()
+    third = SessionEnder(config, files)  # the released identity is free again
+    assert third.client_id == ENFORCER_IDENTITIES[0]
+    held = [claim_identity(files, ENFORCER_IDENTITIES) for _ in ENFORCER_IDENTITIES[2:]]
+    assert all(held)
+    with pytest.raises(EnforcementError, match="held by running enforcers"):
+        SessionEnder(config, files)
+    for claim in held:
+        assert claim is not None
+        claim.release()
+    second.close()
+    third.close()
