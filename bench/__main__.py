@@ -39,16 +39,16 @@ def main() -> None:
         results = []
         if "ingest" in chosen:
             results += ingest.run(settings)
-            # Scaled out on this machine's two cores: two replicas share the subscription.
-            two = settings.model_copy(update={"bridge_replicas": 2})
-            results += ingest.run(two)
-            Stack(two).bridges[1].stop()
         if "cold" in chosen:
             results += cold.run_cold(settings)
         if "pipeline" in chosen:
             results += cold.run_pipeline(settings)
         if "hot" in chosen:
             results += hot.run_hot(settings)
+        if "ingest" in chosen:
+            # Scaled out on this machine's two cores: two replicas share the subscription. Last:
+            # a stopped replica's persistent session would keep taking its share of messages.
+            results += ingest.run(settings.model_copy(update={"bridge_replicas": 2}))
     finally:
         Stack(settings).down()
     table = Table(title="fleetstream benchmarks")
