@@ -11,7 +11,8 @@ of decoded Avro records becomes a pyarrow Table column by column and is sent wit
    different batch is one row after merges, and every read goes through ``FINAL``.
 
 ``twin_history`` follows the same design on (device_id, version) (its token also hashes
-last_reported_seq, see :data:`TOKEN_KEYS`).
+last_reported_seq, see :data:`TOKEN_KEYS`), ``ota_events`` on (rollout_id, cohort,
+updated_at) (see :data:`TOKEN_ID_COLUMN`).
 
 Errors are typed for the caller's retry loop: :class:`SinkUnavailable` means "nothing was
 stored, or a re-send is a no-op: back off and retry the same batch"; :class:`InvalidBatch`
@@ -54,6 +55,8 @@ from queries.sqltext import check_read_only
 __all__ = [
     "EVENTS_TABLE",
     "EVENT_SCHEMA",
+    "OTA_EVENTS_SCHEMA",
+    "OTA_EVENTS_TABLE",
     "TELEMETRY_SCHEMA",
     "TELEMETRY_TABLE",
     "TWIN_HISTORY_SCHEMA",
@@ -69,6 +72,7 @@ __all__ = [
     "events_to_arrow",
     "json_value",
     "normalize_dsn",
+    "ota_events_to_arrow",
     "telemetry_to_arrow",
     "twin_history_to_arrow",
 ]
@@ -79,6 +83,7 @@ Role: TypeAlias = Literal["read", "write"]
 TELEMETRY_TABLE: Final = "telemetry"
 EVENTS_TABLE: Final = "device_events"
 TWIN_HISTORY_TABLE: Final = "twin_history"
+OTA_EVENTS_TABLE: Final = "ota_events"
 # The tables keyed on (device_id, seq): what the count helpers (STORED_SQL, DUPLICATES_SQL)
 # and `fleet demo` count. twin_history is keyed on (device_id, version), so it is not here.
 DEDUPLICATED_TABLES: Final = frozenset({TELEMETRY_TABLE, EVENTS_TABLE})
@@ -90,7 +95,28 @@ TOKEN_KEYS: Final[Mapping[str, tuple[str, ...]]] = {
     TELEMETRY_TABLE: ("seq",),
     EVENTS_TABLE: ("seq",),
     TWIN_HISTORY_TABLE: ("version", "last_reported_seq"),
+    # (rollout_id, cohort, updated_at) identifies a row. Two rollout versions written in the
+    # same millisecond share it: their tokens differ by state and counts, so the later one is
+    # not dropped at insert (and, inserted last, it is the copy FINAL keeps).
+    OTA_EVENTS_TABLE: (
+        "cohort",
+        "updated_at",
+        "state",
+        "current_cohort",
+        "devices",
+        "planned",
+        "skipped",
+        "sent",
+        "in_progress",
+        "succeeded",
+        "failed",
+        "rollback_sent",
+        "rolled_back",
+        "rollback_failed",
+    ),
 }
+# The first (string) key a token hashes, when a table is not keyed on device_id.
+TOKEN_ID_COLUMN: Final[Mapping[str, str]] = {OTA_EVENTS_TABLE: "rollout_id"}
 
 _MS_UTC = pa.timestamp("ms", tz="UTC")
 TELEMETRY_SCHEMA: Final = pa.schema(
@@ -129,6 +155,31 @@ TWIN_HISTORY_SCHEMA: Final = pa.schema(
         pa.field("delta", pa.string(), nullable=False),
         pa.field("delta_keys", pa.uint32(), nullable=False),
         pa.field("last_reported_seq", pa.int64(), nullable=False),
+    ]
+)
+_COUNT = pa.uint32()
+# One row per (rollout, cohort) of a rollout version; the counts are devices of the cohort per
+# progress status (in_progress = downloading + verifying + installing).
+OTA_EVENTS_SCHEMA: Final = pa.schema(
+    [
+        pa.field("rollout_id", pa.string(), nullable=False),
+        pa.field("updated_at", _MS_UTC, nullable=False),
+        pa.field("state", pa.string(), nullable=False),
+        pa.field("version", pa.string(), nullable=False),
+        pa.field("target", pa.string(), nullable=False),
+        pa.field("current_cohort", pa.int32(), nullable=False),
+        pa.field("cohort", _COUNT, nullable=False),
+        pa.field("devices", _COUNT, nullable=False),
+        pa.field("planned", _COUNT, nullable=False),
+        pa.field("skipped", _COUNT, nullable=False),
+        pa.field("sent", _COUNT, nullable=False),
+        pa.field("in_progress", _COUNT, nullable=False),
+        pa.field("succeeded", _COUNT, nullable=False),
+        pa.field("failed", _COUNT, nullable=False),
+        pa.field("rollback_sent", _COUNT, nullable=False),
+        pa.field("rolled_back", _COUNT, nullable=False),
+        pa.field("rollback_failed", _COUNT, nullable=False),
+        pa.field("reason", pa.string()),
     ]
 )
 
@@ -242,27 +293,47 @@ def twin_history_to_arrow(rows: Sequence[Record]) -> pa.Table:
     return records_to_arrow(rows, TWIN_HISTORY_SCHEMA)
 
 
+def ota_events_to_arrow(rows: Sequence[Record]) -> pa.Table:
+    """``ota_events`` rows as its columns.
+
+    The rows are built from decoded ``Rollout`` records by the cold worker
+    (``streams.app.ota_events_rows``): counting devices per status is the rollout's domain
+    (``streams.ota``), and the sink imports nothing from the stream layer.
+    """
+    return records_to_arrow(rows, OTA_EVENTS_SCHEMA)
+
+
+def _hash_strings(digest: Any, column: pa.Array) -> None:
+    """Feed a string column to ``digest``: each value's length, then the bytes."""
+    strings = column.cast(pa.large_string())
+    offsets = np.frombuffer(strings.buffers()[1], dtype="<i8")
+    offsets = offsets[strings.offset : strings.offset + len(strings) + 1]
+    data = strings.buffers()[2]
+    digest.update(np.diff(offsets).astype("<i8").tobytes())
+    if data is not None:
+        digest.update(memoryview(data)[int(offsets[0]) : int(offsets[-1])])
+
+
 def dedup_token(table: str, batch: pa.Table) -> str:
     """A token naming the batch's content: the table and its sorted key columns (device_id,
-    then :data:`TOKEN_KEYS`: ``seq`` for messages).
+    or the table's :data:`TOKEN_ID_COLUMN`, then :data:`TOKEN_KEYS`: ``seq`` for messages).
 
     (device_id, seq) identifies a message, so two batches with the same keys hold the same
     messages: the token does not depend on row order or on how the columns are chunked.
     """
-    names = ["device_id", *TOKEN_KEYS.get(table, ("seq",))]
+    names = [TOKEN_ID_COLUMN.get(table, "device_id"), *TOKEN_KEYS.get(table, ("seq",))]
     keys = batch.select(names)
     order = pc.sort_indices(keys, sort_keys=[(name, "ascending") for name in names])
-    device_ids = pc.take(keys.column("device_id"), order).combine_chunks().cast(pa.large_string())
     digest = hashlib.sha256(f"fleetstream/v1/{table}\0{len(batch)}\0".encode())
     if len(batch):
-        offsets = np.frombuffer(device_ids.buffers()[1], dtype="<i8")
-        offsets = offsets[device_ids.offset : device_ids.offset + len(device_ids) + 1]
-        data = device_ids.buffers()[2]
-        digest.update(np.diff(offsets).astype("<i8").tobytes())
-        digest.update(memoryview(data)[int(offsets[0]) : int(offsets[-1])])
-        for name in names[1:]:
+        for name in names:
             column = pc.take(keys.column(name), order).combine_chunks()
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                _hash_strings(digest, column)
+                continue
             wide = "<u8" if pa.types.is_unsigned_integer(column.type) else "<i8"
+            if pa.types.is_timestamp(column.type):
+                column = column.cast(pa.int64())
             digest.update(column.to_numpy(zero_copy_only=False).astype(wide).tobytes())
     return f"{table}-{digest.hexdigest()}"
 
@@ -492,6 +563,10 @@ class ClickHouseSink:
     def write_twin_history(self, rows: Sequence[Record]) -> WriteResult:
         """Store ``twin_history`` rows (see :func:`twin_history_to_arrow`; exactly once)."""
         return self.write_arrow(TWIN_HISTORY_TABLE, twin_history_to_arrow(rows))
+
+    def write_ota_events(self, rows: Sequence[Record]) -> WriteResult:
+        """Store ``ota_events`` rows (see :func:`ota_events_to_arrow`; exactly once)."""
+        return self.write_arrow(OTA_EVENTS_TABLE, ota_events_to_arrow(rows))
 
     def write_arrow(self, table: str, batch: pa.Table) -> WriteResult:
         """Insert an Arrow table whose columns are ``table``'s, with its dedup token."""

@@ -7,6 +7,8 @@ settings object.
 Besides telemetry and device events it loads `twin.state` into `twin_history` (one row per twin
 version). That topic is written by the hot worker's transactional producer: the consumer's
 default isolation.level (read_committed) is what keeps aborted twin states out; keep it.
+It also loads `ota.rollouts` (compacted, the OTA controller's rollout states) into `ota_events`
+(one row per rollout version and cohort: state and device counts per progress status).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from infra.status_file import write_status
 from schemas.codec import CodecRegistry, load_schema
 from sinks.clickhouse import (
     EVENTS_TABLE,
+    OTA_EVENTS_TABLE,
     TELEMETRY_TABLE,
     TWIN_HISTORY_TABLE,
     ClickHouseSink,
@@ -37,6 +40,8 @@ from sinks.clickhouse import (
     WriteResult,
 )
 from streams.cold import DLQ_TOPIC, ColdCounters, ColdPath, DeadLetter, SourceRecord
+from streams.ota import Progress, Rollout
+from streams.ota import from_record as rollout_from_record
 from streams.source import COLD_GROUP, BatchSource
 from streams.twin import TwinDocumentError, delta, from_record
 
@@ -46,6 +51,20 @@ SOURCES = {
     TELEMETRY_TABLE: ("telemetry.raw", "Telemetry"),
     EVENTS_TABLE: ("device.events", "DeviceEvent"),
     TWIN_HISTORY_TABLE: ("twin.state", "TwinState"),
+    OTA_EVENTS_TABLE: ("ota.rollouts", "Rollout"),
+}
+
+# ota_events count columns: the progress statuses each one adds up.
+OTA_COUNT_COLUMNS: dict[str, tuple[Progress, ...]] = {
+    "planned": (Progress.planned,),
+    "skipped": (Progress.skipped,),
+    "sent": (Progress.sent,),
+    "in_progress": (Progress.downloading, Progress.verifying, Progress.installing),
+    "succeeded": (Progress.succeeded,),
+    "failed": (Progress.failed,),
+    "rollback_sent": (Progress.rollback_sent,),
+    "rolled_back": (Progress.rolled_back,),
+    "rollback_failed": (Progress.rollback_failed,),
 }
 
 
@@ -87,6 +106,53 @@ def twin_history_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, An
             raise InvalidBatch(f"twin_history: record {i} (device {device!r}): {exc}") from exc
         rows.append(row)
     return rows
+
+
+def rollout_rows(rollout: Rollout) -> list[dict[str, Any]]:
+    """One rollout version as ``ota_events`` rows: one per cohort, with the rollout's state,
+    artifact version, target, current cohort and reason, the cohort's number of devices and
+    how many of them are in each status (:data:`OTA_COUNT_COLUMNS`). A rollout not split into
+    cohorts yet gives one row, cohort 0, with zero counts, so every transition is recorded."""
+    common = {
+        "rollout_id": rollout.rollout_id,
+        "updated_at": rollout.updated_ms,
+        "state": str(rollout.state),
+        "version": rollout.artifact.version,
+        "target": str(rollout.target),
+        "current_cohort": rollout.cohort_index,
+        "reason": rollout.reason,
+    }
+    rows = []
+    for index, members in enumerate(rollout.cohorts or ((),)):
+        counts = rollout.counts(index)
+        row = {**common, "cohort": index, "devices": len(members)}
+        for column, statuses in OTA_COUNT_COLUMNS.items():
+            row[column] = sum(counts[status] for status in statuses)
+        rows.append(row)
+    return rows
+
+
+def ota_events_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Decoded ``Rollout`` records as ``ota_events`` rows (:func:`rollout_rows` of each).
+
+    Done here, not in the sink: the rollout is the OTA core's domain (``streams.ota``). The
+    controller may write several versions of a rollout in one millisecond (same updated_ms,
+    hence the same (rollout_id, cohort, updated_at) keys): of those in one batch only the last
+    (the newest, in topic order) is kept, so the table never holds two states for one key.
+    A record that does not decode raises :class:`InvalidBatch`, so the cold path dead-letters
+    the batch.
+    """
+    latest: dict[tuple[str, int], Rollout] = {}
+    for i, record in enumerate(records):
+        try:
+            rollout = rollout_from_record(record)
+        except (KeyError, TypeError, ValueError) as exc:
+            rollout_id = record.get("rollout_id", "?")
+            raise InvalidBatch(f"ota_events: record {i} (rollout {rollout_id!r}): {exc}") from exc
+        key = (rollout.rollout_id, rollout.updated_ms)
+        latest.pop(key, None)  # re-inserted: dicts keep insertion order, so topic order holds
+        latest[key] = rollout
+    return [row for rollout in latest.values() for row in rollout_rows(rollout)]
 
 
 class DeadLetterProducer:
@@ -134,10 +200,14 @@ class ColdWorker:
         def write_twin_history(records: list[dict[str, Any]]) -> WriteResult:
             return self.sink.write_twin_history(twin_history_rows(records))
 
+        def write_ota_events(records: list[dict[str, Any]]) -> WriteResult:
+            return self.sink.write_ota_events(ota_events_rows(records))
+
         return {
             TELEMETRY_TABLE: self.sink.write_telemetry,
             EVENTS_TABLE: self.sink.write_events,
             TWIN_HISTORY_TABLE: write_twin_history,
+            OTA_EVENTS_TABLE: write_ota_events,
         }
 
     async def _in_sink_thread(self, fn: Any, *args: Any) -> Any:

@@ -16,6 +16,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,9 @@ from sinks.clickhouse import (
     SinkUnavailable,
 )
 from sinks.query_server import QueryServer, start_query_server
-from streams.app import twin_history_rows
+from streams.app import ota_events_rows, twin_history_rows
+from streams.ota import OtaStatus
+from streams.ota import to_record as rollout_to_record
 from streams.twin import Accepted, Twin, apply_desired, apply_reported, to_record
 
 MINUTE_MS = 60_000
@@ -568,3 +571,138 @@ def test_twin_history_query_at_a_time_and_latest(
     assert latest["last_reported_seq"] == 11
     with pytest.raises(QueryError, match="CANNOT_PARSE"):
         rows(via, "queries/twin_history.sql", at="yesterday-ish", device_prefix=prefix)
+
+
+# --- OTA events ----------------------------------------------------------------------------
+
+
+def ota_rollout_versions(rollout_id: str) -> list[dict[str, Any]]:
+    """``Rollout`` records of one rollout on 10 devices (cohorts of 2, 3 and 5): created,
+    running with a canary half done, then the canary passed and cohort 1 2/3 done."""
+    from tests.unit.test_ota import Harness, fleet
+
+    h = Harness(fleet(10, prefix=rollout_id))
+    versions = []
+    h.create()
+    versions.append(replace(h.r, rollout_id=rollout_id))
+    h.approve()
+    h.tick(1)
+    canary = h.r.current_cohort
+    h.tick(1)
+    h.succeed(canary[:1])
+    versions.append(replace(h.r, rollout_id=rollout_id))
+    h.pass_cohort()
+    assert h.r.cohort_index == 1
+    cohort = h.r.current_cohort
+    h.tick(1)
+    h.succeed(cohort[:2])
+    h.report(cohort[2], OtaStatus.downloading)
+    versions.append(replace(h.r, rollout_id=rollout_id))
+    assert len({v.updated_ms for v in versions}) == 3
+    return [rollout_to_record(v) for v in versions]
+
+
+def test_a_rollout_written_twice_is_one_row_per_cohort_and_version(
+    sink: ClickHouseSink, raw: Client, prefix: str
+) -> None:
+    rollout_id = f"{prefix}ro"
+    versions = ota_rollout_versions(rollout_id)
+
+    def raw_rows() -> int:
+        result = raw.query(
+            "SELECT count() FROM ota_events WHERE rollout_id = {r:String}",
+            parameters={"r": rollout_id},
+        )
+        return int(result.result_rows[0][0])
+
+    raw.command("SYSTEM STOP MERGES ota_events")
+    try:
+        first = sink.write_ota_events(ota_events_rows(versions[:2]))
+        again = sink.write_ota_events(ota_events_rows(versions[1::-1]))  # re-delivered
+        assert first.token == again.token
+        assert first.rows == 1 + 3  # created: one row; running: one per cohort
+        assert raw_rows() == 4  # dropped at insert
+        sink.write_ota_events(ota_events_rows(versions))  # the first two again, another batch
+        assert raw_rows() == 4 + 4 + 3  # both copies until a merge
+        final = sink.query(
+            "SELECT cohort, updated_at, count() AS n FROM ota_events FINAL "
+            "WHERE rollout_id = {r:String} GROUP BY cohort, updated_at",
+            {"r": rollout_id},
+        )
+        assert len(final.rows) == 7
+        assert {row[2] for row in final.rows} == {1}
+    finally:
+        raw.command("SYSTEM START MERGES ota_events")
+    raw.command("OPTIMIZE TABLE ota_events FINAL")
+    assert raw_rows() == 7
+
+
+def test_ota_progress_per_rollout_and_cohort(
+    sink: ClickHouseSink, via: Settings, prefix: str
+) -> None:
+    rollout_id = f"{prefix}ro"
+    versions = ota_rollout_versions(rollout_id)
+    sink.write_ota_events(ota_events_rows(versions))
+    pending = f"{prefix}pending"
+    sink.write_ota_events(ota_events_rows([{**versions[0], "rollout_id": pending}]))
+
+    def progress(**params: str) -> list[tuple[Any, ...]]:
+        return [
+            (
+                r["rollout_id"],
+                r["cohort"],
+                r["state"],
+                r["current_cohort"],
+                r["cohort_size"],
+                r["succeeded"],
+                r["failed"],
+                r["rolled_back"],
+                r["in_progress"],
+                r["share_succeeded"],
+            )
+            for r in rows(via, "queries/ota_progress.sql", **params)
+        ]
+
+    assert progress(rollout_id=rollout_id) == [
+        (rollout_id, 0, "running", 1, 2, 2, 0, 0, 0, 1.0),
+        (rollout_id, 1, "running", 1, 3, 2, 0, 0, 1, 0.6667),
+        (rollout_id, 2, "running", 1, 5, 0, 0, 0, 0, 0.0),
+    ]
+    assert progress(rollout_id=pending) == [
+        (pending, 0, "pending_approval", -1, 0, 0, 0, 0, 0, None)
+    ]
+    everything = progress()
+    assert [r[:2] for r in everything if r[0].startswith(prefix)] == [
+        (pending, 0),
+        (rollout_id, 0),
+        (rollout_id, 1),
+        (rollout_id, 2),
+    ]
+    (latest, *_) = rows(via, "queries/ota_progress.sql", rollout_id=rollout_id)
+    assert latest["version"] == versions[-1]["artifact"]["version"]
+    assert (
+        latest["updated_at"]
+        == datetime.fromtimestamp(versions[-1]["updated_ms"] / 1000, UTC).isoformat()
+    )
+    # A device prefix keeps the rollouts its devices reported on (device_events, ota_status).
+    device = f"{rollout_id}-0001"
+    sink.write_events(
+        [
+            {
+                "device_id": device,
+                "seq": 1,
+                "ts": now_ms(),
+                "received_at": now_ms(),
+                "type": "ota_status",
+                "message": None,
+                "attributes": {"status": "succeeded", "rollout_id": rollout_id, "version": "2.0.0"},
+            }
+        ]
+    )
+    reported = sink.query(
+        "SELECT rollout_id, status, version FROM ota_device_events WHERE device_id = {d:String}",
+        {"d": device},
+    )
+    assert reported.rows == ((rollout_id, "succeeded", "2.0.0"),)
+    assert {r[0] for r in progress(device_prefix=prefix)} == {rollout_id}
+    assert progress(device_prefix=f"{prefix}nobody") == []

@@ -263,7 +263,7 @@ def test_every_ddl_statement_is_idempotent_and_the_tables_are_the_contract() -> 
     for table in ("telemetry", "device_events", "telemetry_1m"):
         assert f"CREATE TABLE IF NOT EXISTS {table}\n" in text
     assert text.count("ORDER BY (device_id, seq)") == 2
-    assert text.count("non_replicated_deduplication_window") == 4
+    assert text.count("non_replicated_deduplication_window") == 5
 
 
 def write(folder: Path, name: str, sql: str = "CREATE TABLE IF NOT EXISTS x (a UInt8)") -> None:
