@@ -39,7 +39,7 @@ class StackStatus:
 
 # Consumer groups whose lag `fleet status` shows: the cold and hot paths', the bridge's downlink.
 LAG_GROUPS = (
-    ("fleetstream-cold", ("telemetry.raw", "device.events", "twin.state")),
+    ("fleetstream-cold", ("telemetry.raw", "device.events", "twin.state", "ota.rollouts")),
     ("fleetstream-hot", ("telemetry.raw", "twin.reported", "twin.desired", "registry.commands")),
     ("fleetstream-ota", ("ota.requests", "device.events", "alerts")),
     ("bridge-downlink", ("mqtt.downlink",)),
