@@ -147,8 +147,8 @@ DEMO_ROLLOUT_PLAN = RolloutPlan(
     percentages=(1.0, 10.0, 100.0),
     success_threshold=0.9,
     error_threshold=0.05,
-    health_window_s=3.0,
-    cohort_timeout_s=20.0,
+    health_window_s=5.0,
+    cohort_timeout_s=30.0,
     rollback_timeout_s=20.0,
 )
 
