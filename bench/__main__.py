@@ -32,7 +32,12 @@ def main() -> None:
         raise SystemExit(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
     root = PROJECT_ROOT / ".state" / "bench"
     settings = ingest.bench_settings(root)
-    Stack(settings).down()
+    # From the pipeline stage on the stack runs two bridge replicas (one bridge, a single Python
+    # thread, drains about 5,500 msgs/s here: below the loads these stages offer). Once
+    # started, a replica keeps its persistent session (and its share of messages): never fewer
+    # again. Stopping goes through the scaled stack, so every replica is stopped.
+    scaled = settings.model_copy(update={"bridge_replicas": 2})
+    Stack(scaled).down()
     # A fresh stack each run: persistent MQTT sessions of an earlier run would queue for it.
     shutil.rmtree(root, ignore_errors=True)
     try:
@@ -41,10 +46,6 @@ def main() -> None:
             results += ingest.run(settings)
         if "cold" in chosen:
             results += cold.run_cold(settings)
-        # From here on the stack runs two bridge replicas (one bridge, a single Python thread,
-        # drains about 5,500 msgs/s here: below the loads these stages offer). Once started, a
-        # replica keeps its persistent session (and its share of messages): never fewer again.
-        scaled = settings.model_copy(update={"bridge_replicas": 2})
         if "pipeline" in chosen:
             results += cold.run_pipeline(scaled)
         if "hot" in chosen:
@@ -52,7 +53,7 @@ def main() -> None:
         if "ingest" in chosen:
             results += ingest.run(scaled)
     finally:
-        Stack(settings).down()
+        Stack(scaled).down()
     table = Table(title="fleetstream benchmarks")
     for column in ("stage", "value", "unit", "baseline", "ratio"):
         table.add_column(column)
