@@ -43,6 +43,7 @@ from infra.stack import Stack
 from schemas.codec import CodecRegistry, Decoded, load_schema
 from streams.alerts import AlertRule, RuleKind, ScopeType
 from streams.client import HotPathClient
+from streams.rbac import Resource
 
 
 def quantile(values: Sequence[float], q: float) -> float:
@@ -201,7 +202,12 @@ def run_hot(
     client = HotPathClient(settings)
     register(client, creds, "bench", "bench", group)
     rule = AlertRule(
-        f"{prefix}flap", ScopeType.group, group, "vibration_rms", RuleKind.above, threshold=1.0
+        f"{prefix}flap",
+        ScopeType.group,
+        str(Resource("bench", "bench", group)),
+        "vibration_rms",
+        RuleKind.above,
+        threshold=1.0,
     )
     client.put_rule(rule)
     client.close()

@@ -334,7 +334,9 @@ def alerts_add(
     metric: str = typer.Option("", help="Telemetry metric, e.g. temperature."),
     threshold: float = typer.Option(0.0, help="Raise past this value (per second for rates)."),
     clear: float = typer.Option(None, help="Resolve back past this value (hysteresis band)."),
-    group: str = typer.Option(None, help="Scope: a device group."),
+    group: str = typer.Option(
+        None, help="Scope: a device group, by path: org/<o>/project/<p>/group/<g>."
+    ),
     device: str = typer.Option(None, help="Scope: one device."),
     window: float = typer.Option(None, help="rate_of_change: longest gap between readings, s."),
     heartbeat: float = typer.Option(None, help="missing_heartbeat: silence before raising, s."),
@@ -342,10 +344,15 @@ def alerts_add(
 ) -> None:
     """Add or replace an alert rule."""
     from streams.alerts import AlertRule, RuleKind, ScopeType, Severity
+    from streams.rbac import Level, Resource
 
     if (group is None) == (device is None):
         raise _fail(ValueError("give exactly one of --group and --device"))
     try:
+        if group is not None and Resource.parse(group).level is not Level.group:
+            raise ValueError(
+                f"--group takes a group's path (org/<o>/project/<p>/group/<g>): {group}"
+            )
         rule = AlertRule(
             rule_id=rule_id,
             scope_type=ScopeType.group if group is not None else ScopeType.device,

@@ -45,13 +45,14 @@ DEMO_OPERATOR, DEMO_APPROVER = "user:demo-operator", "user:demo-approver"
 
 
 def demo_rules(group: str) -> tuple[AlertRule, ...]:
-    """The alert rules of one demo run, scoped to its device group."""
+    """The alert rules of one demo run, scoped to its device group (by its full path)."""
+    scope = str(Resource(DEMO_ORG, DEMO_PROJECT, group))
     return (
         # Failing devices vibrate at about 6x normal; a band keeps a noisy one from flapping.
         AlertRule(
             f"{group}-vibration",
             ScopeType.group,
-            group,
+            scope,
             "vibration_rms",
             RuleKind.above,
             threshold=3.0,
@@ -61,7 +62,7 @@ def demo_rules(group: str) -> tuple[AlertRule, ...]:
         AlertRule(
             f"{group}-overheat",
             ScopeType.group,
-            group,
+            scope,
             "temperature",
             RuleKind.above,
             threshold=30.0,
@@ -71,7 +72,7 @@ def demo_rules(group: str) -> tuple[AlertRule, ...]:
         AlertRule(
             f"{group}-battery-low",
             ScopeType.group,
-            group,
+            scope,
             "battery",
             RuleKind.below,
             threshold=15.0,

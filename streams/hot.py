@@ -138,6 +138,8 @@ class HotProcessor:
         self._index_rules()
 
     def set_device_group(self, device_id: str, group: str | None) -> None:
+        """`group` is the group's full path (`org/<o>/project/<p>/group/<g>`), which is what a
+        group-scoped rule names: group names repeat across projects and organizations."""
         if group is None:
             self.groups.pop(device_id, None)
         else:

@@ -41,7 +41,7 @@ from streams.hot import (
     alert_states_from_json,
     alert_states_to_json,
 )
-from streams.rbac import GrantSet
+from streams.rbac import GrantSet, Resource
 from streams.registry import DeviceRecord
 from streams.registry_agent import RegistryAgent
 from streams.tables import ChangelogReader, GlobalTable, key_text
@@ -138,7 +138,10 @@ class HotWorker:
         device_id, value = key_text(msg), msg.value()
         decoded = self.codecs[DEVICES].decode(value) if value is not None else None
         if isinstance(decoded, Decoded):
-            self.processor.set_device_group(device_id, str(decoded.record["group"]))
+            # The group's full path: group names are unique only within their project.
+            record = decoded.record
+            group = Resource(str(record["org"]), str(record["project"]), str(record["group"]))
+            self.processor.set_device_group(device_id, str(group))
         else:
             self.processor.set_device_group(device_id, None)
 

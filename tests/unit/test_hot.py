@@ -100,6 +100,23 @@ def test_group_rule_applies_only_to_devices_of_that_group() -> None:
     assert "d-2" not in p.alert_states
 
 
+def test_same_named_groups_of_two_tenants_do_not_share_rules() -> None:
+    # Group rules name the group's path: "sensors" of acme/p1 is not "sensors" of other/p9.
+    ours = AlertRule(
+        "hot-acme", ScopeType.group, "org/acme/project/p1/group/sensors", "temperature",
+        RuleKind.above, 80, 75,
+    )  # fmt: skip
+    p = proc(
+        ours,
+        groups={
+            "d-1": "org/acme/project/p1/group/sensors",
+            "d-2": "org/other/project/p9/group/sensors",
+        },
+    )
+    assert statuses(feed(p, "d-1", [90])) == [("d-1", "raised", 1)]
+    assert not feed(p, "d-2", [90])
+
+
 def test_device_rule_applies_only_to_its_device() -> None:
     p = proc(MINE)
     out = Emitted()
