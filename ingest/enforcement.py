@@ -64,7 +64,6 @@ import itertools
 import json
 import logging
 import os
-import signal
 import threading
 import time
 import uuid
@@ -90,6 +89,7 @@ from infra.pki import (
     CertificateAuthority,
     RevocationState,
 )
+from infra.process import process_main
 from infra.services.base import ServiceError
 from infra.services.mosquitto import (
     DYNSEC_RESPONSE_TOPIC,
@@ -101,7 +101,7 @@ from infra.services.mosquitto import (
     client_tls_context,
     ensure_broker_identities,
 )
-from infra.settings import Settings, load_settings
+from infra.settings import Settings
 from infra.status_file import write_status
 from schemas.codec import AvroCodec, CodecRegistry, Decoded, load_schema
 from streams.registry import DeviceRecord, DeviceStatus
@@ -735,16 +735,7 @@ class Enforcer:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    settings = load_settings()
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
-    stopping = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopping.set())
-    enforcer = Enforcer(settings)
-    log.info("enforcer up: following %s", DEVICES)
-    enforcer.run(stopping)
-    log.info("enforcer stopped: %s", enforcer.counters)
+    process_main("enforcer", Enforcer)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,7 +26,8 @@ from pathlib import Path
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from infra.settings import Settings, load_settings
+from infra.process import process_main
+from infra.settings import Settings
 from infra.status_file import write_status
 from schemas.codec import AvroCodec, CodecRegistry, Decoded, load_schema
 from streams.alerts import alert_to_record, rule_from_record
@@ -45,7 +44,7 @@ from streams.rbac import GrantSet, Resource
 from streams.registry import DeviceRecord
 from streams.registry_agent import RegistryAgent
 from streams.tables import ChangelogReader, GlobalTable, key_text
-from streams.transactions import Transactions
+from streams.transactions import BatchLoop, Transactions
 from streams.twin import from_record, to_record
 
 log = logging.getLogger("fleetstream.hot")
@@ -78,7 +77,7 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-class HotWorker:
+class HotWorker(BatchLoop):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.counters = HotCounters()
@@ -200,18 +199,6 @@ class HotWorker:
         self.grants.catch_up()
         self.consumer.subscribe(list(INPUTS), on_assign=self._on_assign, on_revoke=self._on_revoke)
 
-    def run(self, stopping: threading.Event) -> None:
-        self.start()
-        reported_at = 0.0
-        try:
-            while not stopping.is_set():
-                self.step()
-                if time.monotonic() - reported_at > 1.0:
-                    self.write_status()
-                    reported_at = time.monotonic()
-        finally:
-            self.close()
-
     def step(self) -> None:
         """One batch: consume, process, write outputs + state + offsets in a transaction."""
         self.rules.poll()
@@ -326,16 +313,7 @@ class HotWorker:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    settings = load_settings()
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
-    stopping = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopping.set())
-    worker = HotWorker(settings)
-    log.info("hot worker %d up", settings.hot_instance)
-    worker.run(stopping)
-    log.info("hot worker stopped: %s", worker.counters)
+    process_main("hot worker", HotWorker)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import threading
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -33,7 +31,8 @@ from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from infra.artifacts import Artifact
-from infra.settings import Settings, load_settings
+from infra.process import process_main
+from infra.settings import Settings
 from infra.status_file import write_status
 from schemas.codec import AvroCodec, CodecRegistry, Decoded, load_schema
 from streams.alerts import alert_from_record
@@ -60,7 +59,7 @@ from streams.ota import (
 from streams.rbac import GrantSet, Principal, Resource
 from streams.registry import AuditDecision, AuditRecord, DeviceRecord
 from streams.tables import GlobalTable, key_text, read_to_end
-from streams.transactions import Transactions
+from streams.transactions import BatchLoop, Transactions
 
 log = logging.getLogger("fleetstream.ota")
 
@@ -147,7 +146,7 @@ def request_event(record: dict[str, object], artifacts: dict[str, Artifact]) -> 
     return Abort(request_id=request_id, principal=principal, reason=note)
 
 
-class OtaWorker:
+class OtaWorker(BatchLoop):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.counters = OtaCounters()
@@ -252,18 +251,6 @@ class OtaWorker:
         self._joined.clear()  # the registry as it stands is what planning sees
         self._restore_rollouts()
         self.consumer.subscribe([REQUESTS, EVENTS, ALERTS, TELEMETRY])
-
-    def run(self, stopping: threading.Event) -> None:
-        self.start()
-        reported_at = 0.0
-        try:
-            while not stopping.is_set():
-                self.step()
-                if time.monotonic() - reported_at > 1.0:
-                    self.write_status()
-                    reported_at = time.monotonic()
-        finally:
-            self.close()
 
     def step(self) -> None:
         self.device_table.poll()
@@ -418,16 +405,7 @@ class OtaWorker:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    settings = load_settings()
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
-    stopping = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopping.set())
-    worker = OtaWorker(settings)
-    log.info("OTA controller up")
-    worker.run(stopping)
-    log.info("OTA controller stopped: %s", worker.counters)
+    process_main("OTA controller", OtaWorker)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ to the last commit (its changelogs and committed offsets hold exactly that).
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
@@ -68,3 +70,32 @@ class Transactions:
 
     def close(self) -> None:
         self.producer.flush(10)
+
+
+class BatchLoop:
+    """A stream worker's life: `start()`, then `step()` (one batch, one transaction) until
+    asked to stop, its status written about once a second, `close()` at the end."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def write_status(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def run(self, stopping: threading.Event) -> None:
+        self.start()
+        reported_at = 0.0
+        try:
+            while not stopping.is_set():
+                self.step()
+                if time.monotonic() - reported_at > 1.0:
+                    self.write_status()
+                    reported_at = time.monotonic()
+        finally:
+            self.close()
