@@ -1,4 +1,5 @@
-"""`python -m streams.api`: the platform's HTTP API for devices, grants and twins.
+"""`python -m streams.api`: the platform's HTTP API for devices, grants, twins, alert rules and
+OTA rollouts.
 
 Every call but ``GET /openapi.json`` and ``GET /healthz`` carries a bearer token signed by the
 platform (:mod:`streams.tokens`); a missing or invalid one is a 401. The handler then asks
@@ -7,12 +8,15 @@ action on the resource concerned, *before* doing anything (a 403 otherwise). Err
 ``{"error": "unauthorized|forbidden|bad_request|not_found|conflict|timeout|...", "reason": ...}``.
 
 State is read from the compacted topics, followed in memory (``registry.devices``,
-``rbac.grants``, ``twin.state``: :class:`streams.tables.GlobalTable`); changes go through Kafka
+``rbac.grants``, ``twin.state``, ``alerts.rules``, ``ota.rollouts``:
+:class:`streams.tables.GlobalTable`); changes go through Kafka
 like any client's: registry commands to the registry agent, which authorizes them again and
 answers on ``audit.log`` (its decision maps to the status: denied 403, refused 409 or 404 for an
 unknown device, applied/unchanged 2xx); desired-state patches to the twin agent; grant sets to
-``rbac.grants``. After a change is applied, the answer waits (briefly) until the API's own table
-shows it, so a client reads its own writes.
+``rbac.grants``; alert rules to ``alerts.rules`` (with their audit record, in one transaction);
+OTA requests to the OTA controller, which authorizes them again and answers on ``audit.log``
+like the registry agent. After a change is applied, the answer waits (briefly) until the API's
+own table shows it, so a client reads its own writes.
 
 Audit: every decision on a change leaves one record on ``audit.log``: the registry agent writes
 those of the commands it receives; the API writes the others itself (a refusal before any
@@ -48,23 +52,30 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
+from infra.ota_summary import rollout_summary
 from infra.pki import CertificateAuthority, PkiError, cert_fingerprint_sha256
 from infra.services.base import ServiceError
 from infra.settings import Settings, load_settings
 from infra.status_file import write_status
 from schemas.codec import Decoded
+from streams.alerts import AlertRule, ScopeType, rule_from_record, rule_to_record
 from streams.client import (
     AUDIT,
     COMMANDS,
     DESIRED,
     DEVICES,
     GRANTS,
+    OTA_REQUESTS,
     RESPONSES,
+    ROLLOUTS,
+    RULES,
     TWIN_STATE,
     HotPathClient,
     HotPathError,
     TwinAnswer,
 )
+from streams.ota import Rollout, RolloutPlan
+from streams.ota import from_record as rollout_from_record
 from streams.rbac import (
     Action,
     Decision,
@@ -165,6 +176,39 @@ def answer_view(answer: TwinAnswer) -> dict[str, Any]:
     return {"status": answer.status, "version": answer.version, "detail": answer.detail}
 
 
+def rule_from_body(rule_id: str, body: Mapping[str, Any]) -> AlertRule:
+    """The rule a PUT body describes (every field but the id, which is the path's)."""
+    if "rule_id" in body and body["rule_id"] != rule_id:
+        raise ApiError(400, "bad_request", "the body's rule_id differs from the path's")
+    try:
+        return rule_from_record({**body, "rule_id": rule_id})
+    except KeyError as exc:
+        raise ApiError(400, "bad_request", f"{exc.args[0]!r} is required") from None
+    except (TypeError, ValueError) as exc:
+        raise ApiError(400, "bad_request", str(exc)) from None
+
+
+def plan_from_body(body: Mapping[str, Any]) -> RolloutPlan:
+    """A rollout plan from a request's `plan` (absent: the default plan)."""
+    given = body.get("plan")
+    if given is None:
+        return RolloutPlan()
+    if not isinstance(given, dict):
+        raise ApiError(400, "bad_request", "'plan' must be a JSON object")
+    fields = set(RolloutPlan.__dataclass_fields__)
+    unknown = sorted(set(given) - fields)
+    if unknown:
+        raise ApiError(400, "bad_request", f"unknown plan fields {unknown}")
+    values = dict(given)
+    for name in ("percentages", "alert_severities"):
+        if name in values and not isinstance(values[name], list):
+            raise ApiError(400, "bad_request", f"plan {name!r} must be a list")
+    try:
+        return RolloutPlan(**values)
+    except (TypeError, ValueError) as exc:
+        raise ApiError(400, "bad_request", f"invalid plan: {exc}") from None
+
+
 # --------------------------------------------------------------------------- backend
 
 
@@ -214,6 +258,26 @@ class Backend(Protocol):
 
     def write_audit(self, record: AuditRecord) -> None: ...
 
+    def rules(self) -> Mapping[str, AlertRule]: ...
+
+    def put_rule(self, rule_id: str, rule: AlertRule | None, audit: AuditRecord) -> None:
+        """Write a rule (None: delete it) and its audit record, both or neither."""
+
+    def rollouts(self) -> Mapping[str, Rollout]: ...
+
+    def ota_request(
+        self,
+        rollout_id: str,
+        kind: str,
+        principal: Principal,
+        *,
+        artifact_id: str | None = None,
+        target: str | None = None,
+        plan: Mapping[str, Any] | None = None,
+        comment: str | None = None,
+    ) -> AuditRecord:
+        """Ask the OTA controller; its decision (the audit record answering the request)."""
+
 
 class KafkaBackend:
     """The platform's topics, followed in memory, and its clients (registry agent, twin agent,
@@ -230,10 +294,18 @@ class KafkaBackend:
         self._devices: dict[str, DeviceRecord] = {}
         self._grants: dict[str, GrantSet] = {}
         self._twins: dict[str, Twin] = {}
+        self._rules: dict[str, AlertRule] = {}
+        self._rollouts: dict[str, Rollout] = {}
+        followed: list[tuple[str, dict[str, Any], Callable[[dict[str, Any]], Any]]] = [
+            (DEVICES, self._devices, DeviceRecord.from_record),
+            (GRANTS, self._grants, GrantSet.from_record),
+            (TWIN_STATE, self._twins, from_record),
+            (RULES, self._rules, rule_from_record),
+            (ROLLOUTS, self._rollouts, rollout_from_record),
+        ]
         self._tables = [
-            GlobalTable(settings, DEVICES, self._apply_device),
-            GlobalTable(settings, GRANTS, self._apply_grants),
-            GlobalTable(settings, TWIN_STATE, self._apply_twin),
+            GlobalTable(settings, topic, self._applier(topic, into, parse))
+            for topic, into, parse in followed
         ]
         self._producer: Producer | None = None
         self._stopping = threading.Event()
@@ -258,44 +330,26 @@ class KafkaBackend:
             return None
         return decoded.record
 
-    def _apply_device(self, msg: Message) -> None:
-        key, record = key_text(msg), self._record(DEVICES, msg)
-        try:
-            device = None if record is None else DeviceRecord.from_record(record)
-        except (KeyError, ValueError) as exc:
-            log.warning("device %s at offset %d ignored: %s", key, msg.offset(), exc)
-            device = None
-        with self._lock:
-            if device is None:
-                self._devices.pop(key, None)
-            else:
-                self._devices[key] = device
+    def _applier(
+        self, topic: str, into: dict[str, Any], parse: Callable[[dict[str, Any]], Any]
+    ) -> Callable[[Message], None]:
+        """How a followed topic's record lands in ``into``: parsed, or a tombstone (a record
+        that cannot be parsed is logged and counts as one)."""
 
-    def _apply_grants(self, msg: Message) -> None:
-        key, record = key_text(msg), self._record(GRANTS, msg)
-        try:
-            grants = None if record is None else GrantSet.from_record(record)
-        except (KeyError, ValueError) as exc:
-            log.warning("grants of %s at offset %d ignored: %s", key, msg.offset(), exc)
-            grants = None
-        with self._lock:
-            if grants is None:
-                self._grants.pop(key, None)
-            else:
-                self._grants[key] = grants
+        def apply(msg: Message) -> None:
+            key, record = key_text(msg), self._record(topic, msg)
+            try:
+                value = None if record is None else parse(record)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("%s %s at offset %d ignored: %s", topic, key, msg.offset(), exc)
+                value = None
+            with self._lock:
+                if value is None:
+                    into.pop(key, None)
+                else:
+                    into[key] = value
 
-    def _apply_twin(self, msg: Message) -> None:
-        key, record = key_text(msg), self._record(TWIN_STATE, msg)
-        try:
-            twin = None if record is None else from_record(record)
-        except (KeyError, ValueError) as exc:
-            log.warning("twin of %s at offset %d ignored: %s", key, msg.offset(), exc)
-            twin = None
-        with self._lock:
-            if twin is None:
-                self._twins.pop(key, None)
-            else:
-                self._twins[key] = twin
+        return apply
 
     def grants(self) -> Mapping[str, GrantSet]:
         with self._lock:
@@ -313,12 +367,22 @@ class KafkaBackend:
         with self._lock:
             return self._twins.get(device_id)
 
+    def rules(self) -> Mapping[str, AlertRule]:
+        with self._lock:
+            return dict(self._rules)
+
+    def rollouts(self) -> Mapping[str, Rollout]:
+        with self._lock:
+            return dict(self._rollouts)
+
     def sizes(self) -> dict[str, int]:
         with self._lock:
             return {
                 "devices": len(self._devices),
                 "grant_sets": len(self._grants),
                 "twins": len(self._twins),
+                "rules": len(self._rules),
+                "rollouts": len(self._rollouts),
             }
 
     def ready(self) -> bool:
@@ -335,7 +399,8 @@ class KafkaBackend:
         self._ready = True
 
     def _catch_up(self) -> None:
-        for topic in (COMMANDS, AUDIT, DESIRED, RESPONSES, GRANTS, DEVICES, TWIN_STATE):
+        topics = (COMMANDS, AUDIT, DESIRED, RESPONSES, GRANTS, DEVICES, TWIN_STATE, RULES)
+        for topic in (*topics, ROLLOUTS, OTA_REQUESTS):
             self.client.codec(topic)  # registered once, before the first request needs it
         for table in self._tables:
             applied = table.catch_up()
@@ -410,7 +475,7 @@ class KafkaBackend:
             self._producer = producer
         return self._producer
 
-    def _transact(self, records: Sequence[tuple[str, str, bytes]]) -> None:
+    def _transact(self, records: Sequence[tuple[str, str, bytes | None]]) -> None:
         """Write ``(topic, key, value)`` records in one transaction: all visible, or none."""
         with self._producer_lock:
             try:
@@ -441,6 +506,31 @@ class KafkaBackend:
 
     def registry_commands(self, commands: Sequence[RegistryCommand]) -> dict[str, AuditRecord]:
         return self.client.registry_commands(commands)
+
+    def put_rule(self, rule_id: str, rule: AlertRule | None, audit: AuditRecord) -> None:
+        value = None if rule is None else self.client.codec(RULES).encode(rule_to_record(rule))
+        self._transact([(RULES, rule_id, value), self._audit_entry(audit)])
+
+    def ota_request(
+        self,
+        rollout_id: str,
+        kind: str,
+        principal: Principal,
+        *,
+        artifact_id: str | None = None,
+        target: str | None = None,
+        plan: Mapping[str, Any] | None = None,
+        comment: str | None = None,
+    ) -> AuditRecord:
+        return self.client.ota_request(
+            rollout_id,
+            kind,
+            principal,
+            artifact_id=artifact_id,
+            target=target,
+            plan=plan,
+            comment=comment,
+        )
 
     def set_desired(
         self, device_id: str, patch: Mapping[str, Any], version: int | None, principal: str
@@ -549,6 +639,56 @@ ROUTES: tuple[Route, ...] = (
         "Replace a principal's grants; needs grant.write on every scope added or removed",
         Action.grant_write, body="GrantsPut", result="GrantsResult", errors=(400, 503, 504),
     ),
+    Route(
+        "GET", "/v1/alert-rules", "list_alert_rules",
+        "The alert rules on scopes the caller may read", Action.alert_read, result="RuleList",
+    ),
+    Route(
+        "GET", "/v1/alert-rules/{rule_id}", "get_alert_rule", "One alert rule",
+        Action.alert_read, result="AlertRule", errors=(404,),
+    ),
+    Route(
+        "PUT", "/v1/alert-rules/{rule_id}", "put_alert_rule",
+        "Add or replace an alert rule; needs alert.write on its scope (and on the scope of the "
+        "rule it replaces)",
+        Action.alert_write, body="AlertRuleBody", result="RuleResult",
+        errors=(400, 404, 503, 504),
+    ),
+    Route(
+        "DELETE", "/v1/alert-rules/{rule_id}", "delete_alert_rule", "Delete an alert rule",
+        Action.alert_write, result="RuleResult", errors=(404, 503, 504),
+    ),
+    Route(
+        "GET", "/v1/ota/rollouts", "list_rollouts",
+        "The OTA rollouts whose target the caller may read", Action.ota_read,
+        result="RolloutList",
+    ),
+    Route(
+        "GET", "/v1/ota/rollouts/{rollout_id}", "get_rollout",
+        "One rollout: state, cohort, device counts", Action.ota_read, result="Rollout",
+        errors=(404,),
+    ),
+    Route(
+        "POST", "/v1/ota/rollouts", "create_rollout",
+        "Create a rollout, pending approval: nothing is sent before an ota-approver approves",
+        Action.ota_create, body="RolloutCreate", ok=201, result="RolloutResult",
+        errors=(400, 409, 504),
+    ),
+    *(
+        Route(
+            "POST", f"/v1/ota/rollouts/{{rollout_id}}/{kind}", f"{kind}_rollout",
+            f"{kind.capitalize()} a rollout (the OTA controller decides and audits)",
+            action, body="RolloutControl", body_required=False, result="RolloutResult",
+            errors=(400, 404, 409, 504),
+        )
+        for kind, action in (
+            ("approve", Action.ota_approve),
+            ("reject", Action.ota_approve),
+            ("pause", Action.ota_control),
+            ("resume", Action.ota_control),
+            ("abort", Action.ota_control),
+        )
+    ),
 )  # fmt: skip
 
 _STATUS_TEXT = {
@@ -557,7 +697,7 @@ _STATUS_TEXT = {
     400: "Invalid request (error body says why)",
     401: "No valid bearer token",
     403: "Not authorized (the reason names the missing grant)",
-    404: "No such device",
+    404: "No such device, rule or rollout",
     409: "Refused: conflict with the current state",
     503: "The decision's audit record could not be written (see the reason)",
     504: "The platform did not answer in time",
@@ -708,6 +848,96 @@ def _schemas() -> dict[str, Any]:
             "required": ["grants"],
             "properties": {"grants": {"type": "array", "items": ref("Grant")}},
         },
+        "AlertRuleBody": {
+            "type": "object",
+            "required": ["scope_type", "scope", "kind"],
+            "properties": {
+                "scope_type": {"enum": [str(t) for t in ScopeType]},
+                "scope": {
+                    "type": "string",
+                    "description": "A group's path (org/<o>/project/<p>/group/<g>) or a device id",
+                },
+                "metric": text,
+                "kind": {"enum": ["above", "below", "rate_of_change", "missing_heartbeat"]},
+                "threshold": {"type": "number"},
+                "clear_threshold": {"type": ["number", "null"]},
+                "window_s": {"type": ["number", "null"]},
+                "heartbeat_s": {"type": ["number", "null"]},
+                "severity": {"enum": ["info", "warning", "critical"]},
+            },
+        },
+        "AlertRule": {
+            "allOf": [ref("AlertRuleBody")],
+            "properties": {"rule_id": text, "resource": text},
+        },
+        "RuleList": {
+            "type": "object",
+            "properties": {"rules": {"type": "array", "items": ref("AlertRule")}},
+        },
+        "RuleResult": {
+            "type": "object",
+            "properties": {
+                "rule_id": text,
+                "rule": {"oneOf": [ref("AlertRule"), {"type": "null"}]},
+                "audit": ref("AuditRecord"),
+            },
+        },
+        "Rollout": {
+            "type": "object",
+            "properties": {
+                "rollout_id": text,
+                "state": text,
+                "version": text,
+                "target": text,
+                "cohort": {"type": "integer"},
+                "cohorts": {"type": "array", "items": {"type": "integer"}},
+                "updated": {"type": "integer"},
+                "failed": {"type": "integer"},
+                "rolled_back": {"type": "integer"},
+                "refused": {"type": "integer"},
+                "progress": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "reason": nullable_text,
+            },
+        },
+        "RolloutList": {
+            "type": "object",
+            "properties": {"rollouts": {"type": "array", "items": ref("Rollout")}},
+        },
+        "RolloutCreate": {
+            "type": "object",
+            "required": ["artifact_id", "target"],
+            "properties": {
+                "artifact_id": {"type": "string", "description": "The artifact's sha256."},
+                "target": {"type": "string", "examples": ["org/acme/project/p/group/g"]},
+                "rollout_id": {"type": "string", "description": "Default: generated."},
+                "plan": {
+                    "type": "object",
+                    "description": "Cohorts and gates (default: a canary of 5, then 1%, 10%, "
+                    "100%; success 0.95; error 0.05; health window 300 s).",
+                    "properties": {
+                        "canary_size": {"type": "integer"},
+                        "percentages": {"type": "array", "items": {"type": "number"}},
+                        "success_threshold": {"type": "number"},
+                        "error_threshold": {"type": "number"},
+                        "health_window_s": {"type": "number"},
+                        "alert_severities": {"type": "array", "items": text},
+                        "require_telemetry": {"type": "boolean"},
+                        "cohort_timeout_s": {"type": ["number", "null"]},
+                        "rollback_timeout_s": {"type": "number"},
+                    },
+                },
+                "comment": text,
+            },
+        },
+        "RolloutControl": {"type": "object", "properties": {"comment": text}},
+        "RolloutResult": {
+            "type": "object",
+            "properties": {
+                "rollout_id": text,
+                "rollout": {"oneOf": [ref("Rollout"), {"type": "null"}]},
+                "audit": ref("AuditRecord"),
+            },
+        },
         "GrantsResult": {
             "type": "object",
             "properties": {
@@ -780,9 +1010,9 @@ def openapi_document(routes: Sequence[Route] = ROUTES) -> dict[str, Any]:
             "title": "fleetstream API",
             "version": API_VERSION,
             "description": (
-                "Devices, grants and twins of the fleet. Every call but /openapi.json and "
-                "/healthz needs a bearer token signed by the platform (`fleet token`), and is "
-                "then authorized against the caller's grants."
+                "Devices, grants, twins, alert rules and OTA rollouts of the fleet. Every call "
+                "but /openapi.json and /healthz needs a bearer token signed by the platform "
+                "(`fleet token`), and is then authorized against the caller's grants."
             ),
         },
         "servers": [{"url": "/"}],
@@ -1330,6 +1560,209 @@ class FleetApi:
                 lambda: self.backend.grants().get(grantee.key) == wanted, SETTLE_TIMEOUT_S
             )
         return web.json_response({**grants_view(wanted), "audit": audit.to_record()})
+
+    # ------------------------------------------------------------------ alert rules
+
+    def _scope_resource(self, scope_type: ScopeType, scope: str) -> Resource:
+        """The resource a rule's scope names: a group's path, or a device's entry."""
+        if scope_type is ScopeType.device:
+            record = self.backend.device(scope)
+            if record is None:
+                raise ApiError(404, "not_found", f"unknown device {scope!r}")
+            return record.resource
+        try:
+            resource = Resource.parse(scope)
+        except ValueError as exc:
+            raise ApiError(400, "bad_request", str(exc)) from None
+        if resource.group is None or resource.device is not None:
+            raise ApiError(400, "bad_request", f"a group scope names a group, got {scope!r}")
+        return resource
+
+    def _rule_resource(self, rule: AlertRule) -> Resource | None:
+        try:
+            return self._scope_resource(rule.scope_type, rule.scope)
+        except ApiError:
+            return None  # a rule on a device no longer registered: only admins of nothing see it
+
+    def _known_rule(self, request: web.Request) -> tuple[AlertRule, Resource]:
+        rule_id = request.match_info["rule_id"]
+        rule = self.backend.rules().get(rule_id)
+        resource = None if rule is None else self._rule_resource(rule)
+        if rule is None or resource is None:
+            raise ApiError(404, "not_found", f"unknown alert rule {rule_id!r}")
+        return rule, resource
+
+    def _rule_view(self, rule: AlertRule, resource: Resource) -> dict[str, Any]:
+        return {**rule_to_record(rule), "resource": str(resource)}
+
+    async def list_alert_rules(self, request: web.Request) -> web.Response:
+        principal, grants = _CALLER.get(), self.backend.grants()
+        visible = []
+        for _, rule in sorted(self.backend.rules().items()):
+            resource = self._rule_resource(rule)
+            if resource is not None and authorize(principal, Action.alert_read, resource, grants):
+                visible.append(self._rule_view(rule, resource))
+        return web.json_response({"rules": visible})
+
+    async def get_alert_rule(self, request: web.Request) -> web.Response:
+        rule, resource = self._known_rule(request)
+        await self._authorize(_CALLER.get(), Action.alert_read, resource, command="alert_rule.get")
+        return web.json_response(self._rule_view(rule, resource))
+
+    async def _write_rule(
+        self,
+        principal: Principal,
+        rule_id: str,
+        rule: AlertRule | None,
+        reasons: Sequence[str],
+        resource: Resource,
+        changed: bool,
+    ) -> web.Response:
+        command = "alert_rule.put" if rule is not None else "alert_rule.delete"
+        audit = AuditRecord(
+            ts_ms=now_ms(),
+            command_id=new_id(f"api-{command}"),
+            command=command,
+            principal=str(principal),
+            action=str(Action.alert_write),
+            device_id=None,
+            resource=str(resource),
+            decision=AuditDecision.applied if changed else AuditDecision.unchanged,
+            authorization="; ".join(dict.fromkeys(reasons)),
+            reason=f"rule {rule_id} "
+            + ("deleted" if rule is None else "stored")
+            + ("" if changed else " (unchanged)"),
+        )
+        try:
+            if changed:
+                await asyncio.to_thread(self.backend.put_rule, rule_id, rule, audit)
+            else:
+                await asyncio.to_thread(self.backend.write_audit, audit)
+        except HotPathError as exc:
+            raise ApiError(504, "timeout", f"rule not written: {exc}") from None
+        await self.backend.wait_for(lambda: self.backend.rules().get(rule_id) == rule, 10.0)
+        view = None if rule is None else self._rule_view(rule, resource)
+        return web.json_response({"rule_id": rule_id, "rule": view, "audit": audit.to_record()})
+
+    async def put_alert_rule(self, request: web.Request) -> web.Response:
+        principal, rule_id = _CALLER.get(), request.match_info["rule_id"]
+        rule = rule_from_body(rule_id, await _body(request))
+        resource = self._scope_resource(rule.scope_type, rule.scope)
+        command = "alert_rule.put"
+        decision = await self._authorize(principal, Action.alert_write, resource, command=command)
+        reasons = [decision.reason]
+        current = self.backend.rules().get(rule_id)
+        if current is not None and current != rule:
+            # Replacing a rule takes it off its old scope too: that needs the right there as well.
+            old = self._rule_resource(current)
+            if old is not None and old != resource:
+                taken = await self._authorize(principal, Action.alert_write, old, command=command)
+                reasons.append(taken.reason)
+        return await self._write_rule(
+            principal, rule_id, rule, reasons, resource, changed=current != rule
+        )
+
+    async def delete_alert_rule(self, request: web.Request) -> web.Response:
+        principal = _CALLER.get()
+        rule, resource = self._known_rule(request)
+        decision = await self._authorize(
+            principal, Action.alert_write, resource, command="alert_rule.delete"
+        )
+        return await self._write_rule(
+            principal, rule.rule_id, None, [decision.reason], resource, changed=True
+        )
+
+    # ------------------------------------------------------------------ OTA rollouts
+
+    def _known_rollout(self, request: web.Request) -> Rollout:
+        rollout_id = request.match_info["rollout_id"]
+        rollout = self.backend.rollouts().get(rollout_id)
+        if rollout is None:
+            raise ApiError(404, "not_found", f"unknown rollout {rollout_id!r}")
+        return rollout
+
+    async def list_rollouts(self, request: web.Request) -> web.Response:
+        principal, grants = _CALLER.get(), self.backend.grants()
+        visible = [
+            rollout_summary(r)
+            for _, r in sorted(self.backend.rollouts().items())
+            if authorize(principal, Action.ota_read, r.target, grants)
+        ]
+        return web.json_response({"rollouts": visible})
+
+    async def get_rollout(self, request: web.Request) -> web.Response:
+        rollout = self._known_rollout(request)
+        await self._authorize(_CALLER.get(), Action.ota_read, rollout.target, command="ota.get")
+        return web.json_response(rollout_summary(rollout))
+
+    async def _ota_answer(
+        self, rollout_id: str, kind: str, principal: Principal, **request: Any
+    ) -> web.Response:
+        """Send one request to the OTA controller; its decision maps to the status."""
+        try:
+            audit = await asyncio.to_thread(
+                self.backend.ota_request, rollout_id, kind, principal, **request
+            )
+        except HotPathError as exc:
+            raise ApiError(504, "timeout", str(exc)) from None
+        extra = {"command_id": audit.command_id, "audit": audit.to_record()}
+        if audit.decision is AuditDecision.denied:
+            raise ApiError(403, "forbidden", audit.reason, **extra)
+        if audit.decision is AuditDecision.refused:
+            raise ApiError(409, "conflict", audit.reason, **extra)
+        if audit.decision is AuditDecision.applied:
+            await self.backend.wait_for(
+                lambda: self.backend.rollouts().get(rollout_id) is not None, SETTLE_TIMEOUT_S
+            )
+        rollout = self.backend.rollouts().get(rollout_id)
+        body = {
+            "rollout_id": rollout_id,
+            "rollout": None if rollout is None else rollout_summary(rollout),
+            "audit": audit.to_record(),
+        }
+        created = kind == "create" and audit.decision is AuditDecision.applied
+        return web.json_response(body, status=201 if created else 200)
+
+    async def create_rollout(self, request: web.Request) -> web.Response:
+        principal = _CALLER.get()
+        body = await _body(request)
+        artifact_id, target_text = _required(body, "artifact_id"), _required(body, "target")
+        rollout_id = _text(body, "rollout_id") or f"rollout-{uuid.uuid4().hex[:10]}"
+        plan = plan_from_body(body)
+        try:
+            target = Resource.parse(target_text)
+        except ValueError as exc:
+            raise ApiError(400, "bad_request", str(exc)) from None
+        # Decided here first (a 403 sends nothing), then again by the controller of record.
+        await self._authorize(principal, Action.ota_create, target, command="ota.create")
+        return await self._ota_answer(
+            rollout_id, "create", principal, artifact_id=artifact_id, target=str(target),
+            plan=plan.to_record(), comment=_text(body, "comment"),
+        )  # fmt: skip
+
+    async def _control(self, request: web.Request, kind: str, action: Action) -> web.Response:
+        principal = _CALLER.get()
+        rollout = self._known_rollout(request)
+        body = await _body(request, required=False)
+        await self._authorize(principal, action, rollout.target, command=f"ota.{kind}")
+        return await self._ota_answer(
+            rollout.rollout_id, kind, principal, comment=_text(body, "comment")
+        )
+
+    async def approve_rollout(self, request: web.Request) -> web.Response:
+        return await self._control(request, "approve", Action.ota_approve)
+
+    async def reject_rollout(self, request: web.Request) -> web.Response:
+        return await self._control(request, "reject", Action.ota_approve)
+
+    async def pause_rollout(self, request: web.Request) -> web.Response:
+        return await self._control(request, "pause", Action.ota_control)
+
+    async def resume_rollout(self, request: web.Request) -> web.Response:
+        return await self._control(request, "resume", Action.ota_control)
+
+    async def abort_rollout(self, request: web.Request) -> web.Response:
+        return await self._control(request, "abort", Action.ota_control)
 
     # ------------------------------------------------------------------ middleware
 

@@ -91,6 +91,9 @@ class Action(StrEnum):
     ota_create = "ota.create"
     ota_approve = "ota.approve"
     ota_control = "ota.control"
+    ota_read = "ota.read"
+    alert_read = "alert.read"
+    alert_write = "alert.write"
     telemetry_read = "telemetry.read"
     mqtt_publish = "mqtt.publish"
     mqtt_subscribe = "mqtt.subscribe"
@@ -100,7 +103,16 @@ MQTT_ACTIONS = frozenset({Action.mqtt_publish, Action.mqtt_subscribe})
 # What a device principal may do, and only on its own device.
 DEVICE_ACTIONS = MQTT_ACTIONS | {Action.twin_read}
 
-_READS = frozenset({Action.device_read, Action.grant_read, Action.twin_read, Action.telemetry_read})
+_READS = frozenset(
+    {
+        Action.device_read,
+        Action.grant_read,
+        Action.twin_read,
+        Action.telemetry_read,
+        Action.ota_read,
+        Action.alert_read,
+    }
+)
 _OPERATES = _READS | {
     Action.twin_write,
     Action.device_update,
@@ -108,6 +120,7 @@ _OPERATES = _READS | {
     Action.device_suspend,
     Action.ota_create,
     Action.ota_control,
+    Action.alert_write,
 }
 ROLE_ACTIONS: Mapping[Role, frozenset[Action]] = MappingProxyType(
     {

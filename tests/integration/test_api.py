@@ -22,6 +22,7 @@ import pytest
 from confluent_kafka import Consumer
 from cryptography import x509
 
+from infra.artifacts import ArtifactStore
 from infra.pki import CertificateAuthority, generate_private_key, make_csr
 from infra.provision import provision_device, register
 from infra.services.api import ApiService
@@ -362,3 +363,77 @@ def test_grants_are_changed_through_the_api_and_apply_at_once(
     # The answer came once the API's grants table had the change: it applies at once.
     assert http("GET", f"/v1/devices/{world.device_b}", token).status == 200
     assert http("GET", f"/v1/devices/{world.device_a}", token).status == 403
+
+
+def test_alert_rules_and_ota_rollouts_go_through_the_api(
+    http: Http,
+    world: World,
+    tokens: TokenAuthority,
+    settings: Settings,
+    client: HotPathClient,
+    tmp_path: Path,
+) -> None:
+    operator = world.token(tokens, world.operator)
+    group_a = f"org/{world.org}/project/pA/group/g1"
+    group_b = f"org/{world.org}/project/pB/group/g1"
+    rule_id = f"api-hot-{world.org}"
+    rule = {
+        "scope_type": "group",
+        "scope": group_a,
+        "metric": "temperature",
+        "kind": "above",
+        "threshold": 80.0,
+        "clear_threshold": 75.0,
+        "severity": "critical",
+    }
+    stored = http("PUT", f"/v1/alert-rules/{rule_id}", operator, rule)
+    assert stored.status == 200, stored.body
+    # On the real alerts.rules topic, which the hot worker evaluates.
+    assert client.rules()[rule_id].scope == group_a
+    audit = find_audit(settings, stored.body["audit"]["command_id"])
+    assert (audit.action, audit.decision, audit.resource) == ("alert.write", "applied", group_a)
+    refused = http("PUT", f"/v1/alert-rules/{rule_id}-b", operator, {**rule, "scope": group_b})
+    assert refused.status == 403
+    assert find_audit(settings, refused.body["command_id"]).decision == "denied"
+    assert f"{rule_id}-b" not in client.rules()
+
+    # An OTA rollout: created by the operator, pending until an ota-approver approves.
+    store = ArtifactStore.open(settings.state_dir / "artifacts", settings.pki_dir)
+    firmware = tmp_path / "fw.bin"
+    firmware.write_bytes(uuid.uuid4().bytes * 64)
+    artifact = store.add(firmware, "firmware", f"9.{uuid.uuid4().int % 1000}.0")
+    client.put_artifact(artifact)
+    answers: list[Answer] = []
+
+    def created() -> bool:  # 409 (unknown artifact) until the controller has read it
+        body = {"artifact_id": artifact.artifact_id, "target": group_a}
+        answers.append(http("POST", "/v1/ota/rollouts", operator, body))
+        return answers[-1].status != 409
+
+    assert wait_until(created, timeout=60, interval=0.5), answers[-1].body
+    answer = answers[-1]
+    assert answer.status == 201, answer.body
+    assert answer.body["rollout"]["state"] == "pending_approval"
+    rollout_id = answer.body["rollout_id"]
+    assert http("POST", f"/v1/ota/rollouts/{rollout_id}/approve", operator).status == 403
+
+    approver = Principal.user(f"approver-{world.org}")
+    client.put_grants(GrantSet.of(approver, (Role.ota_approver, Resource(world.org, "pA"))))
+    approvals: list[Answer] = []
+
+    def approved() -> bool:  # 403 until the grant reached the API and the controller
+        path = f"/v1/ota/rollouts/{rollout_id}/approve"
+        approvals.append(http("POST", path, world.token(tokens, approver), {"comment": "ok"}))
+        return approvals[-1].status != 403
+
+    assert wait_until(approved, timeout=60, interval=0.5), approvals[-1].body
+    assert approvals[-1].status == 200, approvals[-1].body
+    assert approvals[-1].body["audit"]["decision"] == "applied"
+    aborted = http("POST", f"/v1/ota/rollouts/{rollout_id}/abort", operator, {"comment": "test"})
+    assert aborted.status == 200, aborted.body
+
+    def ended() -> bool:
+        seen = http("GET", f"/v1/ota/rollouts/{rollout_id}", world.token(tokens, world.viewer))
+        return seen.status == 200 and seen.body["state"] == "aborted"
+
+    assert wait_until(ended, timeout=30, interval=0.2)

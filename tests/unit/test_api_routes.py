@@ -9,6 +9,7 @@ so decisions are the ones the agents would take; the CA is a real one in a temp 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -19,8 +20,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from cryptography import x509
 
 from infra.pki import CertificateAuthority, generate_private_key, make_csr
+from streams.alerts import AlertRule
 from streams.api import ROUTES, create_app, openapi_document
 from streams.client import TwinAnswer
+from streams.ota import Rollout, step
+from streams.ota_worker import request_event
 from streams.rbac import Grant, GrantSet, Principal, Resource, Role
 from streams.registry import (
     Applied,
@@ -33,6 +37,7 @@ from streams.registry import (
 )
 from streams.tokens import TokenAuthority
 from streams.twin import Accepted, Twin, TwinDocumentError, apply_desired
+from tests.unit.test_ota import ARTIFACT
 
 ACME = Resource("acme")
 PA, PB = Resource("acme", "pA"), Resource("acme", "pB")
@@ -50,6 +55,9 @@ class FakeBackend:
         self.issued: list[int] = []
         self.revoked: list[int] = []
         self.commands: list[RegistryCommand] = []
+        self.rule_table: dict[str, AlertRule] = {}
+        self.rollout_table: dict[str, Rollout] = {}
+        self.ota_requests: list[dict[str, object]] = []
 
     @property
     def ca_pem(self) -> bytes:
@@ -123,6 +131,56 @@ class FakeBackend:
 
     def write_audit(self, record: AuditRecord) -> None:
         self.audits.append(record)
+
+    def rules(self) -> Mapping[str, AlertRule]:
+        return dict(self.rule_table)
+
+    def put_rule(self, rule_id: str, rule: AlertRule | None, audit: AuditRecord) -> None:
+        if rule is None:
+            self.rule_table.pop(rule_id, None)
+        else:
+            self.rule_table[rule_id] = rule
+        self.audits.append(audit)
+
+    def rollouts(self) -> Mapping[str, Rollout]:
+        return dict(self.rollout_table)
+
+    def ota_request(
+        self,
+        rollout_id: str,
+        kind: str,
+        principal: Principal,
+        *,
+        artifact_id: str | None = None,
+        target: str | None = None,
+        plan: Mapping[str, Any] | None = None,
+        comment: str | None = None,
+    ) -> AuditRecord:
+        """The controller's own pure state machine decides, as the OTA worker would."""
+        record: dict[str, object] = {
+            "request_id": f"req-{len(self.ota_requests)}",
+            "rollout_id": rollout_id,
+            "kind": kind,
+            "principal": str(principal),
+            "artifact_id": artifact_id,
+            "target": target,
+            "plan": None if plan is None else json.dumps(dict(plan)),
+            "comment": comment,
+        }
+        self.ota_requests.append(record)
+        event = request_event(record, {ARTIFACT.artifact_id: ARTIFACT})
+        assert not isinstance(event, str), event
+        result = step(
+            self.rollout_table.get(rollout_id),
+            event,
+            now_ms=now_ms(),
+            grants=self.grant_sets,
+            devices=self.records,
+        )
+        if result.rollout is not None:
+            self.rollout_table[rollout_id] = result.rollout
+        self.audits.extend(result.audits)
+        return next(a for a in result.audits if a.command_id == record["request_id"])
 
 
 def now_ms() -> int:
@@ -504,3 +562,143 @@ def test_grant_changes_need_grant_write_on_every_scope(
     run(backend, tokens, scenario)
     assert backend.grant_sets["user:new"] == GrantSet(newcomer, (Grant(newcomer, Role.viewer, PB),))
     assert [a.decision for a in backend.audits] == ["denied", "applied", "denied"]
+
+
+# --------------------------------------------------------------------------- alert rules
+
+GROUP_A, GROUP_B = "org/acme/project/pA/group/g", "org/acme/project/pB/group/g"
+
+
+def rule_body(scope: str, scope_type: str = "group", threshold: float = 80.0) -> dict[str, Any]:
+    return {
+        "scope_type": scope_type,
+        "scope": scope,
+        "metric": "temperature",
+        "kind": "above",
+        "threshold": threshold,
+        "clear_threshold": threshold - 5,
+        "severity": "critical",
+    }
+
+
+def test_alert_rules_are_written_only_on_scopes_the_caller_operates(
+    backend: FakeBackend, tokens: TokenAuthority
+) -> None:
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        op, viewer = bearer(tokens, OPERATOR), bearer(tokens, VIEWER)
+        own = await client.put("/v1/alert-rules/hot-a", headers=op, json=rule_body(GROUP_A))
+        assert own.status == 200
+        body = await own.json()
+        assert body["rule"]["resource"] == GROUP_A
+        assert body["audit"]["decision"] == "applied"
+        on_device = await client.put(
+            "/v1/alert-rules/hot-a1", headers=op, json=rule_body("a-1", "device")
+        )
+        assert on_device.status == 200
+        assert (await on_device.json())["rule"]["resource"].endswith("/device/a-1")
+        other = await client.put("/v1/alert-rules/hot-b", headers=op, json=rule_body(GROUP_B))
+        assert other.status == 403
+        other_device = await client.put(
+            "/v1/alert-rules/hot-b1", headers=op, json=rule_body("b-1", "device")
+        )
+        assert other_device.status == 403
+        by_viewer = await client.put("/v1/alert-rules/v", headers=viewer, json=rule_body(GROUP_A))
+        assert by_viewer.status == 403
+        admin = bearer(tokens, ADMIN)
+        assert (
+            await client.put("/v1/alert-rules/hot-b", headers=admin, json=rule_body(GROUP_B))
+        ).status == 200
+        # Taking pB's rule over into pA needs alert.write on pB too.
+        takeover = await client.put("/v1/alert-rules/hot-b", headers=op, json=rule_body(GROUP_A))
+        assert takeover.status == 403
+        listed = await client.get("/v1/alert-rules", headers=op)
+        assert [r["rule_id"] for r in (await listed.json())["rules"]] == ["hot-a", "hot-a1"]
+        everything = await client.get("/v1/alert-rules", headers=viewer)
+        assert len((await everything.json())["rules"]) == 3
+        assert (await client.get("/v1/alert-rules/hot-b", headers=op)).status == 403
+        assert (await client.delete("/v1/alert-rules/hot-b", headers=op)).status == 403
+        deleted = await client.delete("/v1/alert-rules/hot-a", headers=op)
+        assert deleted.status == 200
+        assert (await deleted.json())["rule"] is None
+        assert (await client.get("/v1/alert-rules/hot-a", headers=op)).status == 404
+
+    run(backend, tokens, scenario)
+    assert set(backend.rule_table) == {"hot-a1", "hot-b"}
+    assert backend.rule_table["hot-b"].scope == GROUP_B
+    decisions = [(a.principal, a.command, str(a.decision)) for a in backend.audits]
+    assert decisions.count(("user:op", "alert_rule.put", "denied")) == 3
+    assert ("user:viewer", "alert_rule.put", "denied") in decisions
+    assert ("user:op", "alert_rule.delete", "applied") in decisions
+
+
+def test_an_invalid_alert_rule_is_a_400_and_an_unknown_device_a_404(
+    backend: FakeBackend, tokens: TokenAuthority
+) -> None:
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        admin = bearer(tokens, ADMIN)
+        for body in (
+            {**rule_body(GROUP_A), "kind": "sideways"},
+            {**rule_body(GROUP_A), "clear_threshold": 99.0},  # above: clear must be <= threshold
+            {**rule_body("org/acme/project/pA"), "scope_type": "group"},  # not a group
+            {k: v for k, v in rule_body(GROUP_A).items() if k != "kind"},
+            {**rule_body(GROUP_A), "rule_id": "another"},
+        ):
+            answer = await client.put("/v1/alert-rules/r", headers=admin, json=body)
+            assert answer.status == 400, body
+            assert (await answer.json())["error"] == "bad_request"
+        unknown = await client.put(
+            "/v1/alert-rules/r", headers=admin, json=rule_body("ghost", "device")
+        )
+        assert unknown.status == 404
+
+    run(backend, tokens, scenario)
+    assert backend.rule_table == {}
+
+
+# --------------------------------------------------------------------------- OTA rollouts
+
+APPROVER = Principal.user("approver")
+TARGET_A = "org/acme/project/pA/group/g"
+
+
+def test_rollouts_are_created_by_operators_and_approved_by_approvers_only(
+    backend: FakeBackend, tokens: TokenAuthority
+) -> None:
+    backend.grant_sets[APPROVER.key] = GrantSet.of(APPROVER, (Role.ota_approver, PA))
+
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        op, approver = bearer(tokens, OPERATOR), bearer(tokens, APPROVER)
+        create = {"artifact_id": ARTIFACT.artifact_id, "target": TARGET_A, "rollout_id": "r-1"}
+        created = await client.post("/v1/ota/rollouts", headers=op, json=create)
+        assert created.status == 201, await created.text()
+        body = await created.json()
+        assert body["rollout"]["state"] == "pending_approval"
+        assert body["audit"]["decision"] == "applied"
+        # Outside the operator's project: refused by the API, nothing reaches the controller.
+        sent = len(backend.ota_requests)
+        elsewhere = {**create, "target": "org/acme/project/pB/group/g", "rollout_id": "r-2"}
+        assert (await client.post("/v1/ota/rollouts", headers=op, json=elsewhere)).status == 403
+        # An operator cannot approve; an ota-approver of the project can.
+        assert (await client.post("/v1/ota/rollouts/r-1/approve", headers=op)).status == 403
+        assert len(backend.ota_requests) == sent
+        approved = await client.post(
+            "/v1/ota/rollouts/r-1/approve", headers=approver, json={"comment": "lgtm"}
+        )
+        assert approved.status == 200, await approved.text()
+        assert (await approved.json())["rollout"]["state"] != "pending_approval"
+        # The controller's own refusals come back as 409: approving twice, say.
+        again = await client.post("/v1/ota/rollouts/r-1/abort", headers=op)
+        assert again.status == 200
+        assert (await again.json())["rollout"]["state"] == "aborted"
+        after = await client.post("/v1/ota/rollouts/r-1/resume", headers=op)
+        assert after.status == 409
+        listed = await client.get("/v1/ota/rollouts", headers=bearer(tokens, VIEWER))
+        assert [r["rollout_id"] for r in (await listed.json())["rollouts"]] == ["r-1"]
+        assert (await client.get("/v1/ota/rollouts/nope", headers=op)).status == 404
+        bad_plan = {**create, "rollout_id": "r-3", "plan": {"percentages": [50, 10]}}
+        assert (await client.post("/v1/ota/rollouts", headers=op, json=bad_plan)).status == 400
+
+    run(backend, tokens, scenario)
+    assert [r["kind"] for r in backend.ota_requests] == ["create", "approve", "abort", "resume"]
+    denied = [(a.principal, a.command) for a in backend.audits if a.decision == "denied"]
+    assert denied == [("user:op", "ota.create"), ("user:op", "ota.approve")]
