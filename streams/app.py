@@ -54,6 +54,9 @@ SOURCES = {
     OTA_EVENTS_TABLE: ("ota.rollouts", "Rollout"),
 }
 
+# State topics (compacted): a tombstone there deletes a key, it is not bad input.
+COMPACTED_SOURCES = frozenset({"twin.state", "ota.rollouts"})
+
 # ota_events count columns: the progress statuses each one adds up.
 OTA_COUNT_COLUMNS: dict[str, tuple[Progress, ...]] = {
     "planned": (Progress.planned,),
@@ -234,6 +237,7 @@ class ColdWorker:
                 (SinkUnavailable, KafkaException),
                 self.counters,
                 rejected=(InvalidBatch,),
+                compacted=topic_name in COMPACTED_SOURCES,
             )
             self.paths[topic_name] = path
 

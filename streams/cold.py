@@ -31,7 +31,7 @@ class SourceRecord:
     partition: int
     offset: int
     key: bytes | None
-    value: bytes
+    value: bytes | None  # None: a tombstone
 
 
 @dataclass(frozen=True)
@@ -56,19 +56,30 @@ class DeadLetter:
 class DecodedBatch:
     records: list[dict[str, Any]]
     dead: list[DeadLetter]
+    tombstones: int = 0
 
 
-def decode_batch(batch: Sequence[SourceRecord], codec: AvroCodec) -> DecodedBatch:
-    """Pure: the ok/error split of a batch."""
+def decode_batch(
+    batch: Sequence[SourceRecord], codec: AvroCodec, *, compacted: bool = False
+) -> DecodedBatch:
+    """Pure: the ok/error split of a batch. On a compacted topic a record without a value is a
+    deletion (counted, nothing to load); anywhere else it is bad input."""
     records: list[dict[str, Any]] = []
     dead: list[DeadLetter] = []
+    tombstones = 0
     for rec in batch:
+        if rec.value is None:
+            if compacted:
+                tombstones += 1
+            else:
+                dead.append(DeadLetter(rec, "no_value", "a record without a value (tombstone)"))
+            continue
         result = codec.decode(rec.value)
         if isinstance(result, Decoded):
             records.append(result.record)
         else:
             dead.append(DeadLetter(rec, str(result.reason), result.detail))
-    return DecodedBatch(records, dead)
+    return DecodedBatch(records, dead, tombstones)
 
 
 @dataclass
@@ -76,6 +87,7 @@ class ColdCounters:
     batches: int = 0
     stored_rows: int = 0
     dead_lettered: int = 0
+    tombstones: int = 0
     retries: int = 0
     last_batch_at: float = 0.0
     by_table: dict[str, int] = field(default_factory=dict)
@@ -125,9 +137,11 @@ class ColdPath:
     # dead-letter topic instead, so the stream neither stalls forever nor skips silently.
     rejected: tuple[type[BaseException], ...] = ()
     backoff: Backoff = field(default_factory=Backoff)
+    compacted: bool = False  # the source is a compacted state topic (tombstones are deletions)
 
     async def store_batch(self, batch: Sequence[SourceRecord]) -> None:
-        decoded = decode_batch(batch, self.codec)
+        decoded = decode_batch(batch, self.codec, compacted=self.compacted)
+        self.counters.tombstones += decoded.tombstones
         try:
             await self._store(decoded)
         except self.rejected as exc:

@@ -224,10 +224,9 @@ class HotWorker(BatchLoop):
 
     def _process(self, msg: Message, now: int, out: Emitted) -> None:
         topic = msg.topic() or ""
-        source = SourceRecord(
-            topic, msg.partition() or 0, msg.offset() or 0, msg.key(), msg.value() or b""
-        )
-        decoded = self.codecs[topic].decode(source.value)
+        value = msg.value() or b""  # no input here is compacted: a tombstone is bad input
+        source = SourceRecord(topic, msg.partition() or 0, msg.offset() or 0, msg.key(), value)
+        decoded = self.codecs[topic].decode(value)
         if not isinstance(decoded, Decoded):
             out.dead.append(DeadLetter(source, str(decoded.reason), decoded.detail, stage=STAGE))
             self.counters.dead_lettered += 1

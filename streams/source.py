@@ -88,5 +88,5 @@ def next_offsets(batch: Sequence[SourceRecord]) -> list[TopicPartition]:
 def to_source_record(msg: Message) -> SourceRecord:
     """A consumed record (error-free, so topic, partition and offset are set)."""
     return SourceRecord(
-        msg.topic() or "", msg.partition() or 0, msg.offset() or 0, msg.key(), msg.value() or b""
+        msg.topic() or "", msg.partition() or 0, msg.offset() or 0, msg.key(), msg.value()
     )

@@ -84,3 +84,13 @@ def test_commit_offsets_are_one_past_each_partitions_last_record() -> None:
     batch.append(SourceRecord("device.events", 0, 2, None, b""))
     got = {(tp.topic, tp.partition, tp.offset) for tp in next_offsets(batch)}
     assert got == {("telemetry.raw", 0, 8), ("telemetry.raw", 1, 10), ("device.events", 0, 3)}
+
+
+def test_a_tombstone_is_a_deletion_on_a_compacted_topic_and_bad_input_elsewhere() -> None:
+    tombstone = SourceRecord("telemetry.raw", 0, 7, b"d-1", None)
+    state = decode_batch([_record(1), tombstone], CODEC, compacted=True)
+    assert (len(state.records), state.dead, state.tombstones) == (1, [], 1)
+    stream = decode_batch([_record(1), tombstone], CODEC)
+    assert len(stream.records) == 1
+    assert [(d.reason, d.source.offset) for d in stream.dead] == [("no_value", 7)]
+    assert stream.tombstones == 0
