@@ -77,7 +77,11 @@ def test_down_then_up_brings_back_topics_and_schemas(stack: Stack, settings: Set
 def test_up_reports_a_taken_port_clearly(stack: Stack, settings: Settings, tmp_path) -> None:
     # A second stack in another folder wants the ports the test stack holds.
     clash = settings.model_copy(update={"state_dir": tmp_path / "other"})
-    result = _fleet(clash, "up")
-    assert result.returncode == 1
-    assert "is taken by" in result.stderr
-    assert str(settings.kafka_port) in result.stderr
+    try:
+        result = _fleet(clash, "up")
+        assert result.returncode == 1
+        assert "is taken by" in result.stderr
+        assert str(settings.kafka_port) in result.stderr
+    finally:
+        # Whatever the clash stack did start must not outlive the test (it would hold ports).
+        _fleet(clash, "down")
