@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from infra.pki import MAX_BRIDGE_REPLICAS
 from infra.services.api import ApiService
 from infra.services.base import Service, ServiceError, ServiceStatus
 from infra.services.bridge import BridgeService
@@ -56,6 +57,10 @@ class Stack:
         self.mosquitto = Mosquitto(settings)
         self.enforcer = EnforcerService(settings)
         self.bridges = [BridgeService(settings, i) for i in range(settings.bridge_replicas)]
+        # Replicas beyond FLEET_BRIDGE_REPLICAS: retired by `up` if they ever ran here.
+        self.spare_bridges = [
+            BridgeService(settings, i) for i in range(settings.bridge_replicas, MAX_BRIDGE_REPLICAS)
+        ]
         self.bridge = self.bridges[0]
         self.cold_worker = ColdWorkerService(settings)
         self.hot_worker = HotWorkerService(settings)
@@ -88,6 +93,9 @@ class Stack:
         ensure_topics(self.settings)
         self.registry.start(timeout)
         self.mosquitto.start(timeout)
+        for spare in self.spare_bridges:
+            if spare.has_run():
+                spare.retire()  # fewer replicas than before: no share of messages left behind
         self.enforcer.launch()
         for bridge in self.bridges:
             bridge.launch()
@@ -108,6 +116,7 @@ class Stack:
         platform = (
             self.api,
             *self.bridges,
+            *self.spare_bridges,  # one still running from a larger scale
             self.hot_worker,
             self.ota,
             self.cold_worker,

@@ -9,11 +9,19 @@ record on its topic, or the original bytes on `dlq.ingest` with the reason.
 The session is persistent (clean_start false, long expiry) and the subscription shared
 (`$share/ingest/...`): N replicas split the load, and while every replica is down the broker
 queues for them instead of dropping devices' messages.
+
+A shared subscription keeps routing a share of the messages to a persistent session whose
+replica is gone (Mosquitto counts an offline session as a member). So a replica taken out of
+service for good (fewer FLEET_BRIDGE_REPLICAS) is *retired* (`python -m ingest.bridge N
+--retire`, run by `fleet up`): it resumes its session, unsubscribes (nothing new comes to it),
+hands what the session had queued to Kafka like any message, and leaves with session expiry 0,
+ending the session. Nothing stays stranded in it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -154,6 +162,7 @@ class Bridge:
         self._downlink_codec: AvroCodec | None = None
         self.downlink = DownlinkCounters()
         self._client: gmqtt.Client | None = None
+        self._last_message_at = time.monotonic()
 
     @property
     def status_path(self) -> Path:
@@ -181,6 +190,7 @@ class Bridge:
         if props.get("dup"):
             self.counters.redelivered += 1
         out = route_message(topic, payload, int(time.time() * 1000), self._codecs)
+        self._last_message_at = time.monotonic()
         self._inflight += 1
         self._idle.clear()
         self._send(out, ack, 0)
@@ -295,7 +305,8 @@ class Bridge:
         self.install_late_ack(client)
         return client
 
-    async def run(self) -> None:
+    async def _connect(self) -> gmqtt.Client:
+        """Schemas, the Kafka producer, then the MQTT session (resumed if it exists)."""
         loop = asyncio.get_running_loop()
         self.settings.run_dir.mkdir(parents=True, exist_ok=True)
         self._register_schemas()
@@ -311,6 +322,36 @@ class Bridge:
         await client.connect(
             self.settings.host, self.settings.mqtt_port, ssl=tls, version=MQTTv50, keepalive=30
         )
+        return client
+
+    async def retire(self, quiet_s: float = 2.0, timeout: float = 600.0) -> bool:
+        """Drain this replica's session into Kafka and end it (see the module's docstring).
+
+        True once nothing arrived for ``quiet_s`` and everything that did is acked; False if
+        ``timeout`` passed first (the session is then kept, to be retired again)."""
+        client = await self._connect()
+        client.unsubscribe(subscriptions())  # the broker routes nothing new to this session
+        log.info("bridge %s retiring: draining its session", self.client_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        drained = False
+        while not self.stopping.is_set() and loop.time() < deadline:
+            quiet = time.monotonic() - self._last_message_at >= quiet_s
+            if quiet and self._inflight == 0:
+                drained = True
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), 0.1)
+        if not drained:
+            self.stopping.set()  # un-acked messages stay in the kept session
+        await self.shutdown(client, session_expiry_s=0 if drained else None)
+        self._write_status()
+        log.info("bridge %s %s: %s", self.client_id,
+                 "retired" if drained else "NOT retired", asdict(self.counters))  # fmt: skip
+        return drained
+
+    async def run(self) -> None:
+        client = await self._connect()
         for topic in subscriptions():
             client.subscribe(topic, qos=1)
         self.connected = True
@@ -332,8 +373,11 @@ class Bridge:
         self.connected = False
         self._write_status()
 
-    async def shutdown(self, client: gmqtt.Client, timeout: float = 30.0) -> None:
-        """Stop taking messages, let in-flight ones reach Kafka and be acked, then leave."""
+    async def shutdown(
+        self, client: gmqtt.Client, timeout: float = 30.0, session_expiry_s: int | None = None
+    ) -> None:
+        """Stop taking messages, let in-flight ones reach Kafka and be acked, then leave (with
+        ``session_expiry_s`` 0 the broker ends the session: a retired replica's last act)."""
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
@@ -343,18 +387,27 @@ class Bridge:
         assert self._producer is not None
         pending = self._producer.close(timeout)
         await asyncio.sleep(0)  # let the last PUBACKs go out before DISCONNECT
-        await client.disconnect()
+        if session_expiry_s is None:
+            await client.disconnect()
+        else:
+            await client.disconnect(session_expiry_interval=session_expiry_s)
         log.info("bridge stopped: %s (kafka pending: %d)", asdict(self.counters), pending)
 
 
-def main(replica: int = 0) -> None:
+def main(replica: int = 0, retire: bool = False) -> None:
+    """Run replica ``replica``; with ``retire``, drain and end its session instead (exit 0
+    once retired, 1 if it could not be drained in time)."""
     from infra.settings import load_settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(Bridge(load_settings(), replica).run())
+    bridge = Bridge(load_settings(), replica)
+    if retire:
+        raise SystemExit(0 if asyncio.run(bridge.retire()) else 1)
+    asyncio.run(bridge.run())
 
 
 if __name__ == "__main__":
     import sys
 
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    args = sys.argv[1:]
+    main(int(args[0]) if args and args[0].isdigit() else 0, retire="--retire" in args)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 
+from infra.services.base import ServiceError
 from infra.services.platform import PlatformProcess
 from infra.settings import Settings
 
@@ -20,3 +24,33 @@ class BridgeService(PlatformProcess):
 
     def ready(self) -> bool:
         return self.reported_by_me() and bool(self.counters().get("connected"))
+
+    @property
+    def status_path(self) -> Path:
+        return self.run_dir / f"{self.name}.json"
+
+    def has_run(self) -> bool:
+        """This replica ran here at some point, so the broker may hold its session."""
+        return self.status_path.exists() or self.process() is not None
+
+    def retire(self, timeout: float = 600.0) -> None:
+        """Take this replica out of service for good: stop it, drain its session into Kafka
+        and end it (ingest/bridge.py, `--retire`), so no message stays stranded there."""
+        self.stop()
+        env = {**os.environ, **self.environment()}
+        with self.log_path.open("ab") as log:
+            done = subprocess.run(
+                [*self.command(), "--retire"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=self.run_dir,
+                timeout=timeout + 60,
+                check=False,
+            )
+        if done.returncode != 0:
+            raise ServiceError(
+                f"{self.name}: not retired (see {self.log_path}); its session is kept"
+            )
+        self.status_path.unlink(missing_ok=True)

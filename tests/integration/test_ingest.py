@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from confluent_kafka import Message
 from infra.pki import CertificateAuthority
 from infra.provision import load_or_provision
 from infra.services.base import wait_until
+from infra.services.bridge import BridgeService
 from infra.settings import Settings
 from infra.simulator import run_fleet
 from infra.stack import Stack
@@ -283,3 +285,35 @@ def test_reported_state_and_ota_status_reach_their_topics(
     event = event_codec.decode(events[0].value())
     assert isinstance(event, Decoded)
     assert (event.record["type"], event.record["attributes"]["version"]) == ("ota_status", "2.0.1")
+
+
+def test_a_retired_replica_leaves_no_message_stranded_in_its_session(
+    stack: Stack, settings: Settings, ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    # A second replica ran (FLEET_BRIDGE_REPLICAS=2 once), then stopped for good: its
+    # persistent session still takes a share of the shared subscription while it is away.
+    spare = BridgeService(settings, 1)
+    spare.start(settings.startup_timeout_s)
+    try:
+        assert spare.stop(timeout=60)
+        creds = _fleet(ca, tmp_path, 20)
+        stats, devices = asyncio.run(
+            run_fleet(settings, creds, rate=20, duration=60, max_messages=20)
+        )
+        published = telemetry_sent(devices)
+        assert stats.connect_failures == 0
+        assert len(published) == 20 * 20
+        # `fleet up` with one replica retires the other: its session drained, then ended.
+        Stack(settings).up()
+        assert not spare.has_run()
+        stored = _stored(settings, published)
+        assert set(stored) == published
+        assert len(stored) == len(published)
+        retired = [
+            line for line in spare.log_path.read_text().splitlines() if "bridge-1 retired" in line
+        ]
+        assert retired, "the spare replica was not retired"
+        drained = int(re.search(r"'accepted': (\d+)", retired[-1]).group(1))  # type: ignore[union-attr]
+        assert drained > 0  # its session did hold part of the load: stranded without retiring
+    finally:
+        spare.stop()
