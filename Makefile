@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint unit integration bench up down status system-deps clean
+.PHONY: demo test lint unit integration bench bench-faust up down status system-deps clean
 
 # The main job on the embedded default: a simulated fleet through the whole pipeline; the stack
 # stays up afterwards (`fleet sql`, `fleet status`; `fleet down` stops it).
@@ -58,3 +58,9 @@ clean:
 # Benchmarks on a stack of their own; writes bench/results.json.
 bench: $(VENV)/.installed system-deps
 	$(VENV)/bin/python -m bench
+
+# Not part of `make bench`: why the workers are not Faust agents (throughput, exactly-once under
+# kill -9), each beside a confluent-kafka baseline; installs faust-streaming (faust-probe extra).
+bench-faust: $(VENV)/.installed system-deps
+	$(VENV)/bin/pip install -q -e '.[faust-probe]'
+	$(VENV)/bin/python -m bench faust

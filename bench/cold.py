@@ -2,9 +2,10 @@
 
 Cold path: with the worker stopped, N Avro records are produced to `telemetry.raw`; a bare loop
 (confluent-kafka consume + fastavro decode + Arrow insert, same batch size, same chDB, a twin
-table) loads them first; then the worker starts and loads the same records through Faust and
-the sink. Both rates count the rows after the first batch over the time from the first batch's
-insert to the last's, so start-up (Faust's rebalance, chDB's first open) is left out of both.
+table) loads them first; then the worker starts and loads the same records through its
+consumer group and the sink. Both rates count the rows after the first batch over the time from
+the first batch's insert to the last's, so start-up (the group join, chDB's first open) is left
+out of both.
 
 Pipeline: the simulator drives the real stack; sustained msgs/s is stored rows over the time
 from the first publish to the last row queryable, beside the offered load; latency is device
