@@ -151,7 +151,7 @@ class AlertState:
         return self.alert_id is not None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready, e.g. for a Faust table."""
+        """JSON-ready (the hot worker's `alerts.state` changelog)."""
         return asdict(self)
 
     @classmethod

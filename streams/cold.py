@@ -1,10 +1,10 @@
 """The cold path: Kafka -> decode -> batch -> warehouse, offsets committed after the write.
 
-Faust's `take_events` acks a batch's events (making their offsets committable) when the agent
-asks for the next batch, that is after `store_batch` returned. So `store_batch` must never
-return before the batch is durably in the warehouse: it retries with back-off while the
-warehouse is away (the stream pauses, nothing is skipped). Records that cannot be decoded go to
-`dlq.cold` with their original bytes and where they came from, before the batch is acked.
+The worker commits a batch's offsets (streams/source.py) only after `store_batch` returned. So
+`store_batch` must never return before the batch is durably in the warehouse: it retries with
+back-off while the warehouse is away (the stream pauses, nothing is skipped). Records that
+cannot be decoded go to `dlq.cold` with their original bytes and where they came from, before
+the batch is committed.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ DLQ_TOPIC = "dlq.cold"
 
 @dataclass(frozen=True)
 class SourceRecord:
-    """One Kafka record as the cold path sees it (Faust event, reduced)."""
+    """One Kafka record as a stream worker sees it: where it came from, key and value."""
 
     topic: str
     partition: int

@@ -6,10 +6,9 @@ stores, per partition, the offset after the last record of a batch that reached 
 A crash between the two re-reads the batch; the warehouse's deduplication makes that a no-op.
 
 Why not a Faust stream here: Faust hands each event through its conductor, stream and ack
-machinery, about 4,600 events/s on one core of these machines (measured: a Faust
-`take_events` agent loading 300k records), far below a bare consume loop. The cold path moves
-whole batches, so it reads them whole; Faust (dropped as a dependency
-until then) is meant for the hot path's per-event agents and tables.
+machinery, about 4,400 events/s on one core of these machines, far below a bare consume loop
+(`make bench-faust`, bench/faust_probe.py). The cold path moves whole batches, so it reads
+them whole.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The whole pipeline on real services: simulator -> Mosquitto -> bridge -> Kafka -> Faust
-cold path -> chDB, counted with SQL."""
+"""The whole pipeline on real services: simulator -> Mosquitto -> bridge -> Kafka -> cold
+path -> chDB, counted with SQL."""
 
 from __future__ import annotations
 
