@@ -82,6 +82,7 @@ from streams.rbac import (
     Grant,
     GrantSet,
     Principal,
+    PrincipalKind,
     Resource,
     Role,
     authorize,
@@ -174,6 +175,14 @@ def grants_view(grants: GrantSet, visible: Sequence[Grant] | None = None) -> dic
 
 def answer_view(answer: TwinAnswer) -> dict[str, Any]:
     return {"status": answer.status, "version": answer.version, "detail": answer.detail}
+
+
+def _member_of(principal: Principal, org: str, grants: Mapping[str, GrantSet]) -> bool:
+    """The principal holds some grant in organization ``org`` (the orchestrator: in all)."""
+    if principal.kind is PrincipalKind.orchestrator:
+        return True
+    held = grants.get(principal.key)
+    return held is not None and any(g.scope.org == org for g in held.grants)
 
 
 def rule_from_body(rule_id: str, body: Mapping[str, Any]) -> AlertRule:
@@ -1137,10 +1146,19 @@ class FleetApi:
         *,
         command: str,
         device_id: str | None = None,
+        unknown: str | None = None,
     ) -> Decision:
-        """``authorize`` on the grants of the moment; a denial is audited, then a 403."""
-        decision = authorize(principal, action, resource, self.backend.grants())
+        """``authorize`` on the grants of the moment; a denial is audited, then a 403.
+
+        ``unknown`` is the 404 reason an existing object (device, rule, rollout) is answered
+        with when the caller holds no grant at all in its organization: another tenant learns
+        nothing, not even that it exists (the denial is audited all the same). Within its own
+        organization a caller gets the 403 and its reason."""
+        grants = self.backend.grants()
+        decision = authorize(principal, action, resource, grants)
         if not decision.allowed:
+            if unknown is None and device_id is not None:
+                unknown = f"unknown device {device_id!r}"
             audit = await self._audit(
                 principal,
                 command=command,
@@ -1151,6 +1169,8 @@ class FleetApi:
                 authorization=decision.reason,
                 reason=decision.reason,
             )
+            if unknown is not None and not _member_of(principal, resource.org, grants):
+                raise ApiError(404, "not_found", unknown)
             raise ApiError(403, "forbidden", decision.reason, command_id=audit.command_id)
         return decision
 
@@ -1606,7 +1626,10 @@ class FleetApi:
 
     async def get_alert_rule(self, request: web.Request) -> web.Response:
         rule, resource = self._known_rule(request)
-        await self._authorize(_CALLER.get(), Action.alert_read, resource, command="alert_rule.get")
+        await self._authorize(
+            _CALLER.get(), Action.alert_read, resource, command="alert_rule.get",
+            unknown=f"unknown alert rule {rule.rule_id!r}",
+        )  # fmt: skip
         return web.json_response(self._rule_view(rule, resource))
 
     async def _write_rule(
@@ -1649,7 +1672,10 @@ class FleetApi:
         rule = rule_from_body(rule_id, await _body(request))
         resource = self._scope_resource(rule.scope_type, rule.scope)
         command = "alert_rule.put"
-        decision = await self._authorize(principal, Action.alert_write, resource, command=command)
+        hidden = f"unknown device {rule.scope!r}" if rule.scope_type is ScopeType.device else None
+        decision = await self._authorize(
+            principal, Action.alert_write, resource, command=command, unknown=hidden
+        )
         reasons = [decision.reason]
         current = self.backend.rules().get(rule_id)
         if current is not None and current != rule:
@@ -1666,8 +1692,9 @@ class FleetApi:
         principal = _CALLER.get()
         rule, resource = self._known_rule(request)
         decision = await self._authorize(
-            principal, Action.alert_write, resource, command="alert_rule.delete"
-        )
+            principal, Action.alert_write, resource, command="alert_rule.delete",
+            unknown=f"unknown alert rule {rule.rule_id!r}",
+        )  # fmt: skip
         return await self._write_rule(
             principal, rule.rule_id, None, [decision.reason], resource, changed=True
         )
@@ -1692,7 +1719,10 @@ class FleetApi:
 
     async def get_rollout(self, request: web.Request) -> web.Response:
         rollout = self._known_rollout(request)
-        await self._authorize(_CALLER.get(), Action.ota_read, rollout.target, command="ota.get")
+        await self._authorize(
+            _CALLER.get(), Action.ota_read, rollout.target, command="ota.get",
+            unknown=f"unknown rollout {rollout.rollout_id!r}",
+        )  # fmt: skip
         return web.json_response(rollout_summary(rollout))
 
     async def _ota_answer(
@@ -1744,7 +1774,10 @@ class FleetApi:
         principal = _CALLER.get()
         rollout = self._known_rollout(request)
         body = await _body(request, required=False)
-        await self._authorize(principal, action, rollout.target, command=f"ota.{kind}")
+        await self._authorize(
+            principal, action, rollout.target, command=f"ota.{kind}",
+            unknown=f"unknown rollout {rollout.rollout_id!r}",
+        )  # fmt: skip
         return await self._ota_answer(
             rollout.rollout_id, kind, principal, comment=_text(body, "comment")
         )

@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from cryptography import x509
 
 from infra.pki import CertificateAuthority, generate_private_key, make_csr
-from streams.alerts import AlertRule
+from streams.alerts import AlertRule, RuleKind, ScopeType
 from streams.api import ROUTES, create_app, openapi_document
 from streams.client import TwinAnswer
 from streams.ota import Rollout, step
@@ -702,3 +702,46 @@ def test_rollouts_are_created_by_operators_and_approved_by_approvers_only(
     assert [r["kind"] for r in backend.ota_requests] == ["create", "approve", "abort", "resume"]
     denied = [(a.principal, a.command) for a in backend.audits if a.decision == "denied"]
     assert denied == [("user:op", "ota.create"), ("user:op", "ota.approve")]
+
+
+# --------------------------------------------------------------------------- tenants
+
+
+def test_another_organization_learns_nothing_not_even_that_an_object_exists(
+    backend: FakeBackend, tokens: TokenAuthority
+) -> None:
+    stranger = Principal.user("stranger")
+    backend.grant_sets[stranger.key] = GrantSet.of(stranger, (Role.admin, Resource("other")))
+    backend.rule_table["hot-a"] = AlertRule(
+        rule_id="hot-a", scope_type=ScopeType.group, scope=GROUP_A, metric="t",
+        kind=RuleKind.above, threshold=1.0,
+    )  # fmt: skip
+
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        them = bearer(tokens, stranger)
+        unknown = await client.get("/v1/devices/nope", headers=them)
+        existing = await client.get("/v1/devices/a-1", headers=them)
+        assert (existing.status, unknown.status) == (404, 404)
+        assert await existing.json() == {"error": "not_found", "reason": "unknown device 'a-1'"}
+        assert (await unknown.json())["reason"] == "unknown device 'nope'"
+        for method, path in (
+            ("GET", "/v1/devices/a-1/twin"),
+            ("POST", "/v1/devices/a-1/suspend"),
+            ("GET", "/v1/alert-rules/hot-a"),
+            ("DELETE", "/v1/alert-rules/hot-a"),
+        ):
+            answer = await client.request(method, path, headers=them)
+            assert answer.status == 404, path
+        on_device = await client.put(
+            "/v1/alert-rules/mine", headers=them, json=rule_body("a-1", "device")
+        )
+        assert on_device.status == 404
+        # Inside the organization the caller is told why: a 403 with the decision's reason.
+        inside = await client.get("/v1/devices/b-1", headers=bearer(tokens, OPERATOR))
+        assert inside.status == 403
+
+    run(backend, tokens, scenario)
+    # Hidden, but audited: every attempt on the other tenant's objects left a denial.
+    denied = [a for a in backend.audits if a.principal == "user:stranger"]
+    assert len(denied) == 6
+    assert all(a.decision == "denied" for a in denied)
