@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import ssl
 import threading
 import time
@@ -47,6 +48,8 @@ from streams.rbac import Resource
 
 
 def quantile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return math.nan  # nothing measured: say so rather than fail the whole run
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
@@ -161,24 +164,41 @@ async def _measure_desired(
     return devices
 
 
+@dataclass
+class Latencies:
+    alert_ms: list[float] = field(default_factory=list)  # publish -> alert record
+    telemetry_ms: list[float] = field(default_factory=list)  # publish -> telemetry record
+    # telemetry record -> the alert it raised or resolved: the hot worker's own share
+    worker_ms: list[float] = field(default_factory=list)
+
+
 def _latencies(
     records: list[tuple[float, str, bytes]], settings: Settings, prefix: str
-) -> tuple[list[float], list[float]]:
+) -> Latencies:
     registry = CodecRegistry(SchemaRegistryClient({"url": settings.registry_url}))
     alerts = registry.codec("alerts", load_schema("Alert"))
     telemetry = registry.codec("telemetry.raw", load_schema("Telemetry"))
-    alert_ms: list[float] = []
-    telemetry_ms: list[float] = []
+    out = Latencies()
+    seen: dict[tuple[str, int], float] = {}  # (device, seq) -> telemetry record's arrival
+    raised: list[tuple[float, tuple[str, int]]] = []
     for arrived, topic, value in records:
         codec = alerts if topic == "alerts" else telemetry
         decoded = codec.decode(value)
         if not isinstance(decoded, Decoded):
             continue
         record = decoded.record
-        if not str(record["device_id"]).startswith(prefix):
+        device = str(record["device_id"])
+        if not device.startswith(prefix):
             continue
-        (alert_ms if topic == "alerts" else telemetry_ms).append(arrived - int(record["ts"]))
-    return alert_ms, telemetry_ms
+        latency = arrived - int(record["ts"])
+        if topic == "alerts":
+            out.alert_ms.append(latency)
+            raised.append((arrived, (device, int(record["seq"]))))
+        else:
+            out.telemetry_ms.append(latency)
+            seen[(device, int(record["seq"]))] = arrived
+    out.worker_ms = [arrived - seen[key] for arrived, key in raised if key in seen]
+    return out
 
 
 def run_hot(
@@ -234,7 +254,8 @@ def run_hot(
     arrivals.stop.set()
     collector.join(timeout=30)
 
-    alert_ms, telemetry_ms = _latencies(arrivals.records, settings, prefix)
+    latencies = _latencies(arrivals.records, settings, prefix)
+    alert_ms, telemetry_ms = latencies.alert_ms, latencies.telemetry_ms
     probed = measured[0] if measured else []
     desired_ms = [d.desired[r] - sent["desired"][r] for d in probed for r in d.desired]
     direct_ms = [d.direct[r] - sent["direct"][r] for d in probed for r in d.direct]
@@ -250,6 +271,18 @@ def run_hot(
                 "ms",
                 t,
                 a / max(t, 1.0),
+            )
+        )
+    for q, name in ((0.5, "p50"), (0.99, "p99")):
+        w, t = quantile(latencies.worker_ms, q), quantile(telemetry_ms, q)
+        results.append(
+            Result(
+                f"hot: {name} telemetry record->alert record, the hot worker's share, at "
+                f"{load_text} (baseline: {name} publish->telemetry record, the ingest's share)",
+                w,
+                "ms",
+                t,
+                w / max(t, 1.0),
             )
         )
     for q, name in ((0.5, "p50"), (0.99, "p99")):
