@@ -62,18 +62,30 @@ class Arrivals:
     stop: threading.Event = field(default_factory=threading.Event)
 
 
-def _collect(settings: Settings, arrivals: Arrivals, ready: threading.Event) -> None:
+UNCOMMITTED = "alerts (read_uncommitted)"
+
+
+def _collect(
+    settings: Settings,
+    arrivals: Arrivals,
+    ready: threading.Event,
+    isolation: str = "read_committed",
+    topics: Sequence[str] = ("alerts", "telemetry.raw"),
+) -> None:
+    """Stamp each record of ``topics`` as a consumer of ``isolation`` gets it. A
+    read_uncommitted consumer's records are labelled UNCOMMITTED."""
     consumer = Consumer(
         {
             "bootstrap.servers": settings.bootstrap_servers,
             "group.id": f"bench-hot-{uuid.uuid4().hex}",
             "enable.auto.commit": False,
-            "isolation.level": "read_committed",
+            "isolation.level": isolation,
             "fetch.wait.max.ms": 10,
         }
     )
+    label = UNCOMMITTED if isolation == "read_uncommitted" else None
     tps = []
-    for topic in ("alerts", "telemetry.raw"):
+    for topic in topics:
         meta = consumer.list_topics(topic, timeout=10).topics[topic]
         for p in meta.partitions:
             _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
@@ -84,7 +96,7 @@ def _collect(settings: Settings, arrivals: Arrivals, ready: threading.Event) -> 
         msg = consumer.poll(0.1)  # one at a time: each stamped as it is handed over
         if msg is not None and msg.error() is None:
             now = time.time() * 1000
-            arrivals.records.append((now, msg.topic() or "", msg.value() or b""))
+            arrivals.records.append((now, label or msg.topic() or "", msg.value() or b""))
     consumer.close()
 
 
@@ -170,6 +182,8 @@ class Latencies:
     telemetry_ms: list[float] = field(default_factory=list)  # publish -> telemetry record
     # telemetry record -> the alert it raised or resolved: the hot worker's own share
     worker_ms: list[float] = field(default_factory=list)
+    # publish -> alert record, seen by a read_uncommitted consumer (before the commit)
+    uncommitted_ms: list[float] = field(default_factory=list)
 
 
 def _latencies(
@@ -182,7 +196,7 @@ def _latencies(
     seen: dict[tuple[str, int], float] = {}  # (device, seq) -> telemetry record's arrival
     raised: list[tuple[float, tuple[str, int]]] = []
     for arrived, topic, value in records:
-        codec = alerts if topic == "alerts" else telemetry
+        codec = telemetry if topic == "telemetry.raw" else alerts
         decoded = codec.decode(value)
         if not isinstance(decoded, Decoded):
             continue
@@ -191,7 +205,9 @@ def _latencies(
         if not device.startswith(prefix):
             continue
         latency = arrived - int(record["ts"])
-        if topic == "alerts":
+        if topic == UNCOMMITTED:
+            out.uncommitted_ms.append(latency)
+        elif topic == "alerts":
             out.alert_ms.append(latency)
             raised.append((arrived, (device, int(record["seq"]))))
         else:
@@ -234,10 +250,18 @@ def run_hot(
     wait_until(lambda: rule.rule_id in stack.hot_worker.counters().get("rules", []), timeout=60)
 
     arrivals = Arrivals()
-    ready = threading.Event()
+    ready, early = threading.Event(), threading.Event()
     collector = threading.Thread(target=_collect, args=(settings, arrivals, ready))
+    # What an alerting consumer that reads uncommitted sees (see README: before the commit).
+    early_arrivals = Arrivals(stop=arrivals.stop)
+    early_collector = threading.Thread(
+        target=_collect,
+        args=(settings, early_arrivals, early, "read_uncommitted", ("alerts",)),
+    )
     collector.start()
+    early_collector.start()
     ready.wait(30)
+    early.wait(30)
     sent: dict[str, dict[int, float]] = {"desired": {}, "direct": {}}
     measured: list[list[MeasuringDevice]] = []
 
@@ -253,8 +277,9 @@ def run_hot(
     time.sleep(2.0)  # the tail of the run reaches the collector
     arrivals.stop.set()
     collector.join(timeout=30)
+    early_collector.join(timeout=30)
 
-    latencies = _latencies(arrivals.records, settings, prefix)
+    latencies = _latencies(arrivals.records + early_arrivals.records, settings, prefix)
     alert_ms, telemetry_ms = latencies.alert_ms, latencies.telemetry_ms
     probed = measured[0] if measured else []
     desired_ms = [d.desired[r] - sent["desired"][r] for d in probed for r in d.desired]
@@ -271,6 +296,18 @@ def run_hot(
                 "ms",
                 t,
                 a / max(t, 1.0),
+            )
+        )
+    for q, name in ((0.5, "p50"), (0.99, "p99")):
+        u, t = quantile(latencies.uncommitted_ms, q), quantile(telemetry_ms, q)
+        results.append(
+            Result(
+                f"hot: {name} publish->alert seen by a read_uncommitted consumer at {load_text}"
+                f" (baseline: {name} publish->telemetry record)",
+                u,
+                "ms",
+                t,
+                u / max(t, 1.0),
             )
         )
     for q, name in ((0.5, "p50"), (0.99, "p99")):
