@@ -8,6 +8,7 @@ rules are records on the compacted `alerts.rules`; alerts are read from `alerts`
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,7 @@ from streams.alerts import (
     rule_from_record,
     rule_to_record,
 )
+from streams.answers import AnswerListener
 from streams.ota import Rollout
 from streams.ota import from_record as rollout_from_record
 from streams.rbac import GrantSet, Principal
@@ -79,6 +81,8 @@ class HotPathClient:
         self._registry = registry
         self._codecs: dict[str, AvroCodec] = {}
         self._producer: Producer | None = None
+        self._listeners: dict[str, AnswerListener] = {}  # answers topic -> its listener
+        self._listeners_lock = threading.Lock()
 
     def codec(self, topic: str) -> AvroCodec:
         if topic not in self._codecs:
@@ -205,37 +209,43 @@ class HotPathClient:
         what: str,
     ) -> dict[str, dict[str, Any]]:
         """Write request records (id -> (key, record)) and wait for the answer to each one: the
-        record on `answers_topic` whose `id_field` is its id."""
-        consumer = self._consumer()
+        record on `answers_topic` whose `id_field` is its id (streams/answers.py)."""
         try:
-            # Listen from the current end first, so no answer can slip by.
-            meta = consumer.list_topics(answers_topic, timeout=self.timeout).topics[answers_topic]
-            ends = []
-            for p in sorted(meta.partitions):
-                _, high = consumer.get_watermark_offsets(
-                    TopicPartition(answers_topic, p), timeout=self.timeout
-                )
-                ends.append(TopicPartition(answers_topic, p, high))
-            consumer.assign(ends)
-            deadline = time.monotonic() + self.timeout
+            listener = self._listener(answers_topic, id_field)
             codec = self.codec(topic)
-            self._produce_many(topic, [(k, codec.encode(r)) for k, r in requests.values()])
-            answers: dict[str, dict[str, Any]] = {}
-            while len(answers) < len(requests) and time.monotonic() < deadline:
-                for msg in consumer.consume(1000, 0.05):
-                    answer = self._decode(answers_topic, msg) if msg.error() is None else None
-                    if answer is not None and answer[id_field] in requests:
-                        answers[answer[id_field]] = answer
-            if len(answers) < len(requests):
-                raise HotPathError(
-                    f"{len(requests) - len(answers)} of {len(requests)} {what} unanswered "
-                    f"within {self.timeout}s (is the stream worker up?)"
-                )
-            return answers
         except KafkaException as exc:
             raise HotPathError(str(exc)) from exc
-        finally:
-            consumer.close()
+        waiter = listener.expect(requests)  # before sending: no answer can slip by
+        try:
+            self._produce_many(topic, [(k, codec.encode(r)) for k, r in requests.values()])
+        except KafkaException as exc:
+            listener.forget(waiter)
+            raise HotPathError(str(exc)) from exc
+        except BaseException:
+            listener.forget(waiter)
+            raise
+        answers = listener.wait(waiter, self.timeout)
+        if len(answers) < len(requests):
+            raise HotPathError(
+                f"{len(requests) - len(answers)} of {len(requests)} {what} unanswered "
+                f"within {self.timeout}s (is the stream worker up?)"
+            )
+        return answers
+
+    def _listener(self, topic: str, id_field: str) -> AnswerListener:
+        with self._listeners_lock:
+            listener = self._listeners.get(topic)
+            if listener is None:
+                self.codec(topic)  # registered once, before the listener's thread decodes
+                listener = AnswerListener(
+                    self.settings,
+                    topic,
+                    id_field,
+                    lambda msg: self._decode(topic, msg),
+                    self.timeout,
+                )
+                self._listeners[topic] = listener
+            return listener
 
     # ------------------------------------------------------------------ registry and grants
 
@@ -353,5 +363,9 @@ class HotPathClient:
         return out
 
     def close(self) -> None:
+        with self._listeners_lock:
+            listeners, self._listeners = list(self._listeners.values()), {}
+        for listener in listeners:
+            listener.close()
         if self._producer is not None:
             self._producer.flush(self.timeout)
