@@ -80,8 +80,19 @@ class SchemaRegistry(Service):
         return _get_json(f"http://{self.host}:{self.port}/apis/registry/v3/system/info")
 
     def ready(self) -> bool:
-        # The ccompat API answering means the journal was replayed and schemas can be served.
-        return self._info() is not None and _get_json_list_ok(self.settings.registry_url)
+        # The API answers before the kafkasql storage has replayed its journal: a schema id
+        # asked for in between is "not found" (a decoder would dead-letter good records). The
+        # management port's readiness includes the storage's own (PersistenceSimpleReadiness
+        # Check: journal read up to the marker this process wrote at start).
+        health = _get_json(
+            f"http://{self.host}:{self.settings.registry_management_port}/health/ready"
+        )
+        return (
+            health is not None
+            and health.get("status") == "UP"
+            and self._info() is not None
+            and _get_json_list_ok(self.settings.registry_url)
+        )
 
     def version(self) -> str | None:
         info = self._info()
