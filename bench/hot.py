@@ -217,6 +217,25 @@ def _latencies(
     return out
 
 
+def _quantile_row(
+    q: float,
+    name: str,
+    what: str,
+    values: Sequence[float],
+    baseline: str,
+    baseline_values: Sequence[float],
+) -> Result:
+    """One latency quantile beside the same quantile of its baseline, in milliseconds."""
+    value, base = quantile(values, q), quantile(baseline_values, q)
+    return Result(
+        f"hot: {name} {what} (baseline: {name} {baseline})",
+        value,
+        "ms",
+        base,
+        value / max(base, 1.0),
+    )
+
+
 def run_hot(
     settings: Settings,
     devices: int = 100,
@@ -285,55 +304,21 @@ def run_hot(
     desired_ms = [d.desired[r] - sent["desired"][r] for d in probed for r in d.desired]
     direct_ms = [d.direct[r] - sent["direct"][r] for d in probed for r in d.direct]
     load_text = f"{offered:,.0f} msgs/s, {len(alert_ms)} alerts"
-    results = []
-    for q, name in ((0.5, "p50"), (0.99, "p99")):
-        a, t = quantile(alert_ms, q), quantile(telemetry_ms, q)
-        results.append(
-            Result(
-                f"hot: {name} publish->alert on `alerts` at {load_text}"
-                f" (baseline: {name} publish->telemetry record)",
-                a,
-                "ms",
-                t,
-                a / max(t, 1.0),
-            )
-        )
-    for q, name in ((0.5, "p50"), (0.99, "p99")):
-        u, t = quantile(latencies.uncommitted_ms, q), quantile(telemetry_ms, q)
-        results.append(
-            Result(
-                f"hot: {name} publish->alert seen by a read_uncommitted consumer at {load_text}"
-                f" (baseline: {name} publish->telemetry record)",
-                u,
-                "ms",
-                t,
-                u / max(t, 1.0),
-            )
-        )
-    for q, name in ((0.5, "p50"), (0.99, "p99")):
-        w, t = quantile(latencies.worker_ms, q), quantile(telemetry_ms, q)
-        results.append(
-            Result(
-                f"hot: {name} telemetry record->alert record, the hot worker's share, at "
-                f"{load_text} (baseline: {name} publish->telemetry record, the ingest's share)",
-                w,
-                "ms",
-                t,
-                w / max(t, 1.0),
-            )
-        )
-    for q, name in ((0.5, "p50"), (0.99, "p99")):
-        d, b = quantile(desired_ms, q), quantile(direct_ms, q)
-        results.append(
-            Result(
-                f"hot: {name} desired-set->device under load"
-                f" (baseline: {name} orchestrator MQTT publish->device)",
-                d,
-                "ms",
-                b,
-                d / max(b, 1.0),
-            )
-        )
+    rows = (
+        (f"publish->alert on `alerts` at {load_text}", alert_ms,
+         "publish->telemetry record", telemetry_ms),
+        (f"publish->alert seen by a read_uncommitted consumer at {load_text}",
+         latencies.uncommitted_ms, "publish->telemetry record", telemetry_ms),
+        (f"telemetry record->alert record, the hot worker's share, at {load_text}",
+         latencies.worker_ms, "publish->telemetry record, the ingest's share", telemetry_ms),
+        ("desired-set->device under load", desired_ms,
+         "orchestrator MQTT publish->device", direct_ms),
+    )  # fmt: skip
+    results = [
+        _quantile_row(q, name, what, values, baseline, baseline_values)
+        for what, values, baseline, baseline_values in rows
+        for q, name in ((0.5, "p50"), (0.99, "p99"))
+    ]
     results.append(
         Result(
             "hot: alerts per second emitted (baseline: telemetry msgs/s offered)",

@@ -521,25 +521,9 @@ class KafkaBackend:
         self._transact([(RULES, rule_id, value), self._audit_entry(audit)])
 
     def ota_request(
-        self,
-        rollout_id: str,
-        kind: str,
-        principal: Principal,
-        *,
-        artifact_id: str | None = None,
-        target: str | None = None,
-        plan: Mapping[str, Any] | None = None,
-        comment: str | None = None,
+        self, rollout_id: str, kind: str, principal: Principal, **request: Any
     ) -> AuditRecord:
-        return self.client.ota_request(
-            rollout_id,
-            kind,
-            principal,
-            artifact_id=artifact_id,
-            target=target,
-            plan=plan,
-            comment=comment,
-        )
+        return self.client.ota_request(rollout_id, kind, principal, **request)
 
     def set_desired(
         self, device_id: str, patch: Mapping[str, Any], version: int | None, principal: str
@@ -1663,7 +1647,9 @@ class FleetApi:
                 await asyncio.to_thread(self.backend.write_audit, audit)
         except HotPathError as exc:
             raise ApiError(504, "timeout", f"rule not written: {exc}") from None
-        await self.backend.wait_for(lambda: self.backend.rules().get(rule_id) == rule, 10.0)
+        await self.backend.wait_for(
+            lambda: self.backend.rules().get(rule_id) == rule, SETTLE_TIMEOUT_S
+        )
         view = None if rule is None else self._rule_view(rule, resource)
         return web.json_response({"rule_id": rule_id, "rule": view, "audit": audit.to_record()})
 

@@ -146,15 +146,7 @@ class FakeBackend:
         return dict(self.rollout_table)
 
     def ota_request(
-        self,
-        rollout_id: str,
-        kind: str,
-        principal: Principal,
-        *,
-        artifact_id: str | None = None,
-        target: str | None = None,
-        plan: Mapping[str, Any] | None = None,
-        comment: str | None = None,
+        self, rollout_id: str, kind: str, principal: Principal, **request: Any
     ) -> AuditRecord:
         """The controller's own pure state machine decides, as the OTA worker would."""
         record: dict[str, object] = {
@@ -162,10 +154,10 @@ class FakeBackend:
             "rollout_id": rollout_id,
             "kind": kind,
             "principal": str(principal),
-            "artifact_id": artifact_id,
-            "target": target,
-            "plan": None if plan is None else json.dumps(dict(plan)),
-            "comment": comment,
+            "artifact_id": request.get("artifact_id"),
+            "target": request.get("target"),
+            "plan": None if request.get("plan") is None else json.dumps(dict(request["plan"])),
+            "comment": request.get("comment"),
         }
         self.ota_requests.append(record)
         event = request_event(record, {ARTIFACT.artifact_id: ARTIFACT})
