@@ -39,9 +39,9 @@ def _fail(exc: Exception) -> typer.Exit:
 
 def _print_status(status: StackStatus) -> None:
     table = Table(title="services")
-    for column in ("service", "state", "address", "pid", "version"):
+    for column in ("service", "state", "address", "pid", "version", "restarts"):
         table.add_column(column)
-    colours = {"up": "green", "starting": "yellow", "down": "red"}
+    colours = {"up": "green", "starting": "yellow", "down": "red", "backoff": "red"}
     for s in status.services:
         table.add_row(
             s.name,
@@ -49,6 +49,7 @@ def _print_status(status: StackStatus) -> None:
             f"{s.host}:{s.port}",
             str(s.pid or "-"),
             s.version or "-",
+            str(s.restarts),
         )
     console.print(table)
     if status.topics:
