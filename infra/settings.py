@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The checkout this package lives in: state and downloaded jars stay inside it, git-ignored.
@@ -62,6 +62,11 @@ class Settings(BaseSettings):
 
     startup_timeout_s: float = Field(default=120.0, gt=0)
 
+    # Encrypts the fleet CA's and the OTA release key's private keys at rest (infra/keys.py).
+    # Unset: a random per-user passphrase in ~/.config/fleetstream/key-passphrase (0600, outside
+    # the state folder), with a warning; set it (from a secret store) in a deployment.
+    key_passphrase: SecretStr | None = None
+
     @field_validator("host")
     @classmethod
     def _loopback_only(cls, value: str) -> str:
@@ -114,7 +119,9 @@ class Settings(BaseSettings):
 def settings_env(settings: Settings) -> dict[str, str]:
     """The FLEET_ variables that give a child process these same settings."""
     return {
-        f"FLEET_{name.upper()}": str(value)
+        f"FLEET_{name.upper()}": value.get_secret_value()
+        if isinstance(value, SecretStr)
+        else str(value)
         for name, value in settings.model_dump().items()
         if value is not None
     }

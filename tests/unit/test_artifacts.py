@@ -31,13 +31,15 @@ FIRMWARE = b"\x7fELF firmware image " * 1000
 
 @pytest.fixture
 def store(tmp_path: Path) -> ArtifactStore:
-    return ArtifactStore.open(tmp_path / "artifacts", tmp_path / "pki")
+    return ArtifactStore.open(
+        tmp_path / "artifacts", tmp_path / "pki", passphrase=b"test-passphrase"
+    )
 
 
 @pytest.fixture(scope="module")
 def shared_store(tmp_path_factory: pytest.TempPathFactory) -> ArtifactStore:
     root = tmp_path_factory.mktemp("shared")
-    return ArtifactStore.open(root / "artifacts", root / "pki")
+    return ArtifactStore.open(root / "artifacts", root / "pki", passphrase=b"test-passphrase")
 
 
 def _file(tmp_path: Path, data: bytes, name: str = "fw.bin") -> Path:
@@ -106,11 +108,11 @@ def test_lookups_of_malformed_ids_find_nothing(store: ArtifactStore) -> None:
 
 def test_release_key_is_created_once_private_and_exportable(tmp_path: Path) -> None:
     pki = tmp_path / "pki"
-    key = ReleaseKey.load_or_create(pki)
+    key = ReleaseKey.load_or_create(pki, passphrase=b"test-passphrase")
     assert stat.S_IMODE((pki / "release.key").stat().st_mode) == 0o600
     assert (pki / "release.pub").read_bytes() == key.public_key_pem
     assert load_public_key(key.public_key_pem) == key.public_key
-    again = ReleaseKey.load_or_create(pki)
+    again = ReleaseKey.load_or_create(pki, passphrase=b"test-passphrase")
     assert again.key_id == key.key_id
     assert len(key.key_id) == 64
 
@@ -120,12 +122,12 @@ def test_release_key_refuses_an_orphan_or_mismatched_public_key(tmp_path: Path) 
     orphan.mkdir()
     (orphan / "release.pub").write_bytes(ReleaseKey.generate().public_key_pem)
     with pytest.raises(ArtifactError, match="without"):
-        ReleaseKey.load_or_create(orphan)
+        ReleaseKey.load_or_create(orphan, passphrase=b"test-passphrase")
     pki = tmp_path / "pki"
-    ReleaseKey.load_or_create(pki)
+    ReleaseKey.load_or_create(pki, passphrase=b"test-passphrase")
     (pki / "release.pub").write_bytes(ReleaseKey.generate().public_key_pem)
     with pytest.raises(ArtifactError, match="does not match"):
-        ReleaseKey.load_or_create(pki)
+        ReleaseKey.load_or_create(pki, passphrase=b"test-passphrase")
 
 
 def test_the_device_check_accepts_the_genuine_download(store: ArtifactStore) -> None:

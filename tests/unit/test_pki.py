@@ -36,7 +36,7 @@ def ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ca(ca_dir: Path) -> CertificateAuthority:
-    return CertificateAuthority.load_or_create(ca_dir)
+    return CertificateAuthority.load_or_create(ca_dir, passphrase=b"test-passphrase")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def _raw_csr(key: PrivateKey, cn: str) -> bytes:
 
 
 def test_load_or_create_is_idempotent(ca: CertificateAuthority, ca_dir: Path) -> None:
-    again = CertificateAuthority.load_or_create(ca_dir)
+    again = CertificateAuthority.load_or_create(ca_dir, passphrase=b"test-passphrase")
     assert again.certificate == ca.certificate
     assert (ca_dir / "revoked.json").read_text().strip() != ""
     assert stat.S_IMODE((ca_dir / "ca.key").stat().st_mode) == 0o600
@@ -91,7 +91,7 @@ def test_issue_from_csr(ca: CertificateAuthority, kind: KeyKind) -> None:
 def test_cert_from_other_ca_fails_verify_chain(
     ca: CertificateAuthority, tmp_path: Path, ec_key: PrivateKey
 ) -> None:
-    other = CertificateAuthority.load_or_create(tmp_path / "other")
+    other = CertificateAuthority.load_or_create(tmp_path / "other", passphrase=b"test-passphrase")
     cert = other.issue_from_csr(make_csr(ec_key, "dev-x"), "dev-x")
     assert other.verify_chain(cert)
     assert not ca.verify_chain(cert)
@@ -165,7 +165,9 @@ def test_revoke(ca: CertificateAuthority, ca_dir: Path, ec_key: PrivateKey) -> N
     assert crl.is_signature_valid(ca_public_key)
     assert [r.serial_number for r in crl].count(serial) == 1
     assert ca.is_revoked(serial)
-    assert CertificateAuthority.load_or_create(ca_dir).is_revoked(serial)
+    assert CertificateAuthority.load_or_create(ca_dir, passphrase=b"test-passphrase").is_revoked(
+        serial
+    )
 
 
 def test_write_device_bundle(ca: CertificateAuthority, tmp_path: Path, ec_key: PrivateKey) -> None:
