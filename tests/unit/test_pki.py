@@ -18,12 +18,14 @@ from infra.pki import (
     DEVICE_ID_PATTERN,
     RESERVED_IDENTITIES,
     CertificateAuthority,
+    KeyFileError,
     KeyKind,
     PkiError,
     PrivateKey,
     cert_fingerprint_sha256,
     generate_private_key,
     key_to_pem,
+    load_encrypted_key,
     make_csr,
     write_device_bundle,
 )
@@ -201,3 +203,64 @@ def test_issued_cn_equals_any_valid_id(ca: CertificateAuthority, device_id: str)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = ca.issue_from_csr(make_csr(key, device_id), device_id)
     assert _cn(cert) == device_id
+
+
+# --------------------------------------------------------------------------- keys at rest
+
+PASSPHRASE = b"test-passphrase"
+
+
+def test_the_ca_key_on_disk_is_encrypted_pkcs8(ca: CertificateAuthority, ca_dir: Path) -> None:
+    pem = (ca_dir / "ca.key").read_bytes()
+    assert pem.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    with pytest.raises(TypeError, match="encrypted"):  # a file read elsewhere is no key
+        serialization.load_pem_private_key(pem, None)
+    key = serialization.load_pem_private_key(pem, PASSPHRASE)
+    assert key.public_key() == ca.certificate.public_key()
+
+
+def test_a_wrong_passphrase_is_a_clear_error_that_does_not_echo_it(
+    ca: CertificateAuthority, ca_dir: Path
+) -> None:
+    wrong = b"not-the-passphrase"
+    with pytest.raises(KeyFileError, match=r"cannot decrypt .* wrong passphrase") as info:
+        CertificateAuthority.load_or_create(ca_dir, passphrase=wrong)
+    assert wrong.decode() not in str(info.value)
+    assert PASSPHRASE.decode() not in str(info.value)
+    with pytest.raises(KeyFileError, match="non-empty"):
+        CertificateAuthority.load_or_create(ca_dir, passphrase=b"")
+
+
+def test_a_plain_ca_key_is_encrypted_on_load_and_keeps_issuing(
+    tmp_path: Path, ec_key: PrivateKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A state folder from before keys were encrypted: same CA, now encrypted at rest."""
+    first = CertificateAuthority.load_or_create(tmp_path, passphrase=PASSPHRASE)
+    key = serialization.load_pem_private_key((tmp_path / "ca.key").read_bytes(), PASSPHRASE)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    (tmp_path / "ca.key").write_bytes(key_to_pem(key))  # what the old code wrote
+    (tmp_path / "ca.key").chmod(0o644)
+
+    with caplog.at_level("DEBUG"):
+        migrated = CertificateAuthority.load_or_create(tmp_path, passphrase=PASSPHRASE)
+
+    pem = (tmp_path / "ca.key").read_bytes()
+    assert pem.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    assert stat.S_IMODE((tmp_path / "ca.key").stat().st_mode) == 0o600
+    assert migrated.certificate == first.certificate
+    assert "now encrypted at rest" in caplog.text
+    assert PASSPHRASE.decode() not in caplog.text
+    cert = migrated.issue_from_csr(make_csr(ec_key, "dev-migrated"), "dev-migrated")
+    assert migrated.verify_chain(cert)
+    again = CertificateAuthority.load_or_create(tmp_path, passphrase=PASSPHRASE)
+    assert again.certificate == first.certificate
+    assert (tmp_path / "ca.key").read_bytes() == pem  # migrated once, not rewritten each load
+
+
+def test_a_key_file_that_is_no_key_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "k.pem"
+    path.write_bytes(b"-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(KeyFileError, match=r"not a PEM private key|cannot decrypt"):
+        load_encrypted_key(path, PASSPHRASE)
+    with pytest.raises(KeyFileError, match="cannot read"):
+        load_encrypted_key(tmp_path / "missing.pem", PASSPHRASE)
