@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     bridge_replicas: int = Field(default=1, ge=1, le=8)
     mqtt_max_inflight: int = Field(default=1000, ge=1)
     mqtt_max_queued: int = Field(default=100_000, ge=0)
+    # The bridge dead-letters (bad_timestamp) a device `ts` further than this from its receive
+    # time (ingest/envelope.py TimestampWindow): back far enough for an offline backlog.
+    ts_max_age_s: int = Field(default=30 * 86_400, ge=0)
+    ts_max_ahead_s: int = Field(default=300, ge=0)
 
     # Warehouse: empty means embedded chDB in <state_dir>/warehouse; else http(s)://host:port
     # of a ClickHouse server (same sink code through clickhouse-connect).
