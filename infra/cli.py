@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from infra.keys import key_passphrase
 from infra.pki import KeyKind
 from infra.services.base import ServiceError
 from infra.settings import Settings, load_settings
@@ -126,7 +127,7 @@ def provision(
     from streams.rbac import Action, Principal, Resource, authorize
 
     settings = _settings()
-    ca = CertificateAuthority.load_or_create(settings.pki_dir)
+    ca = CertificateAuthority.load_or_create(settings.pki_dir, passphrase=key_passphrase(settings))
     kind: KeyKind = "ec" if key == "ec" else "rsa"
     try:
         who = Principal.parse(principal)
@@ -190,7 +191,7 @@ def simulate(
     from infra.simulator import run_fleet
 
     settings = _settings()
-    ca = CertificateAuthority.load_or_create(settings.pki_dir)
+    ca = CertificateAuthority.load_or_create(settings.pki_dir, passphrase=key_passphrase(settings))
     ids = [f"{prefix}-{i:05d}" for i in range(devices)]
     kind: KeyKind = "rsa" if key == "rsa" else "ec"
     with console.status(f"provisioning {devices} devices…"):
@@ -530,7 +531,9 @@ def ota_artifact_add(
 
     settings = _settings()
     try:
-        store = ArtifactStore.open(settings.state_dir / "artifacts", settings.pki_dir)
+        store = ArtifactStore.open(
+            settings.state_dir / "artifacts", settings.pki_dir, passphrase=key_passphrase(settings)
+        )
         artifact = store.add(file, kind, version)
     except (ArtifactError, ValueError) as exc:
         raise _fail(exc) from exc

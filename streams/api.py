@@ -52,6 +52,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 from pydantic import BaseModel
 
+from infra.keys import key_passphrase
 from infra.ota_summary import rollout_summary
 from infra.pki import CertificateAuthority, PkiError, cert_fingerprint_sha256
 from infra.services.base import ServiceError
@@ -318,7 +319,9 @@ class KafkaBackend:
         self.settings = settings
         self.timeout = timeout
         self.client = HotPathClient(settings, timeout)
-        self.ca = CertificateAuthority.load_or_create(settings.pki_dir)
+        self.ca = CertificateAuthority.load_or_create(
+            settings.pki_dir, passphrase=key_passphrase(settings)
+        )
         self._lock = threading.Lock()
         self._ca_lock = threading.Lock()
         self._producer_lock = threading.Lock()

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from infra.keys import key_passphrase
 from infra.pki import BRIDGE_IDENTITIES, ENFORCER_IDENTITIES, CertificateAuthority
 from infra.services.base import Service, ServiceError
 from infra.settings import Settings
@@ -383,7 +384,9 @@ class Mosquitto(Service):
         return found
 
     def prepare(self) -> None:
-        ca = CertificateAuthority.load_or_create(self.settings.pki_dir)
+        ca = CertificateAuthority.load_or_create(
+            self.settings.pki_dir, passphrase=key_passphrase(self.settings)
+        )
         ca.refresh_crl()  # an expired CRL would make OpenSSL refuse every client
         ensure_broker_identities(ca, self.files)
         self.files.persistence.mkdir(parents=True, exist_ok=True)

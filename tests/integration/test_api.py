@@ -23,6 +23,7 @@ from confluent_kafka import Consumer
 from cryptography import x509
 
 from infra.artifacts import ArtifactStore
+from infra.keys import key_passphrase
 from infra.pki import CertificateAuthority, generate_private_key, make_csr
 from infra.provision import provision_device, register
 from infra.services.api import ApiService
@@ -137,7 +138,7 @@ def world(
     assert wait_until(grants_seen, timeout=30, interval=0.2), "the API never saw the grants"
 
     # Two devices, one per project, provisioned by the orchestrator (through the agent).
-    ca = CertificateAuthority.load_or_create(settings.pki_dir)
+    ca = CertificateAuthority.load_or_create(settings.pki_dir, passphrase=key_passphrase(settings))
     out = tmp_path_factory.mktemp("api-devices")
     devices = {}
     for project in ("pA", "pB"):
@@ -302,7 +303,7 @@ def test_an_admin_provisions_a_device_from_its_csr(
     assert answer.status == 201, answer.body
     assert answer.body["device_id"] == device_id
     cert = x509.load_pem_x509_certificate(answer.body["certificate_pem"].encode())
-    ca = CertificateAuthority.load_or_create(settings.pki_dir)
+    ca = CertificateAuthority.load_or_create(settings.pki_dir, passphrase=key_passphrase(settings))
     assert ca.verify_chain(cert)
     assert not ca.is_revoked(cert.serial_number)
     assert answer.body["ca_pem"] == ca.cert_pem.decode()
@@ -399,7 +400,9 @@ def test_alert_rules_and_ota_rollouts_go_through_the_api(
     assert f"{rule_id}-b" not in client.rules()
 
     # An OTA rollout: created by the operator, pending until an ota-approver approves.
-    store = ArtifactStore.open(settings.state_dir / "artifacts", settings.pki_dir)
+    store = ArtifactStore.open(
+        settings.state_dir / "artifacts", settings.pki_dir, passphrase=key_passphrase(settings)
+    )
     firmware = tmp_path / "fw.bin"
     firmware.write_bytes(uuid.uuid4().bytes * 64)
     artifact = store.add(firmware, "firmware", f"9.{uuid.uuid4().int % 1000}.0")

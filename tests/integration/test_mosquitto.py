@@ -82,7 +82,9 @@ def test_a_device_never_receives_another_devices_messages(
 def test_a_certificate_from_another_ca_is_refused(
     stack: Stack, settings: Settings, tmp_path: Path
 ) -> None:
-    rogue_ca = CertificateAuthority.load_or_create(tmp_path / "rogue-ca", name="rogue CA")
+    rogue_ca = CertificateAuthority.load_or_create(
+        tmp_path / "rogue-ca", name="rogue CA", passphrase=b"test-passphrase"
+    )
     rogue = provision_device(rogue_ca, "rogue-1", tmp_path / "rogue", "ec")
     session = connect(settings, rogue.cert_path, rogue.key_path, "rogue-1")
     assert session is None

@@ -181,7 +181,7 @@ def now_ms() -> int:
 
 @pytest.fixture
 def ca(tmp_path: Path) -> CertificateAuthority:
-    return CertificateAuthority.load_or_create(tmp_path / "pki")
+    return CertificateAuthority.load_or_create(tmp_path / "pki", passphrase=b"test-passphrase")
 
 
 @pytest.fixture

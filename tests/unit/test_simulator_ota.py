@@ -84,7 +84,9 @@ def _run(scenario: Callable[[], Awaitable[T]]) -> T:
 
 @pytest.fixture
 def store(tmp_path: Path) -> ArtifactStore:
-    return ArtifactStore.open(tmp_path / "artifacts", tmp_path / "pki")
+    return ArtifactStore.open(
+        tmp_path / "artifacts", tmp_path / "pki", passphrase=b"test-passphrase"
+    )
 
 
 @pytest.fixture
