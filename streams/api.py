@@ -787,7 +787,9 @@ def openapi_document(routes: Sequence[Route] = ROUTES) -> dict[str, Any]:
             "description": (
                 "Devices, grants, twins, alert rules and OTA rollouts of the fleet. Every call "
                 "but /openapi.json and /healthz needs a bearer token signed by the platform "
-                "(`fleet token`), and is then authorized against the caller's grants."
+                "(`fleet token`), and is then authorized against the caller's grants. "
+                f"Request bodies are UTF-8 JSON nested at most {MAX_JSON_DEPTH} levels, with "
+                "the documented fields only; anything else is a 400."
             ),
         },
         "servers": [{"url": "/"}],
@@ -1399,14 +1401,16 @@ class FleetApi:
 
     async def put_alert_rule(self, request: web.Request) -> web.Response:
         principal, rule_id = _CALLER.get(), request.match_info["rule_id"]
-        body = await _body(request, AlertRuleBody)
-        rule = rule_from_body(rule_id, body.model_dump(mode="json", exclude_none=True))
-        resource = self._scope_resource(rule.scope_type, rule.scope)
+        body = (await _body(request, AlertRuleBody)).root
+        scope_type, scope = ScopeType(body.scope_type), body.scope
+        resource = self._scope_resource(scope_type, scope)
         command = "alert_rule.put"
-        hidden = f"unknown device {rule.scope!r}" if rule.scope_type is ScopeType.device else None
+        hidden = f"unknown device {scope!r}" if scope_type is ScopeType.device else None
         decision = await self._authorize(
             principal, Action.alert_write, resource, command=command, unknown=hidden
         )
+        # What the schema cannot say (clear_threshold against threshold) is checked here.
+        rule = rule_from_body(rule_id, body.model_dump(mode="json", exclude_none=True))
         reasons = [decision.reason]
         current = self.backend.rules().get(rule_id)
         if current is not None and current != rule:
@@ -1489,13 +1493,13 @@ class FleetApi:
         body = await _body(request, RolloutCreate)
         artifact_id = body.artifact_id
         rollout_id = body.rollout_id or f"rollout-{uuid.uuid4().hex[:10]}"
-        plan = plan_from_body(body.plan)
         try:
             target = Resource.parse(body.target)
         except ValueError as exc:
             raise ApiError(400, "bad_request", str(exc)) from None
         # Decided here first (a 403 sends nothing), then again by the controller of record.
         await self._authorize(principal, Action.ota_create, target, command="ota.create")
+        plan = plan_from_body(body.plan)
         return await self._ota_answer(
             rollout_id, "create", principal, artifact_id=artifact_id, target=str(target),
             plan=plan.to_record(), comment=body.comment,
