@@ -807,12 +807,14 @@ def openapi_document(routes: Sequence[Route] = ROUTES) -> dict[str, Any]:
 # --------------------------------------------------------------------------- request bodies
 
 
-async def _body(request: web.Request, model: type[M], *, required: bool = True) -> M:
-    """The request's body as ``model`` (the route's documented body), or a 400."""
+async def _body(request: web.Request, model: type[M]) -> M:
+    """The request's body as ``model``, which must be the route's documented body (whether it
+    is required too), or a 400."""
     route = ROUTE_BY_NAME[request.match_info.route.name or ""]
-    assert route.body is model, f"{route.name} documents {route.body}, validates {model}"
+    if route.body is not model:  # a programming error, caught by any test of the route
+        raise TypeError(f"{route.name} documents {route.body}, validates with {model}")
     try:
-        return parse_body(await request.read(), model, required=required)
+        return parse_body(await request.read(), model, required=route.body_required)
     except BodyError as exc:
         raise ApiError(400, "bad_request", str(exc)) from None
 
@@ -1134,7 +1136,7 @@ class FleetApi:
         record = self._known_device(request)
         reason = None
         if kind is not CommandKind.activate:  # activate takes no body
-            reason = (await _body(request, LifecycleRequest, required=False)).reason
+            reason = (await _body(request, LifecycleRequest)).reason
         command_id, device_id = new_id(f"api-{kind}"), record.device_id
         command: RegistryCommand
         if kind is CommandKind.suspend:
@@ -1508,7 +1510,7 @@ class FleetApi:
     async def _control(self, request: web.Request, kind: str, action: Action) -> web.Response:
         principal = _CALLER.get()
         rollout = self._known_rollout(request)
-        body = await _body(request, RolloutControl, required=False)
+        body = await _body(request, RolloutControl)
         await self._authorize(
             principal, action, rollout.target, command=f"ota.{kind}",
             unknown=f"unknown rollout {rollout.rollout_id!r}",
