@@ -790,7 +790,9 @@ def openapi_document(routes: Sequence[Route] = ROUTES) -> dict[str, Any]:
             "description": (
                 "Devices, grants, twins, alert rules and OTA rollouts of the fleet. Every call "
                 "but /openapi.json and /healthz needs a bearer token signed by the platform "
-                "(`fleet token`), and is then authorized against the caller's grants."
+                "(`fleet token`), and is then authorized against the caller's grants. "
+                f"Request bodies are UTF-8 JSON nested at most {MAX_JSON_DEPTH} levels, with "
+                "the documented fields only; anything else is a 400."
             ),
         },
         "servers": [{"url": "/"}],
@@ -808,12 +810,14 @@ def openapi_document(routes: Sequence[Route] = ROUTES) -> dict[str, Any]:
 # --------------------------------------------------------------------------- request bodies
 
 
-async def _body(request: web.Request, model: type[M], *, required: bool = True) -> M:
-    """The request's body as ``model`` (the route's documented body), or a 400."""
+async def _body(request: web.Request, model: type[M]) -> M:
+    """The request's body as ``model``, which must be the route's documented body (whether it
+    is required too), or a 400."""
     route = ROUTE_BY_NAME[request.match_info.route.name or ""]
-    assert route.body is model, f"{route.name} documents {route.body}, validates {model}"
+    if route.body is not model:  # a programming error, caught by any test of the route
+        raise TypeError(f"{route.name} documents {route.body}, validates with {model}")
     try:
-        return parse_body(await request.read(), model, required=required)
+        return parse_body(await request.read(), model, required=route.body_required)
     except BodyError as exc:
         raise ApiError(400, "bad_request", str(exc)) from None
 
@@ -1135,7 +1139,7 @@ class FleetApi:
         record = self._known_device(request)
         reason = None
         if kind is not CommandKind.activate:  # activate takes no body
-            reason = (await _body(request, LifecycleRequest, required=False)).reason
+            reason = (await _body(request, LifecycleRequest)).reason
         command_id, device_id = new_id(f"api-{kind}"), record.device_id
         command: RegistryCommand
         if kind is CommandKind.suspend:
@@ -1402,14 +1406,16 @@ class FleetApi:
 
     async def put_alert_rule(self, request: web.Request) -> web.Response:
         principal, rule_id = _CALLER.get(), request.match_info["rule_id"]
-        body = await _body(request, AlertRuleBody)
-        rule = rule_from_body(rule_id, body.model_dump(mode="json", exclude_none=True))
-        resource = self._scope_resource(rule.scope_type, rule.scope)
+        body = (await _body(request, AlertRuleBody)).root
+        scope_type, scope = ScopeType(body.scope_type), body.scope
+        resource = self._scope_resource(scope_type, scope)
         command = "alert_rule.put"
-        hidden = f"unknown device {rule.scope!r}" if rule.scope_type is ScopeType.device else None
+        hidden = f"unknown device {scope!r}" if scope_type is ScopeType.device else None
         decision = await self._authorize(
             principal, Action.alert_write, resource, command=command, unknown=hidden
         )
+        # What the schema cannot say (clear_threshold against threshold) is checked here.
+        rule = rule_from_body(rule_id, body.model_dump(mode="json", exclude_none=True))
         reasons = [decision.reason]
         current = self.backend.rules().get(rule_id)
         if current is not None and current != rule:
@@ -1492,13 +1498,13 @@ class FleetApi:
         body = await _body(request, RolloutCreate)
         artifact_id = body.artifact_id
         rollout_id = body.rollout_id or f"rollout-{uuid.uuid4().hex[:10]}"
-        plan = plan_from_body(body.plan)
         try:
             target = Resource.parse(body.target)
         except ValueError as exc:
             raise ApiError(400, "bad_request", str(exc)) from None
         # Decided here first (a 403 sends nothing), then again by the controller of record.
         await self._authorize(principal, Action.ota_create, target, command="ota.create")
+        plan = plan_from_body(body.plan)
         return await self._ota_answer(
             rollout_id, "create", principal, artifact_id=artifact_id, target=str(target),
             plan=plan.to_record(), comment=body.comment,
@@ -1507,7 +1513,7 @@ class FleetApi:
     async def _control(self, request: web.Request, kind: str, action: Action) -> web.Response:
         principal = _CALLER.get()
         rollout = self._known_rollout(request)
-        body = await _body(request, RolloutControl, required=False)
+        body = await _body(request, RolloutControl)
         await self._authorize(
             principal, action, rollout.target, command=f"ota.{kind}",
             unknown=f"unknown rollout {rollout.rollout_id!r}",

@@ -12,7 +12,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictBool, StrictInt
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    RootModel,
+    StrictBool,
+    StrictInt,
+    field_validator,
+)
 
 from infra.pki import DEVICE_ID_PATTERN
 from streams.alerts import RuleKind, ScopeType, Severity
@@ -69,7 +78,7 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
 
 
-M = TypeVar("M", bound="_Request")
+M = TypeVar("M", bound=BaseModel)
 
 
 class _Response(BaseModel):
@@ -118,19 +127,67 @@ class GrantsPut(_Request):
     grants: list[GrantBody]
 
 
-class AlertRuleBody(_Request):
+class _RuleBody(_Request):
+    """What every alert rule has; the variants below say what its kind and scope need."""
+
     rule_id: Text | None = Field(default=None, description="If given, the path's rule id.")
-    scope_type: ScopeType
-    scope: Text = Field(
-        description="A group's path (org/<o>/project/<p>/group/<g>) or a device id",
-    )
-    metric: str = ""
-    kind: RuleKind
     threshold: Finite = 0.0
-    clear_threshold: Finite | None = None
+    clear_threshold: Finite | None = Field(
+        default=None,
+        description="Where a raised alert clears (default: the threshold); above: <= threshold, "
+        "below: >= threshold, rate_of_change: between 0 and the threshold.",
+    )
     window_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
-    heartbeat_s: Finite | None = None
     severity: Severity = Severity.warning
+
+
+class _GroupScope(BaseModel):
+    scope_type: Literal["group"]
+    scope: GroupPath
+
+
+class _DeviceScope(BaseModel):
+    scope_type: Literal["device"]
+    scope: DeviceId = Field(description="A registered device's id.")
+
+
+class _ThresholdKind(BaseModel):
+    kind: Literal["above", "below", "rate_of_change"]
+    metric: Text
+    heartbeat_s: Finite | None = None
+
+
+class _HeartbeatKind(BaseModel):
+    kind: Literal["missing_heartbeat"]
+    metric: str = ""
+    heartbeat_s: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class GroupThresholdRule(_RuleBody, _GroupScope, _ThresholdKind):
+    pass
+
+
+class GroupHeartbeatRule(_RuleBody, _GroupScope, _HeartbeatKind):
+    pass
+
+
+class DeviceThresholdRule(_RuleBody, _DeviceScope, _ThresholdKind):
+    pass
+
+
+class DeviceHeartbeatRule(_RuleBody, _DeviceScope, _HeartbeatKind):
+    pass
+
+
+_GroupRule = Annotated[GroupThresholdRule | GroupHeartbeatRule, Field(discriminator="kind")]
+_DeviceRule = Annotated[DeviceThresholdRule | DeviceHeartbeatRule, Field(discriminator="kind")]
+
+
+class AlertRuleBody(RootModel[_GroupRule | _DeviceRule]):
+    """An alert rule: on a group (its path) or a device (its id); a threshold kind names its
+    metric, a missing_heartbeat rule its heartbeat_s."""
+
+    model_config = ConfigDict(strict=True, frozen=True)
 
 
 class RolloutPlanBody(_Request):
@@ -138,7 +195,10 @@ class RolloutPlanBody(_Request):
     0.05; health window 300 s)."""
 
     canary_size: Annotated[StrictInt, Field(ge=1)] = 5
-    percentages: Annotated[list[Percent], Field(min_length=1)] = Field(
+    percentages: Annotated[
+        list[Percent],
+        Field(min_length=1, json_schema_extra={"uniqueItems": True, "contains": {"const": 100}}),
+    ] = Field(
         default_factory=lambda: [1.0, 10.0, 100.0],
         description="Cumulative shares, strictly ascending, the last one 100.",
     )
@@ -149,6 +209,14 @@ class RolloutPlanBody(_Request):
     require_telemetry: StrictBool = True
     cohort_timeout_s: Seconds | None = None
     rollback_timeout_s: Seconds = 900.0
+
+    @field_validator("percentages")
+    @classmethod
+    def _unique_with_100(cls, shares: list[float]) -> list[float]:
+        """What the schema says (uniqueItems, contains 100); the order is RolloutPlan's."""
+        if len(set(shares)) != len(shares) or 100 not in shares:
+            raise ValueError("percentages must be distinct and include 100")
+        return shares
 
 
 class RolloutCreate(_Request):
@@ -311,7 +379,8 @@ MODELS: dict[str, type[BaseModel]] = {
     for model in (
         Error, AuditRecord, Health, Device, DeviceList, ProvisionRequest, Provisioned,
         DeviceUpdate, LifecycleRequest, CommandResult, Twin, TwinPatch, TwinAnswer, Grant,
-        GrantSet, GrantBody, GrantsPut, GrantsResult, AlertRuleBody, AlertRule, RuleList,
+        GrantSet, GrantBody, GrantsPut, GrantsResult, AlertRuleBody, GroupThresholdRule,
+        GroupHeartbeatRule, DeviceThresholdRule, DeviceHeartbeatRule, AlertRule, RuleList,
         RuleResult, RolloutPlanBody, RolloutCreate, RolloutControl, Rollout, RolloutList,
         RolloutResult,
     )

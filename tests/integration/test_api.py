@@ -56,6 +56,10 @@ class Http:
         self, method: str, path: str, token: str | None = None, body: Any = None
     ) -> Answer:
         data = None if body is None else json.dumps(body).encode()
+        return self.raw(method, path, token, data)
+
+    def raw(self, method: str, path: str, token: str | None, data: bytes | None) -> Answer:
+        """Send ``data`` as the body, byte for byte (hostile bodies included)."""
         request = urllib.request.Request(self.base + path, data=data, method=method)
         if data is not None:
             request.add_header("Content-Type", "application/json")
@@ -443,3 +447,26 @@ def test_alert_rules_and_ota_rollouts_go_through_the_api(
         return seen.status == 200 and seen.body["state"] == "aborted"
 
     assert wait_until(ended, timeout=30, interval=0.2)
+
+
+def test_a_deeply_nested_or_non_utf8_body_is_a_400_and_the_api_keeps_serving(
+    http: Http, world: World, tokens: TokenAuthority
+) -> None:
+    admin = world.token(tokens, world.admin)
+    twin = f"/v1/devices/{world.device_a}/twin"
+    deep = ('{"desired": ' + '{"a": ' * 5000 + "1" + "}" * 5001).encode()
+    answer = http.raw("PATCH", twin, admin, deep)
+    assert answer.status == 400, answer.body
+    assert "nested deeper than" in answer.body["reason"]
+    for method, path in (
+        ("POST", "/v1/devices"),
+        ("POST", "/v1/ota/rollouts"),
+        ("PUT", "/v1/alert-rules/r-utf8"),
+        ("PATCH", twin),
+    ):
+        bad = http.raw(method, path, admin, b'{"org": "\xff\xfe"}')
+        assert bad.status == 400, (method, path, bad.body)
+        assert bad.body["error"] == "bad_request"
+        assert "UTF-8" in bad.body["reason"]
+    fine = http("PATCH", twin, admin, {"desired": {"note": "[" * 100}})
+    assert fine.status == 200, fine.body

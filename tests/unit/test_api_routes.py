@@ -787,3 +787,49 @@ def test_a_deeply_nested_body_or_invalid_utf8_is_a_400_not_a_500(
 
     run(backend, tokens, scenario)
     assert [a.decision for a in backend.audits] == ["applied"]  # only the string-valued patch
+
+
+def test_the_document_is_generated_from_the_models_the_handlers_validate_with(
+    backend: FakeBackend, tokens: TokenAuthority
+) -> None:
+    document = openapi_document()
+    schemas = document["components"]["schemas"]
+    for route in ROUTES:
+        op = document["paths"][route.path][route.method.lower()]
+        for model, where in (
+            (route.body, op.get("requestBody", {})),
+            (route.result, op["responses"][str(route.ok)]),
+        ):
+            if model is None:
+                continue
+            name = model.__name__
+            assert where["content"]["application/json"]["schema"] == {
+                "$ref": f"#/components/schemas/{name}"
+            }
+            generated = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            generated.pop("$defs", None)
+            assert schemas[name] == generated, name
+
+    # What the document leaves out is refused: an undocumented field, a string for a number.
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        admin = bearer(tokens, ADMIN)
+        for method, path, body in (
+            ("POST", "/v1/devices", {"org": "acme", "project": "pA", "group": "g",
+                                     "csr_pem": csr_for("x-1"), "colour": "red"}),
+            ("PATCH", "/v1/devices/a-1", {"group": "g", "colour": "red"}),
+            ("POST", "/v1/devices/a-1/suspend", {"why": "undocumented"}),
+            ("PATCH", "/v1/devices/a-1/twin", {"desired": {}, "version": "1"}),
+            ("PUT", "/v1/grants/user:x", {"grants": [{"role": "admin", "scope": "acme"}]}),
+            ("PUT", "/v1/alert-rules/r", {**rule_body(GROUP_A), "threshold": "80"}),
+            ("POST", "/v1/ota/rollouts", {"artifact_id": "a", "target": TARGET_A,
+                                          "plan": {"percentages": [10, 50]}}),
+        ):  # fmt: skip
+            answer = await client.request(method, path, headers=admin, json=body)
+            assert answer.status == 400, (method, path, await answer.text())
+            assert (await answer.json())["error"] == "bad_request"
+
+    seeded = list(backend.commands)
+    run(backend, tokens, scenario)
+    assert backend.commands == seeded  # refused before anything was sent...
+    assert backend.audits == []
+    assert backend.issued == []
