@@ -5,6 +5,10 @@ that owns the warehouse (``settings.host:settings.query_port``); when nothing li
 (or it serves another warehouse), the warehouse is opened directly — an embedded chDB folder
 in this process (with its schema applied), or a ClickHouse server over HTTP.
 Only reads are run, on either path, and always with FINAL applied (``final=1``).
+
+The query server wants a bearer token (a platform token whose principal holds
+``telemetry.read``): the one given (``fleet sql --token``, ``--as``), else the platform's own
+secret from the stack's run folder, readable by the operator on the machine that runs it.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from sinks.clickhouse import (
     QueryResult,
     SinkUnavailable,
 )
+from sinks.query_server import read_platform_secret
 
 __all__ = [
     "FORMATS",
@@ -105,13 +110,17 @@ def _error_message(body: bytes, fallback: str) -> str:
         return fallback
 
 
-def _via_server(settings: Settings, prepared: Prepared, timeout_s: float) -> QueryResult | None:
+def _via_server(
+    settings: Settings, prepared: Prepared, timeout_s: float, token: str | None
+) -> QueryResult | None:
     """The result from the owner's query server, or None when there is none for us."""
     url = f"http://{settings.host}:{settings.query_port}/query"
     body = {"sql": prepared.sql, "params": prepared.params, "warehouse": settings.warehouse_dsn}
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
+    headers = {"Content-Type": "application/json"}
+    bearer = token or read_platform_secret(settings.run_dir)
+    if bearer:
+        headers["Authorization"] = f"Bearer {bearer}"
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
             return QueryResult.from_json(json.load(response))
@@ -121,6 +130,11 @@ def _via_server(settings: Settings, prepared: Prepared, timeout_s: float) -> Que
             return None
         if exc.code == 503:
             raise WarehouseUnavailable(message) from exc
+        if exc.code in (401, 403):
+            raise QueryError(
+                f"query server at {url}: {message} (pass a token with telemetry.read: "
+                "`fleet sql --token` or `--as user:<id>`)"
+            ) from exc
         raise QueryError(message) from exc
     except urllib.error.URLError as exc:
         if isinstance(exc.reason, ConnectionRefusedError):
@@ -149,10 +163,12 @@ def fetch(
     params: Mapping[str, str] | None = None,
     *,
     timeout_s: float = QUERY_TIMEOUT_S,
+    token: str | None = None,
 ) -> QueryResult:
-    """Run one read (a statement, or a path to a ``.sql`` file); values come back JSON-safe."""
+    """Run one read (a statement, or a path to a ``.sql`` file); values come back JSON-safe.
+    ``token``: the bearer token for the query server (default: the platform's secret)."""
     prepared = prepare(sql_or_file, params)
-    result = _via_server(settings, prepared, timeout_s)
+    result = _via_server(settings, prepared, timeout_s, token)
     if result is None:
         result = _direct(settings, prepared, timeout_s)
     return result.json_safe()
@@ -250,10 +266,11 @@ def run_sql(
     sql_or_file: str,
     params: Mapping[str, str] | None = None,
     fmt: Format = "table",
+    token: str | None = None,
 ) -> str:
     """What ``fleet sql`` prints. Raises :class:`QueryError` (and its
     :class:`WarehouseUnavailable`) with a message fit for the user."""
-    return render(fetch(settings, sql_or_file, params), fmt)
+    return render(fetch(settings, sql_or_file, params, token=token), fmt)
 
 
 # --- pipeline counts (fleet demo) --------------------------------------------------------

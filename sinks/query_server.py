@@ -9,32 +9,53 @@ answers ``{"columns": [...], "types": [...], "rows": [[...]]}`` (datetimes as IS
 strings). Errors are JSON too: ``{"error": "...", "kind": "..."}`` with 400 for a refused or
 failed statement, 409 when ``warehouse`` names another warehouse than the one served, 503
 when the warehouse is unavailable. ``GET /health`` answers ``{"status": "ok", "warehouse"}``.
-Only reads are served: the statement guard refuses anything else and the session runs with
-``readonly=2``.
+Every ``POST /query`` needs ``Authorization: Bearer <token>`` (401 without a valid one, 403
+when its principal may not read telemetry): an :class:`Authenticator` decides, built by the
+process that serves (``streams.query_access``: platform tokens and the ``rbac.grants`` table).
+Denied calls are logged with the principal and reason, never the token. Only reads are served:
+the statement guard (:mod:`sinks.sql_guard`) refuses anything else (400, kind ``refused``), a
+query stopped at one of its limits answers 400 kind ``limit``; each query runs on a read
+connection of its own (side by side, the slowest holds no one else up) whose limits and
+``readonly=1`` it cannot change.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
+import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Protocol
 
-from infra.settings import Settings
 from queries.sqltext import NotReadOnly
-from sinks.clickhouse import QueryFailed, QueryResult, SinkUnavailable, normalize_dsn
+from sinks.clickhouse import (
+    QueryFailed,
+    QueryLimitExceeded,
+    QueryResult,
+    SinkUnavailable,
+    normalize_dsn,
+)
 
 __all__ = [
     "MAX_REQUEST_BYTES",
+    "PLATFORM_SECRET_FILE",
+    "AccessDenied",
+    "Authenticator",
+    "Caller",
     "QueryBackend",
     "QueryServer",
     "answer",
-    "serve_queries",
+    "bearer_token",
+    "read_platform_secret",
     "start_query_server",
+    "write_platform_secret",
 ]
 
 log = logging.getLogger(__name__)
@@ -49,6 +70,67 @@ class QueryBackend(Protocol):
     def dsn(self) -> str: ...
 
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> QueryResult: ...
+
+
+# The platform's own credential for this port (`fleet demo`'s counts, `fleet sql` run by the
+# operator on the machine): a random secret per start of the serving process, in its run folder
+# (mode 0600). Whoever reads it could read the platform's signing key beside it too.
+PLATFORM_SECRET_FILE = "query-port.secret"  # noqa: S105 - a file name
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who asked, as the log names them (never a secret)."""
+
+    principal: str
+    reason: str = ""
+
+
+class AccessDenied(Exception):
+    """401 (no valid credential) or 403 (a valid one without the grant); the reason is safe
+    to send and to log (it never holds the token)."""
+
+    def __init__(self, status: HTTPStatus, reason: str, principal: str | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.principal = principal
+
+
+class Authenticator(Protocol):
+    """Who may query: ``authenticate`` returns the caller or raises :class:`AccessDenied`."""
+
+    def authenticate(self, token: str | None) -> Caller: ...
+
+
+def bearer_token(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    scheme, _, token = (header or "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def write_platform_secret(run_dir: Path) -> str:
+    """A new platform secret in ``run_dir`` (atomically, mode 0600); returns it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(32)
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{PLATFORM_SECRET_FILE}.")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secret)
+        os.replace(tmp, run_dir / PLATFORM_SECRET_FILE)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return secret
+
+
+def read_platform_secret(run_dir: Path) -> str | None:
+    """The serving process's platform secret, if this user can read it."""
+    try:
+        return (run_dir / PLATFORM_SECRET_FILE).read_text().strip() or None
+    except OSError:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +175,9 @@ def answer(backend: QueryBackend, raw: bytes) -> Reply:
     try:
         return Reply(HTTPStatus.OK, backend.query(sql, params).to_json())
     except NotReadOnly as exc:
-        return _error(HTTPStatus.BAD_REQUEST, "not_read_only", str(exc))
+        return _error(HTTPStatus.BAD_REQUEST, "refused", str(exc))
+    except QueryLimitExceeded as exc:
+        return _error(HTTPStatus.BAD_REQUEST, "limit", str(exc))
     except QueryFailed as exc:
         return _error(HTTPStatus.BAD_REQUEST, "sql", str(exc))
     except SinkUnavailable as exc:
@@ -110,6 +194,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, reply: Reply) -> None:
         body = json.dumps(reply.body, ensure_ascii=False).encode()
         self.send_response(reply.status)
+        if reply.status == HTTPStatus.UNAUTHORIZED:
+            self.send_header("WWW-Authenticate", 'Bearer realm="fleetstream"')
         self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -133,7 +219,23 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._send(_error(HTTPStatus.BAD_REQUEST, "bad_request", "bad Content-Length"))
             return
-        self._send(answer(self.server.backend, self.rfile.read(length)))
+        raw = self.rfile.read(length)
+        token = bearer_token(self.headers.get("Authorization"))
+        try:
+            caller = self.server.access.authenticate(token)
+        except AccessDenied as denied:
+            log.warning(
+                "query port: %d for %s from %s: %s",
+                denied.status,
+                denied.principal or "an unauthenticated caller",
+                self.client_address[0],
+                denied.reason,
+            )
+            kind = "unauthorized" if denied.status == HTTPStatus.UNAUTHORIZED else "forbidden"
+            self._send(_error(denied.status, kind, denied.reason))
+            return
+        log.debug("query port: query by %s (%s)", caller.principal, caller.reason)
+        self._send(answer(self.server.backend, raw))
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("query server: " + format, *args)
@@ -142,17 +244,23 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], backend: QueryBackend) -> None:
+    def __init__(
+        self, address: tuple[str, int], backend: QueryBackend, access: Authenticator
+    ) -> None:
         self.backend = backend
+        self.access = access
         super().__init__(address, _Handler)
 
 
 class QueryServer:
     """A running query server (see :func:`start_query_server`); ``close()`` stops it."""
 
-    def __init__(self, server: _Server, thread: threading.Thread) -> None:
+    def __init__(
+        self, server: _Server, thread: threading.Thread, on_close: Callable[[], None] | None
+    ) -> None:
         self._server = server
         self._thread = thread
+        self._on_close = on_close
 
     @property
     def address(self) -> tuple[str, int]:
@@ -163,6 +271,8 @@ class QueryServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+        if self._on_close is not None:
+            self._on_close()
 
     def __enter__(self) -> QueryServer:
         return self
@@ -171,15 +281,17 @@ class QueryServer:
         self.close()
 
 
-def start_query_server(backend: QueryBackend, host: str, port: int) -> QueryServer:
-    """Serve ``backend``'s reads on ``host:port`` (port 0 picks a free one) from a daemon
-    thread; returns at once. Raises OSError when the port is taken."""
-    server = _Server((host, port), backend)
+def start_query_server(
+    backend: QueryBackend,
+    host: str,
+    port: int,
+    access: Authenticator,
+    on_close: Callable[[], None] | None = None,
+) -> QueryServer:
+    """Serve ``backend``'s reads on ``host:port`` (port 0 picks a free one) to the callers
+    ``access`` lets in, from a daemon thread; returns at once. ``on_close`` runs after the
+    server stopped. Raises OSError when the port is taken."""
+    server = _Server((host, port), backend, access)
     thread = threading.Thread(target=server.serve_forever, name=f"query-server:{port}", daemon=True)
     thread.start()
-    return QueryServer(server, thread)
-
-
-def serve_queries(settings: Settings, backend: QueryBackend) -> QueryServer:
-    """The query server for this stack: ``settings.host:settings.query_port``."""
-    return start_query_server(backend, settings.host, settings.query_port)
+    return QueryServer(server, thread, on_close)
