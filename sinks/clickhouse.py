@@ -525,7 +525,10 @@ class _ClientParser:
         try:
             rows = self._client.query(format_query_sql(sql)).result_rows
         except DatabaseError as exc:
-            raise QueryFailed(_parse_error(str(exc))) from exc
+            message = _parse_error(str(exc))
+            if "Multi-statements" in message:
+                raise Refused(f"refused: one statement at a time: {message}") from exc
+            raise QueryFailed(message) from exc
         return str(rows[0][0])
 
     def explain_ast(self, sql: str, params: Mapping[str, str]) -> str:
