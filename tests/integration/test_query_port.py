@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import threading
 import time
 import urllib.error
@@ -23,15 +24,17 @@ from typing import Any
 import pytest
 
 from infra.services.base import wait_until
-from infra.settings import Settings
+from infra.settings import PROJECT_ROOT, Settings
 from infra.stack import Stack
 from streams.client import HotPathClient
 from streams.rbac import GrantSet, Principal, Resource, Role
 from streams.tokens import TokenAuthority
+from tests.conftest import settings_env
 
 pytestmark = pytest.mark.integration
 
 GRANT_TIMEOUT_S = 30.0
+FLEET = str(PROJECT_ROOT / ".venv" / "bin" / "fleet")
 
 
 @dataclass(frozen=True)
@@ -136,10 +139,48 @@ def test_a_bad_token_is_401_and_a_token_without_grant_is_403(
     for bad in ("not-a-jwt", stranger.issue(Principal.user("someone")), expired):
         answer = ask(settings, "SELECT 1", bad)
         assert answer.status == 401, answer
-    nobody = tokens.issue(Principal.user(f"nobody-{uuid.uuid4().hex[:8]}"))
+    who = f"nobody-{uuid.uuid4().hex[:8]}"
+    nobody = tokens.issue(Principal.user(who))
     answer = ask(settings, "SELECT 1", nobody)
     assert answer.status == 403, answer
     assert "telemetry.read" in answer.body["error"]
+    # The denial is logged with who and why, never the token.
+    log = settings.run_dir / "cold-worker.log"
+    assert wait_until(lambda: f"query port: 403 for user:{who}" in log.read_text(), 10)
+    text = log.read_text()
+    for token in (nobody, expired, "not-a-jwt"):
+        assert token not in text
+    assert nobody.split(".")[2] not in text  # not even its signature
+
+
+def fleet_sql(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [FLEET, "sql", *args, "--format", "json"],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_fleet_sql_passes_a_token(settings: Settings, tokens: TokenAuthority, analyst: str) -> None:
+    # --token (or FLEET_TOKEN): a token from elsewhere
+    done = fleet_sql(settings, "SELECT 1 AS one", "--token", analyst)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [{"one": 1}]
+    # --as: a short token signed here, for a principal that must hold the grant
+    analyst_id = str(tokens.verify(analyst))
+    assert fleet_sql(settings, "SELECT 2 AS two", "--as", analyst_id).returncode == 0
+    refused = fleet_sql(settings, "SELECT 1", "--as", f"user:nobody-{uuid.uuid4().hex[:6]}")
+    assert refused.returncode == 1
+    assert "telemetry.read" in refused.stderr
+    # no option: the platform's own secret, for the operator on this machine
+    assert fleet_sql(settings, "SELECT 3 AS three").returncode == 0
+    denied = fleet_sql(settings, f"SELECT * FROM filesystem('{settings.pki_dir}')")
+    assert denied.returncode == 1
+    assert "filesystem()" in denied.stderr
+    assert "PRIVATE KEY" not in denied.stdout + denied.stderr
 
 
 # --- what a query may reach -----------------------------------------------------------------
