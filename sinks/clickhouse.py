@@ -58,6 +58,7 @@ __all__ = [
     "EVENT_SCHEMA",
     "OTA_EVENTS_SCHEMA",
     "OTA_EVENTS_TABLE",
+    "OUTPUT_FORMATS",
     "TELEMETRY_SCHEMA",
     "TELEMETRY_TABLE",
     "TWIN_HISTORY_SCHEMA",
@@ -67,6 +68,7 @@ __all__ = [
     "QueryFailed",
     "QueryLimitExceeded",
     "QueryResult",
+    "RawResult",
     "ReadLimits",
     "SinkError",
     "SinkUnavailable",
@@ -440,6 +442,52 @@ class QueryResult:
 
 
 @dataclass(frozen=True, slots=True)
+class RawResult:
+    """A result as the engine wrote it, in an output format (the ClickHouse HTTP answer)."""
+
+    data: bytes
+    fmt: str
+
+
+# Output formats the SQL port answers in: what ClickHouse clients ask for. Formats reading a
+# schema file (Protobuf, CapnProto, Template) are not among them.
+OUTPUT_FORMATS: Final = frozenset(
+    {
+        "Native",
+        "RowBinary",
+        "RowBinaryWithNames",
+        "RowBinaryWithNamesAndTypes",
+        "TabSeparated",
+        "TSV",
+        "TabSeparatedRaw",
+        "TSVRaw",
+        "TabSeparatedWithNames",
+        "TSVWithNames",
+        "TabSeparatedWithNamesAndTypes",
+        "TSVWithNamesAndTypes",
+        "CSV",
+        "CSVWithNames",
+        "CSVWithNamesAndTypes",
+        "JSON",
+        "JSONCompact",
+        "JSONStrings",
+        "JSONCompactStrings",
+        "JSONEachRow",
+        "JSONCompactEachRow",
+        "JSONColumns",
+        "Arrow",
+        "ArrowStream",
+        "Parquet",
+        "Values",
+        "Pretty",
+        "PrettyCompact",
+        "Vertical",
+        "Markdown",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
 class WriteResult:
     table: str
     rows: int
@@ -761,6 +809,23 @@ class ClickHouseSink:
     def _checked(self, client: Client, sql: str, params: Mapping[str, Any] | None) -> Checked:
         values = {k: str(v) for k, v in (params or {}).items()}
         return check_query(sql, values, _ClientParser(client), self._current_database(client))
+
+    def query_raw(self, sql: str, params: Mapping[str, str], default_format: str) -> RawResult:
+        """Run one read-only statement and answer the engine's bytes in its output format
+        (the query's ``FORMAT``, else ``default_format``; one of :data:`OUTPUT_FORMATS`): the
+        ClickHouse HTTP protocol's answer. Raises as :meth:`query` does."""
+        with self._reader() as client:
+            checked = self._checked(client, sql, params)
+            fmt = checked.output_format or default_format
+            if fmt not in OUTPUT_FORMATS:
+                raise Refused(f"refused: output format {fmt} is not served here")
+            data = client.raw_query(checked.sql, parameters=dict(params), fmt=fmt)
+            return RawResult(bytes(data), fmt)
+
+    def platform_raw(self, sql: str, fmt: str) -> RawResult:
+        """The platform's own read (not a caller's text: no guard), as bytes in ``fmt``."""
+        with self._reader() as client:
+            return RawResult(bytes(client.raw_query(sql, fmt=fmt)), fmt)
 
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> QueryResult:
         """Run one read-only statement (``{name:Type}`` parameters bound by the server).

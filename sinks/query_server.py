@@ -27,6 +27,7 @@ import os
 import secrets
 import tempfile
 import threading
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -39,8 +40,20 @@ from sinks.clickhouse import (
     QueryFailed,
     QueryLimitExceeded,
     QueryResult,
+    RawResult,
     SinkUnavailable,
     normalize_dsn,
+)
+from sinks.clickhouse_http import (
+    PROBE_SQL,
+    ChRequest,
+    content_type,
+    credential,
+    error_body,
+    is_settings_probe,
+)
+from sinks.clickhouse_http import (
+    parse_request as parse_ch_request,
 )
 
 __all__ = [
@@ -70,6 +83,10 @@ class QueryBackend(Protocol):
     def dsn(self) -> str: ...
 
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> QueryResult: ...
+
+    def query_raw(self, sql: str, params: Mapping[str, str], default_format: str) -> RawResult: ...
+
+    def platform_raw(self, sql: str, fmt: str) -> RawResult: ...
 
 
 # The platform's own credential for this port (`fleet demo`'s counts, `fleet sql` run by the
@@ -201,13 +218,122 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    # --- the ClickHouse HTTP protocol: GET or POST on "/", GET /ping ---
+
+    def _send_bytes(
+        self, status: int, body: bytes, ctype: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _ch_error(self, status: int, code: int, name: str, message: str) -> None:
+        headers = {"X-ClickHouse-Exception-Code": str(code)}
+        if status == HTTPStatus.UNAUTHORIZED:
+            headers["WWW-Authenticate"] = 'Basic realm="fleetstream", charset="UTF-8"'
+        self._send_bytes(
+            status, error_body(code, name, message), "text/plain; charset=UTF-8", headers
+        )
+
+    def _clickhouse(self, body: bytes) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        query = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
+        try:
+            caller = self.server.access.authenticate(
+                credential(
+                    self.headers.get("Authorization"), self.headers.get("X-ClickHouse-Key"), query
+                )
+            )
+        except AccessDenied as denied:
+            self._log_denied(denied)
+            code, name = (
+                (516, "AUTHENTICATION_FAILED") if denied.status == 401 else (497, "ACCESS_DENIED")
+            )
+            self._ch_error(denied.status, code, name, denied.reason)
+            return
+        try:
+            request = parse_ch_request(query, body)
+        except NotReadOnly as exc:
+            self._ch_error(HTTPStatus.FORBIDDEN, 497, "ACCESS_DENIED", str(exc))
+            return
+        except ValueError as exc:
+            self._ch_error(HTTPStatus.BAD_REQUEST, 62, "SYNTAX_ERROR", str(exc))
+            return
+        log.debug("query port (ClickHouse HTTP): query by %s", caller.principal)
+        self._ch_answer(request)
+
+    def _ch_answer(self, request: ChRequest) -> None:
+        backend = self.server.backend
+        try:
+            probe = is_settings_probe(request.sql)
+            if probe is not None:
+                result = backend.platform_raw(PROBE_SQL, probe or request.default_format)
+            else:
+                result = backend.query_raw(request.sql, request.params, request.default_format)
+        except NotReadOnly as exc:
+            self._ch_error(HTTPStatus.FORBIDDEN, 497, "ACCESS_DENIED", str(exc))
+            return
+        except QueryFailed as exc:
+            self._ch_error(HTTPStatus.BAD_REQUEST, 1, "QUERY_FAILED", str(exc))
+            return
+        except SinkUnavailable as exc:
+            self._ch_error(HTTPStatus.SERVICE_UNAVAILABLE, 210, "NETWORK_ERROR", str(exc))
+            return
+        except Exception as exc:  # a bug: the client still gets an answer, the log the trace
+            log.exception("query server: unexpected failure")
+            self._ch_error(HTTPStatus.INTERNAL_SERVER_ERROR, 1001, "STD_EXCEPTION", repr(exc))
+            return
+        headers = {
+            "X-ClickHouse-Format": result.fmt,
+            "X-ClickHouse-Query-Id": request.query_id,
+            "X-ClickHouse-Summary": "{}",
+        }
+        self._send_bytes(HTTPStatus.OK, result.data, content_type(result.fmt), headers)
+
+    def _log_denied(self, denied: AccessDenied) -> None:
+        log.warning(
+            "query port: %d for %s from %s: %s",
+            denied.status,
+            denied.principal or "an unauthenticated caller",
+            self.client_address[0],
+            denied.reason,
+        )
+
+    def _read_body(self) -> bytes | None:
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_REQUEST_BYTES:
+            self.close_connection = True
+            return None
+        return self.rfile.read(length)
+
     def do_GET(self) -> None:
+        path = urllib.parse.urlsplit(self.path).path
+        if path == "/ping":
+            self._send_bytes(HTTPStatus.OK, b"Ok.\n", "text/plain; charset=UTF-8")
+            return
+        if path == "/":
+            self._clickhouse(b"")
+            return
         if self.path.rstrip("/") == "/health":
             self._send(Reply(HTTPStatus.OK, {"status": "ok", "warehouse": self.server.backend.dsn}))
         else:
             self._send(_error(HTTPStatus.NOT_FOUND, "not_found", f"no {self.path}"))
 
     def do_POST(self) -> None:
+        if urllib.parse.urlsplit(self.path).path == "/":
+            body = self._read_body()
+            if body is None:
+                self._ch_error(HTTPStatus.BAD_REQUEST, 62, "SYNTAX_ERROR", "bad Content-Length")
+            else:
+                self._clickhouse(body)
+            return
         if self.path.rstrip("/") != "/query":
             self._send(_error(HTTPStatus.NOT_FOUND, "not_found", f"no {self.path}"))
             return
@@ -224,13 +350,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             caller = self.server.access.authenticate(token)
         except AccessDenied as denied:
-            log.warning(
-                "query port: %d for %s from %s: %s",
-                denied.status,
-                denied.principal or "an unauthenticated caller",
-                self.client_address[0],
-                denied.reason,
-            )
+            self._log_denied(denied)
             kind = "unauthorized" if denied.status == HTTPStatus.UNAUTHORIZED else "forbidden"
             self._send(_error(denied.status, kind, denied.reason))
             return
