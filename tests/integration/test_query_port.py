@@ -21,7 +21,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import clickhouse_connect
 import pytest
+from clickhouse_connect.driver.exceptions import DatabaseError
 
 from infra.services.base import wait_until
 from infra.settings import PROJECT_ROOT, Settings
@@ -298,3 +300,54 @@ def test_after_a_query_hits_its_time_limit_the_next_one_works(
     for _ in range(3):  # every pooled connection still answers
         after = ask(settings, "SELECT count() FROM telemetry", analyst)
         assert after.status == 200, after
+
+
+# --- the ClickHouse HTTP protocol (issue 14, item 2) ----------------------------------------
+
+
+def test_clickhouse_connect_reads_with_a_platform_token(
+    settings: Settings, tokens: TokenAuthority, analyst: str
+) -> None:
+    who = tokens.verify(analyst).id
+    client = clickhouse_connect.get_client(
+        host=settings.host, port=settings.query_port, username=who, password=analyst
+    )
+    try:
+        assert client.query("SELECT count() FROM telemetry").result_rows[0][0] >= 0
+        bound = client.query("SELECT {s:String} AS s, {n:UInt32} + 1 AS n", {"s": "a\tb'c", "n": 1})
+        assert bound.result_rows == [("a\tb'c", 2)]
+        assert client.query_arrow("SELECT number FROM numbers(5)").num_rows == 5
+        with pytest.raises(DatabaseError, match=r"filesystem\(\)"):
+            client.query(f"SELECT content FROM filesystem('{settings.pki_dir}')")
+        with pytest.raises(DatabaseError, match="SETTINGS"):
+            client.query("SELECT 1 SETTINGS max_execution_time = 100000")
+    finally:
+        client.close()
+    with pytest.raises(DatabaseError, match=r"AUTHENTICATION_FAILED|516"):
+        clickhouse_connect.get_client(
+            host=settings.host, port=settings.query_port, username=who, password="not-a-token"
+        )
+
+
+def test_the_clickhouse_protocol_refuses_settings_and_other_databases(
+    settings: Settings, analyst: str
+) -> None:
+    base = f"http://{settings.host}:{settings.query_port}/"
+    for query, expected in (
+        ("query=SELECT+1&max_execution_time=100000", "max_execution_time"),
+        ("query=SELECT+1&readonly=0", "readonly"),
+        ("query=SELECT+1&database=system", "database system"),
+    ):
+        request = urllib.request.Request(f"{base}?{query}")
+        request.add_header("Authorization", f"Bearer {analyst}")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 403
+        assert expected in refused.value.read().decode()
+    request = urllib.request.Request(f"{base}?query=SELECT+41%2B1+FORMAT+JSONEachRow")
+    request.add_header("Authorization", f"Bearer {analyst}")
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        assert json.loads(answer.read()) == {"plus(41, 1)": 42}
+    with pytest.raises(urllib.error.HTTPError) as unauthenticated:
+        urllib.request.urlopen(f"{base}?query=SELECT+1", timeout=30)
+    assert unauthenticated.value.code == 401
