@@ -1,15 +1,18 @@
 """The owner's query endpoint: chDB admits one process per folder, so it answers for the rest.
 
 The process that owns the embedded warehouse (the cold-path sink) runs this small stdlib
-HTTP server on ``settings.host:settings.query_port``; ``fleet sql`` posts its query here and
+HTTP server on ``settings.host:settings.query_port``; ``fleet sql`` sends its query here and
 only opens the folder itself when nothing listens.
 
+``GET``/``POST /`` and ``GET /ping`` speak the ClickHouse HTTP protocol
+(:mod:`sinks.clickhouse_http`): ClickHouse clients connect unchanged, the token as password;
+``fleet sql`` is one of them (clickhouse-connect). The project's JSON endpoint remains for now:
 ``POST /query`` with ``{"sql": "...", "params": {"name": "value"}, "warehouse": "<dsn>"}``
 answers ``{"columns": [...], "types": [...], "rows": [[...]]}`` (datetimes as ISO 8601
 strings). Errors are JSON too: ``{"error": "...", "kind": "..."}`` with 400 for a refused or
 failed statement, 409 when ``warehouse`` names another warehouse than the one served, 503
 when the warehouse is unavailable. ``GET /health`` answers ``{"status": "ok", "warehouse"}``.
-Every ``POST /query`` needs ``Authorization: Bearer <token>`` (401 without a valid one, 403
+Every query needs a platform token (``Authorization: Bearer <token>``; 401 without a valid one, 403
 when its principal may not read telemetry): an :class:`Authenticator` decides, built by the
 process that serves (``streams.query_access``: platform tokens and the ``rbac.grants`` table).
 Denied calls are logged with the principal and reason, never the token. Only reads are served:
