@@ -656,10 +656,13 @@ class Bridge:
             )
         pending = self.close_kafka(timeout)
         await asyncio.sleep(0)  # let the last PUBACKs go out before DISCONNECT
-        if session_expiry_s is None:
-            await client.disconnect()
-        else:
-            await client.disconnect(session_expiry_interval=session_expiry_s)
+        try:
+            if session_expiry_s is None:
+                await client.disconnect()
+            else:
+                await client.disconnect(session_expiry_interval=session_expiry_s)
+        except OSError as exc:  # ssl.SSLError included: the connection was closing anyway
+            log.warning("bridge %s: disconnect failed (%s)", self.client_id, exc)
         log.info("bridge stopped: %s (kafka pending: %d)", asdict(self.counters), pending)
 
     def close_kafka(self, timeout: float = 30.0) -> int:
