@@ -662,6 +662,8 @@ class Bridge:
             else:
                 await client.disconnect(session_expiry_interval=session_expiry_s)
         except OSError as exc:  # ssl.SSLError included: the connection was closing anyway
+            if session_expiry_s is not None:
+                raise  # a retirement must end its session: not retired, say so
             log.warning("bridge %s: disconnect failed (%s)", self.client_id, exc)
         log.info("bridge stopped: %s (kafka pending: %d)", asdict(self.counters), pending)
 
