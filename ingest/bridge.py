@@ -596,6 +596,10 @@ class Bridge:
         True once nothing arrived for ``quiet_s`` and everything that did is acked; False if
         ``timeout`` passed first (the session is then kept, to be retired again)."""
         client = await self._connect(subscribe=False)
+        # Quiet counts from the connection: counted from start-up (schemas, producer: seconds
+        # on a loaded machine) it was already "quiet" before the queued messages came, and the
+        # session was ended with them in it.
+        self._last_message_at = time.monotonic()
         client.unsubscribe(subscriptions())  # the broker routes nothing new to this session
         log.info("bridge %s retiring: draining its session", self.client_id)
         loop = asyncio.get_running_loop()
@@ -661,10 +665,11 @@ class Bridge:
                 await client.disconnect()
             else:
                 await client.disconnect(session_expiry_interval=session_expiry_s)
-        except OSError as exc:  # ssl.SSLError included: the connection was closing anyway
-            if session_expiry_s is not None:
-                raise  # a retirement must end its session: not retired, say so
-            log.warning("bridge %s: disconnect failed (%s)", self.client_id, exc)
+        except OSError as exc:
+            # The DISCONNECT is written before the TLS shutdown; a peer that still sends (an
+            # UNSUBACK, a queued message) makes the shutdown raise APPLICATION_DATA_AFTER_
+            # CLOSE_NOTIFY after the broker already has it.
+            log.warning("bridge %s: TLS close after DISCONNECT: %s", self.client_id, exc)
         log.info("bridge stopped: %s (kafka pending: %d)", asdict(self.counters), pending)
 
     def close_kafka(self, timeout: float = 30.0) -> int:
