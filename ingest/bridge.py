@@ -42,7 +42,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -198,7 +198,7 @@ def unproducible(incoming: Incoming, error: str) -> Outgoing:
     parsed = parse_uplink_topic(incoming.topic)
     device_id = parsed[0] if parsed else ""
     detail = f"kafka refused the record: {error}"
-    return dead_letter(
+    out = dead_letter(
         incoming.topic,
         device_id,
         incoming.payload,
@@ -207,6 +207,7 @@ def unproducible(incoming: Incoming, error: str) -> Outgoing:
         incoming.received_at_ms,
         whole_max_bytes=0,
     )
+    return replace(out, bounded=True)  # even an empty payload: never bounded twice
 
 
 def canary_payload(sender: str, number: int, sent_at_ms: int) -> bytes:

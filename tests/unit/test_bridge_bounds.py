@@ -147,3 +147,8 @@ def test_silence_while_disconnected_or_waiting_on_kafka_is_not_the_subscriptions
     watch = StallWatch(stale_after_s=10)
     assert watch.check(100, 0, connected=False, waiting_on_kafka=False) is Heal.nothing
     assert watch.check(100, 0, connected=True, waiting_on_kafka=True) is Heal.nothing
+
+
+def test_an_unproducible_dead_letter_is_final_even_when_empty() -> None:
+    # Refused again, a bounded record is retried as a fault, never re-bounded in a loop.
+    assert unproducible(Incoming("devices/d-1/telemetry", b"", NOW_MS), "INVALID_RECORD").bounded
