@@ -475,7 +475,8 @@ class Bridge:
     def _on_disconnect(self, client: gmqtt.Client, packet: Any, exc: Any = None) -> None:
         self.connected = False
         self.subscribed = False
-        log.warning("bridge %s disconnected; reconnecting", self.client_id)
+        if not self.stopping.is_set():  # else our own DISCONNECT: no reconnect follows
+            log.warning("bridge %s disconnected; reconnecting", self.client_id)
 
     def _subscribe(self, client: gmqtt.Client) -> None:
         topics = subscriptions()
