@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -18,6 +20,7 @@ from infra.services.mosquitto import DYNSEC_TOPIC
 from infra.settings import Settings
 from infra.simulator import FleetStats, SimulatedDevice
 from infra.stack import Stack
+from ingest.envelope import MAX_PAYLOAD_BYTES
 from tests.conftest import DeviceIdentity
 from tests.support.kafka import collect
 from tests.support.mqtt import BrokerLog, MqttSession, connect
@@ -475,3 +478,56 @@ def test_a_device_keeps_what_no_bridge_subscription_took_after_a_broker_restart(
     assert len(stored) == count
     assert stats.no_subscribers >= count  # the broker did answer 0x10 while no bridge was there
     assert stats.refused == 0
+
+
+# --------------------------------------------------------------------------- size limit
+
+
+PACKET_TOO_LARGE = 0x95
+_PUBACK_LINE = re.compile(r"received PUBACK \(Mid: \d+, RC:(\d+)\)")
+
+
+def _mosquitto_pub(
+    settings: Settings, device: DeviceIdentity, payload: Path, timeout: float = 30
+) -> list[int]:
+    """Publish ``payload`` at QoS 1 with Mosquitto's own client; the PUBACK reason codes seen."""
+    done = subprocess.run(
+        [
+            "mosquitto_pub",
+            "-d",
+            "-V",
+            "mqttv5",
+            "-h",
+            settings.host,
+            "-p",
+            str(settings.mqtt_port),
+            "--cafile",
+            str(settings.pki_dir / "ca.crt"),
+            "--cert",
+            str(device.cert),
+            "--key",
+            str(device.key),
+            "-t",
+            f"devices/{device.device_id}/telemetry",
+            "-q",
+            "1",
+            "-f",
+            str(payload),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return [int(code) for code in _PUBACK_LINE.findall(done.stdout + done.stderr)]
+
+
+def test_the_broker_refuses_a_payload_over_the_envelopes_limit(
+    stack: Stack, settings: Settings, make_device: Callable[..., DeviceIdentity], tmp_path: Path
+) -> None:
+    """Issue 12, finding 5: a payload over 64 KiB was PUBACKed and handed to the bridge."""
+    device = make_device()
+    at_limit, over = tmp_path / "at-limit.bin", tmp_path / "over.bin"
+    at_limit.write_bytes(b"a" * MAX_PAYLOAD_BYTES)  # the bridge dead-letters it (not JSON)
+    over.write_bytes(b"a" * (MAX_PAYLOAD_BYTES + 1))
+    assert _mosquitto_pub(settings, device, at_limit) == [0]
+    assert _mosquitto_pub(settings, device, over) == [PACKET_TOO_LARGE]
