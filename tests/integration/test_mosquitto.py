@@ -42,7 +42,9 @@ def test_a_device_publishes_only_under_its_own_topics(
 ) -> None:
     device, other = make_device(), make_device()
     watcher = _orchestrator(stack, settings)
-    assert watcher.subscribe("devices/#")[0].value < 128
+    # Both devices' subtrees (not `devices/#`, which also carries the bridges' canaries).
+    for watched in (device, other):
+        assert watcher.subscribe(f"devices/{watched.device_id}/#")[0].value < 128
     session = connect(settings, device.cert, device.key, device.device_id)
     assert session is not None
     try:
@@ -184,9 +186,11 @@ def test_a_device_cannot_disconnect_a_platform_client(
     asked = f"orch-{uuid.uuid4().hex[:8]}"
     watcher = connect(settings, files.orchestrator_cert, files.orchestrator_key, asked)
     assert watcher is not None
-    assert watcher.subscribe("devices/#")[0].value < 128
     # One device asks for the id the platform client asked for, one for its identity's name.
     attackers = [make_device("atk"), make_device("atk")]
+    # The attackers' topics only: `devices/#` also carries the bridges' canaries.
+    for attacker in attackers:
+        assert watcher.subscribe(f"devices/{attacker.device_id}/#")[0].value < 128
     intruders = [
         _intrude(settings, attacker, victim_id, log)
         for attacker, victim_id in zip(attackers, (asked, "orchestrator"), strict=True)
