@@ -67,6 +67,15 @@ def jobs_config(settings: Settings, job: str, web_port: int | None = None) -> Jo
     )
 
 
+def configure_offline(job: str = "test") -> None:
+    """Configure the jobs app from the settings without touching the stack (a job's unit test:
+    the platform's topics and records exist; nothing connects until a worker starts)."""
+    from infra.settings import load_settings
+    from streams.jobs import app
+
+    app.configure(jobs_config(load_settings(), job))
+
+
 def _import_job(path: Path, name: str) -> None:
     # The job's own directory first, so a job can import modules beside it.
     sys.path.insert(0, str(path.parent))
@@ -183,9 +192,12 @@ async def {name}(stream):
 
 TEST_TEMPLATE = '''"""Unit test of the {name} job: its logic, without Kafka."""
 
+from infra.jobs import configure_offline
 from streams.jobs import Telemetry
 
-import {name} as job
+configure_offline()  # the platform's topics on the app, as `fleet jobs run` sets them up
+
+import {name} as job  # noqa: E402
 
 
 def test_describe() -> None:

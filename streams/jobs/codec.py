@@ -53,6 +53,11 @@ class RegistrySchemas(Mapping[int, Mapping[str, Any]]):
     def __len__(self) -> int:
         return len(self._cache)
 
+    def __bool__(self) -> bool:
+        # Lazy: empty until asked. AvroCodec takes ``writer_schemas or {}``, which would drop
+        # an empty-looking mapping and, with it, every older schema version.
+        return True
+
 
 class ConfluentAvroCodec(Codec):
     """The value codec of one Avro topic: dict in, Confluent wire-format bytes out, and back.
