@@ -27,6 +27,7 @@ from schemas.codec import CodecRegistry
 from streams.jobs.codec import ConfluentAvroCodec, RegistrySchemas
 from streams.jobs.config import JobsConfig, TopicDecl
 from streams.jobs.records import record_type
+from streams.jobs.transport import ReadCommittedTransport
 
 _UNCONFIGURED = "fleet-job"
 DLQ_RETENTION_MS = 30 * 24 * 3600 * 1000
@@ -102,6 +103,10 @@ class JobsApp(faust.App):
             registry, writers = self._registry
             codec = self._codecs[topic] = ConfluentAvroCodec(topic, schema, registry, writers)
         return codec
+
+    def _new_transport(self) -> Any:
+        # Faust's own aiokafka transport, but its consumer reads committed records only.
+        return ReadCommittedTransport(self.conf.broker_consumer, self)
 
     # --- topics --------------------------------------------------------------------------------
 

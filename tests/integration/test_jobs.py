@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +54,23 @@ async def forward(stream):
 """
 
 
+# A job that forwards the values of a topic it is given (the read_committed test's job).
+FORWARD = """
+from streams.jobs import app
+
+source = app.topic({source!r}, key_type=str, value_type=str, key_serializer="raw",
+                   value_serializer="raw")
+seen = app.topic({out!r}, key_type=str, value_type=str, key_serializer="raw",
+                 value_serializer="raw", partitions=1)
+
+
+@app.agent(source)
+async def forward(stream):
+    async for key, value in stream.items():
+        await seen.send(key=key, value=value)
+"""
+
+
 @dataclass(frozen=True)
 class Fleet:
     prefix: str
@@ -86,9 +103,9 @@ class RunningJob:
     process: subprocess.Popen[bytes]
     log: Path
 
-    def stop(self) -> int:
-        """SIGTERM, as a service manager stops it; the exit code."""
-        self.process.send_signal(signal.SIGTERM)
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
+        """SIGTERM as a service manager stops it (or SIGINT: Ctrl-C); the exit code."""
+        self.process.send_signal(sig)
         try:
             return self.process.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -104,11 +121,17 @@ class RunningJob:
 def run_job(settings: Settings, tmp_path: Path) -> Iterator[object]:
     started: list[RunningJob] = []
 
-    def start(prefix: str, fail: frozenset[str] = frozenset()) -> RunningJob:
+    def start(
+        prefix: str = "", fail: frozenset[str] = frozenset(), source: str | None = None
+    ) -> RunningJob:
         name = f"it_{uuid.uuid4().hex[:8]}"
         out = f"{name}.seen"
         path = tmp_path / f"{name}.py"
-        path.write_text(textwrap.dedent(JOB.format(prefix=prefix, fail=set(fail), out=out)))
+        if source is None:
+            code = JOB.format(prefix=prefix, fail=set(fail), out=out)
+        else:
+            code = FORWARD.format(source=source, out=out)
+        path.write_text(textwrap.dedent(code))
         log = tmp_path / f"{name}.log"
         with log.open("wb") as sink:
             process = subprocess.Popen(
@@ -195,6 +218,39 @@ def test_an_agent_that_raises_sends_the_message_to_its_dead_letter_topic(
         timeout=100,
     )
     assert _pairs(seen) == rest, job.tail()
+    assert job.stop(signal.SIGINT) == 0, job.tail()
+
+
+def test_a_job_reads_only_committed_records(
+    settings: Settings, new_topic: Callable[..., str], run_job: object
+) -> None:
+    """The platform's jobs write in transactions: what they abort is not a job's input."""
+    from confluent_kafka import Producer
+
+    topic = new_topic(partitions=1)
+    producer = Producer(
+        {"bootstrap.servers": settings.bootstrap_servers, "transactional.id": f"t-{topic}"}
+    )
+    producer.init_transactions(30)
+    for value, commit in (("before", True), ("aborted", False), ("after", True)):
+        producer.begin_transaction()
+        producer.produce(topic, key=value.encode(), value=value.encode())
+        producer.flush(30)
+        if commit:
+            producer.commit_transaction(30)
+        else:
+            producer.abort_transaction(30)
+    job = run_job(source=topic)  # type: ignore[operator]
+    seen = collect(
+        settings,
+        job.out,
+        keep=lambda _m: True,
+        done=lambda got: {m.value() for m in got} >= {b"before", b"after"},
+        timeout=100,
+    )
+    assert {m.value() for m in seen} == {b"before", b"after"}, job.tail()
+    # The worker keeps consuming: had it read the aborted record, it would be there by now,
+    # as it comes before "after" in the partition.
     assert job.stop() == 0, job.tail()
 
 
