@@ -51,6 +51,10 @@ def faust_options(config: JobsConfig) -> dict[str, Any]:
         # A new job reads its topics from the start: nothing published before it joined is
         # skipped. A job already running resumes from its committed offsets.
         "consumer_auto_offset_reset": "earliest",
+        # A worker killed without leaving its group holds its partitions until the session
+        # times out: 10 s, not Faust's 60, so a restarted job resumes soon.
+        "broker_session_timeout": 10.0,
+        "broker_heartbeat_interval": 3.0,
         "web_enabled": config.web_port is not None,
         "web_port": config.web_port or 6066,
         "web_host": "127.0.0.1",

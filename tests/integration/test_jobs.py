@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Message
 
+from infra.keys import key_passphrase
 from infra.pki import CertificateAuthority
 from infra.provision import load_or_provision
 from infra.services.base import wait_until
@@ -23,7 +24,7 @@ from infra.settings import PROJECT_ROOT, Settings
 from infra.simulator import run_fleet
 from infra.stack import Stack
 from tests.conftest import settings_env
-from tests.support.fleet import telemetry_sent
+from tests.support.fleet import start_fleet, telemetry_sent
 from tests.support.kafka import collect
 
 pytestmark = pytest.mark.integration
@@ -80,8 +81,6 @@ class Fleet:
 @pytest.fixture(scope="module")
 def fleet(stack: Stack, settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Fleet:
     """A small simulated fleet's telemetry, published once for the module's jobs to read."""
-    from infra.keys import key_passphrase
-
     ca = CertificateAuthority.load_or_create(settings.pki_dir, passphrase=key_passphrase(settings))
     prefix = f"job{uuid.uuid4().hex[:6]}"
     creds = load_or_provision(
@@ -132,8 +131,12 @@ def run_job(settings: Settings, tmp_path: Path) -> Iterator[object]:
         else:
             code = FORWARD.format(source=source, out=out)
         path.write_text(textwrap.dedent(code))
-        log = tmp_path / f"{name}.log"
-        with log.open("wb") as sink:
+        return run(path, out)
+
+    def run(path: Path, out: str) -> RunningJob:
+        name = path.stem
+        log = path.with_suffix(".log")
+        with log.open("ab") as sink:
             process = subprocess.Popen(
                 [sys.executable, "-m", "infra.cli", "jobs", "run", str(path), "--loglevel", "warn"],
                 cwd=PROJECT_ROOT,
@@ -146,6 +149,7 @@ def run_job(settings: Settings, tmp_path: Path) -> Iterator[object]:
         started.append(job)
         return job
 
+    start.run = run  # type: ignore[attr-defined]  # restart a job's own file
     yield start
     for job in started:
         if job.process.poll() is None:
@@ -180,6 +184,40 @@ def test_a_job_run_with_fleet_jobs_run_sees_every_message(
     ), _listed(settings, job.name)
     assert job.stop() == 0, job.tail()
     assert _listed(settings, job.name)[0] == "stopped"
+
+
+def test_kill_9_of_a_job_mid_stream_then_restart_loses_nothing(
+    stack: Stack, settings: Settings, run_job: object, tmp_path: Path
+) -> None:
+    ca = CertificateAuthority.load_or_create(settings.pki_dir, passphrase=key_passphrase(settings))
+    prefix = f"k9{uuid.uuid4().hex[:6]}"
+    creds = load_or_provision(ca, [f"{prefix}-{i:02d}" for i in range(DEVICES)], tmp_path, "ec")
+    job = run_job(prefix)  # type: ignore[operator]
+    fleet = start_fleet(settings, creds, rate=10, duration=60, max_messages=80)
+
+    def outputs() -> list[Message]:
+        return collect(settings, job.out, keep=lambda _m: True, done=lambda _g: False, timeout=2)
+
+    # Mid-stream: once the job has forwarded some of this fleet's readings.
+    assert wait_until(lambda: len(outputs()) >= 100, timeout=90, interval=1), job.tail()
+    job.process.kill()
+    job.process.wait(STOP_TIMEOUT_S)
+    restarted = run_job.run(job.log.with_suffix(".py"), job.out)  # type: ignore[attr-defined]
+    published = telemetry_sent(fleet.wait()[1])
+    assert len(published) == DEVICES * 80
+    seen = collect(
+        settings,
+        job.out,
+        keep=lambda _m: True,
+        done=lambda got: _pairs(got) >= published,
+        timeout=100,
+    )
+    assert _pairs(seen) == published, restarted.tail()
+    # At least once: what was in flight at the kill may come twice, with the same key.
+    keys = [m.key() for m in seen]
+    assert all(m.key() == m.value() for m in seen)
+    print(f"repeated after kill -9: {len(keys) - len(set(keys))} of {len(keys)}")
+    assert restarted.stop() == 0, restarted.tail()
 
 
 def test_an_agent_that_raises_sends_the_message_to_its_dead_letter_topic(
