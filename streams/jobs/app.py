@@ -21,6 +21,7 @@ from typing import Any
 
 import faust
 from confluent_kafka.schema_registry import SchemaRegistryClient
+from faust.exceptions import DecodeError
 from faust.types import ProcessingGuarantee
 
 from schemas.codec import CodecRegistry
@@ -55,6 +56,7 @@ def faust_options(config: JobsConfig) -> dict[str, Any]:
         # times out: 10 s, not Faust's 60, so a restarted job resumes soon.
         "broker_session_timeout": 10.0,
         "broker_heartbeat_interval": 3.0,
+        "Topic": DeadLetteringTopic,
         "web_enabled": config.web_port is not None,
         "web_port": config.web_port or 6066,
         "web_host": "127.0.0.1",
@@ -68,6 +70,19 @@ def _has_rocksdb() -> bool:
     except ImportError:
         return False
     return True
+
+
+class DeadLetteringTopic(faust.Topic):
+    """faust.Topic; what it cannot decode goes to the job's dead-letter topic.
+
+    Faust acks such a message and throws the error into the agent's stream, whose current
+    event is then the one before: the agent cannot tell which message it was, the topic can.
+    """
+
+    async def on_decode_error(self, exc: Exception, message: Any) -> None:
+        await super().on_decode_error(exc, message)
+        if isinstance(self.app, JobsApp):
+            await self.app.dead_letter_message(message, exc)
 
 
 class JobsApp(faust.App):
@@ -218,10 +233,17 @@ class JobsApp(faust.App):
 
     async def dead_letter(self, stream: faust.StreamT[Any], exc: BaseException) -> None:
         """Send the stream's current event, as received, to the DLQ and wait for Kafka's ack."""
+        if isinstance(exc, DecodeError):
+            return  # parked by its topic (DeadLetteringTopic): the current event is another
         event = stream.current_event or faust.current_event()
-        if event is None or self.jobs_config is None:
+        if event is None:
             return  # not from a topic (a test context, an in-memory channel): nothing to park
-        message = event.message
+        await self.dead_letter_message(event.message, exc)
+
+    async def dead_letter_message(self, message: Any, exc: BaseException) -> None:
+        """Send ``message`` as received (key, value) to the DLQ; wait for Kafka's ack."""
+        if self.jobs_config is None:
+            return
         headers = [
             ("error", f"{type(exc).__name__}: {exc}".encode()[:4096]),
             ("source", str(message.topic).encode()),

@@ -72,6 +72,23 @@ async def forward(stream):
 """
 
 
+# A job on an Avro topic of its own (the undecodable-bytes test's job).
+AVRO = """
+from streams.jobs import app
+
+source = app.avro_topic({source!r}, "Telemetry")
+seen = app.topic({out!r}, key_type=str, value_type=str, key_serializer="raw",
+                 value_serializer="raw", partitions=1)
+
+
+@app.agent(source)
+async def forward(stream):
+    async for reading in stream:
+        key = f"{{reading.device_id}}/{{reading.seq}}"
+        await seen.send(key=key, value=key)
+"""
+
+
 @dataclass(frozen=True)
 class Fleet:
     prefix: str
@@ -121,7 +138,10 @@ def run_job(settings: Settings, tmp_path: Path) -> Iterator[object]:
     started: list[RunningJob] = []
 
     def start(
-        prefix: str = "", fail: frozenset[str] = frozenset(), source: str | None = None
+        prefix: str = "",
+        fail: frozenset[str] = frozenset(),
+        source: str | None = None,
+        template: str = FORWARD,
     ) -> RunningJob:
         name = f"it_{uuid.uuid4().hex[:8]}"
         out = f"{name}.seen"
@@ -129,7 +149,7 @@ def run_job(settings: Settings, tmp_path: Path) -> Iterator[object]:
         if source is None:
             code = JOB.format(prefix=prefix, fail=set(fail), out=out)
         else:
-            code = FORWARD.format(source=source, out=out)
+            code = template.format(source=source, out=out)
         path.write_text(textwrap.dedent(code))
         return run(path, out)
 
@@ -289,6 +309,43 @@ def test_a_job_reads_only_committed_records(
     assert {m.value() for m in seen} == {b"before", b"after"}, job.tail()
     # The worker keeps consuming: had it read the aborted record, it would be there by now,
     # as it comes before "after" in the partition.
+    assert job.stop() == 0, job.tail()
+
+
+def test_bytes_an_avro_topic_cannot_decode_go_to_the_dead_letter_topic(
+    settings: Settings, new_topic: Callable[..., str], run_job: object
+) -> None:
+    from confluent_kafka import Producer
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    from schemas.codec import CodecRegistry, load_schema
+
+    topic = new_topic(partitions=1)
+    codec = CodecRegistry(SchemaRegistryClient({"url": settings.registry_url})).codec(
+        topic, load_schema("Telemetry")
+    )
+    producer = Producer({"bootstrap.servers": settings.bootstrap_servers})
+    for seq, value in enumerate(
+        [
+            codec.encode({"device_id": "d", "seq": 0, "ts": 0, "received_at": 0}),
+            b"not avro at all",
+            codec.encode({"device_id": "d", "seq": 2, "ts": 0, "received_at": 0}),
+        ]
+    ):
+        producer.produce(topic, key=b"d", value=value)
+        assert seq >= 0
+    assert producer.flush(30) == 0
+    job = run_job(source=topic, template=AVRO)  # type: ignore[operator]
+    parked = collect(settings, f"dlq.jobs.{job.name}", keep=lambda _m: True, done=bool, timeout=100)
+    assert len(parked) == 1, job.tail()
+    headers = {k: v.decode() for k, v in parked[0].headers() or []}
+    assert (headers["source"], headers["partition"], headers["offset"]) == (topic, "0", "1")
+    assert "bad_magic" in headers["error"]
+    assert parked[0].value() == b"not avro at all"
+    seen = collect(
+        settings, job.out, keep=lambda _m: True, done=lambda got: len(got) >= 2, timeout=100
+    )
+    assert {m.value() for m in seen} == {b"d/0", b"d/2"}, job.tail()
     assert job.stop() == 0, job.tail()
 
 
