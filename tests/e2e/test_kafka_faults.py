@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from infra.keys import key_passphrase
 from infra.pki import CertificateAuthority
 from infra.provision import load_or_provision
 from infra.services.base import Service, wait_until
@@ -51,7 +52,7 @@ def test_sigkill_of_the_broker_mid_stream_keeps_the_workers_and_the_warehouse_ex
     stack: Stack, settings: Settings, tmp_path: Path
 ) -> None:
     """Before: the cold worker died on NOT_COORDINATOR, the hot worker on TIMED_OUT."""
-    ca = CertificateAuthority.load_or_create(settings.pki_dir)
+    ca = CertificateAuthority.load_or_create(settings.pki_dir, passphrase=key_passphrase(settings))
     prefix = f"kbk{uuid.uuid4().hex[:4]}-"
     creds = load_or_provision(ca, [f"{prefix}{i:03d}" for i in range(30)], tmp_path, "ec")
     workers = (stack.cold_worker, stack.hot_worker, stack.ota)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient
 
+from infra.keys import key_passphrase
 from infra.pki import CertificateAuthority
 from infra.provision import load_or_provision
 from infra.services.base import wait_until
@@ -89,7 +90,9 @@ def test_one_broker_of_three_killed_the_pipeline_goes_on_without_a_restart(
 ) -> None:
     # Nothing restarts the broker here: the cluster must carry on with two of three.
     stack3.supervisor.stop()
-    ca = CertificateAuthority.load_or_create(settings3.pki_dir)
+    ca = CertificateAuthority.load_or_create(
+        settings3.pki_dir, passphrase=key_passphrase(settings3)
+    )
     prefix = f"tb{uuid.uuid4().hex[:4]}-"
     creds = load_or_provision(ca, [f"{prefix}{i:03d}" for i in range(20)], tmp_path, "ec")
     cold = stack3.cold_worker.process()
