@@ -315,7 +315,7 @@ class Recovery:
     """How the stack came back from one fault, in seconds after it."""
 
     status_up_s: float | None = None  # every service up again (`fleet status`)
-    stores_again_s: float | None = None  # a message published after the fault is stored
+    stores_again_s: float | None = None  # a message made after the process left is stored
     restarted_s: float | None = None  # the signalled service runs again (a new pid)
     human: bool = False  # nothing came back by itself: the test ran `fleet up`
 
@@ -345,8 +345,10 @@ def watch_recovery(
             return recovery.recovered_s is not None
         return recovery.stores_again_s is not None
 
-    # The process must have left (or been replaced) before "up" means "came back".
+    # The process must have left (or been replaced) before "up" means "came back"; and a
+    # message made before it left (a SIGTERM'd broker still takes some) proves nothing.
     gone(target, injected, min(timeout, 30.0))
+    gone_at = time.time()
     while time.monotonic() < deadline and not done():
         elapsed = time.time() - injected.at
         proc = target.process()
@@ -356,7 +358,7 @@ def watch_recovery(
             recovery.status_up_s = time.time() - injected.at
         if recovery.stores_again_s is None:
             try:
-                if stored_since(settings, prefix, injected.at) > 0:
+                if stored_since(settings, prefix, gone_at) > 0:
                     recovery.stores_again_s = time.time() - injected.at
             except OSError:
                 pass  # the query server is the cold worker's: down with it
