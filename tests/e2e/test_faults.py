@@ -250,7 +250,12 @@ def run_case(
             "Session Present 0 (the broker had lost their sessions)"
         )
     expected = {k: len(v) for k, v in published.items()}
-    counts = settled_counts(settings, prefix, expected, SETTLE_S)
+    try:
+        counts = settled_counts(settings, prefix, expected, SETTLE_S)
+    except OSError as exc:  # the query server is the cold worker's
+        result.problems.append(f"the warehouse did not answer after the fault: {exc}")
+        result.problems += _crash_evidence(stack, sizes, pids, target_name)
+        raise AssertionError("\n".join([result.fault, *result.problems])) from exc
     lost_keys: set[tuple[str, str, int]] = set()
     for kind in KINDS:
         count = counts[kind]
