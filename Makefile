@@ -41,6 +41,10 @@ system-deps:
 	@command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || \
 	  ($(SUDO) apt-get update -qq && \
 	   DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mosquitto mosquitto-clients)
+	@# The broker's subscribe ACL plugin is compiled on `fleet up` (infra/services/mosquitto.py).
+	@[ -f /usr/include/mosquitto_plugin.h ] && [ -f /usr/include/mosquitto.h ] && command -v cc >/dev/null || \
+	  ($(SUDO) apt-get update -qq && \
+	   DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mosquitto-dev libmosquitto-dev gcc)
 	@command -v mvn >/dev/null || \
 	  ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq maven)
 

@@ -27,6 +27,7 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from bench.ingest import Result
 from bench.loadgen import offer_load
+from infra.keys import key_passphrase
 from infra.pki import CertificateAuthority
 from infra.provision import load_or_provision
 from infra.services.base import wait_until
@@ -161,7 +162,7 @@ def run_pipeline(
     the issue's target) through broker, bridge, Kafka and the cold path into chDB."""
     stack = Stack(settings)
     stack.up()
-    ca = CertificateAuthority.load_or_create(settings.pki_dir)
+    ca = CertificateAuthority.load_or_create(settings.pki_dir, passphrase=key_passphrase(settings))
     prefix = f"e2eb{uuid.uuid4().hex[:4]}-"
     creds = load_or_provision(
         ca, [f"{prefix}{i:04d}" for i in range(devices)], settings.state_dir / "bench-devices", "ec"

@@ -35,6 +35,7 @@ from gmqtt.mqtt.constants import MQTTv50
 
 from bench.ingest import Result
 from bench.loadgen import offer_load
+from infra.keys import key_passphrase
 from infra.pki import CertificateAuthority
 from infra.provision import DeviceCredentials, load_or_provision, register
 from infra.services.base import wait_until
@@ -246,7 +247,7 @@ def run_hot(
 ) -> list[Result]:
     stack = Stack(settings)
     stack.up()
-    ca = CertificateAuthority.load_or_create(settings.pki_dir)
+    ca = CertificateAuthority.load_or_create(settings.pki_dir, passphrase=key_passphrase(settings))
     prefix = f"hotb{uuid.uuid4().hex[:4]}-"
     group = f"{prefix}group"
     folder = settings.state_dir / "bench-devices"

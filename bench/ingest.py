@@ -22,6 +22,7 @@ import gmqtt
 from confluent_kafka import Consumer
 from gmqtt.mqtt.constants import MQTTv50
 
+from infra.keys import key_passphrase
 from infra.pki import CertificateAuthority
 from infra.provision import load_or_provision
 from infra.services.base import wait_until
@@ -132,7 +133,7 @@ def run(settings: Settings, devices: int = 500, messages: int = 200) -> list[Res
     # 2-core machine does not decide the ratio (20k-message drains swung from 0.34 to 0.81).
     stack = Stack(settings)
     stack.up()
-    ca = CertificateAuthority.load_or_create(settings.pki_dir)
+    ca = CertificateAuthority.load_or_create(settings.pki_dir, passphrase=key_passphrase(settings))
     prefix = f"bench{uuid.uuid4().hex[:4]}"
     creds = load_or_provision(
         ca,

@@ -15,12 +15,14 @@ version number. A device checks the digest and size of what it downloaded agains
 then the signature over the record's manifest (:func:`verify_download`).
 
 **The release key** (:class:`ReleaseKey`) lives in the platform's PKI directory:
-``release.key`` (PKCS#8 PEM, mode 0600) and ``release.pub`` (SubjectPublicKeyInfo PEM, for
-devices to pin). It is created on first use as Ed25519; an RSA key (>= 2048 bits) placed
-there instead is used with RSASSA-PSS (SHA-256, MGF1-SHA-256, 32-byte salt). Files are
-written atomically (a temp file, then a rename; the private key is linked into place, so two
-processes creating it at once end up sharing one key). ``key_id`` (SHA-256 of the public
-key's DER) names the key in each artifact, so devices can tell a rotated key from a forgery.
+``release.key`` (encrypted PKCS#8 PEM under the platform's key passphrase, mode 0600; a plain
+one from before is encrypted on load, as the CA's: infra/pki.py) and ``release.pub``
+(SubjectPublicKeyInfo PEM, for devices to pin). It is created on first use as Ed25519; an
+RSA key (>= 2048 bits) placed there instead is used with RSASSA-PSS (SHA-256, MGF1-SHA-256,
+32-byte salt). Files are written atomically (a temp file, then a rename; the private key is
+linked into place, so two processes creating it at once end up sharing one key). ``key_id``
+(SHA-256 of the public key's DER) names the key in each artifact, so devices can tell a
+rotated key from a forgery.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from typing import Any, TypeAlias
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+
+from infra.pki import KeyFileError, encrypted_key_pem, load_encrypted_key
 
 __all__ = [
     "ARTIFACTS_TOPIC",
@@ -198,9 +202,10 @@ class ReleaseKey:
         return cls(ed25519.Ed25519PrivateKey.generate())
 
     @classmethod
-    def load_or_create(cls, pki_dir: Path) -> ReleaseKey:
-        """The key in ``pki_dir/release.key``, created (Ed25519, 0600) on first use, and
-        ``release.pub`` written beside it. Refuses a ``release.pub`` that does not match."""
+    def load_or_create(cls, pki_dir: Path, *, passphrase: bytes) -> ReleaseKey:
+        """The key in ``pki_dir/release.key``, created (Ed25519, 0600, encrypted under
+        ``passphrase``) on first use, and ``release.pub`` written beside it. Refuses a
+        ``release.pub`` that does not match; a plain key is encrypted in place."""
         pki_dir.mkdir(parents=True, exist_ok=True)
         key_path, pub_path = pki_dir / _KEY_FILE, pki_dir / _PUB_FILE
         if not key_path.exists():
@@ -209,17 +214,12 @@ class ReleaseKey:
                     f"{pub_path} exists without {key_path}: refusing to mint a new release key "
                     "devices would not trust"
                 )
-            fresh = ed25519.Ed25519PrivateKey.generate()
-            pem = fresh.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
+            pem = encrypted_key_pem(ed25519.Ed25519PrivateKey.generate(), passphrase)
             _create_once(key_path, pem, mode=0o600)  # lost a race: the other key is loaded
         try:
-            loaded = serialization.load_pem_private_key(key_path.read_bytes(), None)
-        except (ValueError, TypeError) as exc:
-            raise ArtifactError(f"{key_path}: not a PEM private key: {exc}") from None
+            loaded = load_encrypted_key(key_path, passphrase)
+        except KeyFileError as exc:
+            raise ArtifactError(str(exc)) from None
         if not isinstance(loaded, ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey):
             raise ArtifactError(f"{key_path}: expected an Ed25519 or RSA key")
         key = cls(loaded)
@@ -405,10 +405,10 @@ class ArtifactStore:
         self._key = release_key
 
     @classmethod
-    def open(cls, root: Path, pki_dir: Path) -> ArtifactStore:
+    def open(cls, root: Path, pki_dir: Path, *, passphrase: bytes) -> ArtifactStore:
         """The store at ``root``, signing with the release key of ``pki_dir`` (created on first
-        use)."""
-        return cls(root, ReleaseKey.load_or_create(pki_dir))
+        use, encrypted under ``passphrase``)."""
+        return cls(root, ReleaseKey.load_or_create(pki_dir, passphrase=passphrase))
 
     @property
     def root(self) -> Path:

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from infra.keys import key_passphrase
 from infra.pki import KeyKind
 from infra.services.base import ServiceError
 from infra.settings import Settings, load_settings
@@ -39,9 +40,9 @@ def _fail(exc: Exception) -> typer.Exit:
 
 def _print_status(status: StackStatus) -> None:
     table = Table(title="services")
-    for column in ("service", "state", "address", "pid", "version"):
+    for column in ("service", "state", "address", "pid", "version", "restarts"):
         table.add_column(column)
-    colours = {"up": "green", "starting": "yellow", "down": "red"}
+    colours = {"up": "green", "starting": "yellow", "down": "red", "backoff": "red"}
     for s in status.services:
         table.add_row(
             s.name,
@@ -49,6 +50,7 @@ def _print_status(status: StackStatus) -> None:
             f"{s.host}:{s.port}",
             str(s.pid or "-"),
             s.version or "-",
+            str(s.restarts),
         )
     console.print(table)
     if status.topics:
@@ -125,7 +127,7 @@ def provision(
     from streams.rbac import Action, Principal, Resource, authorize
 
     settings = _settings()
-    ca = CertificateAuthority.load_or_create(settings.pki_dir)
+    ca = CertificateAuthority.load_or_create(settings.pki_dir, passphrase=key_passphrase(settings))
     kind: KeyKind = "ec" if key == "ec" else "rsa"
     try:
         who = Principal.parse(principal)
@@ -189,7 +191,7 @@ def simulate(
     from infra.simulator import run_fleet
 
     settings = _settings()
-    ca = CertificateAuthority.load_or_create(settings.pki_dir)
+    ca = CertificateAuthority.load_or_create(settings.pki_dir, passphrase=key_passphrase(settings))
     ids = [f"{prefix}-{i:05d}" for i in range(devices)]
     kind: KeyKind = "rsa" if key == "rsa" else "ec"
     with console.status(f"provisioning {devices} devices…"):
@@ -423,7 +425,9 @@ def token(
 def grant(
     principal: str = typer.Option(..., help="Who gets it: user:<id> or service:<id>."),
     role: str = typer.Option(..., help="viewer, operator, admin or ota-approver."),
-    scope: str = typer.Option(..., help="org/<o>[/project/<p>[/group/<g>[/device/<d>]]]."),
+    scope: str = typer.Option(
+        ..., help="org/<o>, optionally followed by /project/<p>, /group/<g>, /device/<d>."
+    ),
     remove: bool = typer.Option(False, "--remove", help="Take the grant away instead."),
 ) -> None:
     """Give (or take) a role on a scope, as the platform itself: how the first admin is made.
@@ -442,6 +446,70 @@ def grant(
     client.put_grants(updated)
     client.close()
     sys.stdout.write(json.dumps(updated.to_record()) + "\n")
+
+
+device_app = typer.Typer(help="A device's lifecycle in the registry (authorized, audited).")
+app.add_typer(device_app, name="device")
+
+
+def _device_command(kind: str, device_id: str, principal: str, reason: str | None) -> None:
+    """Send one lifecycle command to the registry agent (which authorizes and audits it, as for
+    the API); print its audit record. Exit codes as `fleet ota`: 6 denied, 7 refused."""
+    from streams.client import HotPathError
+    from streams.rbac import Principal
+    from streams.registry import ActivateDevice, RegistryCommand, RevokeDevice, SuspendDevice
+
+    try:
+        who = Principal.parse(principal)
+        command_id = f"cli-{kind}-{uuid.uuid4().hex}"
+        command: RegistryCommand
+        if kind == "suspend":
+            command = SuspendDevice(
+                command_id=command_id, principal=who, device_id=device_id, reason=reason
+            )
+        elif kind == "revoke":
+            command = RevokeDevice(
+                command_id=command_id, principal=who, device_id=device_id, reason=reason
+            )
+        else:
+            command = ActivateDevice(command_id=command_id, principal=who, device_id=device_id)
+        client = _hot_client()
+        try:
+            audit = client.registry_commands([command])[command_id]
+        finally:
+            client.close()
+    except (ValueError, HotPathError) as exc:
+        raise _fail(exc) from exc
+    _ota_answer(audit.decision, audit.to_record())
+
+
+@device_app.command("suspend")
+def device_suspend(
+    device_id: str = typer.Argument(..., help="Device id."),
+    principal: str = typer.Option("orchestrator", "--as", help="Who asks (device.suspend)."),
+    reason: str = typer.Option(None, help="Why (kept in the audit record)."),
+) -> None:
+    """Suspend a device: the broker refuses it (its certificate on hold) until activated."""
+    _device_command("suspend", device_id, principal, reason)
+
+
+@device_app.command("revoke")
+def device_revoke(
+    device_id: str = typer.Argument(..., help="Device id."),
+    principal: str = typer.Option("orchestrator", "--as", help="Who asks (device.revoke)."),
+    reason: str = typer.Option(None, help="Why (kept in the audit record)."),
+) -> None:
+    """Revoke a device for good: the enforcer revokes its certificate and ends its session."""
+    _device_command("revoke", device_id, principal, reason)
+
+
+@device_app.command("activate")
+def device_activate(
+    device_id: str = typer.Argument(..., help="Device id."),
+    principal: str = typer.Option("orchestrator", "--as", help="Who asks (device.activate)."),
+) -> None:
+    """Activate a provisioned or suspended device (a revoked one stays revoked: refused)."""
+    _device_command("activate", device_id, principal, None)
 
 
 ota_app = typer.Typer(help="Governed OTA rollouts: artifacts, approval, cohorts, rollback.")
@@ -463,7 +531,9 @@ def ota_artifact_add(
 
     settings = _settings()
     try:
-        store = ArtifactStore.open(settings.state_dir / "artifacts", settings.pki_dir)
+        store = ArtifactStore.open(
+            settings.state_dir / "artifacts", settings.pki_dir, passphrase=key_passphrase(settings)
+        )
         artifact = store.add(file, kind, version)
     except (ArtifactError, ValueError) as exc:
         raise _fail(exc) from exc
@@ -484,7 +554,7 @@ def _ota_answer(audit_decision: str, payload: dict[str, object]) -> None:
 @ota_app.command("create")
 def ota_create(
     artifact: str = typer.Option(..., help="Artifact id (its sha256)."),
-    target: str = typer.Option(..., help="org/<o>/project/<p>[/group/<g>]."),
+    target: str = typer.Option(..., help="org/<o>/project/<p>, optionally followed by /group/<g>."),
     rollout_id: str = typer.Option(None, "--id", help="Rollout id (default: generated)."),
     canary: int = typer.Option(5, min=1, help="Canary cohort size."),
     percentages: str = typer.Option("1,10,100", help="Cumulative cohort shares, in %."),

@@ -26,6 +26,7 @@ from rich.live import Live
 from rich.table import Table
 
 from infra.artifacts import ArtifactStore
+from infra.keys import key_passphrase
 from infra.ota_summary import rollout_summary
 from infra.pki import CertificateAuthority
 from infra.provision import load_or_provision, register
@@ -159,7 +160,9 @@ def prepare_rollout(
 ) -> DemoRollout:
     """Sign a new firmware image, grant the demo's operator and approver, create the rollout
     (pending approval: nothing is sent yet)."""
-    store = ArtifactStore.open(settings.state_dir / "artifacts", settings.pki_dir)
+    store = ArtifactStore.open(
+        settings.state_dir / "artifacts", settings.pki_dir, passphrase=key_passphrase(settings)
+    )
     image = f"fleetstream demo firmware 2.0.0 for {group}\n".encode() * 2048
     artifact = store.add_bytes(image, "firmware", "2.0.0", name=f"{group}.bin")
     client.put_artifact(artifact)
@@ -240,7 +243,7 @@ def run_demo(settings: Settings, plan: DemoPlan, console: Console) -> dict[str, 
     with console.status("starting the stack…"):
         stack.up()
     prefix = f"demo{uuid.uuid4().hex[:4]}-"
-    ca = CertificateAuthority.load_or_create(settings.pki_dir)
+    ca = CertificateAuthority.load_or_create(settings.pki_dir, passphrase=key_passphrase(settings))
     with console.status(f"provisioning {plan.devices} devices (key + CSR on the device side)…"):
         creds = load_or_provision(
             ca,

@@ -9,6 +9,13 @@ A revocation is permanent. A *hold* (CRL reason ``certificateHold``, RFC 5280 5.
 standard temporary revocation: the broker refuses the certificate while it is listed, and
 :meth:`CertificateAuthority.release` lifts it (a full CRL simply stops listing the serial). A
 held serial may still be revoked for good; a revoked one is never released.
+
+The CA's private key is encrypted at rest (PKCS#8 ``ENCRYPTED PRIVATE KEY``, cryptography's
+BestAvailableEncryption) with a passphrase the caller passes in (the platform's comes from
+``Settings.key_passphrase``, see infra/keys.py), so a copy of the state folder, or a file read
+through another hole, does not hand out a usable CA. A plain key found on load (a state folder
+from before) is encrypted in place. Device keys stay plain: they live on the device, whose MQTT
+client cannot prompt.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import datetime as dt
 import fcntl
 import ipaddress
 import json
+import logging
 import os
 import re
 import tempfile
@@ -27,26 +35,31 @@ from pathlib import Path
 from typing import Literal, TypeAlias, TypedDict, TypeGuard
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = [
     "BRIDGE_IDENTITIES",
     "DEVICE_ID_PATTERN",
+    "ENCRYPTED_KEY_PEM_HEADER",
     "ENFORCER_IDENTITIES",
     "HOLD_REASON",
     "MAX_BRIDGE_REPLICAS",
     "RESERVED_IDENTITIES",
     "CertificateAuthority",
+    "KeyFileError",
     "KeyKind",
     "PkiError",
     "PrivateKey",
     "RevocationState",
     "cert_fingerprint_sha256",
+    "encrypted_key_pem",
     "generate_private_key",
     "key_to_pem",
+    "load_encrypted_key",
     "make_csr",
     "validate_identity",
     "write_device_bundle",
@@ -78,6 +91,9 @@ CRL_VALIDITY_DAYS = 30
 CLOCK_SKEW = dt.timedelta(minutes=5)
 DEFAULT_CA_NAME = "fleetstream fleet CA"
 
+ENCRYPTED_KEY_PEM_HEADER = b"-----BEGIN ENCRYPTED PRIVATE KEY-----"
+
+_LOG = logging.getLogger(__name__)
 _CA_KEY = "ca.key"
 _CA_CERT = "ca.crt"
 _CRL = "crl.pem"
@@ -102,6 +118,10 @@ _ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1)
 
 class PkiError(ValueError):
     """A request the PKI refuses (bad CSR, forbidden identity, inconsistent CA directory)."""
+
+
+class KeyFileError(PkiError):
+    """A private key file that cannot be read: not a key, or not with this passphrase."""
 
 
 class _Revocation(TypedDict, total=False):
@@ -248,6 +268,58 @@ def key_to_pem(key: PrivateKey) -> bytes:
     )
 
 
+def _checked_passphrase(passphrase: bytes) -> bytes:
+    if not isinstance(passphrase, bytes) or not passphrase:
+        raise KeyFileError("a key passphrase must be non-empty bytes")
+    return passphrase
+
+
+def encrypted_key_pem(key: PrivateKeyTypes, passphrase: bytes) -> bytes:
+    """PKCS#8 ``ENCRYPTED PRIVATE KEY`` PEM of ``key`` under ``passphrase``."""
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(_checked_passphrase(passphrase)),
+    )
+
+
+def load_encrypted_key(path: Path, passphrase: bytes) -> PrivateKeyTypes:
+    """The private key in ``path``, decrypted with ``passphrase``.
+
+    A key stored otherwise (plain, or in a legacy encrypted format) is rewritten in place as
+    encrypted PKCS#8 (0600, atomically): the migration of a state folder from before keys
+    were encrypted. KeyFileError (never showing the passphrase) if it cannot be read.
+    """
+    passphrase = _checked_passphrase(passphrase)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"{path}: cannot read the key: {exc.strerror}") from None
+    encrypted = True
+    try:
+        key = serialization.load_pem_private_key(data, passphrase)
+    except TypeError:  # "Password was given but private key is not encrypted"
+        encrypted = False
+        key = _load_plain(path, data)
+    except (ValueError, UnsupportedAlgorithm):
+        # cryptography says "ASN.1 parsing error" for a wrong passphrase: say what it means.
+        raise KeyFileError(
+            f"{path}: cannot decrypt the private key with the configured key passphrase "
+            "(FLEET_KEY_PASSPHRASE, or the per-user default): wrong passphrase, or not a key"
+        ) from None
+    if not encrypted or not data.lstrip().startswith(ENCRYPTED_KEY_PEM_HEADER):
+        _atomic_write(path, encrypted_key_pem(key, passphrase), mode=0o600)
+        _LOG.warning("%s: the private key was stored unencrypted; now encrypted at rest", path)
+    return key
+
+
+def _load_plain(path: Path, data: bytes) -> PrivateKeyTypes:
+    try:
+        return serialization.load_pem_private_key(data, None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise KeyFileError(f"{path}: not a PEM private key: {exc}") from None
+
+
 def cert_fingerprint_sha256(cert: x509.Certificate) -> str:
     """Lower-case hex SHA-256 of the DER certificate."""
     return cert.fingerprint(hashes.SHA256()).hex()
@@ -284,13 +356,19 @@ class CertificateAuthority:
     # ---------------------------------------------------------------- construction
 
     @classmethod
-    def load_or_create(cls, directory: Path, name: str = DEFAULT_CA_NAME) -> CertificateAuthority:
-        """Load the CA in ``directory``, creating it on first use (idempotent)."""
+    def load_or_create(
+        cls, directory: Path, name: str = DEFAULT_CA_NAME, *, passphrase: bytes
+    ) -> CertificateAuthority:
+        """Load the CA in ``directory``, creating it on first use (idempotent); its key is
+        encrypted under ``passphrase`` (a plain one is migrated: :func:`load_encrypted_key`)."""
         directory.mkdir(parents=True, exist_ok=True)
         key_path, cert_path = directory / _CA_KEY, directory / _CA_CERT
         if key_path.exists() != cert_path.exists():
             raise PkiError(f"{directory}: exactly one of {_CA_KEY}/{_CA_CERT} exists; refusing")
-        ca = cls._load(directory) if key_path.exists() else cls._create(directory, name)
+        if key_path.exists():
+            ca = cls._load(directory, passphrase)
+        else:
+            ca = cls._create(directory, name, passphrase)
         if not (directory / _REVOKED).exists():
             _atomic_write(directory / _REVOKED, b"[]\n")
         if not (directory / _CRL).exists():
@@ -298,8 +376,8 @@ class CertificateAuthority:
         return ca
 
     @classmethod
-    def _load(cls, directory: Path) -> CertificateAuthority:
-        key = serialization.load_pem_private_key((directory / _CA_KEY).read_bytes(), None)
+    def _load(cls, directory: Path, passphrase: bytes) -> CertificateAuthority:
+        key = load_encrypted_key(directory / _CA_KEY, passphrase)
         cert = x509.load_pem_x509_certificate((directory / _CA_CERT).read_bytes())
         if not isinstance(key, rsa.RSAPrivateKey):
             raise PkiError(f"{directory / _CA_KEY}: expected an RSA CA key")
@@ -308,7 +386,7 @@ class CertificateAuthority:
         return cls(directory, key, cert)
 
     @classmethod
-    def _create(cls, directory: Path, name: str) -> CertificateAuthority:
+    def _create(cls, directory: Path, name: str, passphrase: bytes) -> CertificateAuthority:
         # RSA rather than EC for the CA: the broadest compatibility with constrained TLS stacks.
         key = rsa.generate_private_key(public_exponent=65537, key_size=RSA_KEY_SIZE)
         now = _now()
@@ -330,7 +408,7 @@ class CertificateAuthority:
         )
         # Key first: a crash between the two writes leaves "key without cert", which
         # load_or_create refuses rather than silently minting a second CA.
-        _atomic_write(directory / _CA_KEY, key_to_pem(key), mode=0o600)
+        _atomic_write(directory / _CA_KEY, encrypted_key_pem(key, passphrase), mode=0o600)
         _atomic_write(directory / _CA_CERT, _cert_pem(cert))
         return cls(directory, key, cert)
 

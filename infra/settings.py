@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The checkout this package lives in: state and downloaded jars stay inside it, git-ignored.
@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     bridge_replicas: int = Field(default=1, ge=1, le=8)
     mqtt_max_inflight: int = Field(default=1000, ge=1)
     mqtt_max_queued: int = Field(default=100_000, ge=0)
+    # The bridge dead-letters (bad_timestamp) a device `ts` further than this from its receive
+    # time (ingest/envelope.py TimestampWindow): back far enough for an offline backlog.
+    ts_max_age_s: int = Field(default=30 * 86_400, ge=0)
+    ts_max_ahead_s: int = Field(default=300, ge=0)
 
     # Warehouse: empty means embedded chDB in <state_dir>/warehouse; else http(s)://host:port
     # of a ClickHouse server (same sink code through clickhouse-connect).
@@ -61,6 +65,11 @@ class Settings(BaseSettings):
     registry_java_home: Path | None = None
 
     startup_timeout_s: float = Field(default=120.0, gt=0)
+
+    # Encrypts the fleet CA's and the OTA release key's private keys at rest (infra/keys.py).
+    # Unset: a random per-user passphrase in ~/.config/fleetstream/key-passphrase (0600, outside
+    # the state folder), with a warning; set it (from a secret store) in a deployment.
+    key_passphrase: SecretStr | None = None
 
     @field_validator("host")
     @classmethod
@@ -114,7 +123,9 @@ class Settings(BaseSettings):
 def settings_env(settings: Settings) -> dict[str, str]:
     """The FLEET_ variables that give a child process these same settings."""
     return {
-        f"FLEET_{name.upper()}": str(value)
+        f"FLEET_{name.upper()}": value.get_secret_value()
+        if isinstance(value, SecretStr)
+        else str(value)
         for name, value in settings.model_dump().items()
         if value is not None
     }

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from infra.pki import MAX_BRIDGE_REPLICAS
 from infra.services.api import ApiService
@@ -17,6 +18,7 @@ from infra.services.ota import OtaControllerService
 from infra.services.registry import SchemaRegistry
 from infra.services.worker import ColdWorkerService
 from infra.settings import Settings
+from infra.supervisor import SupervisorService
 from infra.topics import consumer_lag, ensure_topics, list_topics
 
 
@@ -47,12 +49,32 @@ LAG_GROUPS = (
 )
 
 
+def formatted_brokers(state_dir: Path) -> int:
+    """How many brokers the state folder's Kafka cluster was formatted for (0: none yet)."""
+    return sum(1 for p in (state_dir / "kafka").glob("kafka-*") if (p / "data").exists())
+
+
+def honour_state_brokers(settings: Settings) -> Settings:
+    """The state folder's broker count, unless the broker count was given (FLEET_BROKERS or
+    `--brokers`): `fleet down` and `fleet status` act on the cluster that is there."""
+    formatted = formatted_brokers(settings.state_dir)
+    if formatted and "brokers" not in settings.model_fields_set and formatted != settings.brokers:
+        return settings.model_copy(update={"brokers": formatted})
+    return settings
+
+
 class Stack:
     """Kafka broker(s), the schema registry and Mosquitto, started in dependency order."""
 
     def __init__(self, settings: Settings) -> None:
+        settings = honour_state_brokers(settings)
         self.settings = settings
         self.brokers = [KafkaBroker(settings, i) for i in range(settings.brokers)]
+        # Brokers the folder holds beyond an explicit, smaller count: `down` stops them too.
+        self.stray_brokers = [
+            KafkaBroker(settings, i)
+            for i in range(settings.brokers, formatted_brokers(settings.state_dir))
+        ]
         self.registry = SchemaRegistry(settings)
         self.mosquitto = Mosquitto(settings)
         self.enforcer = EnforcerService(settings)
@@ -66,9 +88,15 @@ class Stack:
         self.hot_worker = HotWorkerService(settings)
         self.ota = OtaControllerService(settings)
         self.api = ApiService(settings)
+        self.supervisor = SupervisorService(settings)
 
     @property
     def services(self) -> Sequence[Service]:
+        return [*self.supervised, self.supervisor]
+
+    @property
+    def supervised(self) -> Sequence[Service]:
+        """What the supervisor restarts when it dies: every service `up` starts."""
         return [
             *self.brokers,
             self.registry,
@@ -109,10 +137,14 @@ class Stack:
         self.ota.wait_ready(timeout)
         self.api.wait_ready(timeout)
         self.enforcer.wait_ready(timeout)
+        # Last: from here on, whatever dies is started again (also a broker or Mosquitto).
+        self.supervisor.start(timeout)
         return self.status()
 
     def down(self) -> list[str]:
-        """Stop, in reverse order, what `up` started; return the names stopped."""
+        """Stop, in reverse order, what `up` started; return the names stopped. The supervisor
+        goes first, so nothing is started again behind this."""
+        stopped = [self.supervisor.name] if self.supervisor.stop() else []
         platform = (
             self.api,
             *self.bridges,
@@ -124,15 +156,16 @@ class Stack:
             self.mosquitto,
             self.registry,
         )
-        stopped = [s.name for s in platform if s.stop()]
+        stopped += [s.name for s in platform if s.stop()]
         # Brokers of a quorum stop together: one by one, the last would wait on a lost quorum.
-        for broker in self.brokers:
+        brokers = [*self.brokers, *self.stray_brokers]
+        for broker in brokers:
             broker.terminate()
-        stopped += [b.name for b in reversed(self.brokers) if b.stop()]
+        stopped += [b.name for b in reversed(brokers) if b.stop()]
         return stopped
 
     def status(self) -> StackStatus:
-        services = [s.status() for s in self.services]
+        services = self._with_restarts([s.status() for s in self.services])
         kafka_up = any(s.state == "up" for s in services if s.name.startswith("kafka"))
         topics = list_topics(self.settings) if kafka_up else {}
         lag = (
@@ -141,6 +174,20 @@ class Stack:
             else {}
         )
         return StackStatus(services=services, topics=topics, consumer_lag=lag)
+
+    def _with_restarts(self, services: list[ServiceStatus]) -> list[ServiceStatus]:
+        """Each service's restart count, and "backoff" for one the supervisor waits to start
+        again, from the supervisor's last report."""
+        watches = self.supervisor.restarts()
+        merged = []
+        for s in services:
+            watch = watches.get(s.name)
+            if not isinstance(watch, dict):
+                merged.append(s)
+                continue
+            state = "backoff" if s.state == "down" and watch.get("state") == "backoff" else s.state
+            merged.append(replace(s, state=state, restarts=int(watch.get("restarts", 0))))
+        return merged
 
     def _check_broker_count(self) -> None:
         """A state folder formatted for N brokers cannot be started with another N."""

@@ -42,6 +42,7 @@ from infra.settings import Settings
 from infra.status_file import write_status
 from ingest.downlink import DOWNLINK_TOPIC, DownlinkCounters, DownlinkRelay, MqttOut
 from ingest.envelope import (
+    DEFAULT_TS_WINDOW,
     EVENTS,
     OTA_STATUS,
     STATE_REPORTED,
@@ -49,6 +50,7 @@ from ingest.envelope import (
     Accepted,
     Rejected,
     RejectReason,
+    TimestampWindow,
     parse_uplink_topic,
     validate,
 )
@@ -120,7 +122,11 @@ def dead_letter(
 
 
 def route_message(
-    mqtt_topic: str, payload: bytes, received_at_ms: int, codecs: Mapping[str, AvroCodec]
+    mqtt_topic: str,
+    payload: bytes,
+    received_at_ms: int,
+    codecs: Mapping[str, AvroCodec],
+    ts_window: TimestampWindow = DEFAULT_TS_WINDOW,
 ) -> Outgoing:
     """Pure: an MQTT message to the Kafka record it becomes (accepted or dead letter)."""
     parsed = parse_uplink_topic(mqtt_topic)
@@ -129,7 +135,7 @@ def route_message(
             mqtt_topic, "", payload, RejectReason.bad_topic, "not an uplink topic", received_at_ms
         )
     device_id, kind = parsed  # the broker's ACL guarantees the id in the topic
-    outcome = validate(kind, device_id, payload, received_at_ms)
+    outcome = validate(kind, device_id, payload, received_at_ms, ts_window)
     if isinstance(outcome, Rejected):
         return dead_letter(
             mqtt_topic, device_id, payload, outcome.reason, outcome.detail, received_at_ms
@@ -152,6 +158,9 @@ class Bridge:
         # sharing one identity would take each other's connection over.
         self.client_id = bridge_identity(replica)
         self.counters = BridgeCounters()
+        self.ts_window = TimestampWindow(
+            settings.ts_max_age_s * 1000, settings.ts_max_ahead_s * 1000
+        )
         self.stopping = asyncio.Event()
         self.connected = False
         self._inflight = 0
@@ -189,7 +198,8 @@ class Bridge:
             return False
         if props.get("dup"):
             self.counters.redelivered += 1
-        out = route_message(topic, payload, int(time.time() * 1000), self._codecs)
+        now_ms = int(time.time() * 1000)
+        out = route_message(topic, payload, now_ms, self._codecs, self.ts_window)
         self._last_message_at = time.monotonic()
         self._inflight += 1
         self._idle.clear()

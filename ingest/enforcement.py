@@ -81,6 +81,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from infra.keys import key_passphrase
 from infra.pki import (
     CRL_VALIDITY_DAYS,
     DEVICE_ID_PATTERN,
@@ -543,7 +544,7 @@ class Enforcer:
         pki = settings.pki_dir
         if not (pki / "ca.key").exists() or not (pki / "ca.crt").exists():
             raise EnforcementError(f"no fleet CA in {pki}: start the stack first (fleet up)")
-        self.ca = CertificateAuthority.load_or_create(pki)
+        self.ca = CertificateAuthority.load_or_create(pki, passphrase=key_passphrase(settings))
         self.broker = Mosquitto(settings)
         ensure_broker_identities(self.ca, self.broker.files)  # the enforcer's own identity
         registry = CodecRegistry(SchemaRegistryClient({"url": settings.registry_url}))

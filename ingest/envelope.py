@@ -12,10 +12,19 @@ refused; strings must be valid Unicode (no lone surrogates, which Avro could not
 present but invalid ``seq``/``ts`` is ``bad_seq``/``bad_timestamp`` whatever its type; an
 optional field may be ``null``; an event field other than ``type``, ``message`` and
 ``attributes`` is refused (``wrong_type``: free-form values belong in ``attributes``).
+
+``ts`` must also lie in a :class:`TimestampWindow` around the bridge's receive time, for every
+kind: the warehouse partitions telemetry, events, twin history and OTA events by month of the
+device's time, so a clock at 1970 or 9999 would otherwise create a partition per bad clock.
+The default reaches 30 days back, so a device replaying the backlog it kept while offline for
+weeks is still accepted, and 5 minutes ahead, for clocks that run a little fast. What falls
+outside is ``bad_timestamp``, kept in the dead-letter topic like any reject (it can be replayed
+once a window fits).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import sys
@@ -27,6 +36,7 @@ from typing import Any, NoReturn
 from infra.pki import DEVICE_ID_PATTERN
 
 __all__ = [
+    "DEFAULT_TS_WINDOW",
     "EVENTS",
     "MAX_PAYLOAD_BYTES",
     "MAX_SEQ",
@@ -36,6 +46,7 @@ __all__ = [
     "Accepted",
     "RejectReason",
     "Rejected",
+    "TimestampWindow",
     "parse_uplink_topic",
     "validate",
     "validate_event",
@@ -85,6 +96,30 @@ class Accepted:
 class Rejected:
     reason: RejectReason
     detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class TimestampWindow:
+    """How far a device's ``ts`` may lie from the receive time: ``max_age_ms`` before it,
+    ``max_ahead_ms`` after it (both inclusive)."""
+
+    max_age_ms: int = 30 * 86_400_000
+    max_ahead_ms: int = 5 * 60_000
+
+    def __post_init__(self) -> None:
+        if self.max_age_ms < 0 or self.max_ahead_ms < 0:
+            raise ValueError("a timestamp window's bounds must be >= 0")
+
+    def bounds(self, received_at_ms: int) -> tuple[int, int]:
+        """The accepted ``ts`` range for a message received at ``received_at_ms``."""
+        return (
+            max(0, received_at_ms - self.max_age_ms),
+            min(MAX_TS_MS, received_at_ms + self.max_ahead_ms),
+        )
+
+
+DEFAULT_TS_WINDOW = TimestampWindow()
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 class _Invalid(Exception):
@@ -200,7 +235,29 @@ def _document(device_id: str, payload: bytes) -> dict[str, Any]:
     return document
 
 
-def _envelope(document: dict[str, Any], device_id: str, received_at_ms: int) -> dict[str, Any]:
+def _utc(ms: int) -> str:
+    """``ms`` (in [0, MAX_TS_MS]) as an ISO 8601 UTC instant, for reject details."""
+    instant = _EPOCH + dt.timedelta(milliseconds=ms)  # exact, where ms / 1000 would round
+    return instant.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _span(ms: int) -> str:
+    return f"{ms / 86_400_000:.1f} days" if ms >= 86_400_000 else f"{ms / 1000:.0f} s"
+
+
+def _outside_window(ts: int, received_at_ms: int, window: TimestampWindow) -> NoReturn:
+    when = "before" if ts < received_at_ms else "after"
+    _reject(
+        RejectReason.bad_timestamp,
+        f"ts {ts} ({_utc(ts)}) is {_span(abs(received_at_ms - ts))} {when} the receive time "
+        f"{_utc(received_at_ms)}; accepted: at most {_span(window.max_age_ms)} before and "
+        f"{_span(window.max_ahead_ms)} after",
+    )
+
+
+def _envelope(
+    document: dict[str, Any], device_id: str, received_at_ms: int, window: TimestampWindow
+) -> dict[str, Any]:
     for name in ("seq", "ts"):
         if name not in document:
             _reject(RejectReason.missing_field, f"{name!r} is required")
@@ -215,6 +272,9 @@ def _envelope(document: dict[str, Any], device_id: str, received_at_ms: int) -> 
             f"ts must be integer epoch milliseconds in [0, {MAX_TS_MS}], "
             f"got {_shown(document['ts'])}",
         )
+    low, high = window.bounds(received_at_ms)
+    if not low <= ts <= high:
+        _outside_window(ts, received_at_ms, window)
     return {"device_id": device_id, "seq": seq, "ts": ts, "received_at": received_at_ms}
 
 
@@ -224,13 +284,14 @@ def _checked(
     payload: bytes,
     received_at_ms: int,
     body: Callable[[dict[str, Any]], dict[str, Any]],
+    window: TimestampWindow = DEFAULT_TS_WINDOW,
 ) -> Accepted | Rejected:
     """Run the shared checks, then ``body(document)`` for the kind's own fields."""
     try:
         document = _document(device_id, payload)
     except _Invalid as invalid:
         return invalid.rejected
-    return _checked_document(kind, document, device_id, received_at_ms, body)
+    return _checked_document(kind, document, device_id, received_at_ms, body, window)
 
 
 def _checked_document(
@@ -239,9 +300,10 @@ def _checked_document(
     device_id: str,
     received_at_ms: int,
     body: Callable[[dict[str, Any]], dict[str, Any]],
+    window: TimestampWindow = DEFAULT_TS_WINDOW,
 ) -> Accepted | Rejected:
     try:
-        record = _envelope(document, device_id, received_at_ms)
+        record = _envelope(document, device_id, received_at_ms, window)
         record.update(body(document))
     except _Invalid as invalid:
         return invalid.rejected
@@ -292,18 +354,19 @@ def _uncommon_metric(value: object) -> float | None:
 
 
 def _telemetry_record(
-    document: dict[str, Any], device_id: str, received_at_ms: int
+    document: dict[str, Any], device_id: str, received_at_ms: int, low: int, high: int
 ) -> dict[str, Any]:
     """The record of a common-case ``document``; raises _Uncommon for anything else.
 
-    Straight-line: seq and ts plain ints in range, the metrics finite floats (or ints, or
-    null, or absent), other keys ASCII with finite float values. Whatever else goes to
+    Straight-line: seq and ts plain ints in range (ts in the window's ``[low, high]``), the
+    metrics finite floats (or ints, or null, or absent), other keys ASCII with finite float
+    values. Whatever else goes to
     :func:`_telemetry_fields`, which accepts it the same way or says exactly why not.
     """
     get = document.get
     seq = get("seq")
     ts = get("ts")
-    if not (type(seq) is int and 0 <= seq <= MAX_SEQ and type(ts) is int and 0 <= ts <= MAX_TS_MS):
+    if not (type(seq) is int and 0 <= seq <= MAX_SEQ and type(ts) is int and low <= ts <= high):
         raise _Uncommon
     # Comparisons with the largest double refuse infinities (JSON 1e400) as well.
     temperature = get("temperature")
@@ -341,16 +404,26 @@ def _telemetry_record(
     }
 
 
-def validate_telemetry(device_id: str, payload: bytes, received_at_ms: int) -> Accepted | Rejected:
+def validate_telemetry(
+    device_id: str,
+    payload: bytes,
+    received_at_ms: int,
+    window: TimestampWindow = DEFAULT_TS_WINDOW,
+) -> Accepted | Rejected:
     """A ``Telemetry`` record: envelope, the known metrics, other numeric keys in ``extra``."""
     try:
         document = _document(device_id, payload)
     except _Invalid as invalid:
         return invalid.rejected
+    low, high = window.bounds(received_at_ms)
     try:
-        return Accepted(TELEMETRY, _telemetry_record(document, device_id, received_at_ms))
+        return Accepted(
+            TELEMETRY, _telemetry_record(document, device_id, received_at_ms, low, high)
+        )
     except _Uncommon:
-        return _checked_document(TELEMETRY, document, device_id, received_at_ms, _telemetry_fields)
+        return _checked_document(
+            TELEMETRY, document, device_id, received_at_ms, _telemetry_fields, window
+        )
 
 
 # --------------------------------------------------------------------------- events
@@ -391,9 +464,14 @@ def _event_fields(document: dict[str, Any]) -> dict[str, Any]:
     return {"type": event_type, "message": message, "attributes": _attributes(document)}
 
 
-def validate_event(device_id: str, payload: bytes, received_at_ms: int) -> Accepted | Rejected:
+def validate_event(
+    device_id: str,
+    payload: bytes,
+    received_at_ms: int,
+    window: TimestampWindow = DEFAULT_TS_WINDOW,
+) -> Accepted | Rejected:
     """A ``DeviceEvent`` record: envelope, ``type``, optional ``message`` and ``attributes``."""
-    return _checked(EVENTS, device_id, payload, received_at_ms, _event_fields)
+    return _checked(EVENTS, device_id, payload, received_at_ms, _event_fields, window)
 
 
 # --------------------------------------------------------------------------- twin, ota
@@ -408,9 +486,14 @@ def _reported_fields(document: dict[str, Any]) -> dict[str, Any]:
     return {"patch": json.dumps(reported, sort_keys=True, separators=(",", ":"))}
 
 
-def validate_reported(device_id: str, payload: bytes, received_at_ms: int) -> Accepted | Rejected:
+def validate_reported(
+    device_id: str,
+    payload: bytes,
+    received_at_ms: int,
+    window: TimestampWindow = DEFAULT_TS_WINDOW,
+) -> Accepted | Rejected:
     """A ``TwinReported`` record: envelope and the ``reported`` patch (kept as JSON text)."""
-    return _checked(STATE_REPORTED, device_id, payload, received_at_ms, _reported_fields)
+    return _checked(STATE_REPORTED, device_id, payload, received_at_ms, _reported_fields, window)
 
 
 def _ota_status_fields(document: dict[str, Any]) -> dict[str, Any]:
@@ -431,21 +514,33 @@ def _ota_status_fields(document: dict[str, Any]) -> dict[str, Any]:
     return {"type": "ota_status", "message": attributes.get("reason"), "attributes": attributes}
 
 
-def validate_ota_status(device_id: str, payload: bytes, received_at_ms: int) -> Accepted | Rejected:
-    return _checked(OTA_STATUS, device_id, payload, received_at_ms, _ota_status_fields)
+def validate_ota_status(
+    device_id: str,
+    payload: bytes,
+    received_at_ms: int,
+    window: TimestampWindow = DEFAULT_TS_WINDOW,
+) -> Accepted | Rejected:
+    return _checked(OTA_STATUS, device_id, payload, received_at_ms, _ota_status_fields, window)
 
 
 # --------------------------------------------------------------------------- dispatch
 
 
-def validate(kind: str, device_id: str, payload: bytes, received_at_ms: int) -> Accepted | Rejected:
-    """Validate a payload from ``devices/<device_id>/<kind>``; unknown kinds are ``bad_topic``."""
+def validate(
+    kind: str,
+    device_id: str,
+    payload: bytes,
+    received_at_ms: int,
+    window: TimestampWindow = DEFAULT_TS_WINDOW,
+) -> Accepted | Rejected:
+    """Validate a payload from ``devices/<device_id>/<kind>`` received at ``received_at_ms``
+    (its ``ts`` must lie in ``window`` around it); unknown kinds are ``bad_topic``."""
     if kind == TELEMETRY:
-        return validate_telemetry(device_id, payload, received_at_ms)
+        return validate_telemetry(device_id, payload, received_at_ms, window)
     if kind == EVENTS:
-        return validate_event(device_id, payload, received_at_ms)
+        return validate_event(device_id, payload, received_at_ms, window)
     if kind == STATE_REPORTED:
-        return validate_reported(device_id, payload, received_at_ms)
+        return validate_reported(device_id, payload, received_at_ms, window)
     if kind == OTA_STATUS:
-        return validate_ota_status(device_id, payload, received_at_ms)
+        return validate_ota_status(device_id, payload, received_at_ms, window)
     return Rejected(RejectReason.bad_topic, f"no uplink handled for kind {_shown(kind)}")

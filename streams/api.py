@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import re
@@ -51,7 +50,9 @@ from confluent_kafka import KafkaException, Message, Producer
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
+from pydantic import BaseModel
 
+from infra.keys import key_passphrase
 from infra.ota_summary import rollout_summary
 from infra.pki import CertificateAuthority, PkiError, cert_fingerprint_sha256
 from infra.services.base import ServiceError
@@ -59,6 +60,38 @@ from infra.settings import Settings, load_settings
 from infra.status_file import write_status
 from schemas.codec import Decoded
 from streams.alerts import AlertRule, ScopeType, rule_from_record, rule_to_record
+from streams.api_models import (
+    MAX_JSON_DEPTH,
+    PRINCIPAL_PATTERN,
+    AlertRuleBody,
+    BodyError,
+    CommandResult,
+    Device,
+    DeviceList,
+    DeviceUpdate,
+    GrantsPut,
+    GrantsResult,
+    Health,
+    LifecycleRequest,
+    M,
+    Provisioned,
+    ProvisionRequest,
+    RolloutControl,
+    RolloutCreate,
+    RolloutList,
+    RolloutPlanBody,
+    RolloutResult,
+    RuleList,
+    RuleResult,
+    TwinPatch,
+    component_schemas,
+    parse_body,
+)
+from streams.api_models import AlertRule as AlertRuleModel
+from streams.api_models import GrantSet as GrantSetModel
+from streams.api_models import Rollout as RolloutModel
+from streams.api_models import Twin as TwinModel
+from streams.api_models import TwinAnswer as TwinAnswerModel
 from streams.client import (
     AUDIT,
     COMMANDS,
@@ -105,6 +138,7 @@ from streams.tokens import TokenAuthority, TokenError
 from streams.twin import Twin, from_record, twin_view
 
 __all__ = [
+    "MAX_JSON_DEPTH",
     "OPENAPI_VERSION",
     "ROUTES",
     "ApiError",
@@ -197,24 +231,13 @@ def rule_from_body(rule_id: str, body: Mapping[str, Any]) -> AlertRule:
         raise ApiError(400, "bad_request", str(exc)) from None
 
 
-def plan_from_body(body: Mapping[str, Any]) -> RolloutPlan:
+def plan_from_body(given: RolloutPlanBody | None) -> RolloutPlan:
     """A rollout plan from a request's `plan` (absent: the default plan)."""
-    given = body.get("plan")
     if given is None:
         return RolloutPlan()
-    if not isinstance(given, dict):
-        raise ApiError(400, "bad_request", "'plan' must be a JSON object")
-    fields = set(RolloutPlan.__dataclass_fields__)
-    unknown = sorted(set(given) - fields)
-    if unknown:
-        raise ApiError(400, "bad_request", f"unknown plan fields {unknown}")
-    values = dict(given)
-    for name in ("percentages", "alert_severities"):
-        if name in values and not isinstance(values[name], list):
-            raise ApiError(400, "bad_request", f"plan {name!r} must be a list")
     try:
-        return RolloutPlan(**values)
-    except (TypeError, ValueError) as exc:
+        return RolloutPlan(**given.model_dump())
+    except (TypeError, ValueError) as exc:  # what a schema cannot say (ascending shares...)
         raise ApiError(400, "bad_request", f"invalid plan: {exc}") from None
 
 
@@ -296,7 +319,9 @@ class KafkaBackend:
         self.settings = settings
         self.timeout = timeout
         self.client = HotPathClient(settings, timeout)
-        self.ca = CertificateAuthority.load_or_create(settings.pki_dir)
+        self.ca = CertificateAuthority.load_or_create(
+            settings.pki_dir, passphrase=key_passphrase(settings)
+        )
         self._lock = threading.Lock()
         self._ca_lock = threading.Lock()
         self._producer_lock = threading.Lock()
@@ -560,10 +585,10 @@ class Route:
     summary: str
     action: Action | None = None  # the RBAC action it needs
     public: bool = False  # no token needed
-    body: str | None = None  # request schema (components/schemas)
+    body: type[BaseModel] | None = None  # request body: validated with, documented from
     body_required: bool = True
     ok: int = 200
-    result: str | None = None  # response schema
+    result: type[BaseModel] | None = None  # response body: sent as, documented from
     errors: tuple[int, ...] = ()
     query: tuple[str, ...] = ()
 
@@ -575,103 +600,103 @@ class Route:
 _COMMAND_ERRORS = (400, 404, 409, 503, 504)
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/openapi.json", "openapi", "This OpenAPI document", public=True),
-    Route("GET", "/healthz", "healthz", "Liveness and readiness", public=True, result="Health"),
+    Route("GET", "/healthz", "healthz", "Liveness and readiness", public=True, result=Health),
     Route(
         "GET", "/v1/devices", "list_devices", "The devices the caller may read",
-        Action.device_read, result="DeviceList", errors=(400,),
+        Action.device_read, result=DeviceList, errors=(400,),
         query=("org", "project", "group", "status"),
     ),
     Route(
         "POST", "/v1/devices", "provision",
         "Provision a device: authorize, sign its CSR, record it through the registry agent",
-        Action.device_provision, body="ProvisionRequest", ok=201, result="Provisioned",
+        Action.device_provision, body=ProvisionRequest, ok=201, result=Provisioned,
         errors=(400, 409, 503, 504),
     ),
     Route(
         "GET", "/v1/devices/{device_id}", "get_device", "One device's registry entry",
-        Action.device_read, result="Device", errors=(404,),
+        Action.device_read, result=Device, errors=(404,),
     ),
     Route(
         "PATCH", "/v1/devices/{device_id}", "update_device",
         "Change a device's group, region, firmware version or labels",
-        Action.device_update, body="DeviceUpdate", result="CommandResult", errors=_COMMAND_ERRORS,
+        Action.device_update, body=DeviceUpdate, result=CommandResult, errors=_COMMAND_ERRORS,
     ),
     Route(
         "POST", "/v1/devices/{device_id}/suspend", "suspend_device", "Suspend a device",
-        Action.device_suspend, body="LifecycleRequest", body_required=False,
-        result="CommandResult", errors=_COMMAND_ERRORS,
+        Action.device_suspend, body=LifecycleRequest, body_required=False,
+        result=CommandResult, errors=_COMMAND_ERRORS,
     ),
     Route(
         "POST", "/v1/devices/{device_id}/revoke", "revoke_device",
         "Revoke a device for good (its certificate too)",
-        Action.device_revoke, body="LifecycleRequest", body_required=False,
-        result="CommandResult", errors=_COMMAND_ERRORS,
+        Action.device_revoke, body=LifecycleRequest, body_required=False,
+        result=CommandResult, errors=_COMMAND_ERRORS,
     ),
     Route(
         "POST", "/v1/devices/{device_id}/activate", "activate_device",
         "Activate a provisioned or suspended device",
-        Action.device_activate, result="CommandResult", errors=_COMMAND_ERRORS,
+        Action.device_activate, result=CommandResult, errors=_COMMAND_ERRORS,
     ),
     Route(
         "GET", "/v1/devices/{device_id}/twin", "get_twin",
         "A device's twin: desired, reported, delta, version",
-        Action.twin_read, result="Twin", errors=(404,),
+        Action.twin_read, result=TwinModel, errors=(404,),
     ),
     Route(
         "PATCH", "/v1/devices/{device_id}/twin", "patch_twin",
         "Merge a patch into the desired state (optimistic concurrency with `version`)",
-        Action.twin_write, body="TwinPatch", result="TwinAnswer", errors=_COMMAND_ERRORS,
+        Action.twin_write, body=TwinPatch, result=TwinAnswerModel, errors=_COMMAND_ERRORS,
     ),
     Route(
         "GET", "/v1/grants/{principal}", "get_grants",
         "A principal's grants: all of one's own, else those on scopes the caller may read",
-        Action.grant_read, result="GrantSet", errors=(400,),
+        Action.grant_read, result=GrantSetModel, errors=(400,),
     ),
     Route(
         "PUT", "/v1/grants/{principal}", "put_grants",
         "Replace a principal's grants; needs grant.write on every scope added or removed",
-        Action.grant_write, body="GrantsPut", result="GrantsResult", errors=(400, 503, 504),
+        Action.grant_write, body=GrantsPut, result=GrantsResult, errors=(400, 503, 504),
     ),
     Route(
         "GET", "/v1/alert-rules", "list_alert_rules",
-        "The alert rules on scopes the caller may read", Action.alert_read, result="RuleList",
+        "The alert rules on scopes the caller may read", Action.alert_read, result=RuleList,
     ),
     Route(
         "GET", "/v1/alert-rules/{rule_id}", "get_alert_rule", "One alert rule",
-        Action.alert_read, result="AlertRule", errors=(404,),
+        Action.alert_read, result=AlertRuleModel, errors=(404,),
     ),
     Route(
         "PUT", "/v1/alert-rules/{rule_id}", "put_alert_rule",
         "Add or replace an alert rule; needs alert.write on its scope (and on the scope of the "
         "rule it replaces)",
-        Action.alert_write, body="AlertRuleBody", result="RuleResult",
+        Action.alert_write, body=AlertRuleBody, result=RuleResult,
         errors=(400, 404, 503, 504),
     ),
     Route(
         "DELETE", "/v1/alert-rules/{rule_id}", "delete_alert_rule", "Delete an alert rule",
-        Action.alert_write, result="RuleResult", errors=(404, 503, 504),
+        Action.alert_write, result=RuleResult, errors=(404, 503, 504),
     ),
     Route(
         "GET", "/v1/ota/rollouts", "list_rollouts",
         "The OTA rollouts whose target the caller may read", Action.ota_read,
-        result="RolloutList",
+        result=RolloutList,
     ),
     Route(
         "GET", "/v1/ota/rollouts/{rollout_id}", "get_rollout",
-        "One rollout: state, cohort, device counts", Action.ota_read, result="Rollout",
+        "One rollout: state, cohort, device counts", Action.ota_read, result=RolloutModel,
         errors=(404,),
     ),
     Route(
         "POST", "/v1/ota/rollouts", "create_rollout",
         "Create a rollout, pending approval: nothing is sent before an ota-approver approves",
-        Action.ota_create, body="RolloutCreate", ok=201, result="RolloutResult",
+        Action.ota_create, body=RolloutCreate, ok=201, result=RolloutResult,
         errors=(400, 409, 504),
     ),
     *(
         Route(
             "POST", f"/v1/ota/rollouts/{{rollout_id}}/{kind}", f"{kind}_rollout",
             f"{kind.capitalize()} a rollout (the OTA controller decides and audits)",
-            action, body="RolloutControl", body_required=False, result="RolloutResult",
+            action, body=RolloutControl, body_required=False, result=RolloutResult,
             errors=(400, 404, 409, 504),
         )
         for kind, action in (
@@ -684,6 +709,11 @@ ROUTES: tuple[Route, ...] = (
     ),
 )  # fmt: skip
 
+ROUTE_BY_NAME = {route.name: route for route in ROUTES}
+_TEXT = {"type": "string", "minLength": 1}
+# What Principal.parse accepts for a grantee (users and services hold grants).
+_PATH_SCHEMAS = {"principal": {"type": "string", "pattern": PRINCIPAL_PATTERN}}
+
 _STATUS_TEXT = {
     200: "OK",
     201: "Created",
@@ -695,251 +725,6 @@ _STATUS_TEXT = {
     503: "The decision's audit record could not be written (see the reason)",
     504: "The platform did not answer in time",
 }
-
-
-def _schemas() -> dict[str, Any]:
-    text = {"type": "string"}
-    nullable_text = {"type": ["string", "null"]}
-    labels = {"type": "object", "additionalProperties": {"type": "string"}}
-    grant = {
-        "type": "object",
-        "required": ["role", "scope"],
-        "properties": {
-            "role": {"type": "string", "enum": [str(r) for r in Role]},
-            "scope": {"type": "string", "examples": ["org/acme/project/plant-1"]},
-        },
-    }
-    audit = {
-        "type": "object",
-        "description": "One decision, as written to audit.log.",
-        "properties": {
-            "ts_ms": {"type": "integer"},
-            "command_id": text,
-            "command": text,
-            "principal": text,
-            "action": text,
-            "device_id": nullable_text,
-            "resource": nullable_text,
-            "decision": {"type": "string", "enum": [str(d) for d in AuditDecision]},
-            "authorization": text,
-            "reason": text,
-        },
-    }
-    device = {
-        "type": "object",
-        "properties": {
-            "device_id": text,
-            "org": text,
-            "project": text,
-            "group": text,
-            "region": text,
-            "status": {"enum": ["provisioned", "active", "suspended", "revoked"]},
-            "cert_serial": text,
-            "cert_fingerprint": text,
-            "firmware_version": nullable_text,
-            "labels": labels,
-            "created_ms": {"type": "integer"},
-            "updated_ms": {"type": "integer"},
-            "last_command_id": nullable_text,
-            "resource": {"type": "string", "examples": ["org/acme/project/p/group/g/device/d"]},
-        },
-    }
-    ref = _ref
-    return {
-        "Error": {
-            "type": "object",
-            "required": ["error", "reason"],
-            "properties": {
-                "error": {
-                    "type": "string",
-                    "examples": ["unauthorized", "forbidden", "bad_request", "not_found"],
-                },
-                "reason": text,
-                "command_id": {"type": "string", "description": "Its audit record's id."},
-                "audit": ref("AuditRecord"),
-            },
-        },
-        "AuditRecord": audit,
-        "Health": {"type": "object", "properties": {"status": text, "ready": {"type": "boolean"}}},
-        "Device": device,
-        "DeviceList": {
-            "type": "object",
-            "properties": {"devices": {"type": "array", "items": ref("Device")}},
-        },
-        "ProvisionRequest": {
-            "type": "object",
-            "required": ["org", "project", "group", "csr_pem"],
-            "properties": {
-                "org": text,
-                "project": text,
-                "group": text,
-                "csr_pem": {"type": "string", "description": "PEM CSR; its CN is the device id."},
-                "device_id": {"type": "string", "description": "Default: the CSR's CN."},
-                "region": {"type": "string", "default": "local"},
-                "firmware_version": text,
-                "labels": labels,
-            },
-        },
-        "Provisioned": {
-            "type": "object",
-            "properties": {
-                "device_id": text,
-                "certificate_pem": text,
-                "ca_pem": text,
-                "device": ref("Device"),
-                "audit": ref("AuditRecord"),
-            },
-        },
-        "DeviceUpdate": {
-            "type": "object",
-            "properties": {
-                "group": text,
-                "region": text,
-                "firmware_version": text,
-                "labels": labels,
-            },
-        },
-        "LifecycleRequest": {"type": "object", "properties": {"reason": text}},
-        "CommandResult": {
-            "type": "object",
-            "properties": {"device": ref("Device"), "audit": ref("AuditRecord")},
-        },
-        "Twin": {
-            "type": "object",
-            "properties": {
-                "desired": {"type": "object"},
-                "reported": {"type": "object"},
-                "delta": {"type": "object"},
-                "version": {"type": "integer"},
-            },
-        },
-        "TwinPatch": {
-            "type": "object",
-            "required": ["desired"],
-            "properties": {
-                "desired": {"type": "object", "description": "Merge patch; null removes a key."},
-                "version": {"type": ["integer", "null"], "description": "Expected version."},
-            },
-        },
-        "TwinAnswer": {
-            "type": "object",
-            "properties": {
-                "status": {"enum": ["accepted", "unchanged", "conflict", "invalid"]},
-                "version": {"type": "integer"},
-                "detail": nullable_text,
-                "twin": ref("Twin"),
-                "audit": ref("AuditRecord"),
-            },
-        },
-        "Grant": grant,
-        "GrantSet": {
-            "type": "object",
-            "properties": {"principal": text, "grants": {"type": "array", "items": ref("Grant")}},
-        },
-        "GrantsPut": {
-            "type": "object",
-            "required": ["grants"],
-            "properties": {"grants": {"type": "array", "items": ref("Grant")}},
-        },
-        "AlertRuleBody": {
-            "type": "object",
-            "required": ["scope_type", "scope", "kind"],
-            "properties": {
-                "scope_type": {"enum": [str(t) for t in ScopeType]},
-                "scope": {
-                    "type": "string",
-                    "description": "A group's path (org/<o>/project/<p>/group/<g>) or a device id",
-                },
-                "metric": text,
-                "kind": {"enum": ["above", "below", "rate_of_change", "missing_heartbeat"]},
-                "threshold": {"type": "number"},
-                "clear_threshold": {"type": ["number", "null"]},
-                "window_s": {"type": ["number", "null"]},
-                "heartbeat_s": {"type": ["number", "null"]},
-                "severity": {"enum": ["info", "warning", "critical"]},
-            },
-        },
-        "AlertRule": {
-            "allOf": [ref("AlertRuleBody")],
-            "properties": {"rule_id": text, "resource": text},
-        },
-        "RuleList": {
-            "type": "object",
-            "properties": {"rules": {"type": "array", "items": ref("AlertRule")}},
-        },
-        "RuleResult": {
-            "type": "object",
-            "properties": {
-                "rule_id": text,
-                "rule": {"oneOf": [ref("AlertRule"), {"type": "null"}]},
-                "audit": ref("AuditRecord"),
-            },
-        },
-        "Rollout": {
-            "type": "object",
-            "properties": {
-                "rollout_id": text,
-                "state": text,
-                "version": text,
-                "target": text,
-                "cohort": {"type": "integer"},
-                "cohorts": {"type": "array", "items": {"type": "integer"}},
-                "updated": {"type": "integer"},
-                "failed": {"type": "integer"},
-                "rolled_back": {"type": "integer"},
-                "refused": {"type": "integer"},
-                "progress": {"type": "object", "additionalProperties": {"type": "integer"}},
-                "reason": nullable_text,
-            },
-        },
-        "RolloutList": {
-            "type": "object",
-            "properties": {"rollouts": {"type": "array", "items": ref("Rollout")}},
-        },
-        "RolloutCreate": {
-            "type": "object",
-            "required": ["artifact_id", "target"],
-            "properties": {
-                "artifact_id": {"type": "string", "description": "The artifact's sha256."},
-                "target": {"type": "string", "examples": ["org/acme/project/p/group/g"]},
-                "rollout_id": {"type": "string", "description": "Default: generated."},
-                "plan": {
-                    "type": "object",
-                    "description": "Cohorts and gates (default: a canary of 5, then 1%, 10%, "
-                    "100%; success 0.95; error 0.05; health window 300 s).",
-                    "properties": {
-                        "canary_size": {"type": "integer"},
-                        "percentages": {"type": "array", "items": {"type": "number"}},
-                        "success_threshold": {"type": "number"},
-                        "error_threshold": {"type": "number"},
-                        "health_window_s": {"type": "number"},
-                        "alert_severities": {"type": "array", "items": text},
-                        "require_telemetry": {"type": "boolean"},
-                        "cohort_timeout_s": {"type": ["number", "null"]},
-                        "rollback_timeout_s": {"type": "number"},
-                    },
-                },
-                "comment": text,
-            },
-        },
-        "RolloutControl": {"type": "object", "properties": {"comment": text}},
-        "RolloutResult": {
-            "type": "object",
-            "properties": {
-                "rollout_id": text,
-                "rollout": {"oneOf": [ref("Rollout"), {"type": "null"}]},
-                "audit": ref("AuditRecord"),
-            },
-        },
-        "GrantsResult": {
-            "type": "object",
-            "properties": {
-                "principal": text,
-                "grants": {"type": "array", "items": ref("Grant")},
-                "audit": ref("AuditRecord"),
-            },
-        },
-    }
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -962,7 +747,7 @@ def _operation(route: Route) -> dict[str, Any]:
     if route.action is not None:
         op["x-fleetstream-action"] = str(route.action)
     params = [
-        {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+        {"name": p, "in": "path", "required": True, "schema": _PATH_SCHEMAS.get(p, _TEXT)}
         for p in route.path_parameters
     ]
     params += [
@@ -974,9 +759,9 @@ def _operation(route: Route) -> dict[str, Any]:
     if route.body is not None:
         op["requestBody"] = {
             "required": route.body_required,
-            "content": _json_content(_ref(route.body)),
+            "content": _json_content(_ref(route.body.__name__)),
         }
-    result = _ref(route.result) if route.result else {"type": "object"}
+    result = _ref(route.result.__name__) if route.result else {"type": "object"}
     responses: dict[str, Any] = {
         str(route.ok): {"description": _STATUS_TEXT[route.ok], "content": _json_content(result)}
     }
@@ -1005,7 +790,9 @@ def openapi_document(routes: Sequence[Route] = ROUTES) -> dict[str, Any]:
             "description": (
                 "Devices, grants, twins, alert rules and OTA rollouts of the fleet. Every call "
                 "but /openapi.json and /healthz needs a bearer token signed by the platform "
-                "(`fleet token`), and is then authorized against the caller's grants."
+                "(`fleet token`), and is then authorized against the caller's grants. "
+                f"Request bodies are UTF-8 JSON nested at most {MAX_JSON_DEPTH} levels, with "
+                "the documented fields only; anything else is a 400."
             ),
         },
         "servers": [{"url": "/"}],
@@ -1014,7 +801,7 @@ def openapi_document(routes: Sequence[Route] = ROUTES) -> dict[str, Any]:
             "securitySchemes": {
                 "bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
             },
-            "schemas": _schemas(),
+            "schemas": component_schemas(),
         },
         "paths": paths,
     }
@@ -1023,47 +810,22 @@ def openapi_document(routes: Sequence[Route] = ROUTES) -> dict[str, Any]:
 # --------------------------------------------------------------------------- request bodies
 
 
-async def _body(request: web.Request, required: bool = True) -> dict[str, Any]:
-    text = await request.text()
-    if not text.strip():
-        if required:
-            raise ApiError(400, "bad_request", "a JSON object body is required")
-        return {}
+async def _body(request: web.Request, model: type[M]) -> M:
+    """The request's body as ``model``, which must be the route's documented body (whether it
+    is required too), or a 400."""
+    route = ROUTE_BY_NAME[request.match_info.route.name or ""]
+    if route.body is not model:  # a programming error, caught by any test of the route
+        raise TypeError(f"{route.name} documents {route.body}, validates with {model}")
     try:
-        body = json.loads(text)
-    except ValueError as exc:
-        raise ApiError(400, "bad_request", f"body is not JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "bad_request", "body must be a JSON object")
-    return body
+        return parse_body(await request.read(), model, required=route.body_required)
+    except BodyError as exc:
+        raise ApiError(400, "bad_request", str(exc)) from None
 
 
-def _text(body: Mapping[str, Any], name: str, *, required: bool = False) -> str | None:
-    value = body.get(name)
-    if value is None:
-        if required:
-            raise ApiError(400, "bad_request", f"{name!r} is required")
-        return None
-    if not isinstance(value, str) or not value:
-        raise ApiError(400, "bad_request", f"{name!r} must be a non-empty string")
-    return value
-
-
-def _required(body: Mapping[str, Any], name: str) -> str:
-    value = _text(body, name, required=True)
-    assert value is not None
-    return value
-
-
-def _labels(body: Mapping[str, Any]) -> dict[str, str] | None:
-    labels = body.get("labels")
-    if labels is None:
-        return None
-    if not isinstance(labels, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
-    ):
-        raise ApiError(400, "bad_request", "'labels' must be an object of strings")
-    return labels
+def _reply(model: type[BaseModel], payload: Mapping[str, Any], status: int = 200) -> web.Response:
+    """``payload`` sent as its documented ``model``: what is served is what is documented."""
+    document = model.model_validate(payload).model_dump(mode="json")
+    return web.json_response(document, status=status)
 
 
 def _csr_common_name(csr_pem: str) -> str:
@@ -1222,11 +984,12 @@ class FleetApi:
 
     async def _command_result(self, device_id: str, audit: AuditRecord) -> web.Response:
         record = await self._settled(device_id, audit)
-        return web.json_response(
+        return _reply(
+            CommandResult,
             {
                 "device": None if record is None else device_view(record),
                 "audit": audit.to_record(),
-            }
+            },
         )
 
     # ------------------------------------------------------------------ public
@@ -1236,8 +999,8 @@ class FleetApi:
 
     async def healthz(self, request: web.Request) -> web.Response:
         ready = self.backend.ready()
-        return web.json_response(
-            {"status": "ok" if ready else "starting", "ready": ready}, status=200 if ready else 503
+        return _reply(
+            Health, {"status": "ok" if ready else "starting", "ready": ready}, 200 if ready else 503
         )
 
     # ------------------------------------------------------------------ devices
@@ -1254,7 +1017,7 @@ class FleetApi:
             if all(str(getattr(record, k)) == v for k, v in wanted.items())
             and authorize(principal, Action.device_read, record.resource, grants).allowed
         ]
-        return web.json_response({"devices": visible})
+        return _reply(DeviceList, {"devices": visible})
 
     async def get_device(self, request: web.Request) -> web.Response:
         principal = _CALLER.get()
@@ -1266,16 +1029,12 @@ class FleetApi:
             command="device.get",
             device_id=record.device_id,
         )
-        return web.json_response(device_view(record))
+        return _reply(Device, device_view(record))
 
     async def provision(self, request: web.Request) -> web.Response:
         principal = _CALLER.get()
-        body = await _body(request)
-        org, project, group = (_required(body, k) for k in ("org", "project", "group"))
-        csr_pem = _required(body, "csr_pem")
-        region = _text(body, "region") or "local"
-        firmware = _text(body, "firmware_version")
-        labels = _labels(body) or {}
+        body = await _body(request, ProvisionRequest)
+        org, project, group, csr_pem = body.org, body.project, body.group, body.csr_pem
         try:
             scope = Resource(org, project, group)
         except ValueError as exc:
@@ -1283,7 +1042,7 @@ class FleetApi:
         action, command = Action.device_provision, "provision"
         # Authorize before anything is signed.
         decision = await self._authorize(principal, action, scope, command=command)
-        device_id = _text(body, "device_id")
+        device_id = body.device_id
 
         async def refuse(status: int, error: str, reason: str) -> ApiError:
             return await self._refuse(
@@ -1317,11 +1076,11 @@ class FleetApi:
             org=target.org,
             project=project,
             group=group,
-            region=region,
+            region=body.region,
             cert_serial=str(cert.serial_number),
             cert_fingerprint=cert_fingerprint_sha256(cert),
-            firmware_version=firmware,
-            labels=labels,
+            firmware_version=body.firmware_version,
+            labels=body.labels,
         )
         try:
             audit = await self._send(provision)
@@ -1334,7 +1093,8 @@ class FleetApi:
             )
             raise
         record = await self._settled(device_id, audit)
-        return web.json_response(
+        return _reply(
+            Provisioned,
             {
                 "device_id": device_id,
                 "certificate_pem": cert.public_bytes(Encoding.PEM).decode(),
@@ -1342,22 +1102,22 @@ class FleetApi:
                 "device": None if record is None else device_view(record),
                 "audit": audit.to_record(),
             },
-            status=201,
+            201,
         )
 
     async def update_device(self, request: web.Request) -> web.Response:
         principal = _CALLER.get()
         record = self._known_device(request)
-        body = await _body(request)
-        group = _text(body, "group")
+        body = await _body(request, DeviceUpdate)
+        group = body.group
         update = UpdateDevice(
             command_id=new_id("api-update"),
             principal=principal,
             device_id=record.device_id,
             group=group,
-            region=_text(body, "region"),
-            firmware_version=_text(body, "firmware_version"),
-            labels=_labels(body),
+            region=body.region,
+            firmware_version=body.firmware_version,
+            labels=body.labels,
         )
         await self._authorize(
             principal, Action.device_update, record.resource,
@@ -1377,8 +1137,9 @@ class FleetApi:
     async def _lifecycle(self, request: web.Request, kind: CommandKind) -> web.Response:
         principal = _CALLER.get()
         record = self._known_device(request)
-        body = await _body(request, required=False)
-        reason = _text(body, "reason")
+        reason = None
+        if kind is not CommandKind.activate:  # activate takes no body
+            reason = (await _body(request, LifecycleRequest)).reason
         command_id, device_id = new_id(f"api-{kind}"), record.device_id
         command: RegistryCommand
         if kind is CommandKind.suspend:
@@ -1425,17 +1186,13 @@ class FleetApi:
             command="twin.get", device_id=record.device_id,
         )  # fmt: skip
         twin = self.backend.twin(record.device_id) or Twin(record.device_id)
-        return web.json_response(twin_view(twin))
+        return _reply(TwinModel, twin_view(twin))
 
     async def patch_twin(self, request: web.Request) -> web.Response:
         principal = _CALLER.get()
         record = self._known_device(request)
-        body = await _body(request)
-        patch, version = body.get("desired"), body.get("version")
-        if not isinstance(patch, dict):
-            raise ApiError(400, "bad_request", "'desired' must be a JSON object (a merge patch)")
-        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-            raise ApiError(400, "bad_request", "'version' must be an integer or null")
+        body = await _body(request, TwinPatch)
+        patch, version = dict(body.desired), body.version
         action, command = Action.twin_write, "twin.patch"
         decision = await self._authorize(
             principal, action, record.resource, command=command, device_id=record.device_id
@@ -1481,7 +1238,7 @@ class FleetApi:
 
         await self.backend.wait_for(caught_up, SETTLE_TIMEOUT_S)
         twin = self.backend.twin(record.device_id) or Twin(record.device_id)
-        return web.json_response({**view, "twin": twin_view(twin)})
+        return _reply(TwinAnswerModel, {**view, "twin": twin_view(twin)})
 
     # ------------------------------------------------------------------ grants
 
@@ -1504,26 +1261,20 @@ class FleetApi:
             except ValueError as exc:
                 raise ApiError(400, "bad_request", str(exc)) from None
         if grantee == principal:
-            return web.json_response(grants_view(held))
+            return _reply(GrantSetModel, grants_view(held))
         visible = [
             g for g in held.grants if authorize(principal, Action.grant_read, g.scope, grants)
         ]
-        return web.json_response(grants_view(held, visible))
+        return _reply(GrantSetModel, grants_view(held, visible))
 
     async def put_grants(self, request: web.Request) -> web.Response:
         principal = _CALLER.get()
         grantee = self._grantee(request)
-        body = await _body(request)
-        items = body.get("grants")
-        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-            raise ApiError(400, "bad_request", "'grants' must be a list of {role, scope}")
+        body = await _body(request, GrantsPut)
         try:
             wanted = GrantSet(
                 grantee,
-                tuple(
-                    Grant(grantee, Role(i.get("role")), Resource.parse(i.get("scope")))
-                    for i in items
-                ),
+                tuple(Grant(grantee, Role(i.role), Resource.parse(i.scope)) for i in body.grants),
             )
         except ValueError as exc:
             raise ApiError(400, "bad_request", str(exc)) from None
@@ -1563,7 +1314,7 @@ class FleetApi:
             await self.backend.wait_for(
                 lambda: self.backend.grants().get(grantee.key) == wanted, SETTLE_TIMEOUT_S
             )
-        return web.json_response({**grants_view(wanted), "audit": audit.to_record()})
+        return _reply(GrantsResult, {**grants_view(wanted), "audit": audit.to_record()})
 
     # ------------------------------------------------------------------ alert rules
 
@@ -1606,7 +1357,7 @@ class FleetApi:
             resource = self._rule_resource(rule)
             if resource is not None and authorize(principal, Action.alert_read, resource, grants):
                 visible.append(self._rule_view(rule, resource))
-        return web.json_response({"rules": visible})
+        return _reply(RuleList, {"rules": visible})
 
     async def get_alert_rule(self, request: web.Request) -> web.Response:
         rule, resource = self._known_rule(request)
@@ -1614,7 +1365,7 @@ class FleetApi:
             _CALLER.get(), Action.alert_read, resource, command="alert_rule.get",
             unknown=f"unknown alert rule {rule.rule_id!r}",
         )  # fmt: skip
-        return web.json_response(self._rule_view(rule, resource))
+        return _reply(AlertRuleModel, self._rule_view(rule, resource))
 
     async def _write_rule(
         self,
@@ -1651,17 +1402,20 @@ class FleetApi:
             lambda: self.backend.rules().get(rule_id) == rule, SETTLE_TIMEOUT_S
         )
         view = None if rule is None else self._rule_view(rule, resource)
-        return web.json_response({"rule_id": rule_id, "rule": view, "audit": audit.to_record()})
+        return _reply(RuleResult, {"rule_id": rule_id, "rule": view, "audit": audit.to_record()})
 
     async def put_alert_rule(self, request: web.Request) -> web.Response:
         principal, rule_id = _CALLER.get(), request.match_info["rule_id"]
-        rule = rule_from_body(rule_id, await _body(request))
-        resource = self._scope_resource(rule.scope_type, rule.scope)
+        body = (await _body(request, AlertRuleBody)).root
+        scope_type, scope = ScopeType(body.scope_type), body.scope
+        resource = self._scope_resource(scope_type, scope)
         command = "alert_rule.put"
-        hidden = f"unknown device {rule.scope!r}" if rule.scope_type is ScopeType.device else None
+        hidden = f"unknown device {scope!r}" if scope_type is ScopeType.device else None
         decision = await self._authorize(
             principal, Action.alert_write, resource, command=command, unknown=hidden
         )
+        # What the schema cannot say (clear_threshold against threshold) is checked here.
+        rule = rule_from_body(rule_id, body.model_dump(mode="json", exclude_none=True))
         reasons = [decision.reason]
         current = self.backend.rules().get(rule_id)
         if current is not None and current != rule:
@@ -1701,7 +1455,7 @@ class FleetApi:
             for _, r in sorted(self.backend.rollouts().items())
             if authorize(principal, Action.ota_read, r.target, grants)
         ]
-        return web.json_response({"rollouts": visible})
+        return _reply(RolloutList, {"rollouts": visible})
 
     async def get_rollout(self, request: web.Request) -> web.Response:
         rollout = self._known_rollout(request)
@@ -1709,7 +1463,7 @@ class FleetApi:
             _CALLER.get(), Action.ota_read, rollout.target, command="ota.get",
             unknown=f"unknown rollout {rollout.rollout_id!r}",
         )  # fmt: skip
-        return web.json_response(rollout_summary(rollout))
+        return _reply(RolloutModel, rollout_summary(rollout))
 
     async def _ota_answer(
         self, rollout_id: str, kind: str, principal: Principal, **request: Any
@@ -1737,36 +1491,34 @@ class FleetApi:
             "audit": audit.to_record(),
         }
         created = kind == "create" and audit.decision is AuditDecision.applied
-        return web.json_response(body, status=201 if created else 200)
+        return _reply(RolloutResult, body, 201 if created else 200)
 
     async def create_rollout(self, request: web.Request) -> web.Response:
         principal = _CALLER.get()
-        body = await _body(request)
-        artifact_id, target_text = _required(body, "artifact_id"), _required(body, "target")
-        rollout_id = _text(body, "rollout_id") or f"rollout-{uuid.uuid4().hex[:10]}"
-        plan = plan_from_body(body)
+        body = await _body(request, RolloutCreate)
+        artifact_id = body.artifact_id
+        rollout_id = body.rollout_id or f"rollout-{uuid.uuid4().hex[:10]}"
         try:
-            target = Resource.parse(target_text)
+            target = Resource.parse(body.target)
         except ValueError as exc:
             raise ApiError(400, "bad_request", str(exc)) from None
         # Decided here first (a 403 sends nothing), then again by the controller of record.
         await self._authorize(principal, Action.ota_create, target, command="ota.create")
+        plan = plan_from_body(body.plan)
         return await self._ota_answer(
             rollout_id, "create", principal, artifact_id=artifact_id, target=str(target),
-            plan=plan.to_record(), comment=_text(body, "comment"),
+            plan=plan.to_record(), comment=body.comment,
         )  # fmt: skip
 
     async def _control(self, request: web.Request, kind: str, action: Action) -> web.Response:
         principal = _CALLER.get()
         rollout = self._known_rollout(request)
-        body = await _body(request, required=False)
+        body = await _body(request, RolloutControl)
         await self._authorize(
             principal, action, rollout.target, command=f"ota.{kind}",
             unknown=f"unknown rollout {rollout.rollout_id!r}",
         )  # fmt: skip
-        return await self._ota_answer(
-            rollout.rollout_id, kind, principal, comment=_text(body, "comment")
-        )
+        return await self._ota_answer(rollout.rollout_id, kind, principal, comment=body.comment)
 
     async def approve_rollout(self, request: web.Request) -> web.Response:
         return await self._control(request, "approve", Action.ota_approve)

@@ -43,6 +43,7 @@ from streams.cold import DLQ_TOPIC, ColdCounters, ColdPath, DeadLetter, SourceRe
 from streams.ota import Progress, Rollout
 from streams.ota import from_record as rollout_from_record
 from streams.source import COLD_GROUP, BatchSource
+from streams.transactions import Backoff, FailureStreak, is_transient
 from streams.twin import TwinDocumentError, delta, from_record
 
 log = logging.getLogger("fleetstream.streams")
@@ -195,6 +196,8 @@ class ColdWorker:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sink")
         self.dlq = DeadLetterProducer(settings)
         self.paths: dict[str, ColdPath] = {}
+        self.transient_errors = 0  # recovered from (issue 12): broker restarts, timeouts
+        self.last_transient_error = ""
         self._build_paths()
 
     def _writers(self) -> dict[str, Callable[[list[dict[str, Any]]], WriteResult]]:
@@ -256,17 +259,54 @@ class ColdWorker:
         source = BatchSource(self.settings, topics, instance=f"{COLD_GROUP}-0")
         consumer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka")
         rows, seconds = self.settings.sink_batch_rows, self.settings.sink_batch_seconds
+        failures = FailureStreak(Backoff(first=0.2, longest=5.0))
         try:
             while not stopping.is_set():
-                batch = await loop.run_in_executor(consumer_thread, source.take, rows, seconds)
-                by_topic: dict[str, list[SourceRecord]] = {}
-                for rec in batch:
-                    by_topic.setdefault(rec.topic, []).append(rec)
-                for topic, records in by_topic.items():
-                    await self.paths[topic].store_batch(records)
-                await loop.run_in_executor(consumer_thread, source.commit, batch)
+                try:
+                    batch = await loop.run_in_executor(consumer_thread, source.take, rows, seconds)
+                    by_topic: dict[str, list[SourceRecord]] = {}
+                    for rec in batch:
+                        by_topic.setdefault(rec.topic, []).append(rec)
+                    for topic, records in by_topic.items():
+                        await self.paths[topic].store_batch(records)
+                    await loop.run_in_executor(consumer_thread, source.commit, batch)
+                    failures.reset()
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                    await self._rewind(source, consumer_thread, stopping, failures, exc)
         finally:
             await loop.run_in_executor(consumer_thread, source.close)
+
+    async def _rewind(
+        self,
+        source: BatchSource,
+        consumer_thread: ThreadPoolExecutor,
+        stopping: asyncio.Event,
+        failures: FailureStreak,
+        exc: BaseException,
+    ) -> None:
+        """A transient Kafka error (a commit meeting NOT_COORDINATOR while the broker comes
+        back, say): back off, then rewind to the last commit, until the rewind succeeds."""
+        loop = asyncio.get_running_loop()
+        while not stopping.is_set():
+            self.counters.retries += 1
+            self.transient_errors += 1
+            self.last_transient_error = str(exc)
+            delay = failures.next_delay()
+            log.warning("transient Kafka error (%s); rewinding in %.1fs", exc, delay)
+            try:
+                await asyncio.wait_for(stopping.wait(), delay)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await loop.run_in_executor(consumer_thread, source.rewind)
+                return
+            except Exception as again:
+                if not is_transient(again):
+                    raise
+                exc = again
 
     @property
     def status_path(self) -> Path:
@@ -278,7 +318,14 @@ class ColdWorker:
         self.sink.close()
 
     def write_status(self, ready: bool = True, **extra: Any) -> None:
-        status = {"pid": os.getpid(), "ready": ready, **asdict(self.counters), **extra}
+        status = {
+            "pid": os.getpid(),
+            "ready": ready,
+            **asdict(self.counters),
+            "transient_errors": self.transient_errors,
+            "last_transient_error": self.last_transient_error,
+            **extra,
+        }
         write_status(self.status_path, status)
 
     async def _report_forever(self) -> None:

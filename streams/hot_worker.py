@@ -44,7 +44,7 @@ from streams.rbac import GrantSet, Resource
 from streams.registry import DeviceRecord
 from streams.registry_agent import RegistryAgent
 from streams.tables import ChangelogReader, GlobalTable, key_text
-from streams.transactions import BatchLoop, Transactions
+from streams.transactions import Aborted, BatchLoop, Transactions, rewind_to_committed
 from streams.twin import from_record, to_record
 
 log = logging.getLogger("fleetstream.hot")
@@ -117,6 +117,8 @@ class HotWorker(BatchLoop):
         )
         self._owned: set[int] = set()
         self._last_tick = 0.0
+        self.transient_errors = 0  # recovered from (issue 12): broker restarts, timeouts
+        self.last_transient_error = ""
 
     # ------------------------------------------------------------------ tables
 
@@ -265,22 +267,26 @@ class HotWorker(BatchLoop):
             produce(DLQ, key=dead.source.key, value=dead.source.value, headers=dead.headers())
 
     def _commit(self, out: Emitted, consumed: bool) -> None:
-        if self.transactions.commit(
+        if not self.transactions.commit(
             self.consumer, lambda producer: self._produce_all(out, producer), consumed
         ):
-            self.counters.transactions += 1
-        else:
-            self._rewind()
+            raise Aborted("hot path transaction aborted")
+        self.counters.transactions += 1
 
-    def _rewind(self) -> None:
-        """After an abort: state and positions back to what the last commit holds."""
+    def recover(self) -> None:
+        """After a transient failure or an abort: nothing open, and state and positions back
+        to what the last commit holds (the changelogs and the committed offsets). Safe to
+        call again if it fails half-way: it drops and restores the whole owned state."""
+        self.transactions.abort()
         owned = sorted(self._owned)
         self.processor.drop_partitions(owned)
         self.registry.drop_partitions(set(owned))
         self.changelogs.restore(owned)
-        for tp in self.consumer.committed(self.consumer.assignment(), timeout=30):
-            if tp.offset >= 0:
-                self.consumer.seek(tp)
+        rewind_to_committed(self.consumer)
+
+    def on_transient(self, exc: BaseException) -> None:
+        self.transient_errors += 1
+        self.last_transient_error = str(exc)
 
     # ------------------------------------------------------------------ status
 
@@ -299,6 +305,8 @@ class HotWorker(BatchLoop):
                 "twins": len(self.processor.twins),
                 **asdict(self.counters),
                 "registry": asdict(self.registry.counters),
+                "transient_errors": self.transient_errors,
+                "last_transient_error": self.last_transient_error,
             },
         )
 

@@ -59,7 +59,7 @@ from streams.ota import (
 from streams.rbac import GrantSet, Principal, Resource
 from streams.registry import AuditDecision, AuditRecord, DeviceRecord
 from streams.tables import GlobalTable, key_text, read_to_end
-from streams.transactions import BatchLoop, Transactions
+from streams.transactions import Aborted, BatchLoop, Transactions, rewind_to_committed
 
 log = logging.getLogger("fleetstream.ota")
 
@@ -161,6 +161,9 @@ class OtaWorker(BatchLoop):
         self.artifacts: dict[str, Artifact] = {}
         self.last_seen: dict[str, int] = {}
         self._joined: list[str] = []
+        self._joins_in_flight: list[str] = []
+        self.transient_errors = 0  # recovered from (issue 12): broker restarts, timeouts
+        self.last_transient_error = ""
         self.device_table = GlobalTable(settings, DEVICES, self._apply_device)
         self.grant_table = GlobalTable(settings, GRANTS, self._apply_grants)
         self.artifact_table = GlobalTable(settings, ARTIFACTS, self._apply_artifact)
@@ -307,6 +310,7 @@ class OtaWorker(BatchLoop):
 
     def _route_joins(self, batch: Batch) -> None:
         joined, self._joined = self._joined, []
+        self._joins_in_flight = joined  # given back by recover() if this batch is lost
         for device_id in joined:
             device = self.devices.get(device_id)
             if device is None:
@@ -365,17 +369,27 @@ class OtaWorker(BatchLoop):
                 value = codecs[AUDIT].encode(audit.to_record())
                 producer.produce(AUDIT, key=audit.device_id or audit.principal, value=value)
 
-        if self.transactions.commit(self.consumer, produce, consumed):
-            for rollout in changed.values():
-                self._keep(rollout)
-            self.counters.transactions += 1
-            self.counters.commands += len(commands)
-            self.counters.audits += len(audits)
-        else:  # aborted: back to what the last commit holds
-            self._restore_rollouts()
-            for tp in self.consumer.committed(self.consumer.assignment(), timeout=30):
-                if tp.offset >= 0:
-                    self.consumer.seek(tp)
+        if not self.transactions.commit(self.consumer, produce, consumed):
+            raise Aborted("OTA transaction aborted")
+        for rollout in changed.values():
+            self._keep(rollout)
+        self.counters.transactions += 1
+        self.counters.commands += len(commands)
+        self.counters.audits += len(audits)
+        self._joins_in_flight = []
+
+    def recover(self) -> None:
+        """After a transient failure or an abort: nothing open, rollouts and positions back
+        to what the last commit holds; devices that joined in the lost batch join again."""
+        self.transactions.abort()
+        self._joined[:0] = self._joins_in_flight
+        self._joins_in_flight = []
+        self._restore_rollouts()
+        rewind_to_committed(self.consumer)
+
+    def on_transient(self, exc: BaseException) -> None:
+        self.transient_errors += 1
+        self.last_transient_error = str(exc)
 
     # ------------------------------------------------------------------ status
 
@@ -393,6 +407,8 @@ class OtaWorker(BatchLoop):
                 "ready": True,
                 "states": {rid: str(r.state) for rid, r in self.rollouts.items()},
                 **asdict(self.counters),
+                "transient_errors": self.transient_errors,
+                "last_transient_error": self.last_transient_error,
             },
         )
 

@@ -20,6 +20,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 
 from infra.settings import Settings
 from streams.cold import SourceRecord
+from streams.transactions import rewind_to_committed
 
 COLD_GROUP = "fleetstream-cold"
 
@@ -68,6 +69,11 @@ class BatchSource:
         """Mark `batch` done: next offsets per partition, synchronously."""
         if batch:
             self._consumer.commit(offsets=next_offsets(batch), asynchronous=False)
+
+    def rewind(self) -> None:
+        """Back to the last committed offsets (after a failed commit: the batch is read again
+        and stored again, which the warehouse's deduplication makes a no-op)."""
+        rewind_to_committed(self._consumer)
 
     def close(self) -> None:
         self._consumer.close()

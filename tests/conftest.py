@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from infra.keys import key_passphrase
 from infra.pki import CertificateAuthority
 from infra.provision import provision_device
 from infra.settings import PROJECT_ROOT, Settings
@@ -53,7 +54,9 @@ def stack(settings: Settings) -> Iterator[Stack]:
 
 @pytest.fixture
 def ca(stack: Stack, settings: Settings) -> CertificateAuthority:
-    return CertificateAuthority.load_or_create(settings.pki_dir)
+    return CertificateAuthority.load_or_create(
+        settings.pki_dir, passphrase=key_passphrase(settings)
+    )
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,16 @@
 A service is started detached (its own session, so a Ctrl-C of `fleet up` does not take it
 down), its pid and start time are written to a pid file, and `stop` signals only a process whose
 pid *and* start time still match: a recycled pid is never killed.
+
+Starting and stopping a service hold its lock file (`<name>.lock`), so `fleet up`, a test and
+the supervisor (infra/supervisor.py) never start it twice, and the supervisor never restarts
+what `stop` is stopping. A pid file whose process is gone means "crashed" (the supervisor
+starts it again); no pid file means "not wanted" (never started, or stopped on purpose).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -14,7 +20,8 @@ import socket
 import subprocess
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,11 +35,14 @@ class ServiceError(RuntimeError):
 @dataclass(frozen=True)
 class ServiceStatus:
     name: str
-    state: str  # "up" (answers), "starting" (alive, not answering), "down"
+    # "up" (answers), "starting" (alive, not answering), "down", "backoff" (crashed again
+    # soon after a restart: the supervisor waits before the next one)
+    state: str
     host: str
     port: int
     pid: int | None
     version: str | None
+    restarts: int = 0  # by the supervisor, since it started
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -173,8 +183,33 @@ class Service(ABC):
         self.launch()
         self.wait_ready(timeout)
 
+    @contextmanager
+    def lock(self, blocking: bool = True) -> Iterator[bool]:
+        """Hold this service's start/stop lock; yields False if `blocking` is off and another
+        process holds it. An flock: released by the kernel if its holder dies."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with (self.run_dir / f"{self.name}.lock").open("a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def wanted(self) -> bool:
+        """Started and not stopped on purpose: its pid file is there (alive or not)."""
+        return self.pid_path.exists()
+
     def launch(self) -> None:
         """Spawn the service unless it already runs; do not wait for it."""
+        with self.lock():
+            self.launch_locked()
+
+    def launch_locked(self) -> None:
+        """`launch`, for a caller that holds the lock already."""
         if self.process() is None:
             self._check_ports_free()
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -230,7 +265,12 @@ class Service(ABC):
         )
 
     def stop(self, timeout: float = 30.0) -> bool:
-        """Stop exactly the process this service started; True if one was running."""
+        """Stop exactly the process this service started; True if one was running. Holds the
+        lock throughout, so the supervisor does not restart it meanwhile."""
+        with self.lock():
+            return self._stop_locked(timeout)
+
+    def _stop_locked(self, timeout: float) -> bool:
         proc = self.process()
         if proc is None:
             self.pid_path.unlink(missing_ok=True)
@@ -264,11 +304,24 @@ class Service(ABC):
             proc.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
-        """SIGKILL, for crash tests: no clean shutdown."""
-        proc = self.process()
-        if proc is not None:
-            proc.kill()
-            self._wait_gone(30)
+        """SIGKILL, for crash tests: no clean shutdown. The pid file stays (a crash), so the
+        supervisor starts it again; returns once this process is gone and its ports are free
+        or a new process already replaced it."""
+        record = PidRecord.read(self.pid_path)
+        proc = record.process() if record else None
+        if record is None or proc is None:
+            return
+        proc.kill()
+        wait_until(
+            lambda: (
+                record.process() is None
+                and (
+                    PidRecord.read(self.pid_path) != record
+                    or not any(port_answers(self.host, port, 0.2) for port in self.bound_ports())
+                )
+            ),
+            30,
+        )
 
     def signal(self, signum: int) -> None:
         proc = self.process()

@@ -20,13 +20,26 @@ the enforcer identities (ingest/enforcement.py; a running enforcer claims a free
 The plugin starts from an empty configuration on every start (no clients, roles or groups, every
 default access false): with `use_identity_as_username` it never authenticates anyone, and for a
 username it does not know it defers every ACL check, so the ACL file decides exactly as before.
+
+Subscriptions: Mosquitto 2.0's ACL file grants every SUBSCRIBE and filters only at delivery, so a
+device subscribed to the bridges' `$share/ingest/...` group took its round-robin share of every
+device's telemetry and the delivery check dropped it. A small plugin of ours
+(mosquitto_subscribe_acl.c, compiled on `fleet up` against Debian's mosquitto-dev headers) refuses
+with 0x87 any SUBSCRIBE of a device outside `devices/<its CN>` and below, `$share/...` included;
+platform identities and allowed filters it defers to the plugins and ACL file after it.
+
+Size: `message_size_limit` is the envelope's payload limit (ingest/envelope.py), so an oversize
+QoS 1 publish is answered PUBACK 0x95 (packet too large) and dropped by the broker; the device
+stays connected. The bridge never sees it.
 """
 
 from __future__ import annotations
 
 import fcntl
 import getpass
+import hashlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -38,9 +51,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from infra.keys import key_passphrase
 from infra.pki import BRIDGE_IDENTITIES, ENFORCER_IDENTITIES, CertificateAuthority
 from infra.services.base import Service, ServiceError
 from infra.settings import Settings
+from ingest.envelope import MAX_PAYLOAD_BYTES
 
 ORCHESTRATOR = "orchestrator"
 ENFORCER = ENFORCER_IDENTITIES[0]
@@ -52,6 +67,16 @@ DYNSEC_RESPONSE_TOPIC = f"{DYNSEC_TOPIC}/response"
 DYNSEC_PLUGIN_NAME = "mosquitto_dynamic_security.so"
 # Where Debian's mosquitto package puts it (multiarch), then other common places.
 _DYNSEC_PLUGIN_GLOBS = ("/usr/lib/*-linux-gnu", "/usr/lib", "/usr/lib64", "/usr/local/lib")
+# Our subscribe ACL plugin (see the module docstring): its source, and the broker plugin headers
+# it is built against (Debian: mosquitto-dev, libmosquitto-dev).
+SUBSCRIBE_ACL_SOURCE = Path(__file__).with_name("mosquitto_subscribe_acl.c")
+_PLUGIN_HEADERS = (
+    Path("/usr/include/mosquitto_plugin.h"),
+    Path("/usr/include/mosquitto_broker.h"),
+    Path("/usr/include/mosquitto.h"),
+)
+# A device's own subtree is DEVICE_TOPIC_PREFIX + its CN (the same as the ACL file's pattern).
+DEVICE_TOPIC_PREFIX = "devices/"
 
 
 def bridge_identity(replica: int) -> str:
@@ -110,6 +135,10 @@ class BrokerFiles:
     def dynsec_config(self) -> Path:
         return self.home / "dynamic-security.json"
 
+    @property
+    def plugin_dir(self) -> Path:
+        return self.home / "plugins"
+
     def identity_cert(self, name: str) -> Path:
         """The certificate of platform identity ``name`` (see PLATFORM_IDENTITIES)."""
         return self.pki_dir / name / f"{name}.crt"
@@ -160,7 +189,7 @@ def render_acl(
     lines += [
         "",
         "# every other identity (a device, CN = device id) sees only its own topics",
-        "pattern readwrite devices/%u/#",
+        f"pattern readwrite {DEVICE_TOPIC_PREFIX}%u/#",
     ]
     return "\n".join(lines) + "\n"
 
@@ -177,19 +206,62 @@ def render_dynsec_config() -> str:
     return json.dumps(config, indent=2) + "\n"
 
 
+def build_subscribe_acl_plugin(out_dir: Path, source: Path = SUBSCRIBE_ACL_SOURCE) -> Path:
+    """The subscribe ACL plugin compiled into ``out_dir`` (kept while source and headers match)."""
+    missing = [str(h) for h in _PLUGIN_HEADERS if not h.exists()]
+    if missing:
+        raise ServiceError(
+            f"mosquitto's plugin headers are missing ({', '.join(missing)}): "
+            "apt-get install mosquitto-dev libmosquitto-dev"
+        )
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise ServiceError("no C compiler to build the subscribe ACL plugin: apt-get install gcc")
+    digest = hashlib.sha256(source.read_bytes())
+    for header in _PLUGIN_HEADERS:  # the broker's ABI comes with its headers (same package)
+        digest.update(header.read_bytes())
+    target = out_dir / f"fleet_subscribe_acl-{digest.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(f".{os.getpid()}.tmp")
+    flags = ["-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror"]
+    done = subprocess.run(
+        [compiler, *flags, "-o", str(partial), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if done.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise ServiceError(f"building {source.name} failed: {done.stderr.strip()[-2000:]}")
+    partial.replace(target)  # atomic: a concurrent `fleet up` never loads half a file
+    return target
+
+
 def render_config(
-    settings: Settings, files: BrokerFiles, run_as: str, dynsec_plugin: Path | None = None
+    settings: Settings,
+    files: BrokerFiles,
+    run_as: str,
+    dynsec_plugin: Path | None = None,
+    subscribe_acl_plugin: Path | None = None,
 ) -> str:
     plugin = dynsec_plugin or dynsec_plugin_path()
+    subscribe_acl = subscribe_acl_plugin or files.plugin_dir / "fleet_subscribe_acl.so"
     return "\n".join(
         [
             "# generated by fleetstream (infra/services/mosquitto.py): edits are overwritten",
             f"user {run_as}",
             "per_listener_settings false",
             "allow_anonymous false",
+            # First plugin line, first asked: a device's SUBSCRIBE outside its own subtree is
+            # refused (0x87), `$share/...` included; everything else goes on to what follows.
+            f"plugin {subscribe_acl}",
+            f"plugin_opt_subtree_prefix {DEVICE_TOPIC_PREFIX}",
+            f"plugin_opt_platform_identities {','.join(PLATFORM_IDENTITIES)}",
             # A control API only (see the module docstring): ends sessions by certificate
-            # identity for ingest/enforcement.py. The ACL file is still asked first; the
-            # plugin only sees what it leaves undecided, and defers that for unknown users.
+            # identity for ingest/enforcement.py. Plugins are asked before the ACL file; this
+            # one defers every check for a user it does not know (all of them).
             f"plugin {plugin}",
             f"plugin_opt_config_file {files.dynsec_config}",
             "persistence true",
@@ -200,6 +272,9 @@ def render_config(
             f"max_inflight_messages {settings.mqtt_max_inflight}",
             f"max_queued_messages {settings.mqtt_max_queued}",
             "max_packet_size 1048576",
+            # Refused at the broker (PUBACK 0x95), never handed to the bridge: the envelope's
+            # own limit, so nothing the bridge would reject as oversize is acknowledged.
+            f"message_size_limit {MAX_PAYLOAD_BYTES}",
             "set_tcp_nodelay true",
             f"acl_file {files.acl}",
             # stderr, unbuffered: a line is in the service log (stdout and stderr both go
@@ -309,7 +384,9 @@ class Mosquitto(Service):
         return found
 
     def prepare(self) -> None:
-        ca = CertificateAuthority.load_or_create(self.settings.pki_dir)
+        ca = CertificateAuthority.load_or_create(
+            self.settings.pki_dir, passphrase=key_passphrase(self.settings)
+        )
         ca.refresh_crl()  # an expired CRL would make OpenSSL refuse every client
         ensure_broker_identities(ca, self.files)
         self.files.persistence.mkdir(parents=True, exist_ok=True)
@@ -319,11 +396,12 @@ class Mosquitto(Service):
                 f"mosquitto's dynamic-security plugin is missing ({plugin}); it ships with "
                 "Debian's mosquitto 2 package: apt-get install mosquitto"
             )
+        subscribe_acl = build_subscribe_acl_plugin(self.files.plugin_dir)
         self.files.acl.write_text(render_acl())
         # Fresh on every start: whatever the plugin was told last time is forgotten.
         _write_private(self.files.dynsec_config, render_dynsec_config().encode())
         self.files.config.write_text(
-            render_config(self.settings, self.files, getpass.getuser(), plugin)
+            render_config(self.settings, self.files, getpass.getuser(), plugin, subscribe_acl)
         )
 
     def command(self) -> Sequence[str]:

@@ -14,6 +14,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from infra.demo import DEMO_ORG, DEMO_PROJECT, DEMO_ROLLOUT_PLAN, DemoRollout, prepare_rollout
+from infra.keys import key_passphrase
 from infra.ota_summary import rollout_summary
 from infra.pki import CertificateAuthority
 from infra.provision import DeviceCredentials, load_or_provision, register
@@ -43,7 +44,7 @@ def client(stack: Stack, settings: Settings) -> Iterator[HotPathClient]:
 def fleet_of(
     client: HotPathClient, settings: Settings, tmp_path: Path, devices: int
 ) -> tuple[str, list[DeviceCredentials]]:
-    ca = CertificateAuthority.load_or_create(settings.pki_dir)
+    ca = CertificateAuthority.load_or_create(settings.pki_dir, passphrase=key_passphrase(settings))
     group = f"ota{uuid.uuid4().hex[:6]}"
     creds = load_or_provision(ca, [f"{group}-{i:04d}" for i in range(devices)], tmp_path, "ec")
     register(client, creds, DEMO_ORG, DEMO_PROJECT, group)

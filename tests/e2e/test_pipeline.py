@@ -9,6 +9,7 @@ import sys
 import uuid
 from pathlib import Path
 
+from infra.keys import key_passphrase
 from infra.pki import CertificateAuthority
 from infra.provision import load_or_provision
 from infra.services.base import wait_until
@@ -59,7 +60,7 @@ def test_demo_with_200_devices_stores_exactly_what_was_published(
 def test_kill_9_of_the_worker_mid_stream_keeps_the_warehouse_exact(
     stack: Stack, settings: Settings, tmp_path: Path
 ) -> None:
-    ca = CertificateAuthority.load_or_create(settings.pki_dir)
+    ca = CertificateAuthority.load_or_create(settings.pki_dir, passphrase=key_passphrase(settings))
     prefix = f"crash{uuid.uuid4().hex[:4]}-"
     creds = load_or_provision(ca, [f"{prefix}{i:03d}" for i in range(50)], tmp_path, "ec")
     stored_before = int(stack.cold_worker.counters().get("stored_rows", 0))
@@ -128,7 +129,7 @@ def test_warehouse_unavailable_for_a_while_loses_nothing(
 ) -> None:
     """The embedded warehouse is owned by another process (one owner per chDB folder) while
     telemetry keeps arriving: the cold worker waits with back-off, then loads it all, once."""
-    ca = CertificateAuthority.load_or_create(settings.pki_dir)
+    ca = CertificateAuthority.load_or_create(settings.pki_dir, passphrase=key_passphrase(settings))
     prefix = f"down{uuid.uuid4().hex[:4]}-"
     creds = load_or_provision(ca, [f"{prefix}{i:03d}" for i in range(40)], tmp_path, "ec")
     stack.cold_worker.stop()

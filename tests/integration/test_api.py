@@ -23,6 +23,7 @@ from confluent_kafka import Consumer
 from cryptography import x509
 
 from infra.artifacts import ArtifactStore
+from infra.keys import key_passphrase
 from infra.pki import CertificateAuthority, generate_private_key, make_csr
 from infra.provision import provision_device, register
 from infra.services.api import ApiService
@@ -55,6 +56,10 @@ class Http:
         self, method: str, path: str, token: str | None = None, body: Any = None
     ) -> Answer:
         data = None if body is None else json.dumps(body).encode()
+        return self.raw(method, path, token, data)
+
+    def raw(self, method: str, path: str, token: str | None, data: bytes | None) -> Answer:
+        """Send ``data`` as the body, byte for byte (hostile bodies included)."""
         request = urllib.request.Request(self.base + path, data=data, method=method)
         if data is not None:
             request.add_header("Content-Type", "application/json")
@@ -137,7 +142,7 @@ def world(
     assert wait_until(grants_seen, timeout=30, interval=0.2), "the API never saw the grants"
 
     # Two devices, one per project, provisioned by the orchestrator (through the agent).
-    ca = CertificateAuthority.load_or_create(settings.pki_dir)
+    ca = CertificateAuthority.load_or_create(settings.pki_dir, passphrase=key_passphrase(settings))
     out = tmp_path_factory.mktemp("api-devices")
     devices = {}
     for project in ("pA", "pB"):
@@ -302,7 +307,7 @@ def test_an_admin_provisions_a_device_from_its_csr(
     assert answer.status == 201, answer.body
     assert answer.body["device_id"] == device_id
     cert = x509.load_pem_x509_certificate(answer.body["certificate_pem"].encode())
-    ca = CertificateAuthority.load_or_create(settings.pki_dir)
+    ca = CertificateAuthority.load_or_create(settings.pki_dir, passphrase=key_passphrase(settings))
     assert ca.verify_chain(cert)
     assert not ca.is_revoked(cert.serial_number)
     assert answer.body["ca_pem"] == ca.cert_pem.decode()
@@ -399,7 +404,9 @@ def test_alert_rules_and_ota_rollouts_go_through_the_api(
     assert f"{rule_id}-b" not in client.rules()
 
     # An OTA rollout: created by the operator, pending until an ota-approver approves.
-    store = ArtifactStore.open(settings.state_dir / "artifacts", settings.pki_dir)
+    store = ArtifactStore.open(
+        settings.state_dir / "artifacts", settings.pki_dir, passphrase=key_passphrase(settings)
+    )
     firmware = tmp_path / "fw.bin"
     firmware.write_bytes(uuid.uuid4().bytes * 64)
     artifact = store.add(firmware, "firmware", f"9.{uuid.uuid4().int % 1000}.0")
@@ -440,3 +447,26 @@ def test_alert_rules_and_ota_rollouts_go_through_the_api(
         return seen.status == 200 and seen.body["state"] == "aborted"
 
     assert wait_until(ended, timeout=30, interval=0.2)
+
+
+def test_a_deeply_nested_or_non_utf8_body_is_a_400_and_the_api_keeps_serving(
+    http: Http, world: World, tokens: TokenAuthority
+) -> None:
+    admin = world.token(tokens, world.admin)
+    twin = f"/v1/devices/{world.device_a}/twin"
+    deep = ('{"desired": ' + '{"a": ' * 5000 + "1" + "}" * 5001).encode()
+    answer = http.raw("PATCH", twin, admin, deep)
+    assert answer.status == 400, answer.body
+    assert "nested deeper than" in answer.body["reason"]
+    for method, path in (
+        ("POST", "/v1/devices"),
+        ("POST", "/v1/ota/rollouts"),
+        ("PUT", "/v1/alert-rules/r-utf8"),
+        ("PATCH", twin),
+    ):
+        bad = http.raw(method, path, admin, b'{"org": "\xff\xfe"}')
+        assert bad.status == 400, (method, path, bad.body)
+        assert bad.body["error"] == "bad_request"
+        assert "UTF-8" in bad.body["reason"]
+    fine = http("PATCH", twin, admin, {"desired": {"note": "[" * 100}})
+    assert fine.status == 200, fine.body

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -103,12 +104,13 @@ def test_kill_9_of_the_bridge_mid_stream_loses_nothing(
     print(f"duplicates across the crash: {duplicates}")
 
 
+TS = int(time.time() * 1000)  # device time inside the bridge's window (else bad_timestamp)
 MALFORMED = {
     "not_json": b"{not json",
     "not_object": b"[1, 2]",
-    "missing_field": json.dumps({"ts": 1_700_000_000_000}).encode(),
-    "wrong_type": json.dumps({"seq": 1, "ts": 1_700_000_000_000, "temperature": "hot"}).encode(),
-    "bad_seq": json.dumps({"seq": -5, "ts": 1_700_000_000_000}).encode(),
+    "missing_field": json.dumps({"ts": TS}).encode(),
+    "wrong_type": json.dumps({"seq": 1, "ts": TS, "temperature": "hot"}).encode(),
+    "bad_seq": json.dumps({"seq": -5, "ts": TS}).encode(),
     "oversize": json.dumps({"seq": 1, "ts": 1, "pad": "x" * 70_000}).encode(),
 }
 
@@ -124,7 +126,7 @@ def test_each_malformed_kind_lands_in_the_dlq_with_its_reason(
         for payload in MALFORMED.values():
             assert session.publish(topic, payload).value < 128
         # The bridge keeps running: a good message after the bad ones arrives.
-        good = json.dumps({"seq": 1, "ts": 1_700_000_000_000, "temperature": 21.5}).encode()
+        good = json.dumps({"seq": 1, "ts": TS, "temperature": 21.5}).encode()
         assert session.publish(topic, good).value < 128
     finally:
         session.close()
@@ -158,9 +160,9 @@ def test_a_device_cannot_get_messages_into_kafka_under_another_id(
     session = connect(settings, intruder.cert, intruder.key, intruder.device_id)
     assert session is not None
     try:
-        forged = json.dumps({"seq": 1, "ts": 1_700_000_000_000, "temperature": 99.0}).encode()
+        forged = json.dumps({"seq": 1, "ts": TS, "temperature": 99.0}).encode()
         assert session.publish(f"devices/{victim.device_id}/telemetry", forged).value == 135
-        own = json.dumps({"seq": 1, "ts": 1_700_000_000_000, "temperature": 20.0}).encode()
+        own = json.dumps({"seq": 1, "ts": TS, "temperature": 20.0}).encode()
         assert session.publish(f"devices/{intruder.device_id}/telemetry", own).value < 128
     finally:
         session.close()
@@ -264,8 +266,8 @@ def test_reported_state_and_ota_status_reach_their_topics(
     session = connect(settings, device.cert, device.key, device.device_id)
     assert session is not None
     try:
-        reported = {"seq": 1, "ts": 1_700_000_000_000, "reported": {"led": "on"}}
-        ota = {"seq": 1, "ts": 1_700_000_000_000, "status": "succeeded", "version": "2.0.1"}
+        reported = {"seq": 1, "ts": TS, "reported": {"led": "on"}}
+        ota = {"seq": 1, "ts": TS, "status": "succeeded", "version": "2.0.1"}
         base = f"devices/{device.device_id}"
         assert session.publish(f"{base}/state/reported", json.dumps(reported).encode()).value < 128
         assert session.publish(f"{base}/ota/status", json.dumps(ota).encode()).value < 128

@@ -12,6 +12,7 @@ from infra.pki import CertificateAuthority
 from infra.provision import provision_device
 from infra.services.base import wait_until
 from infra.services.bridge import BridgeService
+from infra.services.mosquitto import DYNSEC_TOPIC
 from infra.settings import Settings
 from infra.stack import Stack
 from tests.conftest import DeviceIdentity
@@ -81,7 +82,9 @@ def test_a_device_never_receives_another_devices_messages(
 def test_a_certificate_from_another_ca_is_refused(
     stack: Stack, settings: Settings, tmp_path: Path
 ) -> None:
-    rogue_ca = CertificateAuthority.load_or_create(tmp_path / "rogue-ca", name="rogue CA")
+    rogue_ca = CertificateAuthority.load_or_create(
+        tmp_path / "rogue-ca", name="rogue CA", passphrase=b"test-passphrase"
+    )
     rogue = provision_device(rogue_ca, "rogue-1", tmp_path / "rogue", "ec")
     session = connect(settings, rogue.cert_path, rogue.key_path, "rogue-1")
     assert session is None
@@ -278,3 +281,83 @@ def test_two_bridge_replicas_run_side_by_side(
             )
             assert leftover is not None
             leftover.close()
+
+
+# --------------------------------------------------------------------------- subscribe ACL
+
+
+def test_a_device_may_subscribe_only_within_its_own_subtree(
+    stack: Stack, settings: Settings, make_device: Callable[..., DeviceIdentity]
+) -> None:
+    """Refused at SUBSCRIBE (0x87), not only filtered at delivery: a granted `$share/...`
+    filter would take a round-robin share of the bridges' messages and lose it."""
+    device, other = make_device(), make_device()
+    session = connect(settings, device.cert, device.key, device.device_id)
+    assert session is not None
+    try:
+        refused = [
+            "#",
+            "$SYS/#",
+            "+/+/telemetry",
+            f"devices/{other.device_id}/#",
+            "devices/+/telemetry",
+            f"devices/{device.device_id}x/#",  # a longer id with the same prefix
+            "$share/ingest/devices/+/telemetry",
+            f"$share/mine/devices/{device.device_id}/#",
+            f"{DYNSEC_TOPIC}/#",
+        ]
+        for topic in refused:
+            assert [c.value for c in session.subscribe(topic)] == [NOT_AUTHORIZED], topic
+        for topic in (f"devices/{device.device_id}/#", f"devices/{device.device_id}/cmd"):
+            assert session.subscribe(topic)[0].value < 128, topic
+    finally:
+        session.close()
+
+
+def test_platform_identities_still_subscribe_as_before(stack: Stack, settings: Settings) -> None:
+    watcher = _orchestrator(stack, settings)
+    try:
+        for topic in ("#", "$SYS/#", "devices/+/telemetry", "$share/probe/devices/+/events"):
+            assert watcher.subscribe(topic)[0].value < 128, topic
+    finally:
+        watcher.close()
+
+
+def test_an_offline_device_in_the_bridges_share_group_loses_nothing(
+    stack: Stack, settings: Settings, make_device: Callable[..., DeviceIdentity]
+) -> None:
+    """Finding 1 of issue 12: a device that once joined `$share/ingest/...` with a persistent
+    session took its turn of every device's telemetry, and the delivery ACL dropped it."""
+    intruder, device = make_device("atk"), make_device()
+    share = "$share/ingest/devices/+/telemetry"
+    joined = connect(
+        settings, intruder.cert, intruder.key, intruder.device_id, session_expiry_s=3600
+    )
+    assert joined is not None
+    try:
+        granted = [c.value for c in joined.subscribe(share)]
+    finally:
+        joined.close()  # offline, its session (and whatever it was granted) kept
+    sender = connect(settings, device.cert, device.key, device.device_id)
+    assert sender is not None
+    topic = f"devices/{device.device_id}/telemetry"
+    try:
+        for seq in range(1, 201):
+            assert sender.publish(topic, _telemetry(seq)).value < 128
+    finally:
+        sender.close()
+        # End the intruder's session (clean start, no expiry): on code without the subscribe
+        # ACL it would go on taking shares from the tests that follow.
+        ended = connect(settings, intruder.cert, intruder.key, intruder.device_id)
+        if ended is not None:
+            ended.close()
+    mine = device.device_id.encode()
+    stored = collect(
+        settings,
+        "telemetry.raw",
+        keep=lambda m: m.key() == mine,
+        done=lambda got: len(got) >= 200,
+        timeout=30,
+    )
+    assert len(stored) == 200
+    assert granted == [NOT_AUTHORIZED]

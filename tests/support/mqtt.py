@@ -10,6 +10,8 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from infra.services.mosquitto import client_tls_context
@@ -66,11 +68,13 @@ def connect(
     ca_cert: Path | None = None,
     timeout: float = 10,
     clean_start: mqtt.CleanStartOption = mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+    session_expiry_s: int = 0,
 ) -> MqttSession | None:
     """An MQTT 5 session over mTLS, or None if the broker refused the client.
 
     ``client_id`` is what the client asks for; the broker names the connection after the
-    certificate's identity whatever it is (``use_username_as_clientid``).
+    certificate's identity whatever it is (``use_username_as_clientid``). A
+    ``session_expiry_s`` above 0 keeps the session (its subscriptions) after a disconnect.
     """
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     client.tls_set_context(client_tls_context(ca_cert or settings.pki_dir / "ca.crt", cert, key))
@@ -103,7 +107,16 @@ def connect(
     client.on_message = on_message
     client.on_disconnect = on_disconnect
     try:
-        client.connect(settings.host, settings.mqtt_port, keepalive=30, clean_start=clean_start)
+        properties = Properties(PacketTypes.CONNECT)
+        if session_expiry_s:
+            properties.SessionExpiryInterval = session_expiry_s
+        client.connect(
+            settings.host,
+            settings.mqtt_port,
+            keepalive=30,
+            clean_start=clean_start,
+            properties=properties if session_expiry_s else None,
+        )
     except (ssl.SSLError, OSError):
         return None
     client.loop_start()

@@ -21,7 +21,7 @@ from cryptography import x509
 
 from infra.pki import CertificateAuthority, generate_private_key, make_csr
 from streams.alerts import AlertRule, RuleKind, ScopeType
-from streams.api import ROUTES, create_app, openapi_document
+from streams.api import MAX_JSON_DEPTH, ROUTES, create_app, openapi_document
 from streams.client import TwinAnswer
 from streams.ota import Rollout, step
 from streams.ota_worker import request_event
@@ -181,7 +181,7 @@ def now_ms() -> int:
 
 @pytest.fixture
 def ca(tmp_path: Path) -> CertificateAuthority:
-    return CertificateAuthority.load_or_create(tmp_path / "pki")
+    return CertificateAuthority.load_or_create(tmp_path / "pki", passphrase=b"test-passphrase")
 
 
 @pytest.fixture
@@ -498,10 +498,17 @@ def test_twin_reads_and_writes(backend: FakeBackend, tokens: TokenAuthority) -> 
         )
         assert stale.status == 409
         assert (await stale.json())["status"] == "conflict"
+        too_deep: dict[str, Any] = {"x": 1}
+        for _ in range(7):  # within the body's bound, past the twin's own (6 levels)
+            too_deep = {"x": too_deep}
         invalid = await client.patch(
-            "/v1/devices/a-1/twin", headers=op, json={"desired": {"": 1}, "version": 1}
+            "/v1/devices/a-1/twin", headers=op, json={"desired": too_deep, "version": 1}
         )
         assert invalid.status == 400
+        empty_key = await client.patch(
+            "/v1/devices/a-1/twin", headers=op, json={"desired": {"": 1}, "version": 1}
+        )
+        assert empty_key.status == 400  # the documented schema refuses it: never sent
         assert (
             await client.patch("/v1/devices/a-1/twin", headers=op, json={"desired": [1]})
         ).status == 400
@@ -737,3 +744,92 @@ def test_another_organization_learns_nothing_not_even_that_an_object_exists(
     denied = [a for a in backend.audits if a.principal == "user:stranger"]
     assert len(denied) == 6
     assert all(a.decision == "denied" for a in denied)
+
+
+# --------------------------------------------------------------------------- hostile bodies
+
+
+def test_a_deeply_nested_body_or_invalid_utf8_is_a_400_not_a_500(
+    backend: FakeBackend, tokens: TokenAuthority
+) -> None:
+    deep = '{"desired": ' + '{"a": ' * 5000 + "1" + "}" * 5000 + "}"
+    just_over = '{"desired": ' + '{"a": ' * MAX_JSON_DEPTH + "1" + "}" * MAX_JSON_DEPTH + "}"
+    json_type = {"Content-Type": "application/json"}
+
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        admin = {**bearer(tokens, ADMIN), **json_type}
+        for body, reason in (
+            (deep, f"nested deeper than {MAX_JSON_DEPTH} levels"),
+            (just_over, f"nested deeper than {MAX_JSON_DEPTH} levels"),
+            ('["' + "[" * 5000 + '"]', "should be an object"),  # a string, not nesting
+        ):
+            answer = await client.patch("/v1/devices/a-1/twin", headers=admin, data=body)
+            assert answer.status == 400, body[:40]
+            error = await answer.json()
+            assert error["error"] == "bad_request"
+            assert reason in error["reason"]
+        # Brackets inside strings are text, not nesting: a deep-looking string is fine.
+        text = json.dumps({"desired": {"note": "[" * 5000}})
+        fine = await client.patch("/v1/devices/a-1/twin", headers=admin, data=text)
+        assert fine.status == 200
+        for method, path in (
+            ("POST", "/v1/devices"),
+            ("POST", "/v1/ota/rollouts"),
+            ("PUT", "/v1/alert-rules/r"),
+            ("PATCH", "/v1/devices/a-1/twin"),
+            ("POST", "/v1/devices/a-1/suspend"),
+        ):
+            bad = await client.request(method, path, headers=admin, data=b'{"org": "\xff\xfe"}')
+            assert bad.status == 400, (method, path)
+            error = await bad.json()
+            assert error["error"] == "bad_request"
+            assert "UTF-8" in error["reason"]
+
+    run(backend, tokens, scenario)
+    assert [a.decision for a in backend.audits] == ["applied"]  # only the string-valued patch
+
+
+def test_the_document_is_generated_from_the_models_the_handlers_validate_with(
+    backend: FakeBackend, tokens: TokenAuthority
+) -> None:
+    document = openapi_document()
+    schemas = document["components"]["schemas"]
+    for route in ROUTES:
+        op = document["paths"][route.path][route.method.lower()]
+        for model, where in (
+            (route.body, op.get("requestBody", {})),
+            (route.result, op["responses"][str(route.ok)]),
+        ):
+            if model is None:
+                continue
+            name = model.__name__
+            assert where["content"]["application/json"]["schema"] == {
+                "$ref": f"#/components/schemas/{name}"
+            }
+            generated = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            generated.pop("$defs", None)
+            assert schemas[name] == generated, name
+
+    # What the document leaves out is refused: an undocumented field, a string for a number.
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        admin = bearer(tokens, ADMIN)
+        for method, path, body in (
+            ("POST", "/v1/devices", {"org": "acme", "project": "pA", "group": "g",
+                                     "csr_pem": csr_for("x-1"), "colour": "red"}),
+            ("PATCH", "/v1/devices/a-1", {"group": "g", "colour": "red"}),
+            ("POST", "/v1/devices/a-1/suspend", {"why": "undocumented"}),
+            ("PATCH", "/v1/devices/a-1/twin", {"desired": {}, "version": "1"}),
+            ("PUT", "/v1/grants/user:x", {"grants": [{"role": "admin", "scope": "acme"}]}),
+            ("PUT", "/v1/alert-rules/r", {**rule_body(GROUP_A), "threshold": "80"}),
+            ("POST", "/v1/ota/rollouts", {"artifact_id": "a", "target": TARGET_A,
+                                          "plan": {"percentages": [10, 50]}}),
+        ):  # fmt: skip
+            answer = await client.request(method, path, headers=admin, json=body)
+            assert answer.status == 400, (method, path, await answer.text())
+            assert (await answer.json())["error"] == "bad_request"
+
+    seeded = list(backend.commands)
+    run(backend, tokens, scenario)
+    assert backend.commands == seeded  # refused before anything was sent...
+    assert backend.audits == []
+    assert backend.issued == []

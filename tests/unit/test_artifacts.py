@@ -7,7 +7,8 @@ import stat
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,13 +32,15 @@ FIRMWARE = b"\x7fELF firmware image " * 1000
 
 @pytest.fixture
 def store(tmp_path: Path) -> ArtifactStore:
-    return ArtifactStore.open(tmp_path / "artifacts", tmp_path / "pki")
+    return ArtifactStore.open(
+        tmp_path / "artifacts", tmp_path / "pki", passphrase=b"test-passphrase"
+    )
 
 
 @pytest.fixture(scope="module")
 def shared_store(tmp_path_factory: pytest.TempPathFactory) -> ArtifactStore:
     root = tmp_path_factory.mktemp("shared")
-    return ArtifactStore.open(root / "artifacts", root / "pki")
+    return ArtifactStore.open(root / "artifacts", root / "pki", passphrase=b"test-passphrase")
 
 
 def _file(tmp_path: Path, data: bytes, name: str = "fw.bin") -> Path:
@@ -106,11 +109,11 @@ def test_lookups_of_malformed_ids_find_nothing(store: ArtifactStore) -> None:
 
 def test_release_key_is_created_once_private_and_exportable(tmp_path: Path) -> None:
     pki = tmp_path / "pki"
-    key = ReleaseKey.load_or_create(pki)
+    key = ReleaseKey.load_or_create(pki, passphrase=b"test-passphrase")
     assert stat.S_IMODE((pki / "release.key").stat().st_mode) == 0o600
     assert (pki / "release.pub").read_bytes() == key.public_key_pem
     assert load_public_key(key.public_key_pem) == key.public_key
-    again = ReleaseKey.load_or_create(pki)
+    again = ReleaseKey.load_or_create(pki, passphrase=b"test-passphrase")
     assert again.key_id == key.key_id
     assert len(key.key_id) == 64
 
@@ -120,12 +123,12 @@ def test_release_key_refuses_an_orphan_or_mismatched_public_key(tmp_path: Path) 
     orphan.mkdir()
     (orphan / "release.pub").write_bytes(ReleaseKey.generate().public_key_pem)
     with pytest.raises(ArtifactError, match="without"):
-        ReleaseKey.load_or_create(orphan)
+        ReleaseKey.load_or_create(orphan, passphrase=b"test-passphrase")
     pki = tmp_path / "pki"
-    ReleaseKey.load_or_create(pki)
+    ReleaseKey.load_or_create(pki, passphrase=b"test-passphrase")
     (pki / "release.pub").write_bytes(ReleaseKey.generate().public_key_pem)
     with pytest.raises(ArtifactError, match="does not match"):
-        ReleaseKey.load_or_create(pki)
+        ReleaseKey.load_or_create(pki, passphrase=b"test-passphrase")
 
 
 def test_the_device_check_accepts_the_genuine_download(store: ArtifactStore) -> None:
@@ -224,3 +227,42 @@ def test_any_content_verifies_and_any_flipped_bit_is_refused(
         tampered = bytearray(data)
         tampered[at // 8] ^= 1 << (at % 8)
         assert verify_download(bytes(tampered), artifact.to_record(), pem) == "digest_mismatch"
+
+
+# --------------------------------------------------------------------------- key at rest
+
+
+def test_the_release_key_on_disk_is_encrypted_and_signs(tmp_path: Path) -> None:
+    store = ArtifactStore.open(tmp_path / "a", tmp_path / "pki", passphrase=b"test-passphrase")
+    pem = (tmp_path / "pki" / "release.key").read_bytes()
+    assert pem.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    with pytest.raises(TypeError, match="encrypted"):
+        serialization.load_pem_private_key(pem, None)
+    artifact = store.add_bytes(FIRMWARE, "firmware", "1.0.0")
+    assert verify(artifact, FIRMWARE, (tmp_path / "pki" / "release.pub").read_bytes())
+
+
+def test_the_release_key_with_a_wrong_passphrase_is_a_clear_error(tmp_path: Path) -> None:
+    ReleaseKey.load_or_create(tmp_path, passphrase=b"test-passphrase")
+    with pytest.raises(ArtifactError, match=r"cannot decrypt .* wrong passphrase") as info:
+        ArtifactStore.open(tmp_path / "a", tmp_path, passphrase=b"another-passphrase")
+    assert "another-passphrase" not in str(info.value)
+
+
+def test_a_plain_release_key_is_encrypted_on_load_and_keeps_its_id(tmp_path: Path) -> None:
+    plain = ed25519.Ed25519PrivateKey.generate()
+    pem = plain.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    (tmp_path / "release.key").write_bytes(pem)  # a state folder from before
+    old_id = ReleaseKey(plain).key_id
+
+    key = ReleaseKey.load_or_create(tmp_path, passphrase=b"test-passphrase")
+
+    assert key.key_id == old_id
+    assert (
+        (tmp_path / "release.key").read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    )
+    assert stat.S_IMODE((tmp_path / "release.key").stat().st_mode) == 0o600
+    artifact = ArtifactStore(tmp_path / "a", key).add_bytes(FIRMWARE, "firmware", "1.0.1")
+    assert verify(artifact, FIRMWARE, plain.public_key())

@@ -276,7 +276,9 @@ def test_kicked_reads_the_delete_answers_of_its_batch_only() -> None:
 
 @pytest.fixture(scope="module")
 def ca(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
-    return CertificateAuthority.load_or_create(tmp_path_factory.mktemp("ca"))
+    return CertificateAuthority.load_or_create(
+        tmp_path_factory.mktemp("ca"), passphrase=b"test-passphrase"
+    )
 
 
 def _crl_reason(ca: CertificateAuthority, serial: int) -> x509.ReasonFlags | None:
@@ -335,7 +337,7 @@ def test_update_revocations_batches_and_reports_changes(ca: CertificateAuthority
     crl = ca.crl()
     assert [r.serial_number for r in crl].count(1010) == 1
     # revoked.json keeps holds as a reason, readable by a fresh load.
-    reloaded = CertificateAuthority.load_or_create(ca.directory)
+    reloaded = CertificateAuthority.load_or_create(ca.directory, passphrase=b"test-passphrase")
     assert reloaded.revocation_states()[1011] is HOLD
     entries = json.loads((ca.directory / "revoked.json").read_text())
     assert [e["reason"] for e in entries if e["serial"] == 1011] == [HOLD_REASON]
@@ -384,7 +386,9 @@ def test_concurrent_enforcers_hold_distinct_identities(tmp_path: Path) -> None:
     # The broker makes the certificate identity the client id: two enforcers sharing one would
     # take each other's connection over, so each claims its own until it closes.
     files = BrokerFiles(home=tmp_path / "mosquitto", pki_dir=tmp_path / "pki")
-    ensure_broker_identities(CertificateAuthority.load_or_create(files.pki_dir), files)
+    ensure_broker_identities(
+        CertificateAuthority.load_or_create(files.pki_dir, passphrase=b"test-passphrase"), files
+    )
     config = Settings(state_dir=tmp_path)
     first, second = SessionEnder(config, files), SessionEnder(config, files)
     assert (first.client_id, second.client_id) == ENFORCER_IDENTITIES[:2]

@@ -12,10 +12,13 @@ from hypothesis import strategies as st
 
 from ingest import envelope
 from ingest.envelope import (
+    DEFAULT_TS_WINDOW,
     MAX_PAYLOAD_BYTES,
+    MAX_TS_MS,
     Accepted,
     Rejected,
     RejectReason,
+    TimestampWindow,
     parse_uplink_topic,
     validate,
     validate_event,
@@ -24,6 +27,7 @@ from ingest.envelope import (
 from schemas.codec import AvroCodec, Decoded, load_schema
 
 NOW = 1_700_000_000_123
+LOW, HIGH = DEFAULT_TS_WINDOW.bounds(NOW)  # the ts accepted for a message received at NOW
 
 
 def payload(**fields: Any) -> bytes:
@@ -128,7 +132,7 @@ def test_the_wrong_type_detail_names_the_key() -> None:
         (payload(type="reboot", attributes={"n": 1}), RejectReason.wrong_type),
         (payload(type="reboot", attributes="x"), RejectReason.wrong_type),
         (payload(type="reboot", reason="watchdog"), RejectReason.wrong_type),
-        (b'{"seq": 1, "ts": 2, "type": "\\ud800"}', RejectReason.wrong_type),
+        (b'{"seq": 1, "ts": %d, "type": "\\ud800"}' % NOW, RejectReason.wrong_type),
     ],
 )
 def test_event_reject_reasons(body: bytes, expected: RejectReason) -> None:
@@ -215,11 +219,15 @@ numbers = (
     | st.integers(-(2**70), 2**70)
     | st.integers(2**1020, 2**1030)
     | st.sampled_from([0, -1, 2**63 - 1, 2**63, envelope.MAX_TS_MS, envelope.MAX_TS_MS + 1])
+    | st.sampled_from([LOW - 1, LOW, HIGH, HIGH + 1])  # the ts window's edges
     | st.booleans()
 )
 any_documents = st.dictionaries(metric_names, numbers | json_values, max_size=8)
 common_documents = st.fixed_dictionaries(
-    {"seq": st.integers(0, 2**63 - 1), "ts": st.integers(0, envelope.MAX_TS_MS)},
+    {
+        "seq": st.integers(0, 2**63 - 1),
+        "ts": st.integers(LOW - 1000, HIGH + 1000) | st.integers(0, envelope.MAX_TS_MS),
+    },
     optional={
         name: numbers for name in ["temperature", "humidity", "battery", "vibration_rms", "rssi"]
     },
@@ -244,18 +252,18 @@ def test_the_telemetry_fast_path_answers_as_the_careful_checks(document: dict[st
 @pytest.mark.parametrize(
     "body",
     [
-        b'{"seq": 1, "ts": 2, "temperature": 21, "humidity": null, "rssi": -70}',
-        b'{"seq": 1, "ts": 2, "temperature": 1e400}',
-        b'{"seq": 1, "ts": 2, "rssi": -1e400}',
-        b'{"seq": 1, "ts": 2, "rssi": null}',
-        b'{"seq": 1, "ts": 2, "rssi": true}',
-        b'{"seq": 1, "ts": 2, "\\ud800": 1.0}',
-        b'{"seq": 1, "ts": 2, "\xc3\xa9": 1.0}',
-        b'{"seq": 1, "ts": 2, "battery": ' + str(2**1023).encode() + b"}",
-        b'{"seq": 1, "ts": 2, "battery": ' + str(2**1024).encode() + b"}",
-        b'{"seq": 1.0, "ts": 2}',
-        b'{"seq": 1, "ts": 2, "seq": -1}',
-        b'{"seq": 1, "ts": 2, "device_id": 5, "received_at": "x"}',
+        b'{"seq": 1, "ts": 1700000000118, "temperature": 21, "humidity": null, "rssi": -70}',
+        b'{"seq": 1, "ts": 1700000000118, "temperature": 1e400}',
+        b'{"seq": 1, "ts": 1700000000118, "rssi": -1e400}',
+        b'{"seq": 1, "ts": 1700000000118, "rssi": null}',
+        b'{"seq": 1, "ts": 1700000000118, "rssi": true}',
+        b'{"seq": 1, "ts": 1700000000118, "\\ud800": 1.0}',
+        b'{"seq": 1, "ts": 1700000000118, "\xc3\xa9": 1.0}',
+        b'{"seq": 1, "ts": 1700000000118, "battery": ' + str(2**1023).encode() + b"}",
+        b'{"seq": 1, "ts": 1700000000118, "battery": ' + str(2**1024).encode() + b"}",
+        b'{"seq": 1.0, "ts": 1700000000118}',
+        b'{"seq": 1, "ts": 1700000000118, "seq": -1}',
+        b'{"seq": 1, "ts": 1700000000118, "device_id": 5, "received_at": "x"}',
     ],
 )
 def test_edge_documents_answer_as_the_careful_checks(body: bytes) -> None:
@@ -300,3 +308,68 @@ def test_parsing_edge_cases_answer_as_json_loads(body: bytes) -> None:
     assert outcome(lambda: envelope._loads(bytearray(body))) == outcome(
         lambda: careful_loads(bytearray(body))
     )
+
+
+# --------------------------------------------------------------------------- ts window
+
+DAY_MS = 86_400_000
+YEAR_9999_MS = 253_370_764_800_000  # 9999-01-01T00:00:00Z
+KINDS_AND_BODIES = [
+    ("telemetry", {"temperature": 21.5}),
+    ("telemetry", {"temperature": "21.5"}),  # the careful path too
+    ("events", {"type": "reboot"}),
+    ("state/reported", {"reported": {"led": "on"}}),
+    ("ota/status", {"status": "succeeded", "version": "2.0.1"}),
+]
+
+
+@pytest.mark.parametrize(("kind", "body"), KINDS_AND_BODIES)
+@pytest.mark.parametrize(
+    ("ts", "words"),
+    [
+        (0, "1970-01-01T00:00:00.000Z"),
+        (YEAR_9999_MS, "9999-01-01T00:00:00.000Z"),
+        (MAX_TS_MS, "9999-12-31T23:59:59.999Z"),
+        (NOW - 30 * DAY_MS - 1, "30.0 days before"),
+        (NOW + 5 * 60_000 + 1, "300 s after"),
+    ],
+)
+def test_a_ts_outside_the_window_is_a_bad_timestamp_for_every_kind(
+    kind: str, body: dict[str, Any], ts: int, words: str
+) -> None:
+    result = validate(kind, "dev-1", payload(ts=ts, **body), NOW)
+    assert isinstance(result, Rejected)
+    assert result.reason == RejectReason.bad_timestamp
+    assert words in result.detail
+    assert "receive time 2023-11-14T22:13:20.123Z" in result.detail
+    assert "accepted: at most 30.0 days before and 300 s after" in result.detail
+
+
+@pytest.mark.parametrize("kind", ["telemetry", "events", "state/reported", "ota/status"])
+@pytest.mark.parametrize(
+    "ts",
+    [
+        NOW - 30 * DAY_MS,  # the oldest accepted: a month-long offline backlog
+        NOW - 12 * DAY_MS,
+        NOW,
+        NOW + 5 * 60_000,  # a clock running 5 minutes fast
+    ],
+)
+def test_a_ts_inside_the_window_is_accepted_for_every_kind(kind: str, ts: int) -> None:
+    body = dict(KINDS_AND_BODIES)[kind] if kind != "telemetry" else {"temperature": 1.0}
+    result = validate(kind, "dev-1", payload(ts=ts, **body), NOW)
+    assert isinstance(result, Accepted)
+    assert result.record["ts"] == ts
+
+
+def test_the_window_is_configurable() -> None:
+    window = TimestampWindow(max_age_ms=60_000, max_ahead_ms=0)
+    assert window.bounds(NOW) == (NOW - 60_000, NOW)
+    for ts, accepted in ((NOW - 60_000, True), (NOW - 60_001, False), (NOW + 1, False)):
+        result = validate_telemetry("dev-1", payload(ts=ts, temperature=1.0), NOW, window)
+        assert isinstance(result, Accepted) is accepted
+    event = validate_event("dev-1", payload(ts=NOW + 1, type="x"), NOW, window)
+    assert reason(event) == RejectReason.bad_timestamp
+    assert TimestampWindow(10**18, 10**18).bounds(NOW) == (0, MAX_TS_MS)
+    with pytest.raises(ValueError, match=">= 0"):
+        TimestampWindow(max_age_ms=-1)

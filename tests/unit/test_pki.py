@@ -18,12 +18,14 @@ from infra.pki import (
     DEVICE_ID_PATTERN,
     RESERVED_IDENTITIES,
     CertificateAuthority,
+    KeyFileError,
     KeyKind,
     PkiError,
     PrivateKey,
     cert_fingerprint_sha256,
     generate_private_key,
     key_to_pem,
+    load_encrypted_key,
     make_csr,
     write_device_bundle,
 )
@@ -36,7 +38,7 @@ def ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ca(ca_dir: Path) -> CertificateAuthority:
-    return CertificateAuthority.load_or_create(ca_dir)
+    return CertificateAuthority.load_or_create(ca_dir, passphrase=b"test-passphrase")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def _raw_csr(key: PrivateKey, cn: str) -> bytes:
 
 
 def test_load_or_create_is_idempotent(ca: CertificateAuthority, ca_dir: Path) -> None:
-    again = CertificateAuthority.load_or_create(ca_dir)
+    again = CertificateAuthority.load_or_create(ca_dir, passphrase=b"test-passphrase")
     assert again.certificate == ca.certificate
     assert (ca_dir / "revoked.json").read_text().strip() != ""
     assert stat.S_IMODE((ca_dir / "ca.key").stat().st_mode) == 0o600
@@ -91,7 +93,7 @@ def test_issue_from_csr(ca: CertificateAuthority, kind: KeyKind) -> None:
 def test_cert_from_other_ca_fails_verify_chain(
     ca: CertificateAuthority, tmp_path: Path, ec_key: PrivateKey
 ) -> None:
-    other = CertificateAuthority.load_or_create(tmp_path / "other")
+    other = CertificateAuthority.load_or_create(tmp_path / "other", passphrase=b"test-passphrase")
     cert = other.issue_from_csr(make_csr(ec_key, "dev-x"), "dev-x")
     assert other.verify_chain(cert)
     assert not ca.verify_chain(cert)
@@ -165,7 +167,9 @@ def test_revoke(ca: CertificateAuthority, ca_dir: Path, ec_key: PrivateKey) -> N
     assert crl.is_signature_valid(ca_public_key)
     assert [r.serial_number for r in crl].count(serial) == 1
     assert ca.is_revoked(serial)
-    assert CertificateAuthority.load_or_create(ca_dir).is_revoked(serial)
+    assert CertificateAuthority.load_or_create(ca_dir, passphrase=b"test-passphrase").is_revoked(
+        serial
+    )
 
 
 def test_write_device_bundle(ca: CertificateAuthority, tmp_path: Path, ec_key: PrivateKey) -> None:
@@ -199,3 +203,64 @@ def test_issued_cn_equals_any_valid_id(ca: CertificateAuthority, device_id: str)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = ca.issue_from_csr(make_csr(key, device_id), device_id)
     assert _cn(cert) == device_id
+
+
+# --------------------------------------------------------------------------- keys at rest
+
+PASSPHRASE = b"test-passphrase"
+
+
+def test_the_ca_key_on_disk_is_encrypted_pkcs8(ca: CertificateAuthority, ca_dir: Path) -> None:
+    pem = (ca_dir / "ca.key").read_bytes()
+    assert pem.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    with pytest.raises(TypeError, match="encrypted"):  # a file read elsewhere is no key
+        serialization.load_pem_private_key(pem, None)
+    key = serialization.load_pem_private_key(pem, PASSPHRASE)
+    assert key.public_key() == ca.certificate.public_key()
+
+
+def test_a_wrong_passphrase_is_a_clear_error_that_does_not_echo_it(
+    ca: CertificateAuthority, ca_dir: Path
+) -> None:
+    wrong = b"not-the-passphrase"
+    with pytest.raises(KeyFileError, match=r"cannot decrypt .* wrong passphrase") as info:
+        CertificateAuthority.load_or_create(ca_dir, passphrase=wrong)
+    assert wrong.decode() not in str(info.value)
+    assert PASSPHRASE.decode() not in str(info.value)
+    with pytest.raises(KeyFileError, match="non-empty"):
+        CertificateAuthority.load_or_create(ca_dir, passphrase=b"")
+
+
+def test_a_plain_ca_key_is_encrypted_on_load_and_keeps_issuing(
+    tmp_path: Path, ec_key: PrivateKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A state folder from before keys were encrypted: same CA, now encrypted at rest."""
+    first = CertificateAuthority.load_or_create(tmp_path, passphrase=PASSPHRASE)
+    key = serialization.load_pem_private_key((tmp_path / "ca.key").read_bytes(), PASSPHRASE)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    (tmp_path / "ca.key").write_bytes(key_to_pem(key))  # what the old code wrote
+    (tmp_path / "ca.key").chmod(0o644)
+
+    with caplog.at_level("DEBUG"):
+        migrated = CertificateAuthority.load_or_create(tmp_path, passphrase=PASSPHRASE)
+
+    pem = (tmp_path / "ca.key").read_bytes()
+    assert pem.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    assert stat.S_IMODE((tmp_path / "ca.key").stat().st_mode) == 0o600
+    assert migrated.certificate == first.certificate
+    assert "now encrypted at rest" in caplog.text
+    assert PASSPHRASE.decode() not in caplog.text
+    cert = migrated.issue_from_csr(make_csr(ec_key, "dev-migrated"), "dev-migrated")
+    assert migrated.verify_chain(cert)
+    again = CertificateAuthority.load_or_create(tmp_path, passphrase=PASSPHRASE)
+    assert again.certificate == first.certificate
+    assert (tmp_path / "ca.key").read_bytes() == pem  # migrated once, not rewritten each load
+
+
+def test_a_key_file_that_is_no_key_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "k.pem"
+    path.write_bytes(b"-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(KeyFileError, match=r"not a PEM private key|cannot decrypt"):
+        load_encrypted_key(path, PASSPHRASE)
+    with pytest.raises(KeyFileError, match="cannot read"):
+        load_encrypted_key(tmp_path / "missing.pem", PASSPHRASE)

@@ -95,7 +95,7 @@ def test_each_bridge_replica_has_a_reserved_identity_with_the_orchestrators_topi
 
 @pytest.mark.parametrize("name", ["bridge-0", "bridge-7", "Bridge-1", "enforcer-2"])
 def test_no_device_can_get_a_platform_identity(tmp_path: Path, name: str) -> None:
-    ca = CertificateAuthority.load_or_create(tmp_path)
+    ca = CertificateAuthority.load_or_create(tmp_path, passphrase=b"test-passphrase")
     with pytest.raises(PkiError, match="reserved"):
         ca.issue_from_csr(make_csr(generate_private_key("ec"), name), name)
 

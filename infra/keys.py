@@ -1,0 +1,98 @@
+"""The passphrase that encrypts the platform's signing keys at rest: the fleet CA's
+(infra/pki.py) and the OTA release key (infra/artifacts.py). Callers pass
+``passphrase=key_passphrase(settings)`` to their ``load_or_create``/``open``.
+
+The passphrase is ``Settings.key_passphrase`` (``FLEET_KEY_PASSPHRASE``). Unset, as on a
+developer's machine or in the tests, it is a random passphrase kept per user in
+``$XDG_CONFIG_HOME/fleetstream/key-passphrase`` (default ``~/.config``), created 0600 on first
+use, and a warning says so. Why there: a passphrase beside the keys would be read or copied
+with them (a tarball of the state folder, a file read through the SQL port), and one derived
+from the environment (host name, user id) can be derived again by whoever reads the keys. A
+file outside the checkout, readable by its owner only, keeps a copy of ``.state`` useless on
+its own while ``make demo`` and ``make test`` need no step on a fresh machine. Deleting that
+file makes the existing state's keys unreadable (the error says so): keep it, or set
+FLEET_KEY_PASSPHRASE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import stat
+import tempfile
+from pathlib import Path
+
+from infra.settings import Settings
+
+__all__ = [
+    "MIN_PASSPHRASE_BYTES",
+    "KeyPassphraseError",
+    "default_passphrase_file",
+    "key_passphrase",
+]
+
+_LOG = logging.getLogger(__name__)
+_PASSPHRASE_BYTES = 32  # of randomness, as URL-safe text
+MIN_PASSPHRASE_BYTES = 8
+
+
+class KeyPassphraseError(ValueError):
+    """The default passphrase file is unusable (unsafe permissions, unreadable, empty)."""
+
+
+def default_passphrase_file() -> Path:
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config) / "fleetstream" / "key-passphrase"
+
+
+def _create_passphrase_file(path: Path) -> None:
+    """Write a fresh random passphrase to ``path`` (0600) unless it exists; a temp file linked
+    into place, so processes starting at once all end up with the same one."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(secrets.token_urlsafe(_PASSPHRASE_BYTES) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        with contextlib.suppress(FileExistsError):  # another process made it first: theirs
+            os.link(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _read_passphrase_file(path: Path) -> bytes:
+    if not path.exists():
+        _create_passphrase_file(path)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise KeyPassphraseError(
+            f"{path} is readable by others (mode {mode:o}): chmod 600 it, or set "
+            "FLEET_KEY_PASSPHRASE"
+        )
+    passphrase = path.read_bytes().strip()
+    if not passphrase:
+        raise KeyPassphraseError(f"{path} is empty: remove it or set FLEET_KEY_PASSPHRASE")
+    return passphrase
+
+
+def key_passphrase(settings: Settings) -> bytes:
+    """The passphrase of the platform's signing keys (see the module doc). Never logged."""
+    if settings.key_passphrase is not None:
+        # Checked here, not by a pydantic constraint, whose error would echo the input.
+        passphrase = settings.key_passphrase.get_secret_value().encode("utf-8")
+        if len(passphrase) < MIN_PASSPHRASE_BYTES:
+            raise KeyPassphraseError(
+                f"FLEET_KEY_PASSPHRASE is shorter than {MIN_PASSPHRASE_BYTES} bytes"
+            )
+        return passphrase
+    path = default_passphrase_file()
+    _LOG.warning(
+        "FLEET_KEY_PASSPHRASE is not set: the CA and release keys are encrypted with the "
+        "per-user development passphrase in %s; set FLEET_KEY_PASSPHRASE in a deployment",
+        path,
+    )
+    return _read_passphrase_file(path)
