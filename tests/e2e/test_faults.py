@@ -69,7 +69,7 @@ from tests.support.faults import (
 
 DEVICES = 30
 MESSAGES = 80  # telemetry per device: 2,400 per case, plus about 50 events
-RATE = 10.0  # per device and second: the stream lasts about 8 s
+RATE = 20.0  # per device and second: the stream lasts about 4 s
 # A supervisor restarts a dead process within seconds; a Kafka broker's JVM takes longest.
 RECOVERY_S = float(os.environ.get("FLEET_FAULTS_RECOVERY_S", "60"))
 SETTLE_S = 120.0
@@ -113,8 +113,12 @@ def faults_stack(stack: Stack, settings: Settings) -> Iterator[Stack]:
     """The test stack with two bridge replicas (each is a fault of its own); afterwards back
     to one (`up` retires the second, handing what its session held to Kafka) and all up."""
     two = Stack(settings.model_copy(update={"bridge_replicas": 2}))
+    # The running supervisor watches the replicas it was started with: start it anew with
+    # the stack's new size (and again at the end).
+    two.supervisor.stop()
     two.up()
     yield two
+    two.supervisor.stop()
     Stack(settings).up()
 
 
@@ -131,6 +135,12 @@ def three_brokers() -> Iterator[Stack]:
 def _service(stack: Stack, name: str) -> Service:
     (found,) = [s for s in stack.services if s.name == name]
     return found
+
+
+def _restarts(stack: Stack, name: str) -> int:
+    """How often the supervisor restarted ``name`` (`fleet status --json`'s restarts)."""
+    watch = stack.supervisor.restarts().get(name, {})
+    return int(watch.get("restarts", 0)) if isinstance(watch, dict) else 0
 
 
 def _log_sizes(stack: Stack) -> dict[str, int]:
@@ -215,10 +225,12 @@ def run_case(
         # The dead broker writes nothing more: this is its last save.
         saved_at = snapshot_time(stack.mosquitto.files.persistence)
 
+    restarts_before = _restarts(stack, target_name)
     result.recovery = watch_recovery(
         stack, settings, target, injected, prefix, RECOVERY_S, need_status_up=not keep_down
     )
     recovery = result.recovery
+    result.restarts = _restarts(stack, target_name) - restarts_before
     if keep_down:
         ok = recovery.stores_again_s is not None
         if recovery.restarted_s is not None and (

@@ -417,6 +417,7 @@ class CaseResult:
     lost: dict[str, int] = field(default_factory=dict)
     loss_bound: int | None = None
     recovery: Recovery = field(default_factory=Recovery)
+    restarts: int = 0  # by the supervisor, as `fleet status --json` counts them
     problems: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
