@@ -40,16 +40,16 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient
 
+from infra.keys import key_passphrase
 from infra.pki import CertificateAuthority
 from infra.provision import load_or_provision
 from infra.services.base import Service, ServiceError
 from infra.settings import PROJECT_ROOT, Settings
+from infra.simulator import EVENTS, TELEMETRY
 from infra.stack import Stack
 from tests.conftest import PORT_OFFSET
 from tests.support.faults import (
-    EVENTS,
     KINDS,
-    TELEMETRY,
     CaseResult,
     FleetRun,
     Injected,
@@ -78,6 +78,7 @@ RESULTS = PROJECT_ROOT / ".state" / f"faults-{PORT_OFFSET}.jsonl"
 THREE_OFFSET = int(os.environ.get("FLEET_TEST_FAULTS3_PORT_OFFSET", str(PORT_OFFSET + 1000)))
 
 TERM, KILL = signal.SIGTERM, signal.SIGKILL
+NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT 5 PUBACK reason code
 # Platform processes first (cheap to restart), then the services they depend on.
 TARGETS = (
     "cold-worker",
@@ -94,8 +95,8 @@ TARGETS = (
 CASES = [(target, sig) for target in TARGETS for sig in (TERM, KILL)]
 
 
-def _offset_settings(offset: int, **extra: object) -> Settings:
-    return Settings(  # type: ignore[arg-type]
+def _offset_settings(offset: int, brokers: int) -> Settings:
+    return Settings(
         state_dir=PROJECT_ROOT / ".state" / f"test-faults3-{offset}",
         kafka_port=9092 + offset,
         registry_port=8081 + offset,
@@ -104,7 +105,7 @@ def _offset_settings(offset: int, **extra: object) -> Settings:
         query_port=8124 + offset,
         api_port=8090 + offset,
         default_partitions=3,
-        **extra,
+        brokers=brokers,
     )
 
 
@@ -206,7 +207,7 @@ def run_case(
     settings = stack.settings
     target = _service(stack, target_name)
     result = CaseResult(fault=f"{signum.name} {target_name}" + (" (1 of 3)" if keep_down else ""))
-    ca = CertificateAuthority.load_or_create(settings.pki_dir)
+    ca = CertificateAuthority.load_or_create(settings.pki_dir, passphrase=key_passphrase(settings))
     prefix = f"f{uuid.uuid4().hex[:6]}-"
     creds = load_or_provision(ca, [f"{prefix}{i:02d}" for i in range(DEVICES)], tmp_path, "ec")
     sizes = _log_sizes(stack)
@@ -299,6 +300,12 @@ def run_case(
         result.problems.append(
             f"lost {len(lost_keys)} ({result.lost}); {acked_after} of them PUBACKed after "
             f"the fault; e.g. {sorted(lost_keys)[:3]}"
+        )
+    no_subscribers = sum(1 for k in lost_keys if run.log.reasons.get(k) == NO_MATCHING_SUBSCRIBERS)
+    if no_subscribers:
+        result.problems.append(
+            f"{no_subscribers} lost were PUBACKed 0x10 (no matching subscribers): the broker "
+            "had no bridge subscription then, and the device dropped them"
         )
     if keep_down:
         if not ok:

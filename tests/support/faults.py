@@ -17,6 +17,7 @@ import json
 import random
 import re
 import signal
+import struct
 import threading
 import time
 import urllib.error
@@ -56,6 +57,8 @@ class MessageLog:
     handed: dict[Key, float] = field(default_factory=dict)  # first PUBLISH to the broker
     acked: dict[Key, float] = field(default_factory=dict)  # PUBACK received
     discarded: dict[Key, float] = field(default_factory=dict)  # dropped on Session Present 0
+    # PUBACKs with a reason code other than 0 (0x10: no matching subscribers, MQTT 5).
+    reasons: dict[Key, int] = field(default_factory=dict)
     # (device id, time, session present) of every CONNACK.
     connects: list[tuple[str, float, bool]] = field(default_factory=list)
 
@@ -74,6 +77,7 @@ class RecordingStorage(PersistentStorage):  # type: ignore[misc]
         super().__init__()
         self._log = log
         self._keys: dict[int, Key] = {}
+        self.reason_of: dict[int, int] = {}  # mid -> reason code of the PUBACK being handled
 
     def push_message(self, mid: int, raw_package: bytes) -> None:
         key = _key_of(raw_package)
@@ -84,8 +88,11 @@ class RecordingStorage(PersistentStorage):  # type: ignore[misc]
 
     def remove_message_by_mid(self, mid: int) -> None:
         key = self._keys.pop(mid, None)
+        reason = self.reason_of.pop(mid, 0)
         if key is not None and mid in self._messages:
             self._log.acked[key] = time.time()
+            if reason:
+                self._log.reasons[key] = reason
         super().remove_message_by_mid(mid)
 
     def clear(self) -> None:
@@ -98,8 +105,19 @@ class RecordingStorage(PersistentStorage):  # type: ignore[misc]
 
 
 def _record(device: SimulatedDevice, log: MessageLog) -> None:
-    """Swap the device's in-flight store for a recording one and note every CONNACK."""
-    device.client._persistent_storage = RecordingStorage(log)
+    """Swap the device's in-flight store for a recording one; note every CONNACK and the
+    reason code of every PUBACK (gmqtt 0.8 drops the message whatever the code)."""
+    storage = RecordingStorage(log)
+    device.client._persistent_storage = storage
+    handler = device.client._package_handler
+    puback = handler._handle_puback_packet
+
+    def noted_puback(cmd: int, packet: bytes) -> None:
+        (mid,) = struct.unpack("!H", packet[:2])
+        storage.reason_of[mid] = packet[2] if len(packet) > 2 else 0
+        puback(cmd, packet)
+
+    handler._handle_puback_packet = noted_puback  # looked up on the instance, per packet type
     on_connect = device._on_connect
 
     def noted(client: Any, session_present: int, rc: int, properties: Any) -> None:
