@@ -54,6 +54,7 @@ from tests.support.faults import (
     FleetRun,
     Injected,
     LossBound,
+    Probe,
     gone,
     inject,
     log_lines,
@@ -210,6 +211,8 @@ def run_case(
     ca = CertificateAuthority.load_or_create(settings.pki_dir, passphrase=key_passphrase(settings))
     prefix = f"f{uuid.uuid4().hex[:6]}-"
     creds = load_or_provision(ca, [f"{prefix}{i:02d}" for i in range(DEVICES)], tmp_path, "ec")
+    # Its own prefix: the probe's messages are not the run's published set.
+    (probe_creds,) = load_or_provision(ca, [f"p{prefix}"], tmp_path, "ec")
     sizes = _log_sizes(stack)
     pids = {s.name: s.status().pid for s in stack.services}
 
@@ -218,6 +221,11 @@ def run_case(
     assert _first_rows_stored(settings, prefix), (
         "before the fault, nothing of the run reached the warehouse: the stack was not healthy"
     )
+    restarts_before = _restarts(stack, target_name)
+    if keep_down:
+        # "Without any restart of that broker": the supervisor would start it again within
+        # seconds, so it sits this case out (`fleet up` starts it again at the end).
+        stack.supervisor.stop()
     injected = inject(target, signum)
     bound: LossBound | None = None
     saved_at: float | None = None
@@ -226,9 +234,14 @@ def run_case(
         # The dead broker writes nothing more: this is its last save.
         saved_at = snapshot_time(stack.mosquitto.files.persistence)
 
-    restarts_before = _restarts(stack, target_name)
     result.recovery = watch_recovery(
-        stack, settings, target, injected, prefix, RECOVERY_S, need_status_up=not keep_down
+        stack,
+        settings,
+        target,
+        injected,
+        Probe(settings, probe_creds),
+        RECOVERY_S,
+        need_status_up=not keep_down,
     )
     recovery = result.recovery
     result.restarts = _restarts(stack, target_name) - restarts_before

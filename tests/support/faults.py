@@ -37,10 +37,12 @@ from infra.simulator import (
     TELEMETRY,
     FleetStats,
     SimulatedDevice,
+    build_message,
     load_seq,
     save_seq,
 )
 from infra.stack import Stack
+from tests.support.mqtt import MqttSession, connect
 
 # A message of the run: (kind, device id, seq); kind is "telemetry" or "events".
 Key = tuple[str, str, int]
@@ -333,7 +335,7 @@ class Recovery:
     """How the stack came back from one fault, in seconds after it."""
 
     status_up_s: float | None = None  # every service up again (`fleet status`)
-    stores_again_s: float | None = None  # a message made after the process left is stored
+    stores_again_s: float | None = None  # a probe message made after the process left is stored
     restarted_s: float | None = None  # the signalled service runs again (a new pid)
     human: bool = False  # nothing came back by itself: the test ran `fleet up`
 
@@ -344,12 +346,55 @@ class Recovery:
         return max(self.status_up_s, self.stores_again_s)
 
 
+@dataclass
+class Probe:
+    """A device of its own that publishes one telemetry message a second while the test waits
+    for recovery: "the pipeline stores again" is the first of them in the warehouse, a message
+    made after the fault whatever the fleet's stream is doing by then."""
+
+    settings: Settings
+    creds: DeviceCredentials
+    session: MqttSession | None = None
+    seq: int = 0
+    last_at: float = 0.0
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self.last_at < 1.0:
+            return
+        self.last_at = now
+        if self.session is not None and self.session.disconnected.is_set():
+            self.close()
+        if self.session is None:
+            self.session = connect(
+                self.settings, self.creds.cert_path, self.creds.key_path, "probe", timeout=2
+            )
+            if self.session is None:
+                return  # the broker is away: try again next second
+        self.seq += 1
+        reading = {"temperature": 20.0, "humidity": 50.0, "battery": 90.0, "vibration_rms": 0.1}
+        topic, payload = build_message(
+            self.creds.device_id, TELEMETRY, self.seq, int(time.time() * 1000), reading
+        )
+        self.session.client.publish(topic, payload, qos=1)  # not awaited: the poll decides
+
+    def stored(self) -> bool:
+        sql = "SELECT count() FROM telemetry WHERE device_id = {d:String}"
+        ((count,),) = query(self.settings, sql, {"d": self.creds.device_id})
+        return int(count) > 0
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+
 def watch_recovery(
     stack: Stack,
     settings: Settings,
     target: Service,
     injected: Injected,
-    prefix: str,
+    probe: Probe,
     timeout: float,
     need_status_up: bool = True,
 ) -> Recovery:
@@ -366,7 +411,6 @@ def watch_recovery(
     # The process must have left (or been replaced) before "up" means "came back"; and a
     # message made before it left (a SIGTERM'd broker still takes some) proves nothing.
     gone(target, injected, min(timeout, 30.0))
-    gone_at = time.time()
     while time.monotonic() < deadline and not done():
         elapsed = time.time() - injected.at
         proc = target.process()
@@ -375,12 +419,14 @@ def watch_recovery(
         if recovery.status_up_s is None and all_up(stack):
             recovery.status_up_s = time.time() - injected.at
         if recovery.stores_again_s is None:
+            probe.tick()
             try:
-                if stored_since(settings, prefix, gone_at) > 0:
+                if probe.stored():
                     recovery.stores_again_s = time.time() - injected.at
             except OSError:
                 pass  # the query server is the cold worker's: down with it
-        time.sleep(0.5)
+        time.sleep(0.25)
+    probe.close()
     return recovery
 
 
