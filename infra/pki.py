@@ -309,7 +309,8 @@ def load_encrypted_key(path: Path, passphrase: bytes) -> PrivateKeyTypes:
         ) from None
     if not encrypted or not data.lstrip().startswith(ENCRYPTED_KEY_PEM_HEADER):
         _atomic_write(path, encrypted_key_pem(key, passphrase), mode=0o600)
-        _LOG.warning("%s: the private key was stored unencrypted; now encrypted at rest", path)
+        was = "unencrypted" if not encrypted else "in a legacy encrypted format"
+        _LOG.warning("%s: the private key was stored %s; now encrypted at rest", path, was)
     return key
 
 

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     warehouse_url: str = ""
     # The process owning the embedded chDB answers `fleet sql` here while it runs.
     query_port: int = 8124
+    # Limits of one query on that port (the caller cannot lift them: sinks/sql_guard.py).
+    query_timeout_s: float = Field(default=60.0, gt=0)
+    query_max_memory_bytes: int = Field(default=2 << 30, ge=1 << 20)
     sink_batch_rows: int = Field(default=50_000, ge=1)
     sink_batch_seconds: float = Field(default=1.0, gt=0)
 

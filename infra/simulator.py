@@ -4,7 +4,10 @@ Each device has its own key and certificate, connects with clean_start false and
 expiry, publishes JSON telemetry at QoS 1 to `devices/<id>/telemetry` with its own growing
 sequence number, and now and then an event to `devices/<id>/events`. A message is kept until
 its PUBACK (gmqtt's store, replayed on reconnect); while offline, new messages wait in the
-device's FIFO outbox.
+device's FIFO outbox. A PUBACK with reason 0x10 (no matching subscribers: Mosquitto's answer
+while no bridge subscription exists, e.g. after a broker restart until the bridges subscribe
+again) is not a delivery: the message stays stored and is sent again after a bounded backoff.
+A refusal (reason >= 0x80, e.g. 0x95 over the broker's size limit) ends the message, counted.
 
 Device twins (after AWS IoT Device Shadow): each device keeps a local reported document and
 subscribes (QoS 1, in its persistent session) to `devices/<id>/state/desired`, where the
@@ -49,6 +52,7 @@ import os
 import random
 import re
 import ssl
+import struct
 import tempfile
 import time
 from collections import deque
@@ -82,6 +86,12 @@ SLOT_A, SLOT_B = "A", "B"
 MAX_HANDLED_COMMANDS = 64  # command ids remembered (persisted) to drop repeats
 MAX_COMMAND_TEXT = 256  # longest command id / rollout id / version echoed back
 MAX_IMAGE_BYTES = 256 * 1024 * 1024  # a download is cut off beyond this (and then fails)
+# PUBACK reason codes (MQTT 5 §3.4.2.1): 0x10 means the broker took the message but nobody was
+# subscribed, so nothing will deliver it; >= 0x80 is a refusal.
+NO_MATCHING_SUBSCRIBERS = 0x10
+REFUSED = 0x80
+RETRY_FIRST_S = 0.2  # backoff after a 0x10 answer: doubles per answer, up to RETRY_MAX_S
+RETRY_MAX_S = 5.0
 
 # OTA status values (streams.ota.OtaStatus) and the device's own failure reasons (those of a
 # refused download are infra.artifacts.verify_download's).
@@ -547,6 +557,8 @@ class FleetStats:
     ota_succeeded: int = 0  # installs and rollbacks that succeeded
     ota_failed: int = 0  # failed for another reason than a refused download
     ota_refused: int = 0  # downloads that failed verification (digest, signature, ...)
+    no_subscribers: int = 0  # PUBACKs 0x10 (message kept, sent again later)
+    refused: int = 0  # PUBACKs >= 0x80 (message dropped: retrying cannot help)
     started_at: float = field(default_factory=time.monotonic)
 
     def summary(self) -> dict[str, Any]:
@@ -564,21 +576,72 @@ class FleetStats:
             "ota_succeeded": self.ota_succeeded,
             "ota_failed": self.ota_failed,
             "ota_refused": self.ota_refused,
+            "no_subscribers": self.no_subscribers,
+            "refused": self.refused,
             "elapsed_s": round(elapsed, 3),
             "publish_rate": round(self.published / elapsed, 1),
         }
 
 
+def parse_puback(packet: bytes) -> tuple[int, int]:
+    """(packet id, reason code) of a PUBACK's variable header; no code means success (§3.4.2.1)."""
+    (mid,) = struct.unpack("!H", packet[:2])
+    return mid, packet[2] if len(packet) > 2 else 0
+
+
+def retry_delay(answers: int, jitter: float = 1.0) -> float:
+    """Seconds before sending again a message answered 0x10 ``answers`` times (1, 2, ...):
+    doubling from RETRY_FIRST_S, never above RETRY_MAX_S; ``jitter`` in (0, 1] spreads a fleet
+    that all got 0x10 at once."""
+    return min(RETRY_MAX_S, RETRY_FIRST_S * 2.0 ** min(answers - 1, 16)) * jitter
+
+
 class _AckCountingClient(gmqtt.Client):  # type: ignore[misc]
-    """gmqtt drops a stored QoS 1 message on its PUBACK; count those (gmqtt 0.8 hook)."""
+    """gmqtt 0.8 ignores a PUBACK's reason code and drops the stored QoS 1 message on any PUBACK.
+    This one reads it: on 0x10 the message stays stored (and its packet id taken) and is sent
+    again after :func:`retry_delay`; any other code ends it. Every code goes to ``on_puback``."""
 
-    def __init__(self, client_id: str, on_ack: Callable[[], None], **kwargs: Any) -> None:
+    def __init__(self, client_id: str, on_puback: Callable[[int], None], **kwargs: Any) -> None:
         super().__init__(client_id, **kwargs)
-        self._on_ack = on_ack
+        self._on_puback = on_puback
+        self._answers: dict[int, int] = {}  # packet id -> 0x10 answers so far
+        self._jitter = random.Random()  # not the device's rng: its readings stay reproducible
+        handler = self._package_handler
+        self._plain_puback = handler._handle_puback_packet
+        # gmqtt finds a packet's handler by name on the handler instance.
+        handler._handle_puback_packet = self._handle_puback
 
-    def _remove_message_from_queue(self, mid: int) -> None:
-        super()._remove_message_from_queue(mid)
-        self._on_ack()
+    async def _wait_qos_queue_drained(self) -> None:
+        """gmqtt's connect() waits here until every stored message is acknowledged: with 0x10
+        answers kept for a retry, that lasts as long as no bridge subscribes, and the device
+        would never get past connect. The device's drain() waits for its messages instead."""
+
+    def _handle_puback(self, cmd: int, packet: bytes) -> None:
+        mid, reason = parse_puback(packet)
+        if reason == NO_MATCHING_SUBSCRIBERS and self._stored(mid) is not None:
+            answers = self._answers.get(mid, 0) + 1
+            self._answers[mid] = answers
+            delay = retry_delay(answers, self._jitter.uniform(0.5, 1.0))
+            asyncio.get_running_loop().call_later(delay, self._resend, mid, self._connection)
+        else:
+            self._answers.pop(mid, None)
+            self._plain_puback(cmd, packet)  # frees the id, drops the stored message
+        self._on_puback(reason)
+
+    def _stored(self, mid: int) -> bytes | None:
+        for stored_mid, package in self._persistent_storage.get_all():
+            if stored_mid == mid:
+                return bytes(package)
+        return None
+
+    def _resend(self, mid: int, connection: Any) -> None:
+        # After a reconnect gmqtt replays every stored message itself: resend only on the
+        # connection that answered 0x10, or the message would go out twice.
+        if connection is not self._connection or not self.is_connected:
+            return
+        package = self._stored(mid)
+        if package is not None:
+            connection.send_package(package)
 
 
 class SimulatedDevice:
@@ -626,7 +689,7 @@ class SimulatedDevice:
         self.sent: list[tuple[str, int]] = []  # (kind, seq) handed to the broker, in order
         self.client = _AckCountingClient(
             creds.device_id,
-            on_ack=self._acked,
+            on_puback=self._puback,
             clean_session=False,
             session_expiry_interval=SESSION_EXPIRY_S,
         )
@@ -642,8 +705,14 @@ class SimulatedDevice:
     def device_id(self) -> str:
         return self.creds.device_id
 
-    def _acked(self) -> None:
-        self.stats.acked += 1
+    def _puback(self, reason: int) -> None:
+        if reason == NO_MATCHING_SUBSCRIBERS:
+            self.stats.no_subscribers += 1  # kept: the client sends it again
+        elif reason >= REFUSED:
+            self.stats.refused += 1
+            log.warning("%s: a message was refused by the broker (0x%02x)", self.device_id, reason)
+        else:
+            self.stats.acked += 1
 
     def tls(self) -> ssl.SSLContext:
         return client_tls_context(self.creds.ca_path, self.creds.cert_path, self.creds.key_path)

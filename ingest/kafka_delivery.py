@@ -25,10 +25,11 @@ class ProducerTuning:
     batch_size: int = 512 * 1024
     compression: str = "lz4"
     message_timeout_ms: int = 30_000
+    message_max_bytes: int | None = None  # None: librdkafka's default (1,000,000)
 
 
 def producer_config(bootstrap: str, client_id: str, tuning: ProducerTuning) -> dict[str, object]:
-    return {
+    config: dict[str, object] = {
         "bootstrap.servers": bootstrap,
         "client.id": client_id,
         "enable.idempotence": True,  # implies acks=all and ordered retries per partition
@@ -38,6 +39,28 @@ def producer_config(bootstrap: str, client_id: str, tuning: ProducerTuning) -> d
         "compression.type": tuning.compression,
         "message.timeout.ms": tuning.message_timeout_ms,
     }
+    if tuning.message_max_bytes is not None:
+        config["message.max.bytes"] = tuning.message_max_bytes
+    return config
+
+
+# Errors that no retry fixes for *this record* (it is too big, or malformed): the record must
+# take another form (ingest/bridge.py dead-letters a bounded one), never wait in a retry loop.
+# Everything else (broker away, timed out, leader moving) is transient: retry, withhold the ack.
+_PERMANENT_FOR_RECORD = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.INVALID_MSG,
+        KafkaError._INVALID_ARG,
+    }
+)
+
+
+def permanent_for_record(err: KafkaError) -> bool:
+    """True if Kafka will never take this record as it is (see _PERMANENT_FOR_RECORD)."""
+    return err.code() in _PERMANENT_FOR_RECORD
 
 
 class AsyncProducer:
@@ -70,7 +93,10 @@ class AsyncProducer:
     def send(
         self, topic: str, key: bytes, value: bytes, headers: Headers | None, done: Delivered
     ) -> None:
-        """Produce one record; `done(error or None)` runs on the event loop on its report."""
+        """Produce one record; `done(error or None)` runs on the event loop on its report.
+
+        A record librdkafka refuses at once (too large, bad argument) raises KafkaException
+        here, before any report: the caller decides what the record becomes instead."""
 
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
             # Runs in the poll thread, inside poll(): only it touches the report list.

@@ -5,6 +5,10 @@ that owns the warehouse (``settings.host:settings.query_port``); when nothing li
 (or it serves another warehouse), the warehouse is opened directly — an embedded chDB folder
 in this process (with its schema applied), or a ClickHouse server over HTTP.
 Only reads are run, on either path, and always with FINAL applied (``final=1``).
+
+The query server wants a bearer token (a platform token whose principal holds
+``telemetry.read``): the one given (``fleet sql --token``, ``--as``), else the platform's own
+secret from the stack's run folder, readable by the operator on the machine that runs it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 from rich.console import Console
 from rich.table import Table
 
@@ -36,7 +43,9 @@ from sinks.clickhouse import (
     QueryFailed,
     QueryResult,
     SinkUnavailable,
+    normalize_dsn,
 )
+from sinks.query_server import read_platform_secret
 
 __all__ = [
     "FORMATS",
@@ -55,6 +64,7 @@ __all__ = [
 Format = Literal["table", "json", "csv"]
 FORMATS: tuple[str, ...] = get_args(Format)
 QUERY_TIMEOUT_S = 300.0
+_SELECT = re.compile(r"[\s(]*(SELECT|WITH)\b", re.IGNORECASE)
 
 
 class QueryError(Exception):
@@ -97,38 +107,70 @@ def prepare(sql_or_file: str, params: Mapping[str, str] | None = None) -> Prepar
         raise QueryError(f"{path or 'query'}: {exc}") from exc
 
 
-def _error_message(body: bytes, fallback: str) -> str:
+def _served_warehouse(base: str, timeout_s: float) -> str | None:
+    """The warehouse the query server at ``base`` serves (its ``/health``), or None when
+    nothing listens there."""
     try:
-        payload = json.loads(body)
-        return str(payload["error"]) if isinstance(payload, dict) else fallback
-    except (ValueError, KeyError):
-        return fallback
-
-
-def _via_server(settings: Settings, prepared: Prepared, timeout_s: float) -> QueryResult | None:
-    """The result from the owner's query server, or None when there is none for us."""
-    url = f"http://{settings.host}:{settings.query_port}/query"
-    body = {"sql": prepared.sql, "params": prepared.params, "warehouse": settings.warehouse_dsn}
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
-            return QueryResult.from_json(json.load(response))
-    except urllib.error.HTTPError as exc:
-        message = _error_message(exc.read(), f"query server at {url}: HTTP {exc.code}")
-        if exc.code == 409:  # another stack's warehouse: ours is not owned through it
-            return None
-        if exc.code == 503:
-            raise WarehouseUnavailable(message) from exc
-        raise QueryError(message) from exc
+        with urllib.request.urlopen(f"{base}/health", timeout=timeout_s) as response:  # noqa: S310
+            return str(json.load(response)["warehouse"])
     except urllib.error.URLError as exc:
         if isinstance(exc.reason, ConnectionRefusedError):
             return None
-        raise WarehouseUnavailable(f"query server at {url}: {exc.reason}") from exc
-    except (http.client.HTTPException, OSError, ValueError, KeyError) as exc:
+        raise WarehouseUnavailable(f"query server at {base}: {exc.reason}") from exc
+    except (http.client.HTTPException, OSError, ValueError, KeyError, TypeError) as exc:
         # A dropped connection, a timeout, or something else answering on that port.
-        raise WarehouseUnavailable(f"query server at {url}: {exc!r}") from exc
+        raise WarehouseUnavailable(f"query server at {base}: {exc!r}") from exc
+
+
+def _result(client: Client, prepared: Prepared) -> QueryResult:
+    result = client.query(prepared.sql, parameters=dict(prepared.params))
+    columns = tuple(result.column_names)
+    types = tuple(t.name for t in result.column_types)
+    if not columns and _SELECT.match(prepared.sql):
+        # an empty result may come without its columns: ask the port to describe the query
+        described = client.query(
+            f"DESCRIBE TABLE ({prepared.sql})", parameters=dict(prepared.params)
+        ).result_rows
+        columns = tuple(str(row[0]) for row in described)
+        types = tuple(str(row[1]) for row in described)
+    return QueryResult(columns, types, tuple(tuple(row) for row in result.result_rows))
+
+
+def _via_server(
+    settings: Settings, prepared: Prepared, timeout_s: float, token: str | None
+) -> QueryResult | None:
+    """The result from the owner's query server (the ClickHouse HTTP protocol, through
+    clickhouse-connect as any client), or None when there is none for our warehouse."""
+    base = f"http://{settings.host}:{settings.query_port}"
+    served = _served_warehouse(base, min(timeout_s, 10.0))
+    if served is None or normalize_dsn(served) != normalize_dsn(settings.warehouse_dsn):
+        return None  # nothing there, or another stack's warehouse: ours is not owned through it
+    try:
+        client = clickhouse_connect.get_client(
+            host=settings.host,
+            port=settings.query_port,
+            username="fleet-sql",
+            password=token or read_platform_secret(settings.run_dir) or "",
+            tz_mode="aware",
+            connect_timeout=min(timeout_s, 10.0),
+            send_receive_timeout=timeout_s,
+            autogenerate_session_id=False,
+        )
+        try:
+            return _result(client, prepared)
+        finally:
+            client.close()
+    except DatabaseError as exc:
+        message = str(exc)
+        denied = "ACCESS_DENIED" in message and "telemetry.read" in message
+        if denied or "AUTHENTICATION_FAILED" in message:
+            raise QueryError(
+                f"query server at {base}: {message} (pass a token with telemetry.read: "
+                "`fleet sql --token` or `--as user:<id>`)"
+            ) from exc
+        if isinstance(exc, OperationalError) or "NETWORK_ERROR" in message:
+            raise WarehouseUnavailable(f"query server at {base}: {message}") from exc
+        raise QueryError(message) from exc
 
 
 def _direct(settings: Settings, prepared: Prepared, timeout_s: float) -> QueryResult:
@@ -149,10 +191,12 @@ def fetch(
     params: Mapping[str, str] | None = None,
     *,
     timeout_s: float = QUERY_TIMEOUT_S,
+    token: str | None = None,
 ) -> QueryResult:
-    """Run one read (a statement, or a path to a ``.sql`` file); values come back JSON-safe."""
+    """Run one read (a statement, or a path to a ``.sql`` file); values come back JSON-safe.
+    ``token``: the bearer token for the query server (default: the platform's secret)."""
     prepared = prepare(sql_or_file, params)
-    result = _via_server(settings, prepared, timeout_s)
+    result = _via_server(settings, prepared, timeout_s, token)
     if result is None:
         result = _direct(settings, prepared, timeout_s)
     return result.json_safe()
@@ -250,10 +294,11 @@ def run_sql(
     sql_or_file: str,
     params: Mapping[str, str] | None = None,
     fmt: Format = "table",
+    token: str | None = None,
 ) -> str:
     """What ``fleet sql`` prints. Raises :class:`QueryError` (and its
     :class:`WarehouseUnavailable`) with a message fit for the user."""
-    return render(fetch(settings, sql_or_file, params), fmt)
+    return render(fetch(settings, sql_or_file, params, token=token), fmt)
 
 
 # --- pipeline counts (fleet demo) --------------------------------------------------------

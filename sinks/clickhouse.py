@@ -50,13 +50,15 @@ from queries.migrations import (
     load_migrations,
     pending_migrations,
 )
-from queries.sqltext import check_read_only
+from queries.sqltext import NotReadOnly
+from sinks.sql_guard import Checked, Refused, check_query, format_query_sql
 
 __all__ = [
     "EVENTS_TABLE",
     "EVENT_SCHEMA",
     "OTA_EVENTS_SCHEMA",
     "OTA_EVENTS_TABLE",
+    "OUTPUT_FORMATS",
     "TELEMETRY_SCHEMA",
     "TELEMETRY_TABLE",
     "TWIN_HISTORY_SCHEMA",
@@ -64,7 +66,10 @@ __all__ = [
     "ClickHouseSink",
     "InvalidBatch",
     "QueryFailed",
+    "QueryLimitExceeded",
     "QueryResult",
+    "RawResult",
+    "ReadLimits",
     "SinkError",
     "SinkUnavailable",
     "WriteResult",
@@ -210,6 +215,18 @@ INSERT_SETTINGS: Final[Mapping[str, Any]] = {
 # The read path: enforced read-only, FINAL applied to every table that supports it (so an
 # ad-hoc `SELECT count() FROM telemetry` is exact before merges too).
 READ_SETTINGS: Final[Mapping[str, Any]] = {"readonly": 2, "final": 1}
+# Errors of a read that hit one of its limits: the caller's query, not the warehouse, is at fault.
+LIMIT_CODES: Final = frozenset(
+    {
+        158,  # TOO_MANY_ROWS
+        159,  # TIMEOUT_EXCEEDED
+        160,  # TOO_SLOW
+        164,  # READONLY (a setting the caller tried to change)
+        241,  # MEMORY_LIMIT_EXCEEDED
+        307,  # TOO_MANY_BYTES
+        396,  # TOO_MANY_ROWS_OR_BYTES
+    }
+)
 
 _FIRST_WORD_SELECT = re.compile(r"[\s(]*(SELECT|WITH)\b", re.IGNORECASE)
 
@@ -242,6 +259,39 @@ class InvalidBatch(SinkError, ValueError):
 
 class QueryFailed(SinkError):
     """A read the warehouse rejected (SQL error, unknown table, bad parameter)."""
+
+
+class QueryLimitExceeded(QueryFailed):
+    """A read stopped at one of its limits (time, memory, result size)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadLimits:
+    """What one read may use. Set on each read connection, then ``readonly=1`` (embedded) so
+    that no query, and no SETTINGS clause, can change them."""
+
+    timeout_s: float = 300.0
+    max_memory_bytes: int = 2 << 30
+    max_result_rows: int = 1_000_000
+    max_result_bytes: int = 512 << 20
+    max_threads: int = 2  # leave the cold path its share of these machines' cores
+
+    def settings(self, embedded: bool) -> dict[str, Any]:
+        """The connection settings, in order: ``readonly`` last, or setting the others fails.
+
+        A ClickHouse server gets ``readonly=2`` (its HTTP interface sends every setting with
+        each query); the statement guard refuses SETTINGS clauses there.
+        """
+        return {
+            "final": 1,
+            "max_execution_time": max(1, math.ceil(self.timeout_s)),
+            "max_memory_usage": self.max_memory_bytes,
+            "max_result_rows": self.max_result_rows,
+            "max_result_bytes": self.max_result_bytes,
+            "result_overflow_mode": "throw",
+            "max_threads": self.max_threads,
+            "readonly": 1 if embedded else 2,
+        }
 
 
 # --- records -> Arrow (pure) ---------------------------------------------------------------
@@ -392,6 +442,52 @@ class QueryResult:
 
 
 @dataclass(frozen=True, slots=True)
+class RawResult:
+    """A result as the engine wrote it, in an output format (the ClickHouse HTTP answer)."""
+
+    data: bytes
+    fmt: str
+
+
+# Output formats the SQL port answers in: what ClickHouse clients ask for. Formats reading a
+# schema file (Protobuf, CapnProto, Template) are not among them.
+OUTPUT_FORMATS: Final = frozenset(
+    {
+        "Native",
+        "RowBinary",
+        "RowBinaryWithNames",
+        "RowBinaryWithNamesAndTypes",
+        "TabSeparated",
+        "TSV",
+        "TabSeparatedRaw",
+        "TSVRaw",
+        "TabSeparatedWithNames",
+        "TSVWithNames",
+        "TabSeparatedWithNamesAndTypes",
+        "TSVWithNamesAndTypes",
+        "CSV",
+        "CSVWithNames",
+        "CSVWithNamesAndTypes",
+        "JSON",
+        "JSONCompact",
+        "JSONStrings",
+        "JSONCompactStrings",
+        "JSONEachRow",
+        "JSONCompactEachRow",
+        "JSONColumns",
+        "Arrow",
+        "ArrowStream",
+        "Parquet",
+        "Values",
+        "Pretty",
+        "PrettyCompact",
+        "Vertical",
+        "Markdown",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
 class WriteResult:
     table: str
     rows: int
@@ -421,13 +517,90 @@ def _is_unavailable(exc: DatabaseError) -> bool:
     return isinstance(exc, OperationalError) or (exc.code or 0) in TRANSIENT_CODES
 
 
+class _ReadPool:
+    """Read connections, one per query in flight (at most ``size``): chDB serialises calls on
+    one connection, so a shared one made every query wait behind the slowest, and closing it
+    after a failure broke the queries of other threads. A connection that failed is closed and
+    never handed out again; the next query opens a fresh one."""
+
+    def __init__(self, open_client: Callable[[], Client], size: int) -> None:
+        self._open = open_client
+        self._slots = threading.BoundedSemaphore(size)
+        self._lock = threading.Lock()
+        self._idle: list[Client] = []
+
+    @contextmanager
+    def client(self, wait_s: float) -> Iterator[Client]:
+        if not self._slots.acquire(timeout=wait_s):
+            raise SinkUnavailable(f"every read connection is busy (waited {wait_s:.0f}s)")
+        try:
+            with self._lock:
+                client = self._idle.pop() if self._idle else None
+            if client is None:
+                client = self._open()
+            try:
+                yield client
+            except (NotReadOnly, SinkError):
+                self._keep(client)  # refused or failed before or after the query: still sound
+                raise
+            except BaseException:
+                with suppress(ClickHouseError, OSError):
+                    client.close()
+                raise
+            self._keep(client)
+        finally:
+            self._slots.release()
+
+    def _keep(self, client: Client) -> None:
+        with self._lock:
+            self._idle.append(client)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for client in idle:
+            with suppress(ClickHouseError, OSError):
+                client.close()
+
+
+class _ClientParser:
+    """The statement guard's parser (:class:`sinks.sql_guard.Parser`) on one connection."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def format_query(self, sql: str) -> str:
+        try:
+            rows = self._client.query(format_query_sql(sql)).result_rows
+        except DatabaseError as exc:
+            message = _parse_error(str(exc))
+            if "Multi-statements" in message:
+                raise Refused(f"refused: one statement at a time: {message}") from exc
+            raise QueryFailed(message) from exc
+        return str(rows[0][0])
+
+    def explain_ast(self, sql: str, params: Mapping[str, str]) -> str:
+        try:
+            rows = self._client.query(f"EXPLAIN AST {sql}", parameters=dict(params)).result_rows
+        except DatabaseError as exc:
+            raise QueryFailed(_parse_error(str(exc))) from exc
+        return "\n".join(str(row[0]) for row in rows)
+
+
+def _parse_error(message: str) -> str:
+    """A parse error without the guard's own wrapping (``In scope SELECT formatQuery(...)``)."""
+    return re.sub(r":? In scope SELECT formatQuery\(.*", "", message, flags=re.S).strip()
+
+
 class ClickHouseSink:
     """Writes batches into the warehouse at ``dsn`` and answers read-only queries.
 
     Connections open lazily and reopen after a failure, so one sink lives as long as its
     process: after :class:`SinkUnavailable`, wait and call again. An embedded chDB folder is
     owned by one process at a time; a second process gets :class:`SinkUnavailable` and should
-    go through the owner's query server (:mod:`sinks.query_server`). Thread-safe.
+    go through the owner's query server (:mod:`sinks.query_server`). Thread-safe: writes share
+    one connection, reads run side by side on a pool of ``readers`` connections, each with
+    :class:`ReadLimits` it cannot change.
     """
 
     def __init__(
@@ -436,12 +609,16 @@ class ClickHouseSink:
         *,
         connect_timeout_s: float = 5.0,
         query_timeout_s: float = 300.0,
+        limits: ReadLimits | None = None,
+        readers: int = 4,
     ) -> None:
         self._dsn = normalize_dsn(dsn)
         self._connect_timeout_s = connect_timeout_s
-        self._query_timeout_s = query_timeout_s
+        self._limits = limits or ReadLimits(timeout_s=query_timeout_s)
         self._lock = threading.Lock()
         self._clients: dict[Role, Client] = {}
+        self._readers = _ReadPool(lambda: self._open("read"), readers)
+        self._database: str | None = None
 
     @property
     def dsn(self) -> str:
@@ -451,12 +628,14 @@ class ClickHouseSink:
     def embedded(self) -> bool:
         return self._dsn.startswith("chdb:")
 
+    @property
+    def limits(self) -> ReadLimits:
+        return self._limits
+
     # --- connections ---
 
     def _open(self, role: Role) -> Client:
-        settings = dict(READ_SETTINGS) if role == "read" else {}
-        if role == "read":
-            settings["max_execution_time"] = int(self._query_timeout_s)
+        settings = self._limits.settings(self.embedded) if role == "read" else {}
         if self.embedded:
             return clickhouse_connect.get_client(dsn=self._dsn, tz_mode="aware", settings=settings)
         return clickhouse_connect.get_client(
@@ -464,7 +643,7 @@ class ClickHouseSink:
             tz_mode="aware",
             settings=settings,
             connect_timeout=self._connect_timeout_s,
-            send_receive_timeout=self._query_timeout_s,
+            send_receive_timeout=self._limits.timeout_s + 30,
             # One client serves many threads (the query server): no HTTP session to lock.
             autogenerate_session_id=False,
         )
@@ -489,12 +668,16 @@ class ClickHouseSink:
         try:
             yield
         except DatabaseError as exc:
+            if role == "read" and (exc.code or 0) in LIMIT_CODES:
+                raise QueryLimitExceeded(str(exc)) from exc
             if _is_unavailable(exc):
-                self._drop(role)
+                if role == "write":
+                    self._drop(role)
                 raise SinkUnavailable(self._unavailable_reason(exc)) from exc
             raise failure(str(exc)) from exc
         except OSError as exc:  # a temp file for the chDB insert, a socket
-            self._drop(role)
+            if role == "write":
+                self._drop(role)
             raise SinkUnavailable(f"{self._dsn}: {exc}") from exc
 
     def _unavailable_reason(self, exc: Exception) -> str:
@@ -513,7 +696,7 @@ class ClickHouseSink:
             return False
 
     def close(self) -> None:
-        self._drop("read")
+        self._readers.close()
         self._drop("write")
 
     def __enter__(self) -> ClickHouseSink:
@@ -581,15 +764,24 @@ class ClickHouseSink:
 
     # --- reads ---
 
+    @contextmanager
+    def _reader(self) -> Iterator[Client]:
+        """A read connection of the pool, errors translated (see :meth:`_guard`)."""
+        with self._guard("read", QueryFailed), self._readers.client(self._limits.timeout_s) as c:
+            yield c
+
+    def _run(self, client: Client, sql: str, params: Mapping[str, Any] | None) -> QueryResult:
+        result = client.query(sql, parameters=dict(params or {}))
+        columns, types = tuple(result.column_names), tuple(t.name for t in result.column_types)
+        rows = tuple(tuple(row) for row in result.result_rows)
+        if not columns and _FIRST_WORD_SELECT.match(sql):
+            columns, types = self._describe(client, sql, params)
+        return QueryResult(columns, types, rows)
+
     def _select(self, sql: str, params: Mapping[str, Any] | None = None) -> QueryResult:
-        with self._guard("read", QueryFailed):
-            client = self._client("read")
-            result = client.query(sql, parameters=dict(params or {}))
-            columns, types = tuple(result.column_names), tuple(t.name for t in result.column_types)
-            rows = tuple(tuple(row) for row in result.result_rows)
-            if not columns and _FIRST_WORD_SELECT.match(sql):
-                columns, types = self._describe(client, sql, params)
-            return QueryResult(columns, types, rows)
+        """A read of the platform's own SQL (no guard: not a caller's text)."""
+        with self._reader() as client:
+            return self._run(client, sql, params)
 
     @staticmethod
     def _describe(
@@ -603,13 +795,53 @@ class ClickHouseSink:
         names = tuple(str(row[0]) for row in described.result_rows)
         return names, tuple(str(row[1]) for row in described.result_rows)
 
+    def _current_database(self, client: Client) -> str:
+        if self._database is None:
+            self._database = str(client.query("SELECT currentDatabase()").result_rows[0][0])
+        return self._database
+
+    def check(self, sql: str, params: Mapping[str, Any] | None = None) -> Checked:
+        """The statement guard's decision on ``sql`` (:mod:`sinks.sql_guard`), parsed by this
+        warehouse. Raises :class:`sinks.sql_guard.Refused` or :class:`QueryFailed`."""
+        with self._reader() as client:
+            return self._checked(client, sql, params)
+
+    def _checked(self, client: Client, sql: str, params: Mapping[str, Any] | None) -> Checked:
+        values = {k: str(v) for k, v in (params or {}).items()}
+        return check_query(sql, values, _ClientParser(client), self._current_database(client))
+
+    def query_raw(self, sql: str, params: Mapping[str, str], default_format: str) -> RawResult:
+        """Run one read-only statement and answer the engine's bytes in its output format
+        (the query's ``FORMAT``, else ``default_format``; one of :data:`OUTPUT_FORMATS`): the
+        ClickHouse HTTP protocol's answer. Raises as :meth:`query` does."""
+        with self._reader() as client:
+            checked = self._checked(client, sql, params)
+            fmt = checked.output_format or default_format
+            if fmt not in OUTPUT_FORMATS:
+                raise Refused(f"refused: output format {fmt} is not served here")
+            data = client.raw_query(checked.sql, parameters=dict(params), fmt=fmt)
+            return RawResult(bytes(data), fmt)
+
+    def platform_raw(self, sql: str, fmt: str) -> RawResult:
+        """The platform's own read (not a caller's text: no guard), as bytes in ``fmt``."""
+        with self._reader() as client:
+            return RawResult(bytes(client.raw_query(sql, fmt=fmt)), fmt)
+
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> QueryResult:
         """Run one read-only statement (``{name:Type}`` parameters bound by the server).
 
-        Raises :class:`queries.sqltext.NotReadOnly` for anything but a read, and
-        :class:`QueryFailed` when the warehouse rejects the SQL.
+        Raises :class:`sinks.sql_guard.Refused` (a :class:`queries.sqltext.NotReadOnly`) for
+        anything the statement guard does not let through, :class:`QueryLimitExceeded` when
+        it stops at a limit, and :class:`QueryFailed` when the warehouse rejects the SQL.
         """
-        return self._select(check_read_only(sql), params)
+        with self._reader() as client:
+            checked = self._checked(client, sql, params)
+            if checked.output_format is not None:
+                raise Refused(
+                    f"refused: FORMAT {checked.output_format}: this port answers JSON, "
+                    "choose the format on the client side"
+                )
+            return self._run(client, checked.sql, params)
 
     def _count(self, sql: str, table: str, device_prefix: str) -> int:
         if table not in DEDUPLICATED_TABLES:

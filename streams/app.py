@@ -43,7 +43,7 @@ from streams.cold import DLQ_TOPIC, ColdCounters, ColdPath, DeadLetter, SourceRe
 from streams.ota import Progress, Rollout
 from streams.ota import from_record as rollout_from_record
 from streams.source import COLD_GROUP, BatchSource
-from streams.transactions import Backoff, FailureStreak, is_transient
+from streams.transactions import Backoff, ConsumerFenced, FailureStreak, is_transient
 from streams.twin import TwinDocumentError, delta, from_record
 
 log = logging.getLogger("fleetstream.streams")
@@ -256,8 +256,12 @@ class ColdWorker:
     async def _load_until(self, stopping: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         topics = [topic for topic, _ in SOURCES.values()]
-        source = BatchSource(self.settings, topics, instance=f"{COLD_GROUP}-0")
         consumer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka")
+
+        def new_source() -> BatchSource:
+            return BatchSource(self.settings, topics, instance=f"{COLD_GROUP}-0")
+
+        source = new_source()
         rows, seconds = self.settings.sink_batch_rows, self.settings.sink_batch_seconds
         failures = FailureStreak(Backoff(first=0.2, longest=5.0))
         try:
@@ -274,9 +278,32 @@ class ColdWorker:
                 except Exception as exc:
                     if not is_transient(exc):
                         raise
+                    if isinstance(exc, ConsumerFenced):
+                        # The consumer is dead: a new one starts at the committed offsets.
+                        self._count_transient(exc)
+                        await loop.run_in_executor(consumer_thread, source.close)
+                        if await self._sleep(stopping, failures.next_delay()):
+                            return
+                        source = await loop.run_in_executor(consumer_thread, new_source)
+                        continue
                     await self._rewind(source, consumer_thread, stopping, failures, exc)
         finally:
             await loop.run_in_executor(consumer_thread, source.close)
+
+    def _count_transient(self, exc: BaseException) -> None:
+        self.counters.retries += 1
+        self.transient_errors += 1
+        self.last_transient_error = str(exc)
+        log.warning("transient Kafka error (%s); recovering", exc)
+
+    @staticmethod
+    async def _sleep(stopping: asyncio.Event, delay: float) -> bool:
+        """Wait `delay`; True if asked to stop meanwhile."""
+        try:
+            await asyncio.wait_for(stopping.wait(), delay)
+            return True
+        except TimeoutError:
+            return False
 
     async def _rewind(
         self,
@@ -289,22 +316,15 @@ class ColdWorker:
         """A transient Kafka error (a commit meeting NOT_COORDINATOR while the broker comes
         back, say): back off, then rewind to the last commit, until the rewind succeeds."""
         loop = asyncio.get_running_loop()
-        while not stopping.is_set():
-            self.counters.retries += 1
-            self.transient_errors += 1
-            self.last_transient_error = str(exc)
-            delay = failures.next_delay()
-            log.warning("transient Kafka error (%s); rewinding in %.1fs", exc, delay)
-            try:
-                await asyncio.wait_for(stopping.wait(), delay)
+        while True:
+            self._count_transient(exc)
+            if await self._sleep(stopping, failures.next_delay()):
                 return
-            except TimeoutError:
-                pass
             try:
                 await loop.run_in_executor(consumer_thread, source.rewind)
                 return
             except Exception as again:
-                if not is_transient(again):
+                if not is_transient(again) or isinstance(again, ConsumerFenced):
                     raise
                 exc = again
 

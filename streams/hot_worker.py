@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from infra.process import process_main
@@ -44,7 +44,14 @@ from streams.rbac import GrantSet, Resource
 from streams.registry import DeviceRecord
 from streams.registry_agent import RegistryAgent
 from streams.tables import ChangelogReader, GlobalTable, key_text
-from streams.transactions import Aborted, BatchLoop, Transactions, rewind_to_committed
+from streams.transactions import (
+    Aborted,
+    BatchLoop,
+    ConsumerFenced,
+    Transactions,
+    check_consumed,
+    rewind_to_committed,
+)
 from streams.twin import from_record, to_record
 
 log = logging.getLogger("fleetstream.hot")
@@ -100,9 +107,17 @@ class HotWorker(BatchLoop):
             },
         )
         self.transactions = Transactions(settings, f"{HOT_GROUP}-{settings.hot_instance}")
-        self.consumer = Consumer(
+        self.consumer = self._new_consumer()
+        self._fenced = False  # the consumer hit a fatal error: recover() replaces it
+        self._owned: set[int] = set()
+        self._last_tick = 0.0
+        self.transient_errors = 0  # recovered from (issue 12): broker restarts, timeouts
+        self.last_transient_error = ""
+
+    def _new_consumer(self) -> Consumer:
+        return Consumer(
             {
-                "bootstrap.servers": settings.bootstrap_servers,
+                "bootstrap.servers": self.settings.bootstrap_servers,
                 "group.id": HOT_GROUP,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
@@ -112,13 +127,9 @@ class HotWorker(BatchLoop):
                 "partition.assignment.strategy": "range",
                 # Static membership: a restarted worker takes its partitions back at once
                 # instead of waiting out the dead member's session (45 s).
-                "group.instance.id": f"{HOT_GROUP}-{settings.hot_instance}",
+                "group.instance.id": f"{HOT_GROUP}-{self.settings.hot_instance}",
             }
         )
-        self._owned: set[int] = set()
-        self._last_tick = 0.0
-        self.transient_errors = 0  # recovered from (issue 12): broker restarts, timeouts
-        self.last_transient_error = ""
 
     # ------------------------------------------------------------------ tables
 
@@ -199,6 +210,9 @@ class HotWorker(BatchLoop):
         self.rules.catch_up()
         self.devices.catch_up()
         self.grants.catch_up()
+        self._subscribe()
+
+    def _subscribe(self) -> None:
         self.consumer.subscribe(list(INPUTS), on_assign=self._on_assign, on_revoke=self._on_revoke)
 
     def step(self) -> None:
@@ -207,6 +221,7 @@ class HotWorker(BatchLoop):
         self.devices.poll()
         self.grants.poll()
         batch = self.consumer.consume(self.settings.hot_max_batch, self.settings.hot_poll_ms / 1000)
+        check_consumed(batch)
         started = time.perf_counter()
         out = Emitted()
         now = now_ms()
@@ -281,10 +296,26 @@ class HotWorker(BatchLoop):
         owned = sorted(self._owned)
         self.processor.drop_partitions(owned)
         self.registry.drop_partitions(set(owned))
+        if self._fenced:
+            self._replace_consumer()
+            return
         self.changelogs.restore(owned)
         rewind_to_committed(self.consumer)
 
+    def _replace_consumer(self) -> None:
+        """A new consumer for the dead one: it owns nothing until the group assigns it
+        partitions (whose state `_on_assign` restores) and starts at the committed offsets."""
+        self._owned = set()
+        try:
+            self.consumer.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("closing the failed consumer: %s", exc)
+        self.consumer = self._new_consumer()
+        self._subscribe()
+        self._fenced = False
+
     def on_transient(self, exc: BaseException) -> None:
+        self._fenced = self._fenced or isinstance(exc, ConsumerFenced)
         self.transient_errors += 1
         self.last_transient_error = str(exc)
 

@@ -27,7 +27,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from infra.artifacts import Artifact
@@ -59,7 +59,14 @@ from streams.ota import (
 from streams.rbac import GrantSet, Principal, Resource
 from streams.registry import AuditDecision, AuditRecord, DeviceRecord
 from streams.tables import GlobalTable, key_text, read_to_end
-from streams.transactions import Aborted, BatchLoop, Transactions, rewind_to_committed
+from streams.transactions import (
+    Aborted,
+    BatchLoop,
+    ConsumerFenced,
+    Transactions,
+    check_consumed,
+    rewind_to_committed,
+)
 
 log = logging.getLogger("fleetstream.ota")
 
@@ -67,6 +74,7 @@ OTA_GROUP = "fleetstream-ota"
 REQUESTS, EVENTS, ALERTS, TELEMETRY = "ota.requests", "device.events", "alerts", "telemetry.raw"
 ROLLOUTS, DOWNLINK, AUDIT = "ota.rollouts", "mqtt.downlink", "audit.log"
 DEVICES, GRANTS, ARTIFACTS = "registry.devices", "rbac.grants", "ota.artifacts"
+INPUTS = (REQUESTS, EVENTS, ALERTS, TELEMETRY)
 SCHEMAS = {
     REQUESTS: "OtaRequest",
     EVENTS: "DeviceEvent",
@@ -168,9 +176,14 @@ class OtaWorker(BatchLoop):
         self.grant_table = GlobalTable(settings, GRANTS, self._apply_grants)
         self.artifact_table = GlobalTable(settings, ARTIFACTS, self._apply_artifact)
         self.transactions = Transactions(settings, f"{OTA_GROUP}-0")
-        self.consumer = Consumer(
+        self.consumer = self._new_consumer()
+        self._fenced = False  # the consumer hit a fatal error: recover() replaces it
+        self._last_tick = 0.0
+
+    def _new_consumer(self) -> Consumer:
+        return Consumer(
             {
-                "bootstrap.servers": settings.bootstrap_servers,
+                "bootstrap.servers": self.settings.bootstrap_servers,
                 "group.id": OTA_GROUP,
                 "group.instance.id": f"{OTA_GROUP}-0",
                 "enable.auto.commit": False,
@@ -178,7 +191,6 @@ class OtaWorker(BatchLoop):
                 "isolation.level": "read_committed",
             }
         )
-        self._last_tick = 0.0
 
     # ------------------------------------------------------------------ tables
 
@@ -253,13 +265,14 @@ class OtaWorker(BatchLoop):
         self.artifact_table.catch_up()
         self._joined.clear()  # the registry as it stands is what planning sees
         self._restore_rollouts()
-        self.consumer.subscribe([REQUESTS, EVENTS, ALERTS, TELEMETRY])
+        self.consumer.subscribe(list(INPUTS))
 
     def step(self) -> None:
         self.device_table.poll()
         self.grant_table.poll()
         self.artifact_table.poll()
         messages = self.consumer.consume(5000, 0.05)
+        check_consumed(messages)
         batch = Batch()
         consumed = False
         for msg in messages:
@@ -385,9 +398,20 @@ class OtaWorker(BatchLoop):
         self._joined[:0] = self._joins_in_flight
         self._joins_in_flight = []
         self._restore_rollouts()
+        if self._fenced:
+            # A new consumer for the dead one: it starts at the committed offsets.
+            try:
+                self.consumer.close()
+            except (KafkaException, RuntimeError) as exc:
+                log.warning("closing the failed consumer: %s", exc)
+            self.consumer = self._new_consumer()
+            self.consumer.subscribe(list(INPUTS))
+            self._fenced = False
+            return
         rewind_to_committed(self.consumer)
 
     def on_transient(self, exc: BaseException) -> None:
+        self._fenced = self._fenced or isinstance(exc, ConsumerFenced)
         self.transient_errors += 1
         self.last_transient_error = str(exc)
 

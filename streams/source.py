@@ -20,7 +20,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 
 from infra.settings import Settings
 from streams.cold import SourceRecord
-from streams.transactions import rewind_to_committed
+from streams.transactions import check_consumed, rewind_to_committed
 
 COLD_GROUP = "fleetstream-cold"
 
@@ -56,6 +56,7 @@ class BatchSource:
         while len(batch) < max_records:
             wait = 1.0 if deadline is None else max(0.0, deadline - time.monotonic())
             messages = self._consumer.consume(min(max_records - len(batch), 10_000), wait)
+            check_consumed(messages)
             batch.extend(to_source_record(m) for m in messages if m.error() is None)
             if batch and deadline is None:
                 deadline = time.monotonic() + within_s

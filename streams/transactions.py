@@ -25,6 +25,7 @@ from confluent_kafka import (
     Consumer,
     KafkaError,
     KafkaException,
+    Message,
     Producer,
     TopicPartition,
 )
@@ -84,12 +85,28 @@ class Aborted(Exception):
     """A worker's transaction was aborted: the loop backs off, then rewinds (recover)."""
 
 
+class ConsumerFenced(Exception):
+    """A consumer hit a fatal error (a static member fenced: a lone member fences itself when
+    it rejoins blind after a coordinator stall, as after a broker restart here). The consumer
+    is dead; the worker replaces it with a new one (same group.instance.id), which starts at
+    the committed offsets: a rewind like any other."""
+
+
+def check_consumed(messages: Iterable[Message]) -> None:
+    """Raise ConsumerFenced if a consumed batch carries the consumer's fatal error (librdkafka
+    reports it as an error event; the consumer gets nothing more after it)."""
+    for msg in messages:
+        error = msg.error()
+        if error is not None and (error.fatal() or error.code() == KafkaError._FATAL):
+            raise ConsumerFenced(str(error))
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for what a rewind and a retry get past: any Kafka error that is not fatal (the
     listed ones, those librdkafka flags retriable or abortable, and the rest, which a restart
     of the process would meet again), and a table read that timed out while a broker was away.
     """
-    if isinstance(exc, (TimeoutError, Aborted)):
+    if isinstance(exc, (TimeoutError, Aborted, ConsumerFenced)):
         return True
     return isinstance(exc, KafkaException) and not is_fatal(exc)
 

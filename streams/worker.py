@@ -13,9 +13,9 @@ import threading
 
 from infra.settings import Settings, load_settings
 from sinks.clickhouse import SinkUnavailable
-from sinks.query_server import start_query_server
 from streams.app import ColdWorker
 from streams.cold import Backoff
+from streams.query_access import serve_warehouse_queries
 
 log = logging.getLogger("fleetstream.worker")
 
@@ -46,7 +46,7 @@ async def serve(settings: Settings) -> None:
     if not apply_schema(worker, halt):
         worker.close()
         return
-    server = start_query_server(worker.sink, settings.host, settings.query_port)
+    server = serve_warehouse_queries(settings)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

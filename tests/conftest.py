@@ -27,6 +27,7 @@ TEST_SETTINGS = {
     "registry_management_port": 9001 + PORT_OFFSET,
     "mqtt_port": 8883 + PORT_OFFSET,
     "query_port": 8124 + PORT_OFFSET,
+    "query_timeout_s": 5.0,  # short, so the query port's time-limit test ends quickly
     "api_port": 8090 + PORT_OFFSET,
     "default_partitions": 3,
 }

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from infra.services.base import ServiceError
 from infra.services.platform import PlatformProcess
 from infra.settings import Settings
+from ingest.health import ingesting
 
 
 class BridgeService(PlatformProcess):
@@ -23,7 +25,10 @@ class BridgeService(PlatformProcess):
         return ()
 
     def ready(self) -> bool:
-        return self.reported_by_me() and bool(self.counters().get("connected"))
+        """Up means ingesting, not merely connected (ingest/health.py): subscribed, and a
+        message (a canary at least) went broker -> this bridge -> Kafka within the last
+        seconds. So `fleet status` cannot say up while this replica's ingest is dead."""
+        return self.reported_by_me() and ingesting(self.counters(), time.time())
 
     @property
     def status_path(self) -> Path:

@@ -29,8 +29,9 @@ with 0x87 any SUBSCRIBE of a device outside `devices/<its CN>` and below, `$shar
 platform identities and allowed filters it defers to the plugins and ACL file after it.
 
 Size: `message_size_limit` is the envelope's payload limit (ingest/envelope.py), so an oversize
-QoS 1 publish is answered PUBACK 0x95 (packet too large) and dropped by the broker; the device
-stays connected. The bridge never sees it.
+QoS 1 publish is answered PUBACK 0x95 (packet too large) and dropped by the broker, which keeps
+the connection (0x95 is no PUBACK code in MQTT 5: paho takes it as malformed; README). The bridge
+never sees it.
 """
 
 from __future__ import annotations

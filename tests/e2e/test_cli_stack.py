@@ -37,9 +37,11 @@ def test_status_json_lists_every_service_and_topic(stack: Stack, settings: Setti
         "hot-worker",
         "ota-controller",
         "api",
+        "supervisor",
     }
     for name, service in services.items():
         assert service["state"] == "up", name
+        assert isinstance(service["restarts"], int), name
         assert service["host"] == "127.0.0.1"
         assert isinstance(service["pid"], int)
         assert service["version"]
@@ -64,6 +66,8 @@ def test_down_then_up_brings_back_topics_and_schemas(stack: Stack, settings: Set
     for service in stack.services:
         assert service.status().state == "down"
         assert pids_before[service.name] is not None
+        # Stopped on purpose, the supervisor first: nothing is started again behind `down`.
+        assert not service.wanted(), service.name
     stopped = _fleet(settings, "status", "--json")
     assert stopped.returncode == 3  # not everything up
 

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
+import re
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from infra.pki import CertificateAuthority
+from infra.pki import BRIDGE_IDENTITIES, CertificateAuthority
 from infra.provision import provision_device
 from infra.services.base import wait_until
 from infra.services.bridge import BridgeService
 from infra.services.mosquitto import DYNSEC_TOPIC
 from infra.settings import Settings
+from infra.simulator import FleetStats, SimulatedDevice
 from infra.stack import Stack
+from ingest.envelope import MAX_PAYLOAD_BYTES
 from tests.conftest import DeviceIdentity
 from tests.support.kafka import collect
 from tests.support.mqtt import BrokerLog, MqttSession, connect
@@ -36,7 +42,9 @@ def test_a_device_publishes_only_under_its_own_topics(
 ) -> None:
     device, other = make_device(), make_device()
     watcher = _orchestrator(stack, settings)
-    assert watcher.subscribe("devices/#")[0].value < 128
+    # Both devices' subtrees (not `devices/#`, which also carries the bridges' canaries).
+    for watched in (device, other):
+        assert watcher.subscribe(f"devices/{watched.device_id}/#")[0].value < 128
     session = connect(settings, device.cert, device.key, device.device_id)
     assert session is not None
     try:
@@ -58,15 +66,15 @@ def test_a_device_publishes_only_under_its_own_topics(
 def test_a_device_never_receives_another_devices_messages(
     settings: Settings, make_device: Callable[..., DeviceIdentity]
 ) -> None:
-    # Mosquitto 2.0 grants the SUBACK of a foreign filter and applies the read ACL at delivery,
-    # so what matters (and is asserted) is that nothing of the other device is delivered.
+    # The foreign filter is refused at SUBSCRIBE (our plugin); the read ACL at delivery stays a
+    # second line: nothing of the other device is delivered.
     spy, other = make_device(), make_device()
     spy_session = connect(settings, spy.cert, spy.key, spy.device_id)
     other_session = connect(settings, other.cert, other.key, other.device_id)
     assert spy_session is not None
     assert other_session is not None
     try:
-        spy_session.subscribe(f"devices/{other.device_id}/#")
+        assert spy_session.subscribe(f"devices/{other.device_id}/#")[0].value == NOT_AUTHORIZED
         spy_session.subscribe(f"devices/{spy.device_id}/#")
         assert other_session.publish(f"devices/{other.device_id}/telemetry", b"secret").value < 128
         # The other device's message was routed before this PUBACK: a sentinel on the spy's own
@@ -178,9 +186,11 @@ def test_a_device_cannot_disconnect_a_platform_client(
     asked = f"orch-{uuid.uuid4().hex[:8]}"
     watcher = connect(settings, files.orchestrator_cert, files.orchestrator_key, asked)
     assert watcher is not None
-    assert watcher.subscribe("devices/#")[0].value < 128
     # One device asks for the id the platform client asked for, one for its identity's name.
     attackers = [make_device("atk"), make_device("atk")]
+    # The attackers' topics only: `devices/#` also carries the bridges' canaries.
+    for attacker in attackers:
+        assert watcher.subscribe(f"devices/{attacker.device_id}/#")[0].value < 128
     intruders = [
         _intrude(settings, attacker, victim_id, log)
         for attacker, victim_id in zip(attackers, (asked, "orchestrator"), strict=True)
@@ -361,3 +371,169 @@ def test_an_offline_device_in_the_bridges_share_group_loses_nothing(
     )
     assert len(stored) == 200
     assert granted == [NOT_AUTHORIZED]
+
+
+# --------------------------------------------------------------------------- no subscriber
+
+
+NO_MATCHING_SUBSCRIBERS = 0x10
+
+
+def test_mosquitto_answers_0x10_without_subscriber_and_queues_for_an_offline_shared_one(
+    stack: Stack, settings: Settings
+) -> None:
+    """What Mosquitto 2.0.11 does with a QoS 1 publish nobody is subscribed to (README)."""
+    topic = f"probe/{uuid.uuid4().hex[:10]}"
+    publisher = _orchestrator(stack, settings)
+    files = stack.mosquitto.files
+    name = BRIDGE_IDENTITIES[-1]  # a platform identity no test stack runs a bridge under
+    try:
+        assert publisher.publish(topic, b"nobody").value == NO_MATCHING_SUBSCRIBERS
+        member = connect(
+            settings,
+            files.identity_cert(name),
+            files.identity_key(name),
+            name,
+            session_expiry_s=600,
+        )
+        assert member is not None
+        assert member.subscribe(f"$share/probe/{topic}")[0].value < 128
+        member.close()  # offline; its session and shared subscription are kept
+        assert publisher.publish(topic, b"queued").value == 0  # success: queued for it
+        back = connect(
+            settings,
+            files.identity_cert(name),
+            files.identity_key(name),
+            name,
+            clean_start=False,
+            session_expiry_s=600,
+        )
+        assert back is not None
+        try:
+            assert back.session_present
+            assert [m.payload for m in back.wait_for_messages(1)] == [b"queued"]
+        finally:
+            back.close()
+    finally:
+        publisher.close()
+        ended = connect(settings, files.identity_cert(name), files.identity_key(name), name)
+        if ended is not None:  # clean start, no expiry: the session ends with it
+            ended.close()
+
+
+async def _eventually(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        await asyncio.sleep(0.05)
+    return condition()
+
+
+def test_a_device_keeps_what_no_bridge_subscription_took_after_a_broker_restart(
+    stack: Stack, settings: Settings, ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    """Mosquitto 2.0.11 does not persist shared subscriptions (persist__subs_save saves plain
+    ones only): after a restart the bridges' sessions come back without `$share/ingest/...`
+    until they subscribe again, and a device's telemetry meanwhile gets PUBACK 0x10. The
+    simulated device keeps each such message and sends it again: nothing is lost."""
+    creds = provision_device(ca, f"dev-{uuid.uuid4().hex[:10]}", tmp_path, "ec")
+    bridges = list(stack.bridges)
+    count = 50
+    for bridge in bridges:
+        bridge.stop()
+    try:
+        stack.mosquitto.stop()
+        stack.mosquitto.start(settings.startup_timeout_s)
+
+        async def scenario() -> FleetStats:
+            stats = FleetStats(devices=1)
+            device = SimulatedDevice(creds, settings, stats, random.Random(1))
+            assert await device.connect()
+            try:
+                for _ in range(count):
+                    device.queue_telemetry()
+                device.flush_outbox()
+                expected = len(device.sent)  # the telemetry, its events and a reported document
+
+                def answered() -> bool:  # every message answered once, one way or another
+                    return stats.acked + stats.summary().get("no_subscribers", 0) >= expected
+
+                assert await _eventually(answered, timeout=30)
+                for bridge in bridges:  # a bridge subscribes on start
+                    await asyncio.to_thread(bridge.start, settings.startup_timeout_s)
+                assert await device.drain(timeout=60)
+            finally:
+                await device.close()
+            assert device.seq["telemetry"] == count
+            return stats
+
+        stats = asyncio.run(scenario())
+    finally:
+        for bridge in bridges:
+            if not bridge.ready():
+                bridge.start(settings.startup_timeout_s)
+    mine = creds.device_id.encode()
+    stored = collect(
+        settings,
+        "telemetry.raw",
+        keep=lambda m: m.key() == mine,
+        done=lambda got: len(got) >= count,
+        timeout=30,
+    )
+    assert len(stored) == count
+    assert stats.no_subscribers >= count  # the broker did answer 0x10 while no bridge was there
+    assert stats.refused == 0
+
+
+# --------------------------------------------------------------------------- size limit
+
+
+PACKET_TOO_LARGE = 0x95
+_PUBACK_LINE = re.compile(r"received PUBACK \(Mid: \d+, RC:(\d+)\)")
+
+
+def _mosquitto_pub(
+    settings: Settings, device: DeviceIdentity, payload: Path, timeout: float = 30
+) -> list[int]:
+    """Publish ``payload`` at QoS 1 with Mosquitto's own client; the PUBACK reason codes seen."""
+    done = subprocess.run(
+        [
+            "mosquitto_pub",
+            "-d",
+            "-V",
+            "mqttv5",
+            "-h",
+            settings.host,
+            "-p",
+            str(settings.mqtt_port),
+            "--cafile",
+            str(settings.pki_dir / "ca.crt"),
+            "--cert",
+            str(device.cert),
+            "--key",
+            str(device.key),
+            "-t",
+            f"devices/{device.device_id}/telemetry",
+            "-q",
+            "1",
+            "-f",
+            str(payload),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return [int(code) for code in _PUBACK_LINE.findall(done.stdout + done.stderr)]
+
+
+def test_the_broker_refuses_a_payload_over_the_envelopes_limit(
+    stack: Stack, settings: Settings, make_device: Callable[..., DeviceIdentity], tmp_path: Path
+) -> None:
+    """Issue 12, finding 5: a payload over 64 KiB was PUBACKed and handed to the bridge."""
+    device = make_device()
+    at_limit, over = tmp_path / "at-limit.bin", tmp_path / "over.bin"
+    at_limit.write_bytes(b"a" * MAX_PAYLOAD_BYTES)  # the bridge dead-letters it (not JSON)
+    over.write_bytes(b"a" * (MAX_PAYLOAD_BYTES + 1))
+    assert _mosquitto_pub(settings, device, at_limit) == [0]
+    assert _mosquitto_pub(settings, device, over) == [PACKET_TOO_LARGE]

@@ -35,10 +35,13 @@ from sinks.clickhouse import (
     QueryFailed,
     SinkUnavailable,
 )
-from sinks.query_server import QueryServer, start_query_server
+from sinks.query_server import QueryServer, start_query_server, write_platform_secret
+from sinks.sql_guard import Refused
 from streams.app import ota_events_rows, twin_history_rows
 from streams.ota import OtaStatus
 from streams.ota import to_record as rollout_to_record
+from streams.query_access import TokenAccess
+from streams.tokens import TokenAuthority
 from streams.twin import Accepted, Twin, apply_desired, apply_reported, to_record
 
 MINUTE_MS = 60_000
@@ -92,16 +95,26 @@ def raw(sink: ClickHouseSink) -> Iterator[Client]:
 
 
 @pytest.fixture(scope="module")
-def server(sink: ClickHouseSink) -> Iterator[QueryServer]:
-    with start_query_server(sink, "127.0.0.1", 0) as running:
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The state folder of the server's "stack": its run folder holds the platform secret."""
+    return tmp_path_factory.mktemp("state")
+
+
+@pytest.fixture(scope="module")
+def server(sink: ClickHouseSink, state_dir: Path) -> Iterator[QueryServer]:
+    tokens = TokenAuthority.load_or_create(state_dir / "pki" / "api")
+    access = TokenAccess(tokens, dict, write_platform_secret(state_dir / "run"))
+    with start_query_server(sink, "127.0.0.1", 0, access) as running:
         yield running
 
 
 @pytest.fixture(scope="module", params=["server", "direct"])
-def via(request: pytest.FixtureRequest, sink: ClickHouseSink, server: QueryServer) -> Settings:
+def via(
+    request: pytest.FixtureRequest, sink: ClickHouseSink, server: QueryServer, state_dir: Path
+) -> Settings:
     """Settings for `fleet sql`: through the owner's query server, or opening the folder."""
     port = server.address[1] if request.param == "server" else free_port()
-    return Settings(warehouse_url=sink.dsn, query_port=port)
+    return Settings(warehouse_url=sink.dsn, query_port=port, state_dir=state_dir)
 
 
 @pytest.fixture
@@ -387,15 +400,20 @@ def test_an_empty_result_keeps_its_columns(via: Settings) -> None:
 
 
 def test_the_read_path_is_read_only_in_the_engine(sink: ClickHouseSink, via: Settings) -> None:
-    with pytest.raises(QueryFailed, match="readonly"):
+    with pytest.raises(Refused, match="SETTINGS"):
         sink.query("SELECT 1 SETTINGS readonly = 0")
+    # Past the guard, the engine refuses too: the read connections run with readonly=1.
+    with pytest.raises(QueryFailed, match="readonly"):
+        sink._select("SELECT 1 SETTINGS max_execution_time = 0")
     with pytest.raises(QueryError, match="read-only"):
         fetch(via, "INSERT INTO telemetry (device_id, seq) VALUES ('x', 1)")
     with pytest.raises(QueryError, match="UNKNOWN_IDENTIFIER"):
         fetch(via, "SELECT no_such_column FROM telemetry")
 
 
-def run_fleet_sql(sql: str, port: int, dsn: str) -> subprocess.CompletedProcess[str]:
+def run_fleet_sql(
+    sql: str, port: int, dsn: str, state_dir: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """`fleet sql --format json` in another process (what an analyst runs)."""
     code = (
         "import sys\n"
@@ -408,6 +426,8 @@ def run_fleet_sql(sql: str, port: int, dsn: str) -> subprocess.CompletedProcess[
         "    sys.exit(2)\n"
     )
     env = {**os.environ, "FLEET_WAREHOUSE_URL": dsn, "FLEET_QUERY_PORT": str(port)}
+    if state_dir is not None:  # where the platform secret is
+        env["FLEET_STATE_DIR"] = str(state_dir)
     return subprocess.run(
         [sys.executable, "-c", code, sql],
         cwd=PROJECT_ROOT,
@@ -420,11 +440,11 @@ def run_fleet_sql(sql: str, port: int, dsn: str) -> subprocess.CompletedProcess[
 
 
 def test_another_process_queries_through_the_owner(
-    sink: ClickHouseSink, server: QueryServer, prefix: str
+    sink: ClickHouseSink, server: QueryServer, prefix: str, state_dir: Path
 ) -> None:
     sink.write_telemetry([reading(f"{prefix}x", s, now_ms()) for s in range(3)])
     sql = f"SELECT count() AS n, any(device_id) AS d FROM telemetry WHERE device_id = '{prefix}x'"
-    done = run_fleet_sql(sql, server.address[1], sink.dsn)
+    done = run_fleet_sql(sql, server.address[1], sink.dsn, state_dir)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == [{"n": 3, "d": f"{prefix}x"}]
 

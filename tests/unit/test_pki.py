@@ -264,3 +264,20 @@ def test_a_key_file_that_is_no_key_is_refused(tmp_path: Path) -> None:
         load_encrypted_key(path, PASSPHRASE)
     with pytest.raises(KeyFileError, match="cannot read"):
         load_encrypted_key(tmp_path / "missing.pem", PASSPHRASE)
+
+
+def test_a_key_in_a_legacy_encrypted_format_is_rewritten_as_encrypted_pkcs8(
+    tmp_path: Path, ec_key: PrivateKey
+) -> None:
+    path = tmp_path / "legacy.key"
+    path.write_bytes(
+        ec_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.BestAvailableEncryption(PASSPHRASE),
+        )
+    )
+    assert b"Proc-Type: 4,ENCRYPTED" in path.read_bytes()
+    assert load_encrypted_key(path, PASSPHRASE).public_key() == ec_key.public_key()
+    assert path.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    assert load_encrypted_key(path, PASSPHRASE).public_key() == ec_key.public_key()

@@ -19,8 +19,10 @@ from streams.transactions import (
     Aborted,
     Backoff,
     BatchLoop,
+    ConsumerFenced,
     FailureStreak,
     Transactions,
+    check_consumed,
     is_fatal,
     is_transient,
     rewind_positions,
@@ -345,6 +347,7 @@ def hot_worker(changelogs: FakeChangelogs, consumer: FakeConsumer) -> HotWorker:
     worker.transactions = FakeTransactions()  # type: ignore[assignment]
     worker.consumer = consumer  # type: ignore[assignment]
     worker._owned = {0, 1}
+    worker._fenced = False
     return worker
 
 
@@ -377,3 +380,18 @@ def test_a_hot_transaction_that_is_aborted_goes_to_the_loop_to_rewind() -> None:
 
     with pytest.raises(Aborted):
         worker._commit(Emitted(), consumed=True)
+
+
+@dataclass
+class FakeMessage:
+    err: KafkaError | None
+
+    def error(self) -> KafkaError | None:
+        return self.err
+
+
+def test_a_fenced_consumer_is_noticed_not_skipped_like_other_event_errors() -> None:
+    check_consumed([FakeMessage(None), FakeMessage(KafkaError(KafkaError._PARTITION_EOF))])
+    with pytest.raises(ConsumerFenced):
+        check_consumed([FakeMessage(KafkaError(KafkaError._FATAL, "fenced", fatal=True))])
+    assert is_transient(ConsumerFenced("static member fenced"))

@@ -370,7 +370,7 @@ def test_artifact_file_stays_in_the_store(
 
 
 def _accepted(device_id: str, payload: bytes) -> dict[str, Any]:
-    # Received the instant it was stamped: the format is under test here, not the ts window.
+    # Received as sent: its ts must lie in the bridge's window around the receive time.
     result = validate_ota_status(device_id, payload, json.loads(payload)["ts"])
     assert isinstance(result, Accepted), result
     return result.record

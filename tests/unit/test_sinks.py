@@ -33,7 +33,16 @@ from sinks.clickhouse import (
     normalize_dsn,
     telemetry_to_arrow,
 )
-from sinks.query_server import QueryServer, answer, start_query_server
+from sinks.query_server import (
+    AccessDenied,
+    Caller,
+    QueryServer,
+    answer,
+    bearer_token,
+    read_platform_secret,
+    start_query_server,
+    write_platform_secret,
+)
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z in epoch ms
 
@@ -273,8 +282,8 @@ def test_the_server_answers_columns_and_json_safe_rows() -> None:
 @pytest.mark.parametrize(
     ("payload", "status", "kind"),
     [
-        (body(sql="INSERT INTO telemetry VALUES (1)"), HTTPStatus.BAD_REQUEST, "not_read_only"),
-        (body(sql="DROP TABLE telemetry"), HTTPStatus.BAD_REQUEST, "not_read_only"),
+        (body(sql="INSERT INTO telemetry VALUES (1)"), HTTPStatus.BAD_REQUEST, "refused"),
+        (body(sql="DROP TABLE telemetry"), HTTPStatus.BAD_REQUEST, "refused"),
         (body(sql="SELECT boom"), HTTPStatus.BAD_REQUEST, "sql"),
         (body(sql="SELECT down"), HTTPStatus.SERVICE_UNAVAILABLE, "unavailable"),
         (body(sql="SELECT bug"), HTTPStatus.INTERNAL_SERVER_ERROR, "internal"),
@@ -302,15 +311,30 @@ def test_the_server_accepts_its_own_warehouse_by_any_spelling() -> None:
     assert reply.status == HTTPStatus.OK
 
 
+class OneToken:
+    """An authenticator that knows one token (the real one: streams/query_access.py)."""
+
+    def authenticate(self, token: str | None) -> Caller:
+        if token is None:
+            raise AccessDenied(HTTPStatus.UNAUTHORIZED, "a bearer token is required")
+        if token != "good":
+            raise AccessDenied(HTTPStatus.FORBIDDEN, "no grant", "user:x")
+        return Caller("user:a")
+
+
 @pytest.fixture
 def server() -> Iterator[QueryServer]:
-    with start_query_server(FakeBackend(), "127.0.0.1", 0) as running:
+    with start_query_server(FakeBackend(), "127.0.0.1", 0, OneToken()) as running:
         yield running
 
 
-def post(server: QueryServer, path: str, data: bytes) -> tuple[int, Any]:
+def post(
+    server: QueryServer, path: str, data: bytes, token: str | None = "good"
+) -> tuple[int, Any]:
     host, port = server.address
     request = urllib.request.Request(f"http://{host}:{port}{path}", data=data)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
             return response.status, json.load(response)
@@ -321,8 +345,44 @@ def post(server: QueryServer, path: str, data: bytes) -> tuple[int, Any]:
 def test_the_server_speaks_http(server: QueryServer) -> None:
     assert post(server, "/query", body(sql="SELECT 1"))[0] == 200
     status, error = post(server, "/query", body(sql="DELETE FROM telemetry WHERE 1"))
-    assert (status, error["kind"]) == (400, "not_read_only")
+    assert (status, error["kind"]) == (400, "refused")
     assert post(server, "/nope", b"{}")[0] == 404
     host, port = server.address
     with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=5) as response:
         assert json.load(response) == {"status": "ok", "warehouse": FakeBackend.dsn}
+
+
+def test_the_server_wants_a_token_before_anything(server: QueryServer) -> None:
+    status, error = post(server, "/query", body(sql="SELECT 1"), token=None)
+    assert (status, error["kind"]) == (401, "unauthorized")
+    status, error = post(server, "/query", body(sql="SELECT 1"), token="bad")
+    assert (status, error["kind"], error["error"]) == (403, "forbidden", "no grant")
+
+
+@pytest.mark.parametrize(
+    ("header", "token"),
+    [
+        (None, None),
+        ("", None),
+        ("Bearer", None),
+        ("Bearer  ", None),
+        ("Basic dXNlcjpwYXNz", None),
+        ("Bearer abc.def", "abc.def"),
+        ("bearer  abc ", "abc"),
+    ],
+)
+def test_bearer_tokens_are_read_from_the_authorization_header(
+    header: str | None, token: str | None
+) -> None:
+    assert bearer_token(header) == token
+
+
+def test_the_platform_secret_is_private_and_new_each_time(tmp_path: Any) -> None:
+    first = write_platform_secret(tmp_path / "run")
+    second = write_platform_secret(tmp_path / "run")
+    assert first != second
+    assert len(second) >= 40
+    assert read_platform_secret(tmp_path / "run") == second
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["query-port.secret"]
+    assert (tmp_path / "run" / "query-port.secret").stat().st_mode & 0o777 == 0o600
+    assert read_platform_secret(tmp_path / "elsewhere") is None
