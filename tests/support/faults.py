@@ -20,13 +20,13 @@ import signal
 import struct
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import clickhouse_connect
+from clickhouse_connect.driver.exceptions import ClickHouseError
 from gmqtt.storage import PersistentStorage
 
 from infra.provision import DeviceCredentials
@@ -42,6 +42,7 @@ from infra.simulator import (
     save_seq,
 )
 from infra.stack import Stack
+from sinks.query_server import read_platform_secret
 from tests.support.mqtt import MqttSession, connect
 
 # A message of the run: (kind, device id, seq); kind is "telemetry" or "events".
@@ -219,24 +220,27 @@ def start_recorded_fleet(
 
 
 def query(settings: Settings, sql: str, params: dict[str, str] | None = None) -> list[list[Any]]:
-    """Rows of a read through the cold worker's query server (OSError if it does not answer).
+    """Rows of a read through the cold worker's query server, over the ClickHouse HTTP
+    protocol as any client, with the platform's secret (OSError if it does not answer).
 
     The server reads with FINAL applied (``final = 1``), as every analyst query does.
     """
-    body = json.dumps(
-        {"sql": sql, "params": params or {}, "warehouse": settings.warehouse_dsn}
-    ).encode()
-    request = urllib.request.Request(
-        f"http://{settings.host}:{settings.query_port}/query",
-        data=body,
-        headers={"Content-Type": "application/json"},
-    )
     try:
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            rows: list[list[Any]] = json.loads(answer.read())["rows"]
-            return rows
-    except urllib.error.HTTPError as exc:
-        raise OSError(f"query refused ({exc.code}): {exc.read()[:300]!r}") from exc
+        client = clickhouse_connect.get_client(
+            host=settings.host,
+            port=settings.query_port,
+            username="fleet-faults",
+            password=read_platform_secret(settings.run_dir) or "",
+            connect_timeout=5,
+            send_receive_timeout=30,
+            autogenerate_session_id=False,
+        )
+        try:
+            return [list(row) for row in client.query(sql, parameters=params or {}).result_rows]
+        finally:
+            client.close()
+    except ClickHouseError as exc:
+        raise OSError(f"query server: {str(exc)[:300]}") from exc
 
 
 @dataclass(frozen=True)
