@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from infra.keys import key_passphrase
@@ -71,8 +72,10 @@ from tests.support.faults import (
 DEVICES = 30
 MESSAGES = 80  # telemetry per device: 2,400 per case, plus about 50 events
 RATE = 20.0  # per device and second: the stream lasts about 4 s
-# A supervisor restarts a dead process within seconds; a Kafka broker's JVM takes longest.
-RECOVERY_S = float(os.environ.get("FLEET_FAULTS_RECOVERY_S", "60"))
+# A supervisor restarts a dead process within seconds; a JVM (Kafka replaying its logs after a
+# SIGKILL, Apicurio its journal) takes longest: 58 s seen for Kafka on a loaded 2-core box.
+RECOVERY_S = float(os.environ.get("FLEET_FAULTS_RECOVERY_S", "45"))
+JVM_RECOVERY_S = float(os.environ.get("FLEET_FAULTS_JVM_RECOVERY_S", "150"))
 SETTLE_S = 120.0
 RESULTS = PROJECT_ROOT / ".state" / f"faults-{PORT_OFFSET}.jsonl"
 # The three-broker stack sits 1000 ports above the test stack's (18000 beside 17000).
@@ -193,7 +196,7 @@ def _human_up(stack: Stack, result: CaseResult, target: str) -> None:
             for bridge in stack.bridges:
                 bridge.stop()
         stack.up()
-    except ServiceError as exc:
+    except (ServiceError, KafkaException) as exc:  # `up` ends with a status (Kafka lag)
         result.problems.append(f"`fleet up` failed after the fault: {exc}")
 
 
@@ -221,6 +224,8 @@ def run_case(
     assert _first_rows_stored(settings, prefix), (
         "before the fault, nothing of the run reached the warehouse: the stack was not healthy"
     )
+    jvm = target_name.startswith("kafka") or target_name == "registry"
+    deadline_s = JVM_RECOVERY_S if jvm else RECOVERY_S
     restarts_before = _restarts(stack, target_name)
     if keep_down:
         # "Without any restart of that broker": the supervisor would start it again within
@@ -240,7 +245,7 @@ def run_case(
         target,
         injected,
         Probe(settings, probe_creds),
-        RECOVERY_S,
+        deadline_s,
         need_status_up=not keep_down,
     )
     recovery = result.recovery
@@ -259,7 +264,7 @@ def run_case(
     if not ok:
         recovery.human = True
         result.problems.append(
-            f"no recovery without a human within {RECOVERY_S:.0f}s: status up "
+            f"no recovery without a human within {deadline_s:.0f}s: status up "
             f"{recovery.status_up_s}, stores again {recovery.stores_again_s}, "
             f"{target_name} restarted {recovery.restarted_s}"
         )
