@@ -8,7 +8,8 @@ prefix, so the warehouse is counted per run). A case
    them followed by an event) and waits until the run's first rows are in the warehouse;
 2. signals the service, then polls, without touching anything, until `fleet status` says every
    service is up and a message published after the fault is stored (its recovery time);
-3. if nothing came back within RECOVERY_S, records that as a failure and runs `fleet up`
+3. if nothing came back within RECOVERY_S (JVM_RECOVERY_S for Kafka and Apicurio), records
+   that as a failure and runs `fleet up`
    itself (a human), so the data check still says what was lost;
 4. once the fleet drained (every message PUBACKed), compares the warehouse with the published
    set: `uniqExact(device_id, seq)` (the same with or without FINAL) and the set of keys must
