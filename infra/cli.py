@@ -682,6 +682,61 @@ def ota_status(
     console.print(table)
 
 
+# --- fleet jobs: data engineers' Faust jobs (streams/jobs/, infra/jobs.py) ----------------------
+
+jobs_app = typer.Typer(help="Data engineers' stream jobs: Faust agents on the platform's topics.")
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.command("run")
+def jobs_run(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="The job's .py file."),
+    web_port: int = typer.Option(None, help="Serve the worker's Faust web view on this port."),
+    loglevel: str = typer.Option("info", help="Faust log level."),
+) -> None:
+    """Run FILE.py as a Faust worker in the foreground (consumer group: the file's name)."""
+    from infra.jobs import run_job
+
+    try:
+        run_job(_settings(), file, web_port, loglevel)
+    except ValueError as exc:
+        raise _fail(exc) from exc
+
+
+@jobs_app.command("new")
+def jobs_new(
+    name: str = typer.Argument(..., help="The job's name (a module name: lower_case)."),
+    directory: Path = typer.Option(Path("."), "--dir", help="Where the files go."),
+) -> None:
+    """Write NAME.py (a starting job) and test_NAME.py (its unit test)."""
+    from infra.jobs import scaffold
+
+    try:
+        job, test = scaffold(directory, name)
+    except (ValueError, FileExistsError) as exc:
+        raise _fail(exc) from exc
+    console.print(f"wrote {job} and {test}; run it with: fleet jobs run {job}")
+
+
+@jobs_app.command("list")
+def jobs_list(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Jobs that ran on this stack, with state and consumer lag."""
+    from infra.jobs import list_jobs
+
+    jobs = list_jobs(_settings())
+    if as_json:
+        sys.stdout.write(json.dumps([job.__dict__ for job in jobs]) + "\n")
+        return
+    table = Table(title="jobs")
+    for column in ("name", "state", "lag", "file"):
+        table.add_column(column)
+    for job in jobs:
+        table.add_row(job.name, job.state, "?" if job.lag is None else str(job.lag), job.file)
+    console.print(table)
+
+
 def main() -> None:
     app()
 

@@ -44,7 +44,7 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("device.events", "device id", "Avro DeviceEvent"),
     TopicSpec("twin.reported", "device id", "Avro reported patch"),
     TopicSpec("twin.desired", "device id", "Avro desired patch"),
-    TopicSpec("twin.state", "device id", "full twin", cleanup="compact"),
+    TopicSpec("twin.state", "device id", "Avro TwinState (the full twin)", cleanup="compact"),
     # The twin agent's answers to twin.desired requests (accepted, conflict, ...).
     TopicSpec("twin.responses", "device id", "Avro TwinResponse", retention_ms=DAY_MS),
     TopicSpec("alerts", "device id", "Avro Alert"),
