@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from confluent_kafka import KafkaException
 
 from infra.pki import MAX_BRIDGE_REPLICAS
 from infra.services.api import ApiService
@@ -20,6 +23,8 @@ from infra.services.worker import ColdWorkerService
 from infra.settings import Settings
 from infra.supervisor import SupervisorService
 from infra.topics import consumer_lag, ensure_topics, list_topics
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -167,12 +172,17 @@ class Stack:
     def status(self) -> StackStatus:
         services = self._with_restarts([s.status() for s in self.services])
         kafka_up = any(s.state == "up" for s in services if s.name.startswith("kafka"))
-        topics = list_topics(self.settings) if kafka_up else {}
-        lag = (
-            {group: consumer_lag(self.settings, group, sources) for group, sources in LAG_GROUPS}
-            if kafka_up
-            else {}
-        )
+        topics: dict[str, int] = {}
+        lag: dict[str, int] = {}
+        if kafka_up:
+            # A broker that answers its port may still be loading (after a restart): status
+            # then shows no topics or lag rather than failing.
+            try:
+                topics = list_topics(self.settings)
+                for group, sources in LAG_GROUPS:
+                    lag[group] = consumer_lag(self.settings, group, sources)
+            except KafkaException as exc:
+                log.warning("Kafka's topics or lag not readable yet: %s", exc)
         return StackStatus(services=services, topics=topics, consumer_lag=lag)
 
     def _with_restarts(self, services: list[ServiceStatus]) -> list[ServiceStatus]:
