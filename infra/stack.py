@@ -143,6 +143,9 @@ class Stack:
         self.api.wait_ready(timeout)
         self.enforcer.wait_ready(timeout)
         # Last: from here on, whatever dies is started again (also a broker or Mosquitto).
+        watching = set(self.supervisor.restarts()) if self.supervisor.report() else set()
+        if watching and watching != {s.name for s in self.supervised}:
+            self.supervisor.stop()  # started for another scale: watch this one's services
         self.supervisor.start(timeout)
         return self.status()
 

@@ -197,6 +197,12 @@ def watch_forever(settings: Settings, stopping: threading.Event) -> None:
 
     supervisor = Supervisor(Stack(settings).supervised)
     path = status_path(settings.run_dir)
+    # Restart counts are the stack's, not this process's: carry them over a supervisor restart.
+    before = read_status(path).get("services")
+    for name, watch in supervisor.watches.items():
+        counted = before.get(name, {}).get("restarts") if isinstance(before, dict) else None
+        if isinstance(counted, int):
+            watch.restarts = counted
     while not stopping.is_set():
         now = time.time()
         supervisor.tick(now)

@@ -119,13 +119,13 @@ def faults_stack(stack: Stack, settings: Settings) -> Iterator[Stack]:
     """The test stack with two bridge replicas (each is a fault of its own); afterwards back
     to one (`up` retires the second, handing what its session held to Kafka) and all up."""
     two = Stack(settings.model_copy(update={"bridge_replicas": 2}))
-    # The running supervisor watches the replicas it was started with: start it anew with
-    # the stack's new size (and again at the end).
-    two.supervisor.stop()
     two.up()
+    # `up` at another scale starts the supervisor anew, watching this scale's services.
+    assert {"bridge-0", "bridge-1"} <= set(two.supervisor.restarts())
     yield two
-    two.supervisor.stop()
-    Stack(settings).up()
+    one = Stack(settings)
+    one.up()
+    assert "bridge-1" not in one.supervisor.restarts()
 
 
 @pytest.fixture(scope="module")
