@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,8 +88,16 @@ def _import_job(path: Path, name: str) -> None:
     spec.loader.exec_module(module)
 
 
+def _exit_while_starting(signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
 def run_job(settings: Settings, path: Path, web_port: int | None, loglevel: str) -> None:
     """Run the job file as a Faust worker until SIGINT/SIGTERM (never returns normally)."""
+    # A service manager may stop the job while it is still starting (importing Faust and the
+    # job takes seconds on a busy machine): exit cleanly then too. Faust's worker installs its
+    # own handler once its loop runs.
+    signal.signal(signal.SIGTERM, _exit_while_starting)
     import faust
 
     from streams.jobs import app

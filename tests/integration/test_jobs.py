@@ -240,6 +240,16 @@ def test_kill_9_of_a_job_mid_stream_then_restart_loses_nothing(
     assert restarted.stop() == 0, restarted.tail()
 
 
+def test_sigterm_while_a_job_is_still_starting_exits_cleanly(
+    settings: Settings, run_job: object
+) -> None:
+    # job.json is written once the job is imported, before Faust's worker starts its loop.
+    job = run_job("none")  # type: ignore[operator]
+    record = settings.state_dir / "jobs" / job.name / "job.json"
+    assert wait_until(record.exists, timeout=60, interval=0.05), job.tail()
+    assert job.stop() == 0, job.tail()
+
+
 def test_an_agent_that_raises_sends_the_message_to_its_dead_letter_topic(
     settings: Settings, fleet: Fleet, run_job: object
 ) -> None:
