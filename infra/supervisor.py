@@ -36,7 +36,7 @@ from typing import Any
 
 from infra.services.base import PidRecord, Service, ServiceError
 from infra.settings import Settings, load_settings, settings_env
-from infra.status_file import read_status, write_status
+from streams.runtime.status import read_status, write_status
 
 log = logging.getLogger("fleetstream.supervisor")
 

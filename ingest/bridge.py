@@ -55,7 +55,6 @@ from gmqtt.mqtt.constants import MQTTv50
 from infra.pki import BRIDGE_IDENTITIES
 from infra.services.mosquitto import BrokerFiles, bridge_identity, client_tls_context
 from infra.settings import Settings
-from infra.status_file import write_status
 from ingest.downlink import DOWNLINK_TOPIC, DownlinkCounters, DownlinkRelay, MqttOut
 from ingest.envelope import (
     DEFAULT_TS_WINDOW,
@@ -73,6 +72,7 @@ from ingest.envelope import (
 from ingest.health import CANARY_INTERVAL_S, STALE_AFTER_S, Heal, StallWatch
 from ingest.kafka_delivery import AsyncProducer, Headers, ProducerTuning, permanent_for_record
 from schemas.codec import AvroCodec, CodecRegistry, load_schema
+from streams.runtime.status import write_status
 
 log = logging.getLogger("fleetstream.bridge")
 

@@ -103,9 +103,9 @@ from infra.services.mosquitto import (
     ensure_broker_identities,
 )
 from infra.settings import Settings
-from infra.status_file import write_status
 from schemas.codec import AvroCodec, CodecRegistry, Decoded, load_schema
 from streams.registry import DeviceRecord, DeviceStatus
+from streams.runtime.status import write_status
 from streams.tables import GlobalTable, key_text
 
 __all__ = [

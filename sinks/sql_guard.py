@@ -407,7 +407,7 @@ def check_canonical(canonical: str) -> str | None:
     if len(split_statements(canonical)) != 1:
         raise Refused("refused: one statement at a time")
     for kind, text in scan(canonical):
-        if kind is Part.quoted and text[:1] in "`\"" and re.search(r"[\\\x00-\x1f\x7f]", text):
+        if kind is Part.quoted and text[:1] in '`"' and re.search(r"[\\\x00-\x1f\x7f]", text):
             raise Refused(f"refused: quoted identifier {text[:40]!r} holds escapes")
     first = _FIRST_WORD.match(canonical)
     if first is None or first.group(1).upper() not in _FIRST_WORDS:

@@ -57,7 +57,6 @@ from infra.ota_summary import rollout_summary
 from infra.pki import CertificateAuthority, PkiError, cert_fingerprint_sha256
 from infra.services.base import ServiceError
 from infra.settings import Settings, load_settings
-from infra.status_file import write_status
 from schemas.codec import Decoded
 from streams.alerts import AlertRule, ScopeType, rule_from_record, rule_to_record
 from streams.api_models import (
@@ -133,6 +132,7 @@ from streams.registry import (
     SuspendDevice,
     UpdateDevice,
 )
+from streams.runtime.status import write_status
 from streams.tables import GlobalTable, key_text
 from streams.tokens import TokenAuthority, TokenError
 from streams.twin import Twin, from_record, twin_view

@@ -27,7 +27,6 @@ from confluent_kafka import KafkaException, Producer
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from infra.settings import Settings
-from infra.status_file import write_status
 from schemas.codec import CodecRegistry, load_schema
 from sinks.clickhouse import (
     EVENTS_TABLE,
@@ -42,6 +41,7 @@ from sinks.clickhouse import (
 from streams.cold import DLQ_TOPIC, ColdCounters, ColdPath, DeadLetter, SourceRecord
 from streams.ota import Progress, Rollout
 from streams.ota import from_record as rollout_from_record
+from streams.runtime.status import write_status
 from streams.source import COLD_GROUP, BatchSource
 from streams.transactions import Backoff, ConsumerFenced, FailureStreak, is_transient
 from streams.twin import TwinDocumentError, delta, from_record

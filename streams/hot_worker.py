@@ -28,7 +28,6 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from infra.process import process_main
 from infra.settings import Settings
-from infra.status_file import write_status
 from schemas.codec import AvroCodec, CodecRegistry, Decoded, load_schema
 from streams.alerts import alert_to_record, rule_from_record
 from streams.cold import DeadLetter, SourceRecord
@@ -43,6 +42,7 @@ from streams.hot import (
 from streams.rbac import GrantSet, Resource
 from streams.registry import DeviceRecord
 from streams.registry_agent import RegistryAgent
+from streams.runtime.status import write_status
 from streams.tables import ChangelogReader, GlobalTable, key_text
 from streams.transactions import (
     Aborted,

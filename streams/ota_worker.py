@@ -33,7 +33,6 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from infra.artifacts import Artifact
 from infra.process import process_main
 from infra.settings import Settings
-from infra.status_file import write_status
 from schemas.codec import AvroCodec, CodecRegistry, Decoded, load_schema
 from streams.alerts import alert_from_record
 from streams.ota import (
@@ -58,6 +57,7 @@ from streams.ota import (
 )
 from streams.rbac import GrantSet, Principal, Resource
 from streams.registry import AuditDecision, AuditRecord, DeviceRecord
+from streams.runtime.status import write_status
 from streams.tables import GlobalTable, key_text, read_to_end
 from streams.transactions import (
     Aborted,

@@ -13,7 +13,7 @@ from typing import Any
 
 from infra.services.base import Service
 from infra.settings import Settings, settings_env
-from infra.status_file import read_status
+from streams.runtime.status import read_status
 
 
 class PlatformProcess(Service):

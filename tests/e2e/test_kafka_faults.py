@@ -100,8 +100,7 @@ def test_sigkill_of_the_broker_mid_stream_keeps_the_workers_and_the_warehouse_ex
     # group's committed lag on telemetry.raw is what tells.
     if pid_of(stack.hot_worker) == pids["hot-worker"]:
         assert wait_until(
-            lambda: int(stack.hot_worker.counters().get("telemetry", 0))
-            >= hot_before + published,
+            lambda: int(stack.hot_worker.counters().get("telemetry", 0)) >= hot_before + published,
             timeout=60,
         )
     assert wait_until(
