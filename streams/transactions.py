@@ -14,6 +14,7 @@ state) ends the process: then nothing this process does can be committed any mor
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import threading
 import time
@@ -256,6 +257,10 @@ class BatchLoop:
     starts it again; the new one fences nothing but its own dead predecessor)."""
 
     backoff = Backoff(first=0.2, longest=5.0)
+    # A step, start or recovery that has not returned after this long is stuck (a Kafka call
+    # that ignores its timeout): the process dumps every thread's stack to its log and exits,
+    # and the supervisor starts a new one. Below the consumer's max.poll.interval.ms (300 s).
+    stall_limit_s = 180.0
 
     def start(self) -> None:
         raise NotImplementedError
@@ -289,7 +294,12 @@ class BatchLoop:
                     self.write_status()
                     reported_at = time.monotonic()
         finally:
+            faulthandler.cancel_dump_traceback_later()
             self.close()
+
+    def _watch(self) -> None:
+        """(Re)arm the stall watchdog for the next action."""
+        faulthandler.dump_traceback_later(self.stall_limit_s, exit=True)
 
     def _until_done(
         self,
@@ -302,6 +312,7 @@ class BatchLoop:
         it again until it succeeds. False if asked to stop meanwhile."""
         while True:
             try:
+                self._watch()
                 action()
                 failures.reset()
                 return True
@@ -314,6 +325,7 @@ class BatchLoop:
                 if stopping.wait(failures.next_delay()):
                     return False
                 try:
+                    self._watch()
                     self.recover()
                     break
                 except Exception as exc:
