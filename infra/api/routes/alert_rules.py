@@ -27,28 +27,6 @@ from streams.registry import AuditDecision, AuditRecord
 
 __all__ = ["ROUTES", "AlertRuleRoutes", "rule_from_body"]
 
-ROUTES: tuple[Route, ...] = (
-    Route(
-        "GET", "/v1/alert-rules", "list_alert_rules",
-        "The alert rules on scopes the caller may read", Action.alert_read, result=RuleList,
-    ),
-    Route(
-        "GET", "/v1/alert-rules/{rule_id}", "get_alert_rule", "One alert rule",
-        Action.alert_read, result=AlertRuleModel, errors=(404,),
-    ),
-    Route(
-        "PUT", "/v1/alert-rules/{rule_id}", "put_alert_rule",
-        "Add or replace an alert rule; needs alert.write on its scope (and on the scope of the "
-        "rule it replaces)",
-        Action.alert_write, body=AlertRuleBody, result=RuleResult,
-        errors=(400, 404, 503, 504),
-    ),
-    Route(
-        "DELETE", "/v1/alert-rules/{rule_id}", "delete_alert_rule", "Delete an alert rule",
-        Action.alert_write, result=RuleResult, errors=(404, 503, 504),
-    ),
-)  # fmt: skip
-
 
 def rule_from_body(rule_id: str, body: Mapping[str, Any]) -> AlertRule:
     """The rule a PUT body describes (every field but the id, which is the path's)."""
@@ -185,3 +163,26 @@ class AlertRuleRoutes(Handlers):
         return await self._write_rule(
             principal, rule.rule_id, None, [decision.reason], resource, changed=True
         )
+
+
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "GET", "/v1/alert-rules", "list_alert_rules",
+        "The alert rules on scopes the caller may read", Action.alert_read, result=RuleList,
+    ),
+    Route(
+        "GET", "/v1/alert-rules/{rule_id}", "get_alert_rule", "One alert rule",
+        Action.alert_read, result=AlertRuleModel, errors=(404,),
+    ),
+    Route(
+        "PUT", "/v1/alert-rules/{rule_id}", "put_alert_rule",
+        "Add or replace an alert rule; needs alert.write on its scope (and on the scope of the "
+        "rule it replaces)",
+        Action.alert_write, body=AlertRuleBody, result=RuleResult,
+        errors=(400, 404, 503, 504),
+    ),
+    Route(
+        "DELETE", "/v1/alert-rules/{rule_id}", "delete_alert_rule", "Delete an alert rule",
+        Action.alert_write, result=RuleResult, errors=(404, 503, 504),
+    ),
+)  # fmt: skip

@@ -43,45 +43,6 @@ from streams.registry import (
 
 __all__ = ["ROUTES", "DeviceRoutes"]
 
-ROUTES: tuple[Route, ...] = (
-    Route(
-        "GET", "/v1/devices", "list_devices", "The devices the caller may read",
-        Action.device_read, result=DeviceList, errors=(400,),
-        query=("org", "project", "group", "status"),
-    ),
-    Route(
-        "POST", "/v1/devices", "provision",
-        "Provision a device: authorize, sign its CSR, record it through the registry agent",
-        Action.device_provision, body=ProvisionRequest, ok=201, result=Provisioned,
-        errors=(400, 409, 503, 504),
-    ),
-    Route(
-        "GET", "/v1/devices/{device_id}", "get_device", "One device's registry entry",
-        Action.device_read, result=Device, errors=(404,),
-    ),
-    Route(
-        "PATCH", "/v1/devices/{device_id}", "update_device",
-        "Change a device's group, region, firmware version or labels",
-        Action.device_update, body=DeviceUpdate, result=CommandResult, errors=COMMAND_ERRORS,
-    ),
-    Route(
-        "POST", "/v1/devices/{device_id}/suspend", "suspend_device", "Suspend a device",
-        Action.device_suspend, body=LifecycleRequest, body_required=False,
-        result=CommandResult, errors=COMMAND_ERRORS,
-    ),
-    Route(
-        "POST", "/v1/devices/{device_id}/revoke", "revoke_device",
-        "Revoke a device for good (its certificate too)",
-        Action.device_revoke, body=LifecycleRequest, body_required=False,
-        result=CommandResult, errors=COMMAND_ERRORS,
-    ),
-    Route(
-        "POST", "/v1/devices/{device_id}/activate", "activate_device",
-        "Activate a provisioned or suspended device",
-        Action.device_activate, result=CommandResult, errors=COMMAND_ERRORS,
-    ),
-)  # fmt: skip
-
 
 def _csr_common_name(csr_pem: str) -> str:
     try:
@@ -267,3 +228,43 @@ class DeviceRoutes(Handlers):
 
     async def activate_device(self, request: web.Request) -> web.Response:
         return await self._lifecycle(request, CommandKind.activate)
+
+
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "GET", "/v1/devices", "list_devices", "The devices the caller may read",
+        Action.device_read, result=DeviceList, errors=(400,),
+        query=("org", "project", "group", "status"),
+    ),
+    Route(
+        "POST", "/v1/devices", "provision",
+        "Provision a device: authorize, sign its CSR, record it through the registry agent",
+        Action.device_provision, body=ProvisionRequest, ok=201, result=Provisioned,
+        errors=(400, 409, 503, 504),
+    ),
+    Route(
+        "GET", "/v1/devices/{device_id}", "get_device", "One device's registry entry",
+        Action.device_read, result=Device, errors=(404,),
+    ),
+    Route(
+        "PATCH", "/v1/devices/{device_id}", "update_device",
+        "Change a device's group, region, firmware version or labels",
+        Action.device_update, body=DeviceUpdate, result=CommandResult, errors=COMMAND_ERRORS,
+    ),
+    Route(
+        "POST", "/v1/devices/{device_id}/suspend", "suspend_device", "Suspend a device",
+        Action.device_suspend, body=LifecycleRequest, body_required=False,
+        result=CommandResult, errors=COMMAND_ERRORS,
+    ),
+    Route(
+        "POST", "/v1/devices/{device_id}/revoke", "revoke_device",
+        "Revoke a device for good (its certificate too)",
+        Action.device_revoke, body=LifecycleRequest, body_required=False,
+        result=CommandResult, errors=COMMAND_ERRORS,
+    ),
+    Route(
+        "POST", "/v1/devices/{device_id}/activate", "activate_device",
+        "Activate a provisioned or suspended device",
+        Action.device_activate, result=CommandResult, errors=COMMAND_ERRORS,
+    ),
+)  # fmt: skip

@@ -25,19 +25,6 @@ from streams.registry import AuditDecision, AuditRecord
 
 __all__ = ["ROUTES", "GrantRoutes"]
 
-ROUTES: tuple[Route, ...] = (
-    Route(
-        "GET", "/v1/grants/{principal}", "get_grants",
-        "A principal's grants: all of one's own, else those on scopes the caller may read",
-        Action.grant_read, result=GrantSetModel, errors=(400,),
-    ),
-    Route(
-        "PUT", "/v1/grants/{principal}", "put_grants",
-        "Replace a principal's grants; needs grant.write on every scope added or removed",
-        Action.grant_write, body=GrantsPut, result=GrantsResult, errors=(400, 503, 504),
-    ),
-)  # fmt: skip
-
 
 class GrantRoutes(Handlers):
     """Grants: read and replace a principal's grants."""
@@ -115,3 +102,17 @@ class GrantRoutes(Handlers):
                 lambda: self.backend.grants().get(grantee.key) == wanted, SETTLE_TIMEOUT_S
             )
         return reply(GrantsResult, {**grants_view(wanted), "audit": audit.to_record()})
+
+
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "GET", "/v1/grants/{principal}", "get_grants",
+        "A principal's grants: all of one's own, else those on scopes the caller may read",
+        Action.grant_read, result=GrantSetModel, errors=(400,),
+    ),
+    Route(
+        "PUT", "/v1/grants/{principal}", "put_grants",
+        "Replace a principal's grants; needs grant.write on every scope added or removed",
+        Action.grant_write, body=GrantsPut, result=GrantsResult, errors=(400, 503, 504),
+    ),
+)  # fmt: skip

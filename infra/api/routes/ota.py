@@ -25,40 +25,6 @@ from streams.registry import AuditDecision
 
 __all__ = ["ROUTES", "OtaRoutes", "plan_from_body"]
 
-ROUTES: tuple[Route, ...] = (
-    Route(
-        "GET", "/v1/ota/rollouts", "list_rollouts",
-        "The OTA rollouts whose target the caller may read", Action.ota_read,
-        result=RolloutList,
-    ),
-    Route(
-        "GET", "/v1/ota/rollouts/{rollout_id}", "get_rollout",
-        "One rollout: state, cohort, device counts", Action.ota_read, result=RolloutModel,
-        errors=(404,),
-    ),
-    Route(
-        "POST", "/v1/ota/rollouts", "create_rollout",
-        "Create a rollout, pending approval: nothing is sent before an ota-approver approves",
-        Action.ota_create, body=RolloutCreate, ok=201, result=RolloutResult,
-        errors=(400, 409, 504),
-    ),
-    *(
-        Route(
-            "POST", f"/v1/ota/rollouts/{{rollout_id}}/{kind}", f"{kind}_rollout",
-            f"{kind.capitalize()} a rollout (the OTA controller decides and audits)",
-            action, body=RolloutControl, body_required=False, result=RolloutResult,
-            errors=(400, 404, 409, 504),
-        )
-        for kind, action in (
-            ("approve", Action.ota_approve),
-            ("reject", Action.ota_approve),
-            ("pause", Action.ota_control),
-            ("resume", Action.ota_control),
-            ("abort", Action.ota_control),
-        )
-    ),
-)  # fmt: skip
-
 
 def plan_from_body(given: RolloutPlanBody | None) -> RolloutPlan:
     """A rollout plan from a request's `plan` (absent: the default plan)."""
@@ -166,3 +132,38 @@ class OtaRoutes(Handlers):
 
     async def abort_rollout(self, request: web.Request) -> web.Response:
         return await self._control(request, "abort", Action.ota_control)
+
+
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "GET", "/v1/ota/rollouts", "list_rollouts",
+        "The OTA rollouts whose target the caller may read", Action.ota_read,
+        result=RolloutList,
+    ),
+    Route(
+        "GET", "/v1/ota/rollouts/{rollout_id}", "get_rollout",
+        "One rollout: state, cohort, device counts", Action.ota_read, result=RolloutModel,
+        errors=(404,),
+    ),
+    Route(
+        "POST", "/v1/ota/rollouts", "create_rollout",
+        "Create a rollout, pending approval: nothing is sent before an ota-approver approves",
+        Action.ota_create, body=RolloutCreate, ok=201, result=RolloutResult,
+        errors=(400, 409, 504),
+    ),
+    *(
+        Route(
+            "POST", f"/v1/ota/rollouts/{{rollout_id}}/{kind}", f"{kind}_rollout",
+            f"{kind.capitalize()} a rollout (the OTA controller decides and audits)",
+            action, body=RolloutControl, body_required=False, result=RolloutResult,
+            errors=(400, 404, 409, 504),
+        )
+        for kind, action in (
+            ("approve", Action.ota_approve),
+            ("reject", Action.ota_approve),
+            ("pause", Action.ota_control),
+            ("resume", Action.ota_control),
+            ("abort", Action.ota_control),
+        )
+    ),
+)  # fmt: skip

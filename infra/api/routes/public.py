@@ -11,11 +11,6 @@ from infra.api.routes.base import Handlers, Route, reply
 
 __all__ = ["ROUTES", "PublicRoutes"]
 
-ROUTES: tuple[Route, ...] = (
-    Route("GET", "/openapi.json", "openapi", "This OpenAPI document", public=True),
-    Route("GET", "/healthz", "healthz", "Liveness and readiness", public=True, result=Health),
-)  # fmt: skip
-
 
 class PublicRoutes(Handlers):
     """The public routes: the OpenAPI document and the health check (no token)."""
@@ -30,3 +25,9 @@ class PublicRoutes(Handlers):
         return reply(
             Health, {"status": "ok" if ready else "starting", "ready": ready}, 200 if ready else 503
         )
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/openapi.json", "openapi", "This OpenAPI document", public=True),
+    Route("GET", "/healthz", "healthz", "Liveness and readiness", public=True, result=Health),
+)  # fmt: skip

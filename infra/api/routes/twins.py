@@ -26,19 +26,6 @@ from streams.twin import Twin, twin_view
 
 __all__ = ["ROUTES", "TwinRoutes"]
 
-ROUTES: tuple[Route, ...] = (
-    Route(
-        "GET", "/v1/devices/{device_id}/twin", "get_twin",
-        "A device's twin: desired, reported, delta, version",
-        Action.twin_read, result=TwinModel, errors=(404,),
-    ),
-    Route(
-        "PATCH", "/v1/devices/{device_id}/twin", "patch_twin",
-        "Merge a patch into the desired state (optimistic concurrency with `version`)",
-        Action.twin_write, body=TwinPatch, result=TwinAnswerModel, errors=COMMAND_ERRORS,
-    ),
-)  # fmt: skip
-
 
 class TwinRoutes(Handlers):
     """Twins: read a device's twin, patch its desired state."""
@@ -104,3 +91,17 @@ class TwinRoutes(Handlers):
         await self.backend.wait_for(caught_up, SETTLE_TIMEOUT_S)
         twin = self.backend.twin(record.device_id) or Twin(record.device_id)
         return reply(TwinAnswerModel, {**view, "twin": twin_view(twin)})
+
+
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "GET", "/v1/devices/{device_id}/twin", "get_twin",
+        "A device's twin: desired, reported, delta, version",
+        Action.twin_read, result=TwinModel, errors=(404,),
+    ),
+    Route(
+        "PATCH", "/v1/devices/{device_id}/twin", "patch_twin",
+        "Merge a patch into the desired state (optimistic concurrency with `version`)",
+        Action.twin_write, body=TwinPatch, result=TwinAnswerModel, errors=COMMAND_ERRORS,
+    ),
+)  # fmt: skip
