@@ -35,6 +35,7 @@ from gmqtt.mqtt.constants import MQTTv50
 
 from bench.ingest import Result
 from bench.loadgen import offer_load
+from infra.api.client import HotPathClient
 from infra.keys import key_passphrase
 from infra.pki import CertificateAuthority
 from infra.provision import DeviceCredentials, load_or_provision, register
@@ -44,7 +45,6 @@ from infra.settings import Settings
 from infra.stack import Stack
 from schemas.codec import CodecRegistry, Decoded, load_schema
 from streams.alerts import AlertRule, RuleKind, ScopeType
-from streams.client import HotPathClient
 from streams.rbac import Resource
 
 

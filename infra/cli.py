@@ -19,7 +19,7 @@ from infra.settings import Settings, load_settings
 from infra.stack import Stack, StackStatus
 
 if TYPE_CHECKING:
-    from streams.client import HotPathClient
+    from infra.api.client import HotPathClient
 
 app = typer.Typer(help="fleetstream: IoT fleet telemetry on Kafka.", no_args_is_help=True)
 console = Console()
@@ -121,9 +121,9 @@ def provision(
     and record them in the registry through its agent (authorized, audited)."""
     import time
 
+    from infra.api.client import HotPathClient, HotPathError
     from infra.pki import CertificateAuthority, PkiError
     from infra.provision import provision_device, register
-    from streams.client import HotPathClient, HotPathError
     from streams.rbac import Action, Principal, Resource, authorize
 
     settings = _settings()
@@ -271,7 +271,7 @@ EXIT_CONFLICT, EXIT_INVALID = 4, 5
 
 
 def _hot_client() -> HotPathClient:
-    from streams.client import HotPathClient
+    from infra.api.client import HotPathClient
 
     return HotPathClient(_settings())
 
@@ -299,7 +299,7 @@ def twin_set(
     version: int = typer.Option(None, help="Refuse unless the twin is at this version (409)."),
 ) -> None:
     """Change desired state (a null removes a key); the device gets the delta at QoS 1."""
-    from streams.client import HotPathError
+    from infra.api.client import HotPathError
 
     try:
         document = json.loads(patch)
@@ -444,7 +444,7 @@ def grant(
 ) -> None:
     """Give (or take) a role on a scope, as the platform itself: how the first admin is made.
     Later grants go through the API, authorized and audited."""
-    from streams.client import HotPathClient
+    from infra.api.client import HotPathClient
     from streams.rbac import Grant, GrantSet, Principal, Resource, Role
 
     try:
@@ -467,7 +467,7 @@ app.add_typer(device_app, name="device")
 def _device_command(kind: str, device_id: str, principal: str, reason: str | None) -> None:
     """Send one lifecycle command to the registry agent (which authorizes and audits it, as for
     the API); print its audit record. Exit codes as `fleet ota`: 6 denied, 7 refused."""
-    from streams.client import HotPathError
+    from infra.api.client import HotPathError
     from streams.rbac import Principal
     from streams.registry import ActivateDevice, RegistryCommand, RevokeDevice, SuspendDevice
 
@@ -576,7 +576,7 @@ def ota_create(
     principal: str = typer.Option("orchestrator", "--as", help="Who creates it."),
 ) -> None:
     """Create a rollout (pending approval: nothing is sent before an ota-approver approves)."""
-    from streams.client import HotPathError
+    from infra.api.client import HotPathError
     from streams.ota import RolloutPlan
     from streams.rbac import Principal
 
@@ -599,7 +599,7 @@ def ota_create(
 
 
 def _ota_control(rollout_id: str, kind: str, principal: str, comment: str | None) -> None:
-    from streams.client import HotPathError
+    from infra.api.client import HotPathError
     from streams.rbac import Principal
 
     try:

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from infra.api.client import HotPathClient
 from infra.artifacts import ArtifactStore
 from infra.keys import key_passphrase
 from infra.ota_summary import rollout_summary
@@ -35,7 +36,6 @@ from infra.simulator import FleetStats, SimulatedDevice, run_fleet
 from infra.stack import Stack
 from queries.runner import QueryError, fetch, render, warehouse_counts
 from streams.alerts import AlertRule, AlertStatus, RuleKind, ScopeType, Severity
-from streams.client import HotPathClient
 from streams.ota import RolloutPlan
 from streams.rbac import GrantSet, Principal, Resource, Role
 from streams.registry import AuditRecord

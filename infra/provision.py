@@ -28,7 +28,7 @@ from streams.rbac import Principal
 from streams.registry import AuditRecord, ProvisionDevice
 
 if TYPE_CHECKING:
-    from streams.client import HotPathClient
+    from infra.api.client import HotPathClient
 
 
 @dataclass(frozen=True)

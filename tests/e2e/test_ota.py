@@ -13,6 +13,7 @@ import pytest
 from confluent_kafka import Consumer, Message, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
+from infra.api.client import HotPathClient
 from infra.demo import DEMO_ORG, DEMO_PROJECT, DEMO_ROLLOUT_PLAN, DemoRollout, prepare_rollout
 from infra.keys import key_passphrase
 from infra.ota_summary import rollout_summary
@@ -23,7 +24,6 @@ from infra.settings import Settings
 from infra.simulator import FleetStats
 from infra.stack import Stack
 from schemas.codec import CodecRegistry, Decoded, load_schema
-from streams.client import HotPathClient
 from streams.ota import Progress, Rollout, RolloutState
 from streams.rbac import Principal
 from streams.tables import read_to_end

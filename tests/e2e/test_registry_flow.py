@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from infra.api.client import HotPathClient
 from infra.settings import PROJECT_ROOT, Settings
 from infra.stack import Stack
-from streams.client import HotPathClient
 from streams.rbac import Principal
 from streams.registry import AuditDecision, DeviceStatus, SuspendDevice
 from tests.conftest import settings_env

@@ -22,6 +22,7 @@ import pytest
 from confluent_kafka import Consumer
 from cryptography import x509
 
+from infra.api.client import AUDIT, HotPathClient
 from infra.artifacts import ArtifactStore
 from infra.keys import key_passphrase
 from infra.pki import CertificateAuthority, generate_private_key, make_csr
@@ -31,7 +32,6 @@ from infra.services.base import wait_until
 from infra.settings import Settings
 from infra.stack import Stack
 from schemas.codec import Decoded
-from streams.client import AUDIT, HotPathClient
 from streams.rbac import GrantSet, Principal, Resource, Role
 from streams.registry import AuditRecord
 from streams.tokens import TokenAuthority
