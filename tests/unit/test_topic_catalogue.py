@@ -33,3 +33,15 @@ def test_the_words_agree_with_the_schema() -> None:
     for spec in TOPICS:
         if spec.value.startswith("Avro "):
             assert spec.schema is not None, spec.name
+
+
+def test_the_ingest_layer_names_only_catalogued_topics() -> None:
+    from ingest.bridge import CANARY_TOPIC, DLQ_TOPIC, ROUTES
+    from ingest.downlink import DOWNLINK_TOPIC
+    from ingest.enforcement import DEVICES
+
+    names = {CANARY_TOPIC, DLQ_TOPIC, DOWNLINK_TOPIC, DEVICES}
+    names |= {route.kafka_topic for route in ROUTES.values()}
+    assert names <= set(TOPICS_BY_NAME)
+    for route in ROUTES.values():
+        assert route.schema == TOPICS_BY_NAME[route.kafka_topic].schema
