@@ -40,9 +40,10 @@ from infra.keys import key_passphrase
 from infra.pki import CertificateAuthority
 from infra.provision import DeviceCredentials, load_or_provision, register
 from infra.services.base import wait_until
-from infra.services.mosquitto import BrokerFiles, client_tls_context
+from infra.services.mosquitto import BrokerFiles
 from infra.settings import Settings
 from infra.stack import Stack
+from ingest.mqtt_client import client_tls_context
 from schemas.codec import CodecRegistry, Decoded, load_schema
 from streams.alerts import AlertRule, RuleKind, ScopeType
 from streams.rbac import Resource

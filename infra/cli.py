@@ -100,7 +100,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
 @app.command()
 def bridge(replica: int = typer.Option(0, help="Replica number: its MQTT client id.")) -> None:
     """Run the MQTT -> Kafka bridge in the foreground (`fleet up` runs it in the background)."""
-    from ingest.bridge import main as bridge_main
+    from infra.entrypoints.bridge import main as bridge_main
 
     bridge_main(replica)
 
@@ -218,7 +218,8 @@ def sql(
 ) -> None:
     """Run an analyst query against the warehouse (through the pipeline while it runs).
     The query port wants a token: --token, --as, or else the platform's own (this machine)."""
-    from queries.runner import QueryError, run_sql
+    from infra.warehouse import run_sql
+    from queries.runner import QueryError
     from streams.rbac import Principal
     from streams.tokens import TokenAuthority
 

@@ -34,7 +34,8 @@ from infra.provision import load_or_provision, register
 from infra.settings import Settings
 from infra.simulator import FleetStats, SimulatedDevice, run_fleet
 from infra.stack import Stack
-from queries.runner import QueryError, fetch, render, warehouse_counts
+from infra.warehouse import fetch, warehouse_counts
+from queries.runner import QueryError, render
 from streams.alerts import AlertRule, AlertStatus, RuleKind, ScopeType, Severity
 from streams.ota import RolloutPlan
 from streams.rbac import GrantSet, Principal, Resource, Role

@@ -66,8 +66,8 @@ from gmqtt.mqtt.constants import MQTTv50
 
 from infra.artifacts import ArtifactKind, verify_download
 from infra.provision import DeviceCredentials
-from infra.services.mosquitto import client_tls_context
 from infra.settings import Settings
+from ingest.mqtt_client import client_tls_context
 
 log = logging.getLogger("fleetstream.simulator")
 

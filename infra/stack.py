@@ -9,7 +9,6 @@ from pathlib import Path
 
 from confluent_kafka import KafkaException
 
-from infra.pki import MAX_BRIDGE_REPLICAS
 from infra.services.api import ApiService
 from infra.services.base import Service, ServiceError, ServiceStatus
 from infra.services.bridge import BridgeService
@@ -23,6 +22,7 @@ from infra.services.worker import ColdWorkerService
 from infra.settings import Settings
 from infra.supervisor import SupervisorService
 from infra.topics import consumer_lag, ensure_topics, list_topics
+from schemas.identity import MAX_BRIDGE_REPLICAS
 
 log = logging.getLogger(__name__)
 

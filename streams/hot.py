@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ingest.downlink import downlink_record
+from schemas.downlink import downlink_record
 from streams.alerts import (
     AlertEvent,
     AlertRule,

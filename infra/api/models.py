@@ -23,7 +23,7 @@ from pydantic import (
     field_validator,
 )
 
-from infra.pki import DEVICE_ID_PATTERN
+from schemas.identity import DEVICE_ID_PATTERN
 from streams.alerts import RuleKind, ScopeType, Severity
 from streams.rbac import PRINCIPAL_ID_PATTERN, SEGMENT_PATTERN, Role
 from streams.registry import AuditDecision, DeviceStatus
