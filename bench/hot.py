@@ -45,7 +45,7 @@ from infra.stack import Stack
 from schemas.codec import CodecRegistry, Decoded, load_schema
 from streams.alerts import AlertRule, RuleKind, ScopeType
 from streams.client import HotPathClient
-from streams.rbac import Resource
+from streams.registry.rbac import Resource
 
 
 def quantile(values: Sequence[float], q: float) -> float:

@@ -104,7 +104,7 @@ from infra.services.mosquitto import (
 )
 from infra.settings import Settings
 from schemas.codec import AvroCodec, CodecRegistry, Decoded, load_schema
-from streams.registry import DeviceRecord, DeviceStatus
+from streams.registry.devices import DeviceRecord, DeviceStatus
 from streams.runtime.status import write_status
 from streams.tables import GlobalTable, key_text
 

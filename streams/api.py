@@ -3,8 +3,9 @@ OTA rollouts.
 
 Every call but ``GET /openapi.json`` and ``GET /healthz`` carries a bearer token signed by the
 platform (:mod:`streams.tokens`); a missing or invalid one is a 401. The handler then asks
-:func:`streams.rbac.authorize` (the one decision function) whether the caller may do the route's
-action on the resource concerned, *before* doing anything (a 403 otherwise). Errors are JSON:
+:func:`streams.registry.rbac.authorize` (the one decision function) whether the caller may do
+the route's action on the resource concerned, *before* doing anything (a 403 otherwise). Errors
+are JSON:
 ``{"error": "unauthorized|forbidden|bad_request|not_found|conflict|timeout|...", "reason": ...}``.
 
 State is read from the compacted topics, followed in memory (``registry.devices``,
@@ -53,7 +54,6 @@ from cryptography.x509.oid import NameOID
 from pydantic import BaseModel
 
 from infra.keys import key_passphrase
-from infra.ota_summary import rollout_summary
 from infra.pki import CertificateAuthority, PkiError, cert_fingerprint_sha256
 from infra.services.base import ServiceError
 from infra.settings import Settings, load_settings
@@ -106,20 +106,11 @@ from streams.client import (
     HotPathError,
     TwinAnswer,
 )
-from streams.ota import Rollout, RolloutPlan
-from streams.ota import from_record as rollout_from_record
-from streams.rbac import (
-    Action,
-    Decision,
-    Grant,
-    GrantSet,
-    Principal,
-    PrincipalKind,
-    Resource,
-    Role,
-    authorize,
-)
-from streams.registry import (
+from streams.ota.model import Rollout
+from streams.ota.model import from_record as rollout_from_record
+from streams.ota.plan import RolloutPlan
+from streams.ota.summary import rollout_summary
+from streams.registry.devices import (
     ActivateDevice,
     AuditDecision,
     AuditRecord,
@@ -131,6 +122,17 @@ from streams.registry import (
     RevokeDevice,
     SuspendDevice,
     UpdateDevice,
+)
+from streams.registry.rbac import (
+    Action,
+    Decision,
+    Grant,
+    GrantSet,
+    Principal,
+    PrincipalKind,
+    Resource,
+    Role,
+    authorize,
 )
 from streams.runtime.status import write_status
 from streams.tables import GlobalTable, key_text
@@ -738,7 +740,7 @@ def _json_content(schema: Mapping[str, Any]) -> dict[str, Any]:
 def _operation(route: Route) -> dict[str, Any]:
     description = route.summary + "."
     if route.action is not None:
-        description += f" Needs `{route.action}` (streams.rbac.authorize)."
+        description += f" Needs `{route.action}` (streams.registry.rbac.authorize)."
     op: dict[str, Any] = {
         "operationId": route.name,
         "summary": route.summary,

@@ -19,7 +19,7 @@ from infra.settings import Settings
 from infra.stack import Stack
 from ingest.enforcement import DEVICES, Enforcer
 from schemas.codec import CodecRegistry, load_schema
-from streams.registry import DeviceRecord, DeviceStatus
+from streams.registry.devices import DeviceRecord, DeviceStatus
 from tests.conftest import DeviceIdentity
 from tests.support.mqtt import MqttSession, connect
 

@@ -23,10 +23,10 @@ from infra.pki import CertificateAuthority, generate_private_key, make_csr
 from streams.alerts import AlertRule, RuleKind, ScopeType
 from streams.api import MAX_JSON_DEPTH, ROUTES, create_app, openapi_document
 from streams.client import TwinAnswer
-from streams.ota import Rollout, step
-from streams.ota_worker import request_event
-from streams.rbac import Grant, GrantSet, Principal, Resource, Role
-from streams.registry import (
+from streams.ota.model import Rollout
+from streams.ota.rollout import step
+from streams.ota.worker import request_event
+from streams.registry.devices import (
     Applied,
     AuditRecord,
     DeviceRecord,
@@ -35,6 +35,7 @@ from streams.registry import (
     RegistryCommand,
     apply,
 )
+from streams.registry.rbac import Grant, GrantSet, Principal, Resource, Role
 from streams.tokens import TokenAuthority
 from streams.twin import Accepted, Twin, TwinDocumentError, apply_desired
 from tests.unit.test_ota import ARTIFACT

@@ -41,7 +41,7 @@ from ingest.enforcement import (
     plan,
     verdict,
 )
-from streams.registry import DeviceRecord, DeviceStatus
+from streams.registry.devices import DeviceRecord, DeviceStatus
 
 REVOKED, HOLD = RevocationState.revoked, RevocationState.on_hold
 
