@@ -46,7 +46,7 @@ from infra.stack import Stack
 from ingest.mqtt_client import client_tls_context
 from schemas.codec import CodecRegistry, Decoded, load_schema
 from streams.alerts import AlertRule, RuleKind, ScopeType
-from streams.rbac import Resource
+from streams.registry.rbac import Resource
 
 
 def quantile(values: Sequence[float], q: float) -> float:

@@ -24,8 +24,8 @@ from infra.pki import (
     make_csr,
     write_device_bundle,
 )
-from streams.rbac import Principal
-from streams.registry import AuditRecord, ProvisionDevice
+from streams.registry.devices import AuditRecord, ProvisionDevice
+from streams.registry.rbac import Principal
 
 if TYPE_CHECKING:
     from infra.api.client import HotPathClient

@@ -292,9 +292,7 @@ class Bridge:
         # sharing one identity would take each other's connection over.
         self.client_id = bridge_identity(replica)
         self.counters = BridgeCounters()
-        self.ts_window = TimestampWindow(
-            config.ts_max_age_s * 1000, config.ts_max_ahead_s * 1000
-        )
+        self.ts_window = TimestampWindow(config.ts_max_age_s * 1000, config.ts_max_ahead_s * 1000)
         self.canary = CanaryStats()
         self.stopping = asyncio.Event()
         self.exit_code = 0

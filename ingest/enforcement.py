@@ -98,7 +98,7 @@ from schemas.identity import (
     RevocationState,
 )
 from schemas.topics import schema_of
-from streams.registry import DeviceRecord, DeviceStatus
+from streams.registry.devices import DeviceRecord, DeviceStatus
 from streams.runtime.status import write_status
 from streams.tables import GlobalTable, key_text
 
@@ -772,4 +772,3 @@ class Enforcer:
         self.write_status()
         self.sessions.close()
         self.table.close()
-

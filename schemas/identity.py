@@ -30,9 +30,7 @@ MAX_BRIDGE_REPLICAS = 8
 BRIDGE_IDENTITIES = tuple(f"bridge-{replica}" for replica in range(MAX_BRIDGE_REPLICAS))
 ENFORCER_IDENTITIES = ("enforcer", "enforcer-1", "enforcer-2", "enforcer-3")
 ENFORCER = ENFORCER_IDENTITIES[0]
-RESERVED_IDENTITIES = frozenset(
-    {ORCHESTRATOR, "broker", *ENFORCER_IDENTITIES, *BRIDGE_IDENTITIES}
-)
+RESERVED_IDENTITIES = frozenset({ORCHESTRATOR, "broker", *ENFORCER_IDENTITIES, *BRIDGE_IDENTITIES})
 # At most 64 characters: RFC 5280 caps commonName at 64 (ub-common-name) and cryptography
 # refuses longer CNs. No '/', '+', '#' so an id is safe inside MQTT topics and file names.
 DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

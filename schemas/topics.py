@@ -106,6 +106,7 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("dlq.ingest", "original key", _DLQ, retention_ms=30 * DAY_MS),
     TopicSpec("dlq.cold", "original key", _DLQ, retention_ms=30 * DAY_MS),
     TopicSpec("dlq.hot", "original key", _DLQ, retention_ms=30 * DAY_MS),
+    TopicSpec("dlq.ota", "original key", _DLQ, retention_ms=30 * DAY_MS),
     # The bridges' canaries (ingest/bridge.py): proof that broker -> bridge -> Kafka works.
     TopicSpec("ingest.canary", "bridge replica", "canary JSON", retention_ms=DAY_MS, partitions=1),
     # The schema registry's storage: one ordered journal, kept forever (schema ids live here).

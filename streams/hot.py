@@ -33,7 +33,7 @@ from streams.alerts import (
     evaluate,
 )
 from streams.cold import DeadLetter, SourceRecord
-from streams.registry import AuditRecord, DeviceRecord
+from streams.registry.devices import AuditRecord, DeviceRecord
 from streams.twin import (
     Accepted,
     Conflict,

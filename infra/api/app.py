@@ -3,8 +3,9 @@ and OTA rollouts: the aiohttp application and the process.
 
 Every call but ``GET /openapi.json`` and ``GET /healthz`` carries a bearer token signed by the
 platform (:mod:`streams.tokens`); a missing or invalid one is a 401. The handler then asks
-:func:`streams.rbac.authorize` (the one decision function) whether the caller may do the route's
-action on the resource concerned, *before* doing anything (a 403 otherwise). Errors are JSON:
+:func:`streams.registry.rbac.authorize` (the one decision function) whether the caller may do
+the route's action on the resource concerned, *before* doing anything (a 403 otherwise). Errors
+are JSON:
 ``{"error": "unauthorized|forbidden|bad_request|not_found|conflict|timeout|...", "reason": ...}``.
 
 State is read from the compacted topics, followed in memory (``registry.devices``,

@@ -35,10 +35,10 @@ from infra.services.base import ServiceError
 from infra.settings import Settings
 from schemas.codec import Decoded
 from streams.alerts import AlertRule, rule_from_record, rule_to_record
-from streams.ota import Rollout
-from streams.ota import from_record as rollout_from_record
-from streams.rbac import GrantSet, Principal
-from streams.registry import AuditRecord, DeviceRecord, RegistryCommand
+from streams.ota.model import Rollout
+from streams.ota.model import from_record as rollout_from_record
+from streams.registry.devices import AuditRecord, DeviceRecord, RegistryCommand
+from streams.registry.rbac import GrantSet, Principal
 from streams.tables import GlobalTable, key_text
 from streams.twin import Twin, from_record
 

@@ -19,7 +19,6 @@ from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPa
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from infra.api.answers import AnswerListener
-from infra.artifacts import Artifact
 from infra.settings import Settings
 from schemas.codec import AvroCodec, CodecRegistry, Decoded, load_schema
 from streams.alerts import (
@@ -29,10 +28,11 @@ from streams.alerts import (
     rule_from_record,
     rule_to_record,
 )
-from streams.ota import Rollout
-from streams.ota import from_record as rollout_from_record
-from streams.rbac import GrantSet, Principal
-from streams.registry import AuditRecord, DeviceRecord, RegistryCommand, command_to_record
+from streams.ota.artifacts import Artifact
+from streams.ota.model import Rollout
+from streams.ota.model import from_record as rollout_from_record
+from streams.registry.devices import AuditRecord, DeviceRecord, RegistryCommand, command_to_record
+from streams.registry.rbac import GrantSet, Principal
 from streams.tables import key_text, read_to_end
 from streams.twin import Twin, from_record
 

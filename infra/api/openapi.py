@@ -43,7 +43,7 @@ def _json_content(schema: Mapping[str, Any]) -> dict[str, Any]:
 def _operation(route: Route) -> dict[str, Any]:
     description = route.summary + "."
     if route.action is not None:
-        description += f" Needs `{route.action}` (streams.rbac.authorize)."
+        description += f" Needs `{route.action}` (streams.registry.rbac.authorize)."
     op: dict[str, Any] = {
         "operationId": route.name,
         "summary": route.summary,

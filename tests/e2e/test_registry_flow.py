@@ -13,8 +13,8 @@ import pytest
 from infra.api.client import HotPathClient
 from infra.settings import PROJECT_ROOT, Settings
 from infra.stack import Stack
-from streams.rbac import Principal
-from streams.registry import AuditDecision, DeviceStatus, SuspendDevice
+from streams.registry.devices import AuditDecision, DeviceStatus, SuspendDevice
+from streams.registry.rbac import Principal
 from tests.conftest import settings_env
 
 FLEET = str(PROJECT_ROOT / ".venv" / "bin" / "fleet")

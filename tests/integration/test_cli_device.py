@@ -19,7 +19,7 @@ from infra.services.base import wait_until
 from infra.settings import PROJECT_ROOT, Settings
 from infra.stack import Stack
 from schemas.identity import RevocationState
-from streams.registry import DeviceStatus
+from streams.registry.devices import DeviceStatus
 from tests.conftest import settings_env
 from tests.support.mqtt import connect
 

@@ -21,7 +21,7 @@ from infra.stack import Stack
 from ingest.enforcement import DEVICES, Enforcer
 from schemas.codec import CodecRegistry, load_schema
 from schemas.identity import RevocationState
-from streams.registry import DeviceRecord, DeviceStatus
+from streams.registry.devices import DeviceRecord, DeviceStatus
 from tests.conftest import DeviceIdentity
 from tests.support.mqtt import MqttSession, connect
 

@@ -26,10 +26,10 @@ from infra.api.openapi import openapi_document
 from infra.api.routes import ROUTES
 from infra.pki import CertificateAuthority, generate_private_key, make_csr
 from streams.alerts import AlertRule, RuleKind, ScopeType
-from streams.ota import Rollout, step
-from streams.ota_worker import request_event
-from streams.rbac import Grant, GrantSet, Principal, Resource, Role
-from streams.registry import (
+from streams.ota.model import Rollout
+from streams.ota.rollout import step
+from streams.ota.worker import request_event
+from streams.registry.devices import (
     Applied,
     AuditRecord,
     DeviceRecord,
@@ -38,6 +38,7 @@ from streams.registry import (
     RegistryCommand,
     apply,
 )
+from streams.registry.rbac import Grant, GrantSet, Principal, Resource, Role
 from streams.tokens import TokenAuthority
 from streams.twin import Accepted, Twin, TwinDocumentError, apply_desired
 from tests.unit.test_ota import ARTIFACT

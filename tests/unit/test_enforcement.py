@@ -35,7 +35,7 @@ from ingest.enforcement import (
 )
 from ingest.mqtt_client import DYNSEC_RESPONSE_TOPIC, DYNSEC_TOPIC, claim_identity
 from schemas.identity import ENFORCER_IDENTITIES, RevocationState
-from streams.registry import DeviceRecord, DeviceStatus
+from streams.registry.devices import DeviceRecord, DeviceStatus
 
 REVOKED, HOLD = RevocationState.revoked, RevocationState.on_hold
 

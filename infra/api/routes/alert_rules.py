@@ -22,8 +22,8 @@ from infra.api.routes.base import (
     reply,
 )
 from streams.alerts import AlertRule, ScopeType, rule_from_record, rule_to_record
-from streams.rbac import Action, Principal, Resource, authorize
-from streams.registry import AuditDecision, AuditRecord
+from streams.registry.devices import AuditDecision, AuditRecord
+from streams.registry.rbac import Action, Principal, Resource, authorize
 
 __all__ = ["ROUTES", "AlertRuleRoutes", "rule_from_body"]
 

@@ -21,7 +21,8 @@ from pydantic import BaseModel
 from infra.api.backend import Backend
 from infra.api.client import HotPathError, TwinAnswer
 from infra.api.models import BodyError, CommandResult, M, parse_body
-from streams.rbac import (
+from streams.registry.devices import AuditDecision, AuditRecord, DeviceRecord, RegistryCommand
+from streams.registry.rbac import (
     Action,
     Decision,
     Grant,
@@ -31,7 +32,6 @@ from streams.rbac import (
     Resource,
     authorize,
 )
-from streams.registry import AuditDecision, AuditRecord, DeviceRecord, RegistryCommand
 from streams.tokens import TokenAuthority
 
 __all__ = [

@@ -29,8 +29,7 @@ from infra.api.routes.base import (
     reply,
 )
 from infra.pki import PkiError, cert_fingerprint_sha256
-from streams.rbac import Action, Resource, authorize
-from streams.registry import (
+from streams.registry.devices import (
     ActivateDevice,
     AuditDecision,
     CommandKind,
@@ -40,6 +39,7 @@ from streams.registry import (
     SuspendDevice,
     UpdateDevice,
 )
+from streams.registry.rbac import Action, Resource, authorize
 
 __all__ = ["ROUTES", "DeviceRoutes"]
 

@@ -20,8 +20,8 @@ from infra.api.routes.base import (
     now_ms,
     reply,
 )
-from streams.rbac import Action, Grant, GrantSet, Principal, Resource, Role, authorize
-from streams.registry import AuditDecision, AuditRecord
+from streams.registry.devices import AuditDecision, AuditRecord
+from streams.registry.rbac import Action, Grant, GrantSet, Principal, Resource, Role, authorize
 
 __all__ = ["ROUTES", "GrantRoutes"]
 

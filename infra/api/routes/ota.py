@@ -18,10 +18,11 @@ from infra.api.models import (
     RolloutResult,
 )
 from infra.api.routes.base import CALLER, SETTLE_TIMEOUT_S, ApiError, Handlers, Route, reply
-from infra.ota_summary import rollout_summary
-from streams.ota import Rollout, RolloutPlan
-from streams.rbac import Action, Principal, Resource, authorize
-from streams.registry import AuditDecision
+from streams.ota.model import Rollout
+from streams.ota.plan import RolloutPlan
+from streams.ota.summary import rollout_summary
+from streams.registry.devices import AuditDecision
+from streams.registry.rbac import Action, Principal, Resource, authorize
 
 __all__ = ["ROUTES", "OtaRoutes", "plan_from_body"]
 

@@ -20,8 +20,8 @@ from infra.api.routes.base import (
     answer_view,
     reply,
 )
-from streams.rbac import Action
-from streams.registry import AuditDecision, DeviceStatus
+from streams.registry.devices import AuditDecision, DeviceStatus
+from streams.registry.rbac import Action
 from streams.twin import Twin, twin_view
 
 __all__ = ["ROUTES", "TwinRoutes"]
