@@ -43,8 +43,8 @@ from infra.services.mosquitto import BrokerFiles, client_tls_context
 from infra.settings import Settings
 from infra.stack import Stack
 from schemas.codec import CodecRegistry, Decoded, load_schema
-from streams.alerts import AlertRule, RuleKind, ScopeType
 from streams.client import HotPathClient
+from streams.hot.alerts import AlertRule, RuleKind, ScopeType
 from streams.rbac import Resource
 
 

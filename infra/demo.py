@@ -34,12 +34,12 @@ from infra.settings import Settings
 from infra.simulator import FleetStats, SimulatedDevice, run_fleet
 from infra.stack import Stack
 from queries.runner import QueryError, fetch, render, warehouse_counts
-from streams.alerts import AlertRule, AlertStatus, RuleKind, ScopeType, Severity
 from streams.client import HotPathClient
+from streams.hot.alerts import AlertRule, AlertStatus, RuleKind, ScopeType, Severity
+from streams.hot.twin import delta
 from streams.ota import RolloutPlan
 from streams.rbac import GrantSet, Principal, Resource, Role
 from streams.registry import AuditRecord
-from streams.twin import delta
 
 DEMO_ORG, DEMO_PROJECT = "demo", "fleet"
 DEMO_OPERATOR, DEMO_APPROVER = "user:demo-operator", "user:demo-approver"

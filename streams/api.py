@@ -9,7 +9,7 @@ action on the resource concerned, *before* doing anything (a 403 otherwise). Err
 
 State is read from the compacted topics, followed in memory (``registry.devices``,
 ``rbac.grants``, ``twin.state``, ``alerts.rules``, ``ota.rollouts``:
-:class:`streams.tables.GlobalTable`); changes go through Kafka
+:class:`streams.runtime.tables.GlobalTable`); changes go through Kafka
 like any client's: registry commands to the registry agent, which authorizes them again and
 answers on ``audit.log`` (its decision maps to the status: denied 403, refused 409 or 404 for an
 unknown device, applied/unchanged 2xx); desired-state patches to the twin agent; grant sets to
@@ -58,7 +58,6 @@ from infra.pki import CertificateAuthority, PkiError, cert_fingerprint_sha256
 from infra.services.base import ServiceError
 from infra.settings import Settings, load_settings
 from schemas.codec import Decoded
-from streams.alerts import AlertRule, ScopeType, rule_from_record, rule_to_record
 from streams.api_models import (
     MAX_JSON_DEPTH,
     PRINCIPAL_PATTERN,
@@ -106,6 +105,8 @@ from streams.client import (
     HotPathError,
     TwinAnswer,
 )
+from streams.hot.alerts import AlertRule, ScopeType, rule_from_record, rule_to_record
+from streams.hot.twin import Twin, from_record, twin_view
 from streams.ota import Rollout, RolloutPlan
 from streams.ota import from_record as rollout_from_record
 from streams.rbac import (
@@ -133,9 +134,8 @@ from streams.registry import (
     UpdateDevice,
 )
 from streams.runtime.status import write_status
-from streams.tables import GlobalTable, key_text
+from streams.runtime.tables import GlobalTable, key_text
 from streams.tokens import TokenAuthority, TokenError
-from streams.twin import Twin, from_record, twin_view
 
 __all__ = [
     "MAX_JSON_DEPTH",

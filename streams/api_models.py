@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from infra.pki import DEVICE_ID_PATTERN
-from streams.alerts import RuleKind, ScopeType, Severity
+from streams.hot.alerts import RuleKind, ScopeType, Severity
 from streams.rbac import PRINCIPAL_ID_PATTERN, SEGMENT_PATTERN, Role
 from streams.registry import AuditDecision, DeviceStatus
 

@@ -21,20 +21,20 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from infra.artifacts import Artifact
 from infra.settings import Settings
 from schemas.codec import AvroCodec, CodecRegistry, Decoded, load_schema
-from streams.alerts import (
+from streams.answers import AnswerListener
+from streams.hot.alerts import (
     AlertEvent,
     AlertRule,
     alert_from_record,
     rule_from_record,
     rule_to_record,
 )
-from streams.answers import AnswerListener
+from streams.hot.twin import Twin, from_record
 from streams.ota import Rollout
 from streams.ota import from_record as rollout_from_record
 from streams.rbac import GrantSet, Principal
 from streams.registry import AuditRecord, DeviceRecord, RegistryCommand, command_to_record
-from streams.tables import key_text, read_to_end
-from streams.twin import Twin, from_record
+from streams.runtime.tables import key_text, read_to_end
 
 TWIN_STATE, DESIRED, RESPONSES = "twin.state", "twin.desired", "twin.responses"
 RULES, ALERTS, DEVICES = "alerts.rules", "alerts", "registry.devices"

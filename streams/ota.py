@@ -99,7 +99,7 @@ from typing import Any, TypeAlias
 
 from infra.artifacts import Artifact, ArtifactKind
 from ingest.downlink import downlink_record
-from streams.alerts import AlertEvent, AlertStatus, Severity
+from streams.hot.alerts import AlertEvent, AlertStatus, Severity
 from streams.rbac import Action, GrantSet, Principal, Resource, authorize
 from streams.registry import AuditDecision, AuditRecord, DeviceRecord, DeviceStatus
 

@@ -34,7 +34,7 @@ from infra.artifacts import Artifact
 from infra.process import process_main
 from infra.settings import Settings
 from schemas.codec import AvroCodec, CodecRegistry, Decoded, load_schema
-from streams.alerts import alert_from_record
+from streams.hot.alerts import alert_from_record
 from streams.ota import (
     Abort,
     AlertRaised,
@@ -57,11 +57,11 @@ from streams.ota import (
 )
 from streams.rbac import GrantSet, Principal, Resource
 from streams.registry import AuditDecision, AuditRecord, DeviceRecord
+from streams.runtime.loop import BatchLoop
 from streams.runtime.status import write_status
-from streams.tables import GlobalTable, key_text, read_to_end
-from streams.transactions import (
+from streams.runtime.tables import GlobalTable, key_text, read_to_end
+from streams.runtime.transactions import (
     Aborted,
-    BatchLoop,
     ConsumerFenced,
     Transactions,
     check_consumed,

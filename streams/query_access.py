@@ -50,7 +50,7 @@ from streams.rbac import (
     Principal,
     authorize,
 )
-from streams.tables import GlobalTable, key_text
+from streams.runtime.tables import GlobalTable, key_text
 from streams.tokens import TokenAuthority, TokenError
 
 __all__ = [

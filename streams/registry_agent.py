@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from streams.cold import DeadLetter, SourceRecord
 from streams.rbac import GrantSet
 from streams.registry import (
     Applied,
@@ -25,6 +24,7 @@ from streams.registry import (
     apply,
     command_from_record,
 )
+from streams.runtime.records import DeadLetter, SourceRecord
 
 STAGE = "registry"
 

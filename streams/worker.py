@@ -13,9 +13,9 @@ import threading
 
 from infra.settings import Settings, load_settings
 from sinks.clickhouse import SinkUnavailable
-from streams.app import ColdWorker
-from streams.cold import Backoff
+from streams.cold.loader import ColdWorker
 from streams.query_access import serve_warehouse_queries
+from streams.runtime.transactions import Backoff
 
 log = logging.getLogger("fleetstream.worker")
 

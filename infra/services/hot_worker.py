@@ -1,4 +1,4 @@
-"""The hot-path worker (streams/hot_worker.py: alerts and twins) as a service of `fleet up`."""
+"""The hot-path worker (streams/hot/worker.py: alerts and twins) as a service of `fleet up`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from infra.settings import Settings
 class HotWorkerService(PlatformProcess):
     def __init__(self, settings: Settings) -> None:
         # Shown at the Kafka address it consumes from; it listens on no port of its own.
-        super().__init__("hot-worker", settings, settings.kafka_port, "streams.hot_worker")
+        super().__init__("hot-worker", settings, settings.kafka_port, "streams.hot.worker")
 
     def bound_ports(self) -> Sequence[int]:
         return ()

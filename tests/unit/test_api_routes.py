@@ -2,7 +2,7 @@
 authorization before each call, the status codes, audit records and the OpenAPI document.
 
 The fake backend applies registry commands with the registry's own pure core
-(`streams.registry.apply`) and desired patches with the twin's (`streams.twin.apply_desired`),
+(`streams.registry.apply`) and desired patches with the twin's (`streams.hot.twin.apply_desired`),
 so decisions are the ones the agents would take; the CA is a real one in a temp folder.
 """
 
@@ -20,9 +20,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from cryptography import x509
 
 from infra.pki import CertificateAuthority, generate_private_key, make_csr
-from streams.alerts import AlertRule, RuleKind, ScopeType
 from streams.api import MAX_JSON_DEPTH, ROUTES, create_app, openapi_document
 from streams.client import TwinAnswer
+from streams.hot.alerts import AlertRule, RuleKind, ScopeType
+from streams.hot.twin import Accepted, Twin, TwinDocumentError, apply_desired
 from streams.ota import Rollout, step
 from streams.ota_worker import request_event
 from streams.rbac import Grant, GrantSet, Principal, Resource, Role
@@ -36,7 +37,6 @@ from streams.registry import (
     apply,
 )
 from streams.tokens import TokenAuthority
-from streams.twin import Accepted, Twin, TwinDocumentError, apply_desired
 from tests.unit.test_ota import ARTIFACT
 
 ACME = Resource("acme")

@@ -12,22 +12,21 @@ from typing import Any
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 
-from streams.hot import HotCounters, HotProcessor
-from streams.hot_worker import HotWorker
+from streams.hot.processor import HotCounters, HotProcessor
+from streams.hot.twin import Twin
+from streams.hot.worker import HotWorker
 from streams.registry_agent import RegistryAgent
-from streams.transactions import (
+from streams.runtime.loop import BatchLoop, FailureStreak
+from streams.runtime.transactions import (
     Aborted,
     Backoff,
-    BatchLoop,
     ConsumerFenced,
-    FailureStreak,
     Transactions,
     check_consumed,
     is_fatal,
     is_transient,
     rewind_positions,
 )
-from streams.twin import Twin
 
 
 def kafka_exc(code: int, **flags: bool) -> KafkaException:
@@ -376,7 +375,7 @@ def test_a_hot_transaction_that_is_aborted_goes_to_the_loop_to_rewind() -> None:
     worker = hot_worker(FakeChangelogs({}), FakeConsumer())
     aborting: Callable[..., bool] = lambda *_a, **_k: False  # noqa: E731
     worker.transactions = type("T", (), {"commit": staticmethod(aborting)})()  # type: ignore[assignment]
-    from streams.hot import Emitted
+    from streams.hot.processor import Emitted
 
     with pytest.raises(Aborted):
         worker._commit(Emitted(), consumed=True)

@@ -19,9 +19,11 @@ from sinks.clickhouse import (
     telemetry_to_arrow,
     twin_history_to_arrow,
 )
-from streams.app import SOURCES, twin_history_rows
-from streams.cold import Backoff, ColdCounters, ColdPath, DeadLetter, SourceRecord
-from streams.twin import Accepted, Twin, apply_desired, apply_reported, to_record
+from streams.cold.loader import SOURCES, twin_history_rows
+from streams.cold.path import ColdCounters, ColdPath
+from streams.hot.twin import Accepted, Twin, apply_desired, apply_reported, to_record
+from streams.runtime.records import DeadLetter, SourceRecord
+from streams.runtime.transactions import Backoff
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z in epoch ms
 CODEC = AvroCodec(load_schema("TwinState"), schema_id=11)

@@ -7,15 +7,14 @@ produces them. An abortable failure aborts; the worker then rewinds its state an
 to the last commit (its changelogs and committed offsets hold exactly that).
 
 Transient Kafka errors (a broker restarting, a coordinator moving or loading, a timeout) are
-not the end of a worker: :class:`BatchLoop` aborts what is open, rewinds to the last commit,
-backs off and goes on. Only a fatal error (fenced by a newer instance, a fatal producer
-state) ends the process: then nothing this process does can be committed any more.
-"""
+not the end of a worker: the batch loop (streams/runtime/loop.py) aborts what is open, rewinds
+to the last commit, backs off and goes on. Only a fatal error (fenced by a newer instance, a
+fatal producer state) ends the process: then nothing this process does can be committed any
+more."""
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -243,99 +242,3 @@ class Transactions:
 
     def close(self) -> None:
         self.producer.flush(10)
-
-
-class BatchLoop:
-    """A stream worker's life: `start()`, then `step()` (one batch, one transaction) until
-    asked to stop, its status written about once a second, `close()` at the end.
-
-    A transient Kafka error out of `start` or `step` does not end it: `recover()` (abort what
-    is open, rewind state and positions to the last commit) runs after a back-off, until it
-    succeeds; then the loop goes on (a failed start is tried again). Failures in a row back
-    off longer, up to `backoff.longest`. A fatal error ends the process (the supervisor
-    starts it again; the new one fences nothing but its own dead predecessor)."""
-
-    backoff = Backoff(first=0.2, longest=5.0)
-
-    def start(self) -> None:
-        raise NotImplementedError
-
-    def step(self) -> None:
-        raise NotImplementedError
-
-    def recover(self) -> None:
-        """After a transient failure: abort what is open, rewind to the last commit."""
-        raise NotImplementedError
-
-    def write_status(self) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def on_transient(self, exc: BaseException) -> None:
-        """A transient failure was met (a subclass counts it in its status)."""
-
-    def run(self, stopping: threading.Event) -> None:
-        failures = FailureStreak(self.backoff)
-        try:
-            if not self._until_done(self.start, stopping, failures, again=True):
-                return
-            reported_at = 0.0
-            while not stopping.is_set():
-                if not self._until_done(self.step, stopping, failures, again=False):
-                    break
-                if time.monotonic() - reported_at > 1.0:
-                    self.write_status()
-                    reported_at = time.monotonic()
-        finally:
-            self.close()
-
-    def _until_done(
-        self,
-        action: Callable[[], None],
-        stopping: threading.Event,
-        failures: FailureStreak,
-        again: bool,
-    ) -> bool:
-        """Run `action`; after a transient error, recover (backing off) and, if `again`, run
-        it again until it succeeds. False if asked to stop meanwhile."""
-        while True:
-            try:
-                action()
-                failures.reset()
-                return True
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                self.on_transient(exc)
-                log.warning("%s: transient Kafka error (%s); recovering", type(self).__name__, exc)
-            while True:
-                if stopping.wait(failures.next_delay()):
-                    return False
-                try:
-                    self.recover()
-                    break
-                except Exception as exc:
-                    if not is_transient(exc):
-                        raise
-                    self.on_transient(exc)
-                    log.warning("recovery failed (%s); retrying", exc)
-            if not again:
-                return True  # rewound: the next step re-reads from the last commit
-
-
-@dataclass
-class FailureStreak:
-    """Failures in a row and the back-off they earn: first, 2x, 4x ... up to longest."""
-
-    backoff: Backoff
-    count: int = 0
-
-    def next_delay(self) -> float:
-        delay = min(self.backoff.first * 2.0**self.count, self.backoff.longest)
-        self.count += 1
-        return delay
-
-    def reset(self) -> None:
-        self.count = 0

@@ -1,55 +1,27 @@
 """The cold path: Kafka -> decode -> batch -> warehouse, offsets committed after the write.
 
-The worker commits a batch's offsets (streams/source.py) only after `store_batch` returned. So
-`store_batch` must never return before the batch is durably in the warehouse: it retries with
-back-off while the warehouse is away (the stream pauses, nothing is skipped). Records that
-cannot be decoded go to `dlq.cold` with their original bytes and where they came from, before
-the batch is committed.
-"""
+The worker commits a batch's offsets (streams/runtime/source.py) only after `store_batch`
+returned. So `store_batch` must never return before the batch is durably in the warehouse: it
+retries with back-off while the warehouse is away (the stream pauses, nothing is skipped).
+Records that cannot be decoded go to `dlq.cold` with their original bytes and where they came
+from, before the batch is committed."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.codec import AvroCodec, Decoded
+from streams.runtime.records import DeadLetter, SourceRecord
+from streams.runtime.transactions import Backoff
 
 log = logging.getLogger("fleetstream.cold")
 
 DLQ_TOPIC = "dlq.cold"
-
-
-@dataclass(frozen=True)
-class SourceRecord:
-    """One Kafka record as a stream worker sees it: where it came from, key and value."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None  # None: a tombstone
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    source: SourceRecord
-    reason: str
-    detail: str
-    stage: str = "cold"  # which part of the platform refused it (header `source`)
-
-    def headers(self) -> list[tuple[str, str | bytes | None]]:
-        return [
-            ("error", self.reason.encode()),
-            ("detail", self.detail.encode("utf-8", "replace")),
-            ("source", self.stage.encode()),
-            ("topic", self.source.topic.encode()),
-            ("partition", str(self.source.partition).encode()),
-            ("offset", str(self.source.offset).encode()),
-        ]
 
 
 @dataclass(frozen=True)
@@ -93,16 +65,9 @@ class ColdCounters:
     by_table: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Backoff:
-    first: float = 0.2
-    longest: float = 10.0
-
-    def delays(self) -> Iterator[float]:
-        delay = self.first
-        while True:
-            yield delay
-            delay = min(delay * 2, self.longest)
+# The cold path waits longer between tries than a transactional job: a warehouse away is
+# usually away for a while.
+COLD_BACKOFF = Backoff(first=0.2, longest=10.0)
 
 
 async def until_done(
@@ -110,7 +75,7 @@ async def until_done(
     retryable: tuple[type[BaseException], ...],
     counters: ColdCounters,
     what: str,
-    backoff: Backoff = Backoff(),
+    backoff: Backoff = COLD_BACKOFF,
 ) -> None:
     """Run `attempt` until it succeeds; retryable failures wait and try again."""
     for delay in backoff.delays():
@@ -136,7 +101,7 @@ class ColdPath:
     # Failures that retrying cannot cure (the warehouse refuses the rows): the batch goes to the
     # dead-letter topic instead, so the stream neither stalls forever nor skips silently.
     rejected: tuple[type[BaseException], ...] = ()
-    backoff: Backoff = field(default_factory=Backoff)
+    backoff: Backoff = COLD_BACKOFF
     compacted: bool = False  # the source is a compacted state topic (tombstones are deletions)
 
     async def store_batch(self, batch: Sequence[SourceRecord]) -> None:

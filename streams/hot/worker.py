@@ -1,4 +1,4 @@
-"""`python -m streams.hot_worker`: the hot path (alerts and device twins), run by `fleet up`.
+"""`python -m streams.hot.worker`: the hot path (alerts and device twins), run by `fleet up`.
 
 It consumes `telemetry.raw`, `twin.reported` and `twin.desired` in its own consumer group
 (`fleetstream-hot`, apart from the cold path's) and, per batch, in **one Kafka transaction**
@@ -29,9 +29,8 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from infra.process import process_main
 from infra.settings import Settings
 from schemas.codec import AvroCodec, CodecRegistry, Decoded, load_schema
-from streams.alerts import alert_to_record, rule_from_record
-from streams.cold import DeadLetter, SourceRecord
-from streams.hot import (
+from streams.hot.alerts import alert_to_record, rule_from_record
+from streams.hot.processor import (
     STAGE,
     Emitted,
     HotCounters,
@@ -39,20 +38,21 @@ from streams.hot import (
     alert_states_from_json,
     alert_states_to_json,
 )
+from streams.hot.twin import from_record, to_record
 from streams.rbac import GrantSet, Resource
 from streams.registry import DeviceRecord
 from streams.registry_agent import RegistryAgent
+from streams.runtime.loop import BatchLoop
+from streams.runtime.records import DeadLetter, SourceRecord
 from streams.runtime.status import write_status
-from streams.tables import ChangelogReader, GlobalTable, key_text
-from streams.transactions import (
+from streams.runtime.tables import ChangelogReader, GlobalTable, key_text
+from streams.runtime.transactions import (
     Aborted,
-    BatchLoop,
     ConsumerFenced,
     Transactions,
     check_consumed,
     rewind_to_committed,
 )
-from streams.twin import from_record, to_record
 
 log = logging.getLogger("fleetstream.hot")
 

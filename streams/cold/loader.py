@@ -1,7 +1,7 @@
 """The cold-path worker: Kafka batches -> decode -> warehouse, then commit.
 
-It is a consumer group of its own (`fleetstream-cold`, streams/source.py), so it scales, lags
-and fails apart from the hot path; workers scale by partition. Configured from the one
+It is a consumer group of its own (`fleetstream-cold`, streams/runtime/source.py), so it
+scales, lags and fails apart from the hot path; workers scale by partition. Configured from the one
 settings object.
 
 Besides telemetry and device events it loads `twin.state` into `twin_history` (one row per twin
@@ -38,13 +38,15 @@ from sinks.clickhouse import (
     SinkUnavailable,
     WriteResult,
 )
-from streams.cold import DLQ_TOPIC, ColdCounters, ColdPath, DeadLetter, SourceRecord
+from streams.cold.path import DLQ_TOPIC, ColdCounters, ColdPath
+from streams.hot.twin import TwinDocumentError, delta, from_record
 from streams.ota import Progress, Rollout
 from streams.ota import from_record as rollout_from_record
+from streams.runtime.loop import FailureStreak
+from streams.runtime.records import DeadLetter, SourceRecord
+from streams.runtime.source import COLD_GROUP, BatchSource
 from streams.runtime.status import write_status
-from streams.source import COLD_GROUP, BatchSource
-from streams.transactions import Backoff, ConsumerFenced, FailureStreak, is_transient
-from streams.twin import TwinDocumentError, delta, from_record
+from streams.runtime.transactions import Backoff, ConsumerFenced, is_transient
 
 log = logging.getLogger("fleetstream.streams")
 
@@ -73,7 +75,7 @@ OTA_COUNT_COLUMNS: dict[str, tuple[Progress, ...]] = {
 
 
 def _compact_json(document: Mapping[str, Any]) -> str:
-    """As streams.twin writes documents into TwinState: compact, keys sorted, UTF-8, strict
+    """As streams.hot.twin writes documents into TwinState: compact, keys sorted, UTF-8, strict
     JSON (a NaN raises ValueError)."""
     return json.dumps(
         document, separators=(",", ":"), sort_keys=True, ensure_ascii=False, allow_nan=False
@@ -83,7 +85,7 @@ def _compact_json(document: Mapping[str, Any]) -> str:
 def twin_history_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Decoded ``TwinState`` records as ``twin_history`` rows: device_id, version, updated_at,
     last_reported_seq, the desired and reported documents (compact JSON), ``delta`` (compact
-    JSON of :func:`streams.twin.delta`) and ``delta_keys`` (its number of top-level keys).
+    JSON of :func:`streams.hot.twin.delta`) and ``delta_keys`` (its number of top-level keys).
 
     Done here, not in the sink: the delta is the twin's domain, and sinks/ imports nothing from
     streams/ (the sink converts these rows generically). A record whose documents are not JSON

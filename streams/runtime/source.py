@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from infra.settings import Settings
-from streams.cold import SourceRecord
-from streams.transactions import check_consumed, rewind_to_committed
+from streams.runtime.records import SourceRecord
+from streams.runtime.transactions import check_consumed, rewind_to_committed
 
 COLD_GROUP = "fleetstream-cold"
 
