@@ -90,7 +90,7 @@ from infra.pki import (
     CertificateAuthority,
     RevocationState,
 )
-from infra.process import process_main
+from infra.process import kafka_config, process_main
 from infra.services.base import ServiceError
 from infra.services.mosquitto import (
     DYNSEC_RESPONSE_TOPIC,
@@ -551,7 +551,7 @@ class Enforcer:
         self.codec: AvroCodec = registry.codec(DEVICES, load_schema("Device"))
         self.counters = EnforcerCounters()
         self.state = _State()
-        self.table = GlobalTable(settings, DEVICES, self._apply)
+        self.table = GlobalTable(kafka_config(settings), DEVICES, self._apply)
         self.sessions = SessionEnder(settings, self.broker.files)
         self.ready = False  # caught up, and the broker agrees with what was read
         self.last_error: str | None = None

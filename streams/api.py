@@ -55,6 +55,7 @@ from pydantic import BaseModel
 from infra.keys import key_passphrase
 from infra.ota_summary import rollout_summary
 from infra.pki import CertificateAuthority, PkiError, cert_fingerprint_sha256
+from infra.process import kafka_config
 from infra.services.base import ServiceError
 from infra.settings import Settings, load_settings
 from schemas.codec import Decoded
@@ -338,7 +339,7 @@ class KafkaBackend:
             (ROLLOUTS, self._rollouts, rollout_from_record),
         ]
         self._tables = [
-            GlobalTable(settings, topic, self._applier(topic, into, parse))
+            GlobalTable(kafka_config(settings), topic, self._applier(topic, into, parse))
             for topic, into, parse in followed
         ]
         self._producer: Producer | None = None

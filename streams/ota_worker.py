@@ -31,7 +31,7 @@ from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPa
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from infra.artifacts import Artifact
-from infra.process import process_main
+from infra.process import kafka_config, process_main
 from infra.settings import Settings
 from schemas.codec import AvroCodec, CodecRegistry, Decoded, load_schema
 from streams.hot.alerts import alert_from_record
@@ -172,10 +172,11 @@ class OtaWorker(BatchLoop):
         self._joins_in_flight: list[str] = []
         self.transient_errors = 0  # recovered from (issue 12): broker restarts, timeouts
         self.last_transient_error = ""
-        self.device_table = GlobalTable(settings, DEVICES, self._apply_device)
-        self.grant_table = GlobalTable(settings, GRANTS, self._apply_grants)
-        self.artifact_table = GlobalTable(settings, ARTIFACTS, self._apply_artifact)
-        self.transactions = Transactions(settings, f"{OTA_GROUP}-0")
+        kafka = kafka_config(settings)
+        self.device_table = GlobalTable(kafka, DEVICES, self._apply_device)
+        self.grant_table = GlobalTable(kafka, GRANTS, self._apply_grants)
+        self.artifact_table = GlobalTable(kafka, ARTIFACTS, self._apply_artifact)
+        self.transactions = Transactions(kafka, f"{OTA_GROUP}-0")
         self.consumer = self._new_consumer()
         self._fenced = False  # the consumer hit a fatal error: recover() replaces it
         self._last_tick = 0.0

@@ -27,7 +27,7 @@ from infra.settings import PROJECT_ROOT, Settings
 from infra.settings import settings_env as fleet_env
 from infra.stack import Stack
 from queries.runner import warehouse_counts
-from streams.runtime.source import COLD_GROUP
+from streams.cold.loader import COLD_GROUP
 from tests.conftest import PORT_OFFSET
 from tests.support.fleet import start_fleet
 

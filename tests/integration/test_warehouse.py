@@ -37,7 +37,7 @@ from sinks.clickhouse import (
 )
 from sinks.query_server import QueryServer, start_query_server, write_platform_secret
 from sinks.sql_guard import Refused
-from streams.cold.loader import ota_events_rows, twin_history_rows
+from streams.cold.rows import ota_events_rows, twin_history_rows
 from streams.hot.twin import Accepted, Twin, apply_desired, apply_reported, to_record
 from streams.ota import OtaStatus
 from streams.ota import to_record as rollout_to_record

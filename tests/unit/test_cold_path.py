@@ -7,7 +7,7 @@ import asyncio
 from typing import Any
 
 from schemas.codec import AvroCodec, load_schema
-from streams.cold.path import ColdCounters, ColdPath, decode_batch
+from streams.runtime.loader import LoaderCounters, LoadPath, decode_batch
 from streams.runtime.records import DeadLetter, SourceRecord
 from streams.runtime.transactions import Backoff
 
@@ -27,17 +27,17 @@ class Refused(Exception):
     pass
 
 
-def _path(write: Any, dead: list[DeadLetter]) -> ColdPath:
+def _path(write: Any, dead: list[DeadLetter]) -> LoadPath:
     async def dead_letter(items: list[DeadLetter]) -> None:
         dead.extend(items)
 
-    return ColdPath(
+    return LoadPath(
         "telemetry",
         CODEC,
         write,
         dead_letter,
         (Unavailable,),
-        ColdCounters(),
+        LoaderCounters(),
         rejected=(Refused,),
         backoff=Backoff(first=0.001, longest=0.001),
     )
