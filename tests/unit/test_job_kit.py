@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
 from streams.runtime.clients import (
     KafkaConfig,
     consumer_config,
@@ -199,3 +201,10 @@ def test_table_readers_and_transactional_producers() -> None:
     assert producer["transactional.id"] == "fleetstream-hot-0"
     assert producer["acks"] == "all"
     assert producer["enable.idempotence"] is True
+
+
+def test_the_process_entry_names_its_jobs() -> None:
+    from infra.process import main
+
+    with pytest.raises(SystemExit, match="hot-worker"):
+        main(["no-such-job"])
