@@ -1,14 +1,16 @@
 """The cold-path worker: Kafka batches -> decode -> warehouse, then commit.
 
-It is a consumer group of its own (`fleetstream-cold`, streams/runtime/source.py), so it
-scales, lags and fails apart from the hot path; workers scale by partition. It takes the Kafka
+It is a loader spec (:data:`COLD_JOB`) run by the kit's loader loop (streams/runtime/loader.py)
+with the warehouse's writers. A consumer group of its own (`fleetstream-cold`), so it scales,
+lags and fails apart from the hot path; workers scale by partition. It takes the Kafka
 config and its :class:`LoaderOptions` (the composition root, infra/process.py, builds them from
 the settings). It owns the embedded chDB folder, so it also answers `fleet sql` on the query
 port. SIGTERM finishes the batch in hand (stored and committed), then exits.
 
 Besides telemetry and device events it loads `twin.state` into `twin_history` (one row per twin
-version). That topic is written by the hot worker's transactional producer: the consumer's
-default isolation.level (read_committed) is what keeps aborted twin states out; keep it.
+version). That topic is written by the hot worker's transactional producer: the loader's
+consumer reads with isolation.level=read_committed (streams/runtime/source.py), which is what
+keeps aborted twin states out; keep it.
 It also loads `ota.rollouts` (compacted, the OTA controller's rollout states) into `ota_events`
 (one row per rollout version and cohort: state and device counts per progress status).
 """
