@@ -5,6 +5,7 @@ go on) and its status written about once a second. A fatal error ends the proces
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import threading
 import time
@@ -27,6 +28,10 @@ class BatchLoop:
     starts it again; the new one fences nothing but its own dead predecessor)."""
 
     backoff = Backoff(first=0.2, longest=5.0)
+    # A step, start or recovery that has not returned after this long is stuck (a Kafka call
+    # that ignores its timeout): the process dumps every thread's stack to its log and exits,
+    # and the supervisor starts a new one. Below the consumer's max.poll.interval.ms (300 s).
+    stall_limit_s = 180.0
 
     def start(self) -> None:
         raise NotImplementedError
@@ -60,7 +65,12 @@ class BatchLoop:
                     self.write_status()
                     reported_at = time.monotonic()
         finally:
+            faulthandler.cancel_dump_traceback_later()
             self.close()
+
+    def _watch(self) -> None:
+        """(Re)arm the stall watchdog for the next action."""
+        faulthandler.dump_traceback_later(self.stall_limit_s, exit=True)
 
     def _until_done(
         self,
@@ -73,6 +83,7 @@ class BatchLoop:
         it again until it succeeds. False if asked to stop meanwhile."""
         while True:
             try:
+                self._watch()
                 action()
                 failures.reset()
                 return True
@@ -85,6 +96,7 @@ class BatchLoop:
                 if stopping.wait(failures.next_delay()):
                     return False
                 try:
+                    self._watch()
                     self.recover()
                     break
                 except Exception as exc:

@@ -24,15 +24,19 @@ bound the README states: every lost message was PUBACKed by the broker after its
 the broker had not saved yet (Session Present 0 makes an MQTT 5 client discard it).
 
 The three-broker cases run on a stack of their own (`--brokers 3`, its own state and ports):
-one broker of three dies and stays down, and the pipeline must go on without it.
+one broker of three dies and stays down, and the pipeline must go on without it (the cold
+worker lives on: nothing restarts it). Then `fleet up`, `fleet status` and `fleet down` without
+FLEET_BROKERS act on all three brokers.
 
 Each case's figures are appended to `.state/faults-<offset>.jsonl` (README "Reliability").
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -47,6 +51,7 @@ from infra.pki import CertificateAuthority
 from infra.provision import load_or_provision
 from infra.services.base import Service, ServiceError
 from infra.settings import PROJECT_ROOT, Settings
+from infra.settings import settings_env as fleet_env
 from infra.simulator import EVENTS, TELEMETRY
 from infra.stack import Stack
 from tests.conftest import PORT_OFFSET
@@ -364,10 +369,48 @@ def test_one_broker_of_three_down_the_pipeline_goes_on_without_it(
     three_brokers: Stack, tmp_path: Path, signum: signal.Signals
 ) -> None:
     target = _cold_coordinator(three_brokers)
+    cold = three_brokers.cold_worker.process()
     result, run, _injected, _bound = run_case(
         three_brokers, target, signum, tmp_path, keep_down=True
     )
+    survivor = three_brokers.cold_worker.process()
+    # The cold worker lived through it (a restart would hide a crash on a retriable error).
+    assert cold is not None
+    assert survivor is not None
+    assert survivor.pid == cold.pid
     assert run.stats.published == DEVICES * MESSAGES
     assert not result.problems, "\n".join([result.fault, *result.problems])
     assert result.lost == {TELEMETRY: 0, EVENTS: 0}
     assert result.recovery.stores_again_s is not None
+
+
+def _fleet_without_broker_count(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """`fleet ARGS` as an operator who does not say how many brokers there are runs it."""
+    env = {**os.environ, **fleet_env(settings)}
+    env.pop("FLEET_BROKERS", None)
+    fleet = str(PROJECT_ROOT / ".venv" / "bin" / "fleet")
+    return subprocess.run([fleet, *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_up_status_and_down_honour_the_state_folders_broker_count(three_brokers: Stack) -> None:
+    # Last on this stack: it ends with `fleet down`.
+    settings = three_brokers.settings
+    up = _fleet_without_broker_count(settings, "up")
+    assert up.returncode == 0, up.stderr[-2000:] + up.stdout[-2000:]
+    status = _fleet_without_broker_count(settings, "status", "--json")
+    assert status.returncode == 0, status.stdout[-2000:]
+    services = {
+        s["name"]: s for s in json.loads(status.stdout.strip().splitlines()[-1])["services"]
+    }
+    brokers = sorted(n for n in services if n.startswith("kafka"))
+    assert brokers == ["kafka-0", "kafka-1", "kafka-2"]
+    assert {services[b]["state"] for b in brokers} == {"up"}
+    processes = [b.process() for b in three_brokers.brokers]
+    assert all(p is not None for p in processes)
+
+    down = _fleet_without_broker_count(settings, "down")
+    assert down.returncode == 0, down.stderr
+    for broker, proc in zip(three_brokers.brokers, processes, strict=True):
+        assert proc is not None
+        assert not proc.is_running() or proc.status() == "zombie", broker.name
+        assert broker.process() is None, broker.name

@@ -4,6 +4,8 @@ No Kafka here: the producer and consumer are stand-ins recording what they were 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -397,3 +399,28 @@ def test_a_fenced_consumer_is_noticed_not_skipped_like_other_event_errors() -> N
     with pytest.raises(ConsumerFenced):
         check_consumed([FakeMessage(KafkaError(KafkaError._FATAL, "fenced", fatal=True))])
     assert is_transient(ConsumerFenced("static member fenced"))
+
+
+STUCK_LOOP = """
+import threading, time
+from streams.runtime.loop import BatchLoop
+
+class Stuck(BatchLoop):
+    stall_limit_s = 0.5
+    def start(self): pass
+    def step(self): time.sleep(60)  # a Kafka call that never returns
+    def recover(self): pass
+    def write_status(self): pass
+    def close(self): pass
+
+Stuck().run(threading.Event())
+"""
+
+
+def test_a_step_that_never_returns_ends_the_process_with_its_stack_in_the_log() -> None:
+    # The supervisor restarts a process that exits; one stuck forever would hold its partitions.
+    done = subprocess.run(
+        [sys.executable, "-c", STUCK_LOOP], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode != 0
+    assert "in step" in done.stderr, done.stderr
