@@ -12,7 +12,7 @@ stage reproduces both, each beside a baseline measured in the same run:
    #440 are open. The same forward done by a confluent-kafka transactional loop
    (send_offsets_to_transaction, fixed transactional.id) and killed the same way leaves none.
 
-The platform's workers therefore use confluent-kafka transactions (streams/transactions.py).
+The platform's workers therefore use confluent-kafka transactions (streams/runtime/transactions.py).
 Not part of the default `make bench`: `make bench-faust` installs faust-streaming (the
 `faust-probe` extra) and runs this stage. The Faust worker runs in a subprocess of its own
 (bench/faust_probe_app.py; Faust owns its event loop); so do the baselines, so that each

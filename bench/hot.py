@@ -45,7 +45,7 @@ from infra.settings import Settings
 from infra.stack import Stack
 from ingest.mqtt_client import client_tls_context
 from schemas.codec import CodecRegistry, Decoded, load_schema
-from streams.alerts import AlertRule, RuleKind, ScopeType
+from streams.hot.alerts import AlertRule, RuleKind, ScopeType
 from streams.registry.rbac import Resource
 
 

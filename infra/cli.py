@@ -283,7 +283,7 @@ def twin_get(
     as_json: bool = typer.Option(False, "--json", help="Print the JSON document only."),
 ) -> None:
     """A device's twin: {"desired", "reported", "delta", "version"} (all empty: no twin yet)."""
-    from streams.twin import Twin, twin_view
+    from streams.hot.twin import Twin, twin_view
 
     twin = _hot_client().twin(device_id) or Twin(device_id=device_id)
     text = json.dumps(twin_view(twin))
@@ -327,7 +327,7 @@ def alerts_rules(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """The alert rules in force."""
-    from streams.alerts import rule_to_record
+    from streams.hot.alerts import rule_to_record
 
     rules = [rule_to_record(r) for r in _hot_client().rules().values()]
     if as_json:
@@ -358,7 +358,7 @@ def alerts_add(
     severity: str = typer.Option("warning", help="info, warning or critical."),
 ) -> None:
     """Add or replace an alert rule."""
-    from streams.alerts import AlertRule, RuleKind, ScopeType, Severity
+    from streams.hot.alerts import AlertRule, RuleKind, ScopeType, Severity
     from streams.registry.rbac import Level, Resource
 
     if (group is None) == (device is None):
@@ -401,7 +401,7 @@ def alerts_list(
     """Alert lifecycle records (raised, resolved) on the `alerts` topic."""
     import time
 
-    from streams.alerts import alert_to_record
+    from streams.hot.alerts import alert_to_record
 
     since = int((time.time() - since_minutes * 60) * 1000)
     events = [alert_to_record(e) for e in _hot_client().alerts(since)]

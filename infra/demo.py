@@ -35,12 +35,12 @@ from infra.simulator import FleetStats, SimulatedDevice, run_fleet
 from infra.stack import Stack
 from infra.warehouse import fetch, warehouse_counts
 from queries.runner import QueryError, render
-from streams.alerts import AlertRule, AlertStatus, RuleKind, ScopeType, Severity
+from streams.hot.alerts import AlertRule, AlertStatus, RuleKind, ScopeType, Severity
+from streams.hot.twin import delta
 from streams.ota.plan import RolloutPlan
 from streams.ota.summary import rollout_summary
 from streams.registry.devices import AuditRecord
 from streams.registry.rbac import GrantSet, Principal, Resource, Role
-from streams.twin import delta
 
 DEMO_ORG, DEMO_PROJECT = "demo", "fleet"
 DEMO_OPERATOR, DEMO_APPROVER = "user:demo-operator", "user:demo-approver"

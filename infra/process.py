@@ -1,32 +1,77 @@
-"""The `main()` of a platform process (`python -m ...` run by `fleet up`): logging, settings,
-SIGTERM/SIGINT as a stop request, then the worker's `run(stopping)`."""
+"""The platform's stream processes, as `fleet up` starts them: `python -m infra.process <name>`.
+
+The composition root's half of a process entry: read the settings, build the small config the
+worker takes (Kafka endpoints, options, paths) and hand it to the kit
+(streams/runtime/process.py: logging, SIGTERM/SIGINT as a stop request, the worker's run).
+"""
 
 from __future__ import annotations
 
-import logging
-import signal
-import threading
+import asyncio
+import sys
 from collections.abc import Callable
-from typing import Any, Protocol
 
 from infra.settings import Settings, load_settings
+from streams.runtime.clients import KafkaConfig
+from streams.runtime.process import Runnable, configure_logging, run_until_stopped
 
 
-class Runnable(Protocol):
-    counters: Any
-
-    def run(self, stopping: threading.Event) -> None: ...
+def kafka_config(settings: Settings, client_id: str = "fleetstream") -> KafkaConfig:
+    return KafkaConfig(settings.bootstrap_servers, settings.registry_url, client_id)
 
 
 def process_main(name: str, build: Callable[[Settings], Runnable]) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    log = logging.getLogger(f"fleetstream.{name}")
+    configure_logging()
     settings = load_settings()
     settings.run_dir.mkdir(parents=True, exist_ok=True)
-    stopping = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopping.set())
-    worker = build(settings)
-    log.info("%s up", name)
-    worker.run(stopping)
-    log.info("%s stopped: %s", name, worker.counters)
+    run_until_stopped(name, lambda: build(settings))
+
+
+def hot_worker(settings: Settings) -> Runnable:
+    from streams.hot.job import HOT_JOB
+    from streams.runtime.job import JobOptions, TransactionalJob
+
+    options = JobOptions(
+        status_path=settings.run_dir / f"{HOT_JOB.name}.json",
+        instance=settings.hot_instance,
+        max_batch=settings.hot_max_batch,
+        poll_ms=settings.hot_poll_ms,
+    )
+    return TransactionalJob(HOT_JOB, kafka_config(settings, HOT_JOB.name), options)
+
+
+def cold_worker_main() -> None:
+    from streams.cold.loader import COLD_JOB, Closeable, serve
+    from streams.runtime.loader import LoaderOptions
+
+    configure_logging()
+    settings = load_settings()
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    options = LoaderOptions(
+        status_path=settings.run_dir / f"{COLD_JOB.name}.json",
+        batch_rows=settings.sink_batch_rows,
+        batch_seconds=settings.sink_batch_seconds,
+    )
+
+    def serve_queries() -> Closeable:
+        from streams.query_access import serve_warehouse_queries
+
+        return serve_warehouse_queries(settings)
+
+    where = f"{settings.host}:{settings.query_port}"
+    kafka = kafka_config(settings, COLD_JOB.name)
+    asyncio.run(serve(kafka, options, settings.warehouse_dsn, serve_queries, where))
+
+
+def main(argv: list[str] | None = None) -> None:
+    name = (argv if argv is not None else sys.argv[1:] or [""])[0]
+    if name == "hot-worker":
+        process_main("hot worker", hot_worker)
+    elif name == "cold-worker":
+        cold_worker_main()
+    else:
+        raise SystemExit(f"usage: python -m infra.process hot-worker|cold-worker (not {name!r})")
+
+
+if __name__ == "__main__":
+    main()

@@ -158,7 +158,7 @@ def initial_reported(report_interval_s: float) -> dict[str, Any]:
 def merge_reported(document: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     """`document` with `patch` merged in (a new dict; neither argument is changed).
 
-    The twin's merge (streams/twin.py): nested objects merge key by key, any other value
+    The twin's merge (streams/hot/twin.py): nested objects merge key by key, any other value
     replaces the old one whole, a null removes the key, an object left empty by removals is
     dropped, and a patch object with nothing to set changes nothing.
     """

@@ -52,7 +52,7 @@ once meets the reloaded CRL; if the reload fails, nothing is kicked and both are
 
 The decision is pure (:func:`plan`, unit-tested): given the registry's records, the CRL's
 state and which sessions were already ended, what to revoke, hold, release and whom to kick.
-:class:`Enforcer` follows the topic with a :class:`~streams.tables.GlobalTable`, applies the
+:class:`Enforcer` follows the topic with a :class:`~streams.runtime.tables.GlobalTable`, applies the
 plan and reports in `<run dir>/enforcer.json`. It is a singleton next to the broker: it writes
 the CA's CRL (serialized by a file lock) and signals the broker's process.
 """
@@ -100,7 +100,7 @@ from schemas.identity import (
 from schemas.topics import schema_of
 from streams.registry.devices import DeviceRecord, DeviceStatus
 from streams.runtime.status import write_status
-from streams.tables import GlobalTable, key_text
+from streams.runtime.tables import GlobalTable, key_text
 
 __all__ = [
     "DEVICES",

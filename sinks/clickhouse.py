@@ -143,7 +143,7 @@ EVENT_SCHEMA: Final = pa.schema(
         pa.field("attributes", pa.map_(pa.string(), pa.string()), nullable=False),
     ]
 )
-# Documents as compact JSON text; delta is streams.twin.delta as JSON, delta_keys its number
+# Documents as compact JSON text; delta is streams.hot.twin.delta as JSON, delta_keys its number
 # of top-level keys (0: the device has converged).
 TWIN_HISTORY_SCHEMA: Final = pa.schema(
     [
@@ -332,8 +332,8 @@ def twin_history_to_arrow(rows: Sequence[Record]) -> pa.Table:
     """``twin_history`` rows as its columns.
 
     The rows are decoded ``TwinState`` records with ``delta`` and ``delta_keys`` added by the
-    cold worker (``streams.app.twin_history_rows``): computing a delta is the twin's domain
-    (``streams.twin``), and the sink stays below the stream layer, importing nothing from it.
+    cold worker (``streams.cold.rows.twin_history_rows``): computing a delta is the twin's domain
+    (``streams.hot.twin``), and the sink stays below the stream layer, importing nothing from it.
     """
     return records_to_arrow(rows, TWIN_HISTORY_SCHEMA)
 
@@ -342,7 +342,7 @@ def ota_events_to_arrow(rows: Sequence[Record]) -> pa.Table:
     """``ota_events`` rows as its columns.
 
     The rows are built from decoded ``Rollout`` records by the cold worker
-    (``streams.app.ota_events_rows``): counting devices per status is the rollout's domain
+    (``streams.cold.rows.ota_events_rows``): counting devices per status is the rollout's domain
     (``streams.ota``), and the sink imports nothing from the stream layer.
     """
     return records_to_arrow(rows, OTA_EVENTS_SCHEMA)

@@ -31,6 +31,7 @@ from http import HTTPStatus
 from confluent_kafka import Message
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
+from infra.process import kafka_config
 from infra.settings import Settings
 from schemas.codec import CodecRegistry, Decoded, load_schema
 from sinks.clickhouse import ClickHouseSink, ReadLimits
@@ -50,7 +51,7 @@ from streams.registry.rbac import (
     Principal,
     authorize,
 )
-from streams.tables import GlobalTable, key_text
+from streams.runtime.tables import GlobalTable, key_text
 from streams.tokens import TokenAuthority, TokenError
 
 __all__ = [
@@ -116,7 +117,7 @@ class GrantsFollower:
     def __init__(self, settings: Settings) -> None:
         registry = CodecRegistry(SchemaRegistryClient({"url": settings.registry_url}))
         self._codec = registry.codec(GRANTS, load_schema(GRANT_SET_SCHEMA))
-        self._table = GlobalTable(settings, GRANTS, self._apply)
+        self._table = GlobalTable(kafka_config(settings), GRANTS, self._apply)
         self._lock = threading.Lock()
         self._grants: dict[str, GrantSet] = {}
         self._ready = threading.Event()

@@ -31,16 +31,17 @@ from infra.api.client import (
 )
 from infra.keys import key_passphrase
 from infra.pki import CertificateAuthority
+from infra.process import kafka_config
 from infra.services.base import ServiceError
 from infra.settings import Settings
 from schemas.codec import Decoded
-from streams.alerts import AlertRule, rule_from_record, rule_to_record
+from streams.hot.alerts import AlertRule, rule_from_record, rule_to_record
+from streams.hot.twin import Twin, from_record
 from streams.ota.model import Rollout
 from streams.ota.model import from_record as rollout_from_record
 from streams.registry.devices import AuditRecord, DeviceRecord, RegistryCommand
 from streams.registry.rbac import GrantSet, Principal
-from streams.tables import GlobalTable, key_text
-from streams.twin import Twin, from_record
+from streams.runtime.tables import GlobalTable, key_text
 
 __all__ = ["POLL_IDLE_S", "Backend", "KafkaBackend"]
 
@@ -143,7 +144,7 @@ class KafkaBackend:
             (ROLLOUTS, self._rollouts, rollout_from_record),
         ]
         self._tables = [
-            GlobalTable(settings, topic, self._applier(topic, into, parse))
+            GlobalTable(kafka_config(settings, "api"), topic, self._applier(topic, into, parse))
             for topic, into, parse in followed
         ]
         self._producer: Producer | None = None

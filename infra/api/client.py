@@ -21,20 +21,20 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from infra.api.answers import AnswerListener
 from infra.settings import Settings
 from schemas.codec import AvroCodec, CodecRegistry, Decoded, load_schema
-from streams.alerts import (
+from streams.hot.alerts import (
     AlertEvent,
     AlertRule,
     alert_from_record,
     rule_from_record,
     rule_to_record,
 )
+from streams.hot.twin import Twin, from_record
 from streams.ota.artifacts import Artifact
 from streams.ota.model import Rollout
 from streams.ota.model import from_record as rollout_from_record
 from streams.registry.devices import AuditRecord, DeviceRecord, RegistryCommand, command_to_record
 from streams.registry.rbac import GrantSet, Principal
-from streams.tables import key_text, read_to_end
-from streams.twin import Twin, from_record
+from streams.runtime.tables import key_text, read_to_end
 
 TWIN_STATE, DESIRED, RESPONSES = "twin.state", "twin.desired", "twin.responses"
 RULES, ALERTS, DEVICES = "alerts.rules", "alerts", "registry.devices"

@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from schemas.identity import DEVICE_ID_PATTERN
-from streams.alerts import RuleKind, ScopeType, Severity
+from streams.hot.alerts import RuleKind, ScopeType, Severity
 from streams.registry.devices import AuditDecision, DeviceStatus
 from streams.registry.rbac import PRINCIPAL_ID_PATTERN, SEGMENT_PATTERN, Role
 

@@ -9,12 +9,12 @@ from confluent_kafka import Message
 
 from infra.keys import key_passphrase
 from infra.pki import CRL_VALIDITY_DAYS, CertificateAuthority
-from infra.process import process_main
+from infra.process import kafka_config, process_main
 from infra.services.base import ServiceError
 from infra.services.mosquitto import BrokerFiles, Mosquitto, ensure_broker_identities
 from infra.settings import Settings
 from ingest.enforcement import EnforcementError, Enforcer, EnforcerConfig
-from streams.tables import GlobalTable
+from streams.runtime.tables import GlobalTable
 
 
 def enforcer_config(settings: Settings) -> EnforcerConfig:
@@ -45,7 +45,7 @@ def build_enforcer(settings: Settings) -> Enforcer:
             raise EnforcementError(str(exc)) from exc
 
     def open_table(topic: str, apply: Callable[[Message], None]) -> GlobalTable:
-        return GlobalTable(settings, topic, apply)
+        return GlobalTable(kafka_config(settings, "enforcer"), topic, apply)
 
     return Enforcer(enforcer_config(settings), ca, reload_broker, open_table)
 

@@ -1,4 +1,5 @@
-"""The hot-path worker (streams/hot_worker.py: alerts and twins) as a service of `fleet up`."""
+"""The hot-path worker (alerts and twins: streams/hot/job.py on the kit's transactional loop)
+as a service of `fleet up`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from infra.settings import Settings
 class HotWorkerService(PlatformProcess):
     def __init__(self, settings: Settings) -> None:
         # Shown at the Kafka address it consumes from; it listens on no port of its own.
-        super().__init__("hot-worker", settings, settings.kafka_port, "streams.hot_worker")
+        super().__init__("hot-worker", settings, settings.kafka_port, "infra.process", "hot-worker")
 
     def bound_ports(self) -> Sequence[int]:
         return ()

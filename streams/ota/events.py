@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from schemas.downlink import downlink_record
-from streams.alerts import AlertEvent, AlertStatus, Severity
+from streams.hot.alerts import AlertEvent, AlertStatus, Severity
 from streams.ota.artifacts import Artifact
 from streams.ota.model import ApprovalDecision, CommandAction, OtaStatus, Rollout
 from streams.ota.plan import RolloutPlan

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from streams.alerts import Severity
+from streams.hot.alerts import Severity
 from streams.registry.devices import DeviceRecord, DeviceStatus
 from streams.registry.rbac import Resource
 

@@ -42,8 +42,7 @@ from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPa
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from schemas.codec import AvroCodec, CodecRegistry, Decoded, load_schema
-from streams.alerts import alert_from_record
-from streams.cold import DeadLetter, SourceRecord
+from streams.hot.alerts import alert_from_record
 from streams.ota.artifacts import Artifact
 from streams.ota.events import (
     Abort,
@@ -63,11 +62,13 @@ from streams.ota.plan import RolloutPlan, in_target
 from streams.ota.rollout import run
 from streams.registry.devices import AuditDecision, AuditRecord, DeviceRecord
 from streams.registry.rbac import GrantSet, Principal, Resource
+from streams.runtime.clients import KafkaConfig
+from streams.runtime.loop import BatchLoop
+from streams.runtime.records import DeadLetter, SourceRecord
 from streams.runtime.status import write_status
-from streams.tables import GlobalTable, key_text, read_to_end
-from streams.transactions import (
+from streams.runtime.tables import GlobalTable, key_text, read_to_end
+from streams.runtime.transactions import (
     Aborted,
-    BatchLoop,
     ConsumerFenced,
     Transactions,
     check_consumed,
@@ -221,10 +222,11 @@ class OtaWorker(BatchLoop):
         self._table_dead_seen: set[tuple[str, int, int]] = set()
         self.transient_errors = 0  # recovered from (issue 12): broker restarts, timeouts
         self.last_transient_error = ""
-        self.device_table = GlobalTable(config, DEVICES, self._apply_device)
-        self.grant_table = GlobalTable(config, GRANTS, self._apply_grants)
-        self.artifact_table = GlobalTable(config, ARTIFACTS, self._apply_artifact)
-        self.transactions = Transactions(config, f"{OTA_GROUP}-0")
+        kafka = KafkaConfig(config.bootstrap_servers, config.registry_url, "ota-controller")
+        self.device_table = GlobalTable(kafka, DEVICES, self._apply_device)
+        self.grant_table = GlobalTable(kafka, GRANTS, self._apply_grants)
+        self.artifact_table = GlobalTable(kafka, ARTIFACTS, self._apply_artifact)
+        self.transactions = Transactions(kafka, f"{OTA_GROUP}-0")
         self.consumer = self._new_consumer()
         self._fenced = False  # the consumer hit a fatal error: recover() replaces it
         self._last_tick = 0.0

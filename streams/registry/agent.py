@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from streams.cold import DeadLetter, SourceRecord
 from streams.registry.devices import (
     Applied,
     AuditDecision,
@@ -25,6 +24,7 @@ from streams.registry.devices import (
     command_from_record,
 )
 from streams.registry.rbac import GrantSet
+from streams.runtime.records import DeadLetter, SourceRecord
 
 STAGE = "registry"
 

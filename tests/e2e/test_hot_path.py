@@ -21,8 +21,8 @@ from infra.services.base import wait_until
 from infra.settings import PROJECT_ROOT, Settings
 from infra.simulator import run_fleet
 from infra.stack import Stack
-from streams.alerts import AlertEvent, AlertRule, AlertStatus, RuleKind, ScopeType
-from streams.twin import delta
+from streams.hot.alerts import AlertEvent, AlertRule, AlertStatus, RuleKind, ScopeType
+from streams.hot.twin import delta
 from tests.conftest import DeviceIdentity, settings_env
 from tests.support.mqtt import MqttSession, connect
 

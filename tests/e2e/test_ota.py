@@ -26,7 +26,7 @@ from schemas.codec import CodecRegistry, Decoded, load_schema
 from streams.ota.model import Progress, Rollout, RolloutState
 from streams.ota.summary import rollout_summary
 from streams.registry.rbac import Principal
-from streams.tables import read_to_end
+from streams.runtime.tables import read_to_end
 from tests.support.fleet import BackgroundFleet, start_fleet
 
 # Health windows long enough that telemetry queued behind a busy bridge (CI runs everything on

@@ -38,12 +38,12 @@ from sinks.clickhouse import (
 )
 from sinks.query_server import QueryServer, start_query_server, write_platform_secret
 from sinks.sql_guard import Refused
-from streams.app import ota_events_rows, twin_history_rows
+from streams.cold.rows import ota_events_rows, twin_history_rows
+from streams.hot.twin import Accepted, Twin, apply_desired, apply_reported, to_record
 from streams.ota.model import OtaStatus
 from streams.ota.model import to_record as rollout_to_record
 from streams.query_access import TokenAccess
 from streams.tokens import TokenAuthority
-from streams.twin import Accepted, Twin, apply_desired, apply_reported, to_record
 
 MINUTE_MS = 60_000
 HOUR_MS = 60 * MINUTE_MS

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from schemas.codec import AvroCodec, Decoded, load_schema
-from streams.alerts import (
+from streams.hot.alerts import (
     AlertEvent,
     AlertRule,
     AlertState,

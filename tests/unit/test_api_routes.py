@@ -2,7 +2,7 @@
 authorization before each call, the status codes, audit records and the OpenAPI document.
 
 The fake backend applies registry commands with the registry's own pure core
-(`streams.registry.apply`) and desired patches with the twin's (`streams.twin.apply_desired`),
+(`streams.registry.apply`) and desired patches with the twin's (`streams.hot.twin.apply_desired`),
 so decisions are the ones the agents would take; the CA is a real one in a temp folder.
 """
 
@@ -25,7 +25,8 @@ from infra.api.models import MAX_JSON_DEPTH
 from infra.api.openapi import openapi_document
 from infra.api.routes import ROUTES
 from infra.pki import CertificateAuthority, generate_private_key, make_csr
-from streams.alerts import AlertRule, RuleKind, ScopeType
+from streams.hot.alerts import AlertRule, RuleKind, ScopeType
+from streams.hot.twin import Accepted, Twin, TwinDocumentError, apply_desired
 from streams.ota.model import Rollout
 from streams.ota.rollout import step
 from streams.ota.worker import request_event
@@ -40,7 +41,6 @@ from streams.registry.devices import (
 )
 from streams.registry.rbac import Grant, GrantSet, Principal, Resource, Role
 from streams.tokens import TokenAuthority
-from streams.twin import Accepted, Twin, TwinDocumentError, apply_desired
 from tests.unit.test_ota import ARTIFACT
 
 ACME = Resource("acme")

@@ -7,7 +7,9 @@ import asyncio
 from typing import Any
 
 from schemas.codec import AvroCodec, load_schema
-from streams.cold import Backoff, ColdCounters, ColdPath, DeadLetter, SourceRecord, decode_batch
+from streams.runtime.loader import LoaderCounters, LoadPath, decode_batch
+from streams.runtime.records import DeadLetter, SourceRecord
+from streams.runtime.transactions import Backoff
 
 CODEC = AvroCodec(load_schema("Telemetry"), schema_id=9)
 
@@ -25,17 +27,17 @@ class Refused(Exception):
     pass
 
 
-def _path(write: Any, dead: list[DeadLetter]) -> ColdPath:
+def _path(write: Any, dead: list[DeadLetter]) -> LoadPath:
     async def dead_letter(items: list[DeadLetter]) -> None:
         dead.extend(items)
 
-    return ColdPath(
+    return LoadPath(
         "telemetry",
         CODEC,
         write,
         dead_letter,
         (Unavailable,),
-        ColdCounters(),
+        LoaderCounters(),
         rejected=(Refused,),
         backoff=Backoff(first=0.001, longest=0.001),
     )
@@ -78,7 +80,7 @@ def test_a_refused_batch_goes_whole_to_the_dead_letters() -> None:
 
 
 def test_commit_offsets_are_one_past_each_partitions_last_record() -> None:
-    from streams.source import next_offsets
+    from streams.runtime.source import next_offsets
 
     batch = [SourceRecord("telemetry.raw", p, o, None, b"") for p, o in [(0, 5), (1, 9), (0, 7)]]
     batch.append(SourceRecord("device.events", 0, 2, None, b""))

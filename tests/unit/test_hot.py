@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.alerts import (
+from streams.hot.alerts import (
     AlertRule,
     AlertState,
     AlertStatus,
@@ -17,15 +17,15 @@ from streams.alerts import (
     ScopeType,
     alert_id,
 )
-from streams.cold import SourceRecord
-from streams.hot import (
+from streams.hot.processor import (
     DESIRED_SUBTOPIC,
     Emitted,
     HotProcessor,
     alert_states_from_json,
     alert_states_to_json,
 )
-from streams.twin import MAX_DEPTH, Twin, delta
+from streams.hot.twin import MAX_DEPTH, Twin, delta
+from streams.runtime.records import SourceRecord
 
 HOT = AlertRule("hot", ScopeType.group, "sensors", "temperature", RuleKind.above, 80, 75)
 MINE = AlertRule("mine", ScopeType.device, "d-1", "battery", RuleKind.below, 10, 15)

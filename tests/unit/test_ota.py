@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from ingest.envelope import Accepted, validate_ota_status
 from schemas.codec import AvroCodec, Decoded, load_schema
-from streams.alerts import AlertEvent, AlertStatus, Severity
+from streams.hot.alerts import AlertEvent, AlertStatus, Severity
 from streams.ota.artifacts import Artifact, ArtifactKind, ReleaseKey, signed_message
 from streams.ota.events import (
     Abort,

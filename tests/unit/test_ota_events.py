@@ -13,7 +13,8 @@ from sinks.clickhouse import (
     dedup_token,
     ota_events_to_arrow,
 )
-from streams.app import OTA_COUNT_COLUMNS, SOURCES, ota_events_rows, rollout_rows
+from streams.cold.loader import SOURCES
+from streams.cold.rows import OTA_COUNT_COLUMNS, ota_events_rows, rollout_rows
 from streams.ota.model import OtaStatus, Progress, RolloutState, to_record
 from tests.unit.test_ota import NEW, T0, TARGET, Harness, fleet
 

@@ -15,7 +15,6 @@ import pytest
 from infra.stack import LAG_GROUPS
 from infra.topics import TOPICS
 from schemas.codec import AvroCodec, load_schema
-from streams.cold import DeadLetter, SourceRecord
 from streams.ota.worker import (
     DEVICES,
     DLQ,
@@ -34,7 +33,8 @@ from streams.ota.worker import (
     decode_record,
 )
 from streams.registry.devices import DeviceRecord, DeviceStatus
-from streams.transactions import Aborted
+from streams.runtime.records import DeadLetter, SourceRecord
+from streams.runtime.transactions import Aborted
 
 CODECS = {
     topic: AvroCodec(load_schema(schema), schema_id=i + 1)

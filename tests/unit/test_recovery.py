@@ -9,27 +9,29 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 
-from streams.hot import HotCounters, HotProcessor
-from streams.hot_worker import HotWorker
-from streams.registry.agent import RegistryAgent
-from streams.transactions import (
+from streams.hot.job import HOT_JOB, HotState
+from streams.hot.processor import HotProcessor
+from streams.hot.twin import Twin
+from streams.runtime.core import JobCore
+from streams.runtime.job import JobOptions, LoopCounters, TransactionalJob
+from streams.runtime.loop import BatchLoop, FailureStreak
+from streams.runtime.testing import local_codecs
+from streams.runtime.transactions import (
     Aborted,
     Backoff,
-    BatchLoop,
     ConsumerFenced,
-    FailureStreak,
     Transactions,
     check_consumed,
     is_fatal,
     is_transient,
     rewind_positions,
 )
-from streams.twin import Twin
 
 
 def kafka_exc(code: int, **flags: bool) -> KafkaException:
@@ -339,12 +341,13 @@ class FakeTransactions:
         self.aborts += 1
 
 
-def hot_worker(changelogs: FakeChangelogs, consumer: FakeConsumer) -> HotWorker:
-    worker = HotWorker.__new__(HotWorker)
-    worker.counters = HotCounters()
-    worker.processor = HotProcessor(worker.counters)
-    worker.registry = RegistryAgent()
-    changelogs.processor = worker.processor
+def hot_worker(changelogs: FakeChangelogs, consumer: FakeConsumer) -> TransactionalJob[HotState]:
+    worker = TransactionalJob.__new__(TransactionalJob)
+    worker.spec = HOT_JOB
+    worker.core = JobCore(HOT_JOB, local_codecs(HOT_JOB.schemas()))
+    worker.counters = LoopCounters()
+    worker.options = JobOptions(status_path=Path("/nonexistent/hot-worker.json"))
+    changelogs.processor = worker.state.processor
     worker.changelogs = changelogs  # type: ignore[assignment]
     worker.transactions = FakeTransactions()  # type: ignore[assignment]
     worker.consumer = consumer  # type: ignore[assignment]
@@ -358,16 +361,17 @@ def test_the_hot_worker_rewinds_state_and_positions_to_the_last_commit() -> None
     changelogs = FakeChangelogs({0: [committed_twin]})
     consumer = FakeConsumer({("telemetry.raw", 0): 120, ("telemetry.raw", 1): -1001})
     worker = hot_worker(changelogs, consumer)
-    worker.processor.restore_twin(0, committed_twin)
+    processor = worker.state.processor
+    processor.restore_twin(0, committed_twin)
     # The lost batch had moved d1 on and created d2 (partition 1) in memory.
-    worker.processor.twins["d1"] = Twin(device_id="d1", version=4)
-    worker.processor.restore_twin(1, Twin(device_id="d2", version=1))
+    processor.twins["d1"] = Twin(device_id="d1", version=4)
+    processor.restore_twin(1, Twin(device_id="d2", version=1))
 
     worker.recover()
 
     assert worker.transactions.aborts == 1  # type: ignore[attr-defined]
     assert changelogs.restored == [[0, 1]]
-    assert worker.processor.twins == {"d1": committed_twin}
+    assert processor.twins == {"d1": committed_twin}
     assert sorted(consumer.seeks) == [
         ("telemetry.raw", 0, 120),
         ("telemetry.raw", 1, OFFSET_BEGINNING),
@@ -378,10 +382,8 @@ def test_a_hot_transaction_that_is_aborted_goes_to_the_loop_to_rewind() -> None:
     worker = hot_worker(FakeChangelogs({}), FakeConsumer())
     aborting: Callable[..., bool] = lambda *_a, **_k: False  # noqa: E731
     worker.transactions = type("T", (), {"commit": staticmethod(aborting)})()  # type: ignore[assignment]
-    from streams.hot import Emitted
-
     with pytest.raises(Aborted):
-        worker._commit(Emitted(), consumed=True)
+        worker._commit([], [], consumed=True)
 
 
 @dataclass
@@ -401,7 +403,7 @@ def test_a_fenced_consumer_is_noticed_not_skipped_like_other_event_errors() -> N
 
 STUCK_LOOP = """
 import threading, time
-from streams.transactions import BatchLoop
+from streams.runtime.loop import BatchLoop
 
 class Stuck(BatchLoop):
     stall_limit_s = 0.5

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from streams.cold import DeadLetter, SourceRecord
 from streams.registry.agent import RegistryAgent
 from streams.registry.devices import (
     AuditDecision,
@@ -14,6 +13,7 @@ from streams.registry.devices import (
     command_to_record,
 )
 from streams.registry.rbac import GrantSet, Principal, Resource, Role
+from streams.runtime.records import DeadLetter, SourceRecord
 
 SOURCE = SourceRecord("registry.commands", 2, 41, b"d-1", b"")
 ALICE = Principal.user("alice")

@@ -42,8 +42,8 @@ from infra.simulator import (
 )
 from ingest.envelope import Accepted as EnvelopeAccepted
 from ingest.envelope import parse_uplink_topic, validate_reported
-from streams.twin import MAX_DEPTH, Twin, apply_reported
-from streams.twin import Accepted as TwinAccepted
+from streams.hot.twin import MAX_DEPTH, Twin, apply_reported
+from streams.hot.twin import Accepted as TwinAccepted
 
 NOW = 1_700_000_000_000
 

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from schemas.codec import AvroCodec, Decoded, load_schema
-from streams.twin import (
+from streams.hot.twin import (
     MAX_DEPTH,
     MAX_DOCUMENT_BYTES,
     Accepted,

@@ -19,9 +19,12 @@ from sinks.clickhouse import (
     telemetry_to_arrow,
     twin_history_to_arrow,
 )
-from streams.app import SOURCES, twin_history_rows
-from streams.cold import Backoff, ColdCounters, ColdPath, DeadLetter, SourceRecord
-from streams.twin import Accepted, Twin, apply_desired, apply_reported, to_record
+from streams.cold.loader import SOURCES
+from streams.cold.rows import twin_history_rows
+from streams.hot.twin import Accepted, Twin, apply_desired, apply_reported, to_record
+from streams.runtime.loader import LoaderCounters, LoadPath
+from streams.runtime.records import DeadLetter, SourceRecord
+from streams.runtime.transactions import Backoff
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z in epoch ms
 CODEC = AvroCodec(load_schema("TwinState"), schema_id=11)
@@ -149,13 +152,13 @@ def test_a_malformed_twin_state_sends_its_batch_to_the_dead_letter_topic() -> No
     async def dead_letter(items: list[DeadLetter]) -> None:
         dead.extend(items)
 
-    path = ColdPath(
+    path = LoadPath(
         TWIN_HISTORY_TABLE,
         CODEC,
         write,
         dead_letter,
         (),
-        ColdCounters(),
+        LoaderCounters(),
         rejected=(InvalidBatch,),
         backoff=Backoff(first=0.001, longest=0.001),
     )

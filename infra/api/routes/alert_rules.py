@@ -21,7 +21,7 @@ from infra.api.routes.base import (
     now_ms,
     reply,
 )
-from streams.alerts import AlertRule, ScopeType, rule_from_record, rule_to_record
+from streams.hot.alerts import AlertRule, ScopeType, rule_from_record, rule_to_record
 from streams.registry.devices import AuditDecision, AuditRecord
 from streams.registry.rbac import Action, Principal, Resource, authorize
 

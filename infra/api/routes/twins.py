@@ -20,9 +20,9 @@ from infra.api.routes.base import (
     answer_view,
     reply,
 )
+from streams.hot.twin import Twin, twin_view
 from streams.registry.devices import AuditDecision, DeviceStatus
 from streams.registry.rbac import Action
-from streams.twin import Twin, twin_view
 
 __all__ = ["ROUTES", "TwinRoutes"]
 

@@ -18,34 +18,30 @@ from collections.abc import Sequence
 
 from confluent_kafka import Consumer, Message, TopicPartition
 
-from infra.settings import Settings
-from streams.cold import SourceRecord
-from streams.transactions import check_consumed, rewind_to_committed
-
-COLD_GROUP = "fleetstream-cold"
+from streams.runtime.clients import KafkaConfig, consumer_config
+from streams.runtime.records import SourceRecord
+from streams.runtime.transactions import check_consumed, rewind_to_committed
 
 
 class BatchSource:
     def __init__(
         self,
-        settings: Settings,
+        kafka: KafkaConfig,
         topics: Sequence[str],
-        group: str = COLD_GROUP,
+        group: str,
         instance: str | None = None,
     ) -> None:
-        # A static member (`instance`) gets its partitions back at once after a restart.
-        static = {"group.instance.id": instance} if instance else {}
         self._consumer = Consumer(
-            {
-                **static,
-                "bootstrap.servers": settings.bootstrap_servers,
-                "group.id": group,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "partition.assignment.strategy": "cooperative-sticky",
-                "fetch.max.bytes": 64 * 1024 * 1024,
-                "queued.max.messages.kbytes": 256 * 1024,
-            }
+            consumer_config(
+                kafka,
+                group,
+                instance=instance,
+                # What an aborted transaction wrote (twin.state) is never loaded.
+                read_committed=True,
+                partition_assignment_strategy="cooperative-sticky",
+                fetch_max_bytes=64 * 1024 * 1024,
+                queued_max_messages_kbytes=256 * 1024,
+            )
         )
         self._consumer.subscribe(list(topics))
 

@@ -7,20 +7,17 @@ produces them. An abortable failure aborts; the worker then rewinds its state an
 to the last commit (its changelogs and committed offsets hold exactly that).
 
 Transient Kafka errors (a broker restarting, a coordinator moving or loading, a timeout) are
-not the end of a worker: :class:`BatchLoop` aborts what is open, rewinds to the last commit,
-backs off and goes on. Only a fatal error (fenced by a newer instance, a fatal producer
-state) ends the process: then nothing this process does can be committed any more.
-"""
+not the end of a worker: the batch loop (streams/runtime/loop.py) aborts what is open, rewinds
+to the last commit, backs off and goes on. Only a fatal error (fenced by a newer instance, a
+fatal producer state) ends the process: then nothing this process does can be committed any
+more."""
 
 from __future__ import annotations
 
-import faulthandler
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -32,15 +29,9 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from streams.runtime.clients import KafkaConfig, transactional_producer_config
+
 log = logging.getLogger("fleetstream.transactions")
-
-
-class KafkaAddress(Protocol):
-    """What a Kafka client here needs of the platform's config: where the brokers are."""
-
-    @property
-    def bootstrap_servers(self) -> str: ...
-
 
 # Errors after which this process can commit nothing more: a newer instance with the same
 # transactional id or static member id took over (fenced), or the producer is in a fatal state.
@@ -160,23 +151,8 @@ class Transactions:
     # failure goes up to the loop (which aborts, rewinds and backs off).
     RETRY_FOR_S = 30.0
 
-    def __init__(self, settings: KafkaAddress, transactional_id: str) -> None:
-        self.producer = Producer(
-            {
-                "bootstrap.servers": settings.bootstrap_servers,
-                "transactional.id": transactional_id,
-                "transaction.timeout.ms": 10_000,
-                "enable.idempotence": True,
-                "acks": "all",
-                "linger.ms": 2,
-                # A transaction right after the last one may meet CONCURRENT_TRANSACTIONS
-                # while the broker writes the previous markers: retry soon, not after 100 ms
-                # (measured here: commit p90 33 ms -> 15 ms).
-                "retry.backoff.ms": 10,
-                "retry.backoff.max.ms": 100,
-                "message.max.bytes": 16 * 1024 * 1024,
-            }
-        )
+    def __init__(self, kafka: KafkaConfig, transactional_id: str) -> None:
+        self.producer = Producer(transactional_producer_config(kafka, transactional_id))
         self._initialised = False
         self._open = False  # a transaction was begun and neither committed nor aborted
 
@@ -251,110 +227,3 @@ class Transactions:
 
     def close(self) -> None:
         self.producer.flush(10)
-
-
-class BatchLoop:
-    """A stream worker's life: `start()`, then `step()` (one batch, one transaction) until
-    asked to stop, its status written about once a second, `close()` at the end.
-
-    A transient Kafka error out of `start` or `step` does not end it: `recover()` (abort what
-    is open, rewind state and positions to the last commit) runs after a back-off, until it
-    succeeds; then the loop goes on (a failed start is tried again). Failures in a row back
-    off longer, up to `backoff.longest`. A fatal error ends the process (the supervisor
-    starts it again; the new one fences nothing but its own dead predecessor)."""
-
-    backoff = Backoff(first=0.2, longest=5.0)
-    # A step, start or recovery that has not returned after this long is stuck (a Kafka call
-    # that ignores its timeout): the process dumps every thread's stack to its log and exits,
-    # and the supervisor starts a new one. Below the consumer's max.poll.interval.ms (300 s).
-    stall_limit_s = 180.0
-
-    def start(self) -> None:
-        raise NotImplementedError
-
-    def step(self) -> None:
-        raise NotImplementedError
-
-    def recover(self) -> None:
-        """After a transient failure: abort what is open, rewind to the last commit."""
-        raise NotImplementedError
-
-    def write_status(self) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def on_transient(self, exc: BaseException) -> None:
-        """A transient failure was met (a subclass counts it in its status)."""
-
-    def run(self, stopping: threading.Event) -> None:
-        failures = FailureStreak(self.backoff)
-        try:
-            if not self._until_done(self.start, stopping, failures, again=True):
-                return
-            reported_at = 0.0
-            while not stopping.is_set():
-                if not self._until_done(self.step, stopping, failures, again=False):
-                    break
-                if time.monotonic() - reported_at > 1.0:
-                    self.write_status()
-                    reported_at = time.monotonic()
-        finally:
-            faulthandler.cancel_dump_traceback_later()
-            self.close()
-
-    def _watch(self) -> None:
-        """(Re)arm the stall watchdog for the next action."""
-        faulthandler.dump_traceback_later(self.stall_limit_s, exit=True)
-
-    def _until_done(
-        self,
-        action: Callable[[], None],
-        stopping: threading.Event,
-        failures: FailureStreak,
-        again: bool,
-    ) -> bool:
-        """Run `action`; after a transient error, recover (backing off) and, if `again`, run
-        it again until it succeeds. False if asked to stop meanwhile."""
-        while True:
-            try:
-                self._watch()
-                action()
-                failures.reset()
-                return True
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                self.on_transient(exc)
-                log.warning("%s: transient Kafka error (%s); recovering", type(self).__name__, exc)
-            while True:
-                if stopping.wait(failures.next_delay()):
-                    return False
-                try:
-                    self._watch()
-                    self.recover()
-                    break
-                except Exception as exc:
-                    if not is_transient(exc):
-                        raise
-                    self.on_transient(exc)
-                    log.warning("recovery failed (%s); retrying", exc)
-            if not again:
-                return True  # rewound: the next step re-reads from the last commit
-
-
-@dataclass
-class FailureStreak:
-    """Failures in a row and the back-off they earn: first, 2x, 4x ... up to longest."""
-
-    backoff: Backoff
-    count: int = 0
-
-    def next_delay(self) -> float:
-        delay = min(self.backoff.first * 2.0**self.count, self.backoff.longest)
-        self.count += 1
-        return delay
-
-    def reset(self) -> None:
-        self.count = 0

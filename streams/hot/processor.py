@@ -4,14 +4,14 @@
 devices in its partitions) plus the two global tables every worker reads whole (alert rules,
 and the registry's device -> group map). Each ``on_*`` method takes one decoded record and
 returns what it emits into an :class:`Emitted` collector: alert lifecycle records, changed
-twins, downlinks to devices, answers to desired-state requests, dead letters. The worker
-(streams/hot_worker.py) writes a batch's emissions, its changed state and its input offsets
-in one Kafka transaction, so a crash anywhere replays the batch against the state as it was
-before it: nothing is emitted twice and nothing is lost.
+twins, downlinks to devices, answers to desired-state requests, dead letters. The hot job
+(streams/hot/job.py, on the kit's loop) writes a batch's emissions, its changed state and its
+input offsets in one Kafka transaction, so a crash anywhere replays the batch against the
+state as it was before it: nothing is emitted twice and nothing is lost.
 
 Per-device order is by the device's sequence number (readings of one device may arrive
-interleaved across bridge replicas, or replayed): the pure cores (streams/alerts.py,
-streams/twin.py) ignore what is older than what they saw.
+interleaved across bridge replicas, or replayed): the pure cores (streams/hot/alerts.py,
+streams/hot/twin.py) ignore what is older than what they saw.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.downlink import downlink_record
-from streams.alerts import (
+from streams.hot.alerts import (
     AlertEvent,
     AlertRule,
     AlertState,
@@ -32,9 +32,7 @@ from streams.alerts import (
     check_heartbeat,
     evaluate,
 )
-from streams.cold import DeadLetter, SourceRecord
-from streams.registry.devices import AuditRecord, DeviceRecord
-from streams.twin import (
+from streams.hot.twin import (
     Accepted,
     Conflict,
     Twin,
@@ -43,6 +41,8 @@ from streams.twin import (
     apply_reported,
     delta,
 )
+from streams.registry.devices import AuditRecord, DeviceRecord
+from streams.runtime.records import DeadLetter, SourceRecord
 
 log = logging.getLogger("fleetstream.hot")
 
@@ -87,12 +87,8 @@ class HotCounters:
     conflicts: int = 0
     stale_ignored: int = 0
     dead_lettered: int = 0
-    transactions: int = 0
     restored_twins: int = 0
     restored_alert_states: int = 0
-    # Where the time goes: decoding and processing vs writing and committing transactions.
-    process_s: float = 0.0
-    commit_s: float = 0.0
 
 
 def desired_message(twin: Twin, now_ms: int) -> bytes:

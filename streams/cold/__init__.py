@@ -1,0 +1,1 @@
+"""The cold path: Kafka batches decoded and loaded into the warehouse, committed after the write."""

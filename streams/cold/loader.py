@@ -1,0 +1,159 @@
+"""The cold-path worker: Kafka batches -> decode -> warehouse, then commit.
+
+It is a loader spec (:data:`COLD_JOB`) run by the kit's loader loop (streams/runtime/loader.py)
+with the warehouse's writers. A consumer group of its own (`fleetstream-cold`), so it scales,
+lags and fails apart from the hot path; workers scale by partition. It takes the Kafka
+config and its :class:`LoaderOptions` (the composition root, infra/process.py, builds them from
+the settings). It owns the embedded chDB folder, so it also answers `fleet sql` on the query
+port. SIGTERM finishes the batch in hand (stored and committed), then exits.
+
+Besides telemetry and device events it loads `twin.state` into `twin_history` (one row per twin
+version). That topic is written by the hot worker's transactional producer: the loader's
+consumer reads with isolation.level=read_committed (streams/runtime/source.py), which is what
+keeps aborted twin states out; keep it.
+It also loads `ota.rollouts` (compacted, the OTA controller's rollout states) into `ota_events`
+(one row per rollout version and cohort: state and device counts per progress status).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from sinks.clickhouse import (
+    EVENTS_TABLE,
+    OTA_EVENTS_TABLE,
+    TELEMETRY_TABLE,
+    TWIN_HISTORY_TABLE,
+    ClickHouseSink,
+    InvalidBatch,
+    SinkUnavailable,
+    WriteResult,
+)
+from streams.cold.rows import ota_events_rows, twin_history_rows
+from streams.runtime.clients import KafkaConfig
+from streams.runtime.loader import LoaderLoop, LoaderOptions, LoaderSpec, LoadSource, Write
+from streams.runtime.transactions import Backoff
+
+log = logging.getLogger("fleetstream.streams")
+
+COLD_GROUP = "fleetstream-cold"
+DLQ_TOPIC = "dlq.cold"
+
+SOURCES = {
+    TELEMETRY_TABLE: ("telemetry.raw", "Telemetry"),
+    EVENTS_TABLE: ("device.events", "DeviceEvent"),
+    TWIN_HISTORY_TABLE: ("twin.state", "TwinState"),
+    OTA_EVENTS_TABLE: ("ota.rollouts", "Rollout"),
+}
+
+# State topics (compacted): a tombstone there deletes a key, it is not bad input.
+COMPACTED_SOURCES = frozenset({"twin.state", "ota.rollouts"})
+
+COLD_JOB = LoaderSpec(
+    name="cold-worker",
+    group=COLD_GROUP,
+    sources=tuple(
+        LoadSource(topic, schema, table, compacted=topic in COMPACTED_SOURCES)
+        for table, (topic, schema) in SOURCES.items()
+    ),
+    dead_letters=DLQ_TOPIC,
+)
+
+
+class Closeable(Protocol):
+    def close(self) -> None: ...
+
+
+class ColdWorker:
+    """The cold path's loader and the sink it writes; one process owns the chDB folder."""
+
+    def __init__(self, kafka: KafkaConfig, options: LoaderOptions, warehouse_dsn: str) -> None:
+        self.sink = ClickHouseSink(warehouse_dsn)
+        self.loader = LoaderLoop(
+            COLD_JOB,
+            kafka,
+            options,
+            self._writers(),
+            retryable=(SinkUnavailable,),
+            rejected=(InvalidBatch,),
+        )
+        self.counters = self.loader.counters
+
+    def _writers(self) -> dict[str, Write]:
+        """Per table, what stores a batch of its decoded records (in the writer thread)."""
+
+        def write_twin_history(records: list[dict[str, Any]]) -> WriteResult:
+            return self.sink.write_twin_history(twin_history_rows(records))
+
+        def write_ota_events(records: list[dict[str, Any]]) -> WriteResult:
+            return self.sink.write_ota_events(ota_events_rows(records))
+
+        return {
+            TELEMETRY_TABLE: self.sink.write_telemetry,
+            EVENTS_TABLE: self.sink.write_events,
+            TWIN_HISTORY_TABLE: write_twin_history,
+            OTA_EVENTS_TABLE: write_ota_events,
+        }
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        await self.loader.run(stopping)
+
+    def write_status(self, ready: bool = True, **extra: Any) -> None:
+        self.loader.write_status(ready, **extra)
+
+    def close(self) -> None:
+        self.loader.close()
+        self.sink.close()
+
+
+def apply_schema(worker: ColdWorker, stopping: threading.Event) -> bool:
+    """Versioned DDL, applied once the warehouse answers: it may be down, or the embedded
+    folder held by another process for a while. Waits with back-off (reporting why in the
+    status file) rather than giving up: what waits in Kafka is loaded once it is back.
+    Returns False if asked to stop first."""
+    for delay in Backoff(first=0.5, longest=5.0).delays():
+        try:
+            worker.sink.ensure_schema()
+            return True
+        except SinkUnavailable as exc:
+            worker.counters.retries += 1
+            worker.write_status(ready=False, waiting_for=str(exc))
+            log.warning("warehouse unavailable (%s); retrying in %.1fs", exc, delay)
+            if stopping.wait(delay):
+                return False
+    return False
+
+
+async def serve(
+    kafka: KafkaConfig,
+    options: LoaderOptions,
+    warehouse_dsn: str,
+    serve_queries: Callable[[], Closeable],
+    where: str,
+) -> None:
+    """The cold-path process: the schema applied, the query port served (`serve_queries`,
+    given by the composition root), batches loaded until SIGTERM or SIGINT."""
+    worker = ColdWorker(kafka, options, warehouse_dsn)
+    halt = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: halt.set())
+    if not apply_schema(worker, halt):
+        worker.close()
+        return
+    server = serve_queries()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    log.info("cold-path worker up; queries on %s", where)
+    try:
+        await worker.run(stopping)
+    finally:
+        server.close()
+        worker.close()
+        log.info("cold-path worker stopped: %s", worker.counters)
