@@ -24,6 +24,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from schemas.topics import TOPICS_BY_NAME, schema_of
 from sinks.clickhouse import (
     EVENTS_TABLE,
     OTA_EVENTS_TABLE,
@@ -45,14 +46,19 @@ COLD_GROUP = "fleetstream-cold"
 DLQ_TOPIC = "dlq.cold"
 
 SOURCES = {
-    TELEMETRY_TABLE: ("telemetry.raw", "Telemetry"),
-    EVENTS_TABLE: ("device.events", "DeviceEvent"),
-    TWIN_HISTORY_TABLE: ("twin.state", "TwinState"),
-    OTA_EVENTS_TABLE: ("ota.rollouts", "Rollout"),
+    table: (topic, schema_of(topic))  # the schema from the one catalogue (schemas/topics.py)
+    for table, topic in (
+        (TELEMETRY_TABLE, "telemetry.raw"),
+        (EVENTS_TABLE, "device.events"),
+        (TWIN_HISTORY_TABLE, "twin.state"),
+        (OTA_EVENTS_TABLE, "ota.rollouts"),
+    )
 }
 
 # State topics (compacted): a tombstone there deletes a key, it is not bad input.
-COMPACTED_SOURCES = frozenset({"twin.state", "ota.rollouts"})
+COMPACTED_SOURCES = frozenset(
+    topic for topic, _ in SOURCES.values() if TOPICS_BY_NAME[topic].cleanup == "compact"
+)
 
 COLD_JOB = LoaderSpec(
     name="cold-worker",

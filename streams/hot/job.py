@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from schemas.topics import schema_of
 from streams.hot.alerts import alert_to_record, rule_from_record
 from streams.hot.processor import (
     STAGE,
@@ -44,23 +45,14 @@ from streams.runtime.tables import UnreadableRecord
 HOT_GROUP = "fleetstream-hot"
 TELEMETRY, REPORTED, DESIRED = "telemetry.raw", "twin.reported", "twin.desired"
 COMMANDS = "registry.commands"
-INPUTS = {
-    TELEMETRY: "Telemetry",
-    REPORTED: "TwinReported",
-    DESIRED: "TwinDesired",
-    COMMANDS: "RegistryCommand",
-}
+# Each topic's schema comes from the one catalogue (schemas/topics.py).
+INPUTS = {topic: schema_of(topic) for topic in (TELEMETRY, REPORTED, DESIRED, COMMANDS)}
 TWIN_STATE, ALERT_STATE = "twin.state", "alerts.state"
 ALERTS, DOWNLINK, RESPONSES, DLQ = "alerts", "mqtt.downlink", "twin.responses", "dlq.hot"
 RULES, DEVICES, GRANTS, AUDIT = "alerts.rules", "registry.devices", "rbac.grants", "audit.log"
 OUTPUTS: dict[str, str | None] = {
-    AUDIT: "AuditRecord",
-    ALERTS: "Alert",
-    TWIN_STATE: "TwinState",
+    **{t: schema_of(t) for t in (AUDIT, ALERTS, TWIN_STATE, DOWNLINK, RESPONSES, DEVICES)},
     ALERT_STATE: None,  # JSON: each rule's state for one device
-    DOWNLINK: "Downlink",
-    RESPONSES: "TwinResponse",
-    DEVICES: "Device",
 }
 
 
