@@ -63,14 +63,18 @@ def cold_worker_main() -> None:
     asyncio.run(serve(kafka, options, settings.warehouse_dsn, serve_queries, where))
 
 
+# The platform's stream jobs, one line each: `python -m infra.process <name>` runs it.
+JOBS: dict[str, Callable[[], None]] = {
+    "hot-worker": lambda: process_main("hot worker", hot_worker),
+    "cold-worker": cold_worker_main,
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     name = (argv if argv is not None else sys.argv[1:] or [""])[0]
-    if name == "hot-worker":
-        process_main("hot worker", hot_worker)
-    elif name == "cold-worker":
-        cold_worker_main()
-    else:
-        raise SystemExit(f"usage: python -m infra.process hot-worker|cold-worker (not {name!r})")
+    if name not in JOBS:
+        raise SystemExit(f"usage: python -m infra.process {'|'.join(JOBS)} (not {name!r})")
+    JOBS[name]()
 
 
 if __name__ == "__main__":
