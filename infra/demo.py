@@ -31,7 +31,9 @@ from infra.ota_summary import rollout_summary
 from infra.pki import CertificateAuthority
 from infra.provision import load_or_provision, register
 from infra.settings import Settings
-from infra.simulator import FleetStats, SimulatedDevice, run_fleet
+from infra.simulator.device import SimulatedDevice
+from infra.simulator.fleet import run_fleet
+from infra.simulator.stats import FleetStats
 from infra.stack import Stack
 from queries.runner import QueryError, fetch, render, warehouse_counts
 from streams.alerts import AlertRule, AlertStatus, RuleKind, ScopeType, Severity

@@ -18,7 +18,8 @@ from infra.services.base import wait_until
 from infra.services.bridge import BridgeService
 from infra.services.mosquitto import DYNSEC_TOPIC
 from infra.settings import Settings
-from infra.simulator import FleetStats, SimulatedDevice
+from infra.simulator.device import SimulatedDevice
+from infra.simulator.stats import FleetStats
 from infra.stack import Stack
 from ingest.envelope import MAX_PAYLOAD_BYTES
 from tests.conftest import DeviceIdentity
