@@ -28,7 +28,7 @@ from infra.provision import load_or_provision
 from infra.services.base import wait_until
 from infra.services.mosquitto import BrokerFiles
 from infra.settings import Settings
-from infra.simulator import run_fleet
+from infra.simulator.fleet import run_fleet
 from infra.stack import Stack
 from ingest.mqtt_client import client_tls_context
 from schemas.codec import AvroCodec, Decoded, load_schema

@@ -1,6 +1,6 @@
 """A lean MQTT 5 load generator for benchmarks: real devices, real mTLS, little Python.
 
-The simulator (infra/simulator.py) models devices faithfully through gmqtt, which costs tens of
+The simulator (infra/simulator/) models devices faithfully through gmqtt, which costs tens of
 microseconds per message: on 2 cores shared with the whole platform it cannot offer 5,000
 msgs/s. Here each device is one TLS connection (its own certificate, so the broker's ACL
 applies as for any device) writing pre-framed MQTT 5 PUBLISH packets at QoS 1 and counting

@@ -31,7 +31,9 @@ from infra.pki import CertificateAuthority
 from infra.provision import load_or_provision, register
 from infra.release_key import open_artifact_store
 from infra.settings import Settings
-from infra.simulator import FleetStats, SimulatedDevice, run_fleet
+from infra.simulator.device import SimulatedDevice
+from infra.simulator.fleet import run_fleet
+from infra.simulator.stats import FleetStats
 from infra.stack import Stack
 from infra.warehouse import fetch, warehouse_counts
 from queries.runner import QueryError, render

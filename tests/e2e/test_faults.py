@@ -52,7 +52,7 @@ from infra.provision import load_or_provision
 from infra.services.base import Service, ServiceError
 from infra.settings import PROJECT_ROOT, Settings
 from infra.settings import settings_env as fleet_env
-from infra.simulator import EVENTS, TELEMETRY
+from infra.simulator.protocol import EVENTS, TELEMETRY
 from infra.stack import Stack
 from tests.conftest import PORT_OFFSET
 from tests.support.faults import (

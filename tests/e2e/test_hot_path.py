@@ -19,7 +19,7 @@ from infra.pki import CertificateAuthority
 from infra.provision import load_or_provision
 from infra.services.base import wait_until
 from infra.settings import PROJECT_ROOT, Settings
-from infra.simulator import run_fleet
+from infra.simulator.fleet import run_fleet
 from infra.stack import Stack
 from streams.hot.alerts import AlertEvent, AlertRule, AlertStatus, RuleKind, ScopeType
 from streams.hot.twin import delta

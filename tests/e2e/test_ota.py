@@ -20,7 +20,7 @@ from infra.pki import CertificateAuthority
 from infra.provision import DeviceCredentials, load_or_provision, register
 from infra.services.base import wait_until
 from infra.settings import Settings
-from infra.simulator import FleetStats
+from infra.simulator.stats import FleetStats
 from infra.stack import Stack
 from schemas.codec import CodecRegistry, Decoded, load_schema
 from streams.ota.model import Progress, Rollout, RolloutState

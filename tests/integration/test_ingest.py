@@ -19,7 +19,7 @@ from infra.provision import load_or_provision
 from infra.services.base import wait_until
 from infra.services.bridge import BridgeService
 from infra.settings import Settings
-from infra.simulator import run_fleet
+from infra.simulator.fleet import run_fleet
 from infra.stack import Stack
 from schemas.codec import AvroCodec, Decoded, load_schema
 from tests.conftest import DeviceIdentity

@@ -21,7 +21,7 @@ from infra.pki import CertificateAuthority
 from infra.provision import load_or_provision
 from infra.services.base import wait_until
 from infra.settings import PROJECT_ROOT, Settings
-from infra.simulator import run_fleet
+from infra.simulator.fleet import run_fleet
 from infra.stack import Stack
 from tests.conftest import settings_env
 from tests.support.fleet import start_fleet, telemetry_sent

@@ -17,7 +17,8 @@ from infra.provision import provision_device
 from infra.services.base import wait_until
 from infra.services.bridge import BridgeService
 from infra.settings import Settings
-from infra.simulator import FleetStats, SimulatedDevice
+from infra.simulator.device import SimulatedDevice
+from infra.simulator.stats import FleetStats
 from infra.stack import Stack
 from ingest.envelope import MAX_PAYLOAD_BYTES
 from ingest.mqtt_client import DYNSEC_TOPIC

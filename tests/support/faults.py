@@ -1,6 +1,6 @@
 """Fault injection on a running stack: a recorded simulated fleet, signals, recovery, counts.
 
-The fleet is the project's simulator (infra/simulator.py), with each device's in-flight store
+The fleet is the project's simulator (infra/simulator/), with each device's in-flight store
 swapped for one that also records, per message, when the device handed it to the broker, when
 the broker's PUBACK came back and whether the device discarded it (MQTT 5 has a client drop its
 session state, in-flight messages included, when the broker answers Session Present 0).
@@ -32,15 +32,9 @@ from gmqtt.storage import PersistentStorage
 from infra.provision import DeviceCredentials
 from infra.services.base import Service
 from infra.settings import Settings
-from infra.simulator import (
-    EVENTS,
-    TELEMETRY,
-    FleetStats,
-    SimulatedDevice,
-    build_message,
-    load_seq,
-    save_seq,
-)
+from infra.simulator.device import SimulatedDevice, load_seq, save_seq
+from infra.simulator.protocol import EVENTS, TELEMETRY, build_message
+from infra.simulator.stats import FleetStats
 from infra.stack import Stack
 from sinks.query_server import read_platform_secret
 from tests.support.mqtt import MqttSession, connect

@@ -10,7 +10,9 @@ from typing import Any
 
 from infra.provision import DeviceCredentials
 from infra.settings import Settings
-from infra.simulator import FleetStats, SimulatedDevice, run_fleet
+from infra.simulator.device import SimulatedDevice
+from infra.simulator.fleet import run_fleet
+from infra.simulator.stats import FleetStats
 
 
 @dataclass

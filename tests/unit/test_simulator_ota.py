@@ -20,30 +20,26 @@ import pytest
 from infra.provision import DeviceCredentials
 from infra.release_key import open_artifact_store
 from infra.settings import Settings
-from infra.simulator import (
-    FIRMWARE_VERSION,
+from infra.simulator.device import SimulatedDevice, load_seq
+from infra.simulator.ota import (
     MAX_HANDLED_COMMANDS,
-    OTA_STATUS,
-    STATE_REPORTED,
-    FleetStats,
     ImageSlots,
     InstallCommand,
-    LocalTwin,
     OtaState,
     RollbackCommand,
-    SimulatedDevice,
     artifact_file,
     image_path,
     initial_ota,
     load_ota,
-    load_seq,
-    load_twin,
     ota_from_json,
     ota_status_message,
     ota_to_json,
     parse_ota_command,
     save_ota,
 )
+from infra.simulator.protocol import OTA_STATUS, STATE_REPORTED
+from infra.simulator.stats import FleetStats
+from infra.simulator.twin import FIRMWARE_VERSION, LocalTwin, load_twin
 from ingest.envelope import Accepted, validate_ota_status
 from streams.ota.artifacts import Artifact, ArtifactStore, ReleaseKey
 from streams.ota.events import (

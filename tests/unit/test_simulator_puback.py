@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import struct
 
-from infra.simulator import (
+from infra.simulator.protocol import (
     NO_MATCHING_SUBSCRIBERS,
     RETRY_FIRST_S,
     RETRY_MAX_S,
-    _AckCountingClient,
+    AckCountingClient,
     parse_puback,
     retry_delay,
 )
@@ -38,7 +38,7 @@ def test_the_retry_backoff_doubles_and_is_bounded() -> None:
 def test_0x10_keeps_the_message_and_a_success_or_refusal_ends_it() -> None:
     async def scenario() -> list[int]:
         answers: list[int] = []
-        client = _AckCountingClient("dev-1", on_puback=answers.append)
+        client = AckCountingClient("dev-1", on_puback=answers.append)
         storage = client._persistent_storage
         for mid in (1, 2, 3):
             storage.push_message(mid, b"publish-%d" % mid)

@@ -18,24 +18,21 @@ from hypothesis import strategies as st
 
 from infra.provision import DeviceCredentials
 from infra.settings import Settings
-from infra.simulator import (
+from infra.simulator.device import SimulatedDevice, load_seq, save_seq
+from infra.simulator.protocol import STATE_REPORTED, build_message
+from infra.simulator.stats import FleetStats
+from infra.simulator.twin import (
     MAX_STATE_DEPTH,
     NO_VERSION,
-    STATE_REPORTED,
     DesiredUpdate,
-    FleetStats,
     LocalTwin,
-    SimulatedDevice,
     apply_desired,
-    build_message,
     initial_reported,
     is_stale,
-    load_seq,
     load_twin,
     merge_reported,
     parse_desired,
     reported_message,
-    save_seq,
     save_twin,
     twin_from_json,
     twin_to_json,
