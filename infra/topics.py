@@ -71,6 +71,8 @@ TOPICS: tuple[TopicSpec, ...] = (
     # Operators' requests (create, approve, pause, ...), answered on audit.log.
     TopicSpec("ota.requests", "rollout id", "Avro OtaRequest"),
     TopicSpec("ota.artifacts", "artifact id (sha256)", "Avro OtaArtifact", cleanup="compact"),
+    # Per device group, 1-minute health windows (the shipped Faust job fleet_health).
+    TopicSpec("fleet.health", "group path@window start", "JSON health window", cleanup="compact"),
     TopicSpec("dlq.ingest", "original key", "original bytes + headers", retention_ms=30 * DAY_MS),
     TopicSpec("dlq.cold", "original key", "original bytes + headers", retention_ms=30 * DAY_MS),
     TopicSpec("dlq.hot", "original key", "original bytes + headers", retention_ms=30 * DAY_MS),
