@@ -35,6 +35,14 @@ class RegistryTable(GlobalTable):
     or :meth:`group_of`; any write raises :class:`ReadOnlyError`.
     """
 
+    def _changelog_topic_name(self) -> str:
+        # Faust names a table's changelog "<app>-<table>-changelog" in places (its partition
+        # assignor among them) even when the table was given another topic: this one's is
+        # registry.devices.
+        if self._changelog_topic is not None:
+            return str(self._changelog_topic.get_topic_name())
+        return str(super()._changelog_topic_name())
+
     def group_of(self, device_id: str) -> str:
         """The device's ``org/project/group``, or ``unregistered``."""
         return group_path(self.get(device_id))
