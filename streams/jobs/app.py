@@ -211,6 +211,10 @@ class JobsApp(faust.App):
             is_global=True,
             synchronize_all_active_partitions=True,
             standby_buffer_size=1,
+            # Its partitions are "active" too, and Faust applies an active changelog's events
+            # in batches of this size, also after recovery: 1, or a new device waits for 999
+            # more (faust.GlobalTable's docstring asks for it with several workers too).
+            recovery_buffer_size=1,
             help="the device registry (registry.devices), read-only",
         )
         self.tables.add(table)
@@ -308,8 +312,8 @@ def _registry_view(table: RegistryTable) -> type[View]:
         async def get(self, request: Request, device_id: str) -> Response:
             entry = table.get(device_id)
             if entry is None:
-                return self.json({"device_id": device_id, "group": None}, status=404)
-            return self.json({"device_id": device_id, "group": table.group_of(device_id), **entry})
+                return self.json({"device_id": device_id, "group_path": None}, status=404)
+            return self.json({**entry, "group_path": table.group_of(device_id)})
 
     return RegistryView
 

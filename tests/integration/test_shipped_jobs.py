@@ -69,7 +69,7 @@ def _registered(
             with urllib.request.urlopen(
                 f"http://{settings.host}:{port}/devices/{device_id}/", timeout=5
             ) as answer:
-                return bool(json.loads(answer.read())["group"])
+                return bool(json.loads(answer.read())["group_path"])
         except OSError:
             return False
 
@@ -91,7 +91,9 @@ def test_fleet_health_windows_count_every_message_of_each_group(
     groups = {"g1": 3, "g2": 2}
     fleet = _registered(stack, client, settings, tmp_path, org, project, groups)
     stats, devices = asyncio.run(
-        run_fleet(settings, [c for cs in fleet.values() for c in cs], rate=5, max_messages=12)
+        run_fleet(
+            settings, [c for cs in fleet.values() for c in cs], rate=5, duration=30, max_messages=12
+        )
     )
     assert stats.connect_failures == 0
     published = telemetry_sent(devices)
