@@ -238,3 +238,51 @@ def test_a_shipped_job_file_imports_on_a_configured_app(job: str, tmp_path: Path
     )
     assert run.returncode == 0, run.stderr.decode()
     assert job in run.stdout.decode()
+
+
+# --- recovery of a table whose changelog is written in transactions ----------------------------
+
+
+class _Probe:
+    """A partition's committed records at ``offsets`` (the rest: commit markers)."""
+
+    def __init__(self, offsets: set[int]) -> None:
+        self.offsets, self.at = offsets, 0
+
+    def assign(self, _tps: object) -> None:
+        pass
+
+    def seek(self, _tp: object, offset: int) -> None:
+        self.at = offset
+
+    async def position(self, _tp: object) -> int:
+        return self.at
+
+    async def getmany(self, tp: object, timeout_ms: int) -> dict[object, list[object]]:
+        from types import SimpleNamespace
+
+        batch = [
+            SimpleNamespace(offset=o) for o in range(self.at, self.at + 4) if o in self.offsets
+        ]
+        self.at += 4
+        return {tp: batch}
+
+
+@pytest.mark.parametrize(
+    ("records", "start", "end", "expected"),
+    [
+        ({0, 2, 4}, 0, 6, 5),  # each record then its commit marker: the end is after 4
+        (set(range(0, 100)), 0, 101, 100),
+        ({3}, 0, 200, 4),  # far back: the look-back doubles until it finds it
+        (set(), 0, 10, 0),  # only markers (aborted or compacted away): nothing to wait for
+        (set(), 5, 5, 5),  # empty
+    ],
+)
+def test_a_recovery_waits_for_the_last_record_not_the_end_offset(
+    records: set[int], start: int, end: int, expected: int
+) -> None:
+    import asyncio
+
+    from streams.jobs.transport import _record_end
+
+    assert asyncio.run(_record_end(_Probe(records), "tp", start, end)) == expected  # type: ignore[arg-type]
