@@ -99,6 +99,8 @@ async def fleet_health(stream: faust.StreamT[Any]) -> None:
 async def publish_windows() -> None:
     """Publish the windows that changed since the last time."""
     global _dirty
+    if _dirty is None and not app.tables.recovery.completed.is_set():  # type: ignore[attr-defined]
+        return  # the first emission publishes every window: once the tables are recovered
     keys = set(windows.keys()) if _dirty is None else _dirty
     _dirty = set()
     for key in sorted(keys):
