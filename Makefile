@@ -21,6 +21,7 @@ test: $(VENV)/.installed system-deps lint unit integration
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 unit: $(VENV)/.installed
 	$(VENV)/bin/pytest -q tests/unit

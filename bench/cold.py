@@ -33,7 +33,7 @@ from infra.provision import load_or_provision
 from infra.services.base import wait_until
 from infra.settings import Settings
 from infra.stack import Stack
-from queries.runner import fetch, warehouse_counts
+from infra.warehouse import fetch, warehouse_counts
 from schemas.codec import CodecRegistry, load_schema
 from sinks.clickhouse import ClickHouseSink, telemetry_to_arrow
 

@@ -35,17 +35,18 @@ from gmqtt.mqtt.constants import MQTTv50
 
 from bench.ingest import Result
 from bench.loadgen import offer_load
+from infra.api.client import HotPathClient
 from infra.keys import key_passphrase
 from infra.pki import CertificateAuthority
 from infra.provision import DeviceCredentials, load_or_provision, register
 from infra.services.base import wait_until
-from infra.services.mosquitto import BrokerFiles, client_tls_context
+from infra.services.mosquitto import BrokerFiles
 from infra.settings import Settings
 from infra.stack import Stack
+from ingest.mqtt_client import client_tls_context
 from schemas.codec import CodecRegistry, Decoded, load_schema
 from streams.alerts import AlertRule, RuleKind, ScopeType
-from streams.client import HotPathClient
-from streams.rbac import Resource
+from streams.registry.rbac import Resource
 
 
 def quantile(values: Sequence[float], q: float) -> float:

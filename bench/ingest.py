@@ -26,10 +26,11 @@ from infra.keys import key_passphrase
 from infra.pki import CertificateAuthority
 from infra.provision import load_or_provision
 from infra.services.base import wait_until
-from infra.services.mosquitto import BrokerFiles, client_tls_context
+from infra.services.mosquitto import BrokerFiles
 from infra.settings import Settings
 from infra.simulator import run_fleet
 from infra.stack import Stack
+from ingest.mqtt_client import client_tls_context
 from schemas.codec import AvroCodec, Decoded, load_schema
 
 BARE_CLIENT = "bench-bare"

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from infra.provision import DeviceCredentials
-from infra.services.mosquitto import client_tls_context
 from infra.settings import Settings
+from ingest.mqtt_client import client_tls_context
 
 
 def _varint(n: int) -> bytes:

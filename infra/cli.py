@@ -19,7 +19,7 @@ from infra.settings import Settings, load_settings
 from infra.stack import Stack, StackStatus
 
 if TYPE_CHECKING:
-    from streams.client import HotPathClient
+    from infra.api.client import HotPathClient
 
 app = typer.Typer(help="fleetstream: IoT fleet telemetry on Kafka.", no_args_is_help=True)
 console = Console()
@@ -100,7 +100,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
 @app.command()
 def bridge(replica: int = typer.Option(0, help="Replica number: its MQTT client id.")) -> None:
     """Run the MQTT -> Kafka bridge in the foreground (`fleet up` runs it in the background)."""
-    from ingest.bridge import main as bridge_main
+    from infra.entrypoints.bridge import main as bridge_main
 
     bridge_main(replica)
 
@@ -121,10 +121,10 @@ def provision(
     and record them in the registry through its agent (authorized, audited)."""
     import time
 
+    from infra.api.client import HotPathClient, HotPathError
     from infra.pki import CertificateAuthority, PkiError
     from infra.provision import provision_device, register
-    from streams.client import HotPathClient, HotPathError
-    from streams.rbac import Action, Principal, Resource, authorize
+    from streams.registry.rbac import Action, Principal, Resource, authorize
 
     settings = _settings()
     ca = CertificateAuthority.load_or_create(settings.pki_dir, passphrase=key_passphrase(settings))
@@ -218,8 +218,9 @@ def sql(
 ) -> None:
     """Run an analyst query against the warehouse (through the pipeline while it runs).
     The query port wants a token: --token, --as, or else the platform's own (this machine)."""
-    from queries.runner import QueryError, run_sql
-    from streams.rbac import Principal
+    from infra.warehouse import run_sql
+    from queries.runner import QueryError
+    from streams.registry.rbac import Principal
     from streams.tokens import TokenAuthority
 
     params = dict(p.split("=", 1) for p in param if "=" in p)
@@ -271,7 +272,7 @@ EXIT_CONFLICT, EXIT_INVALID = 4, 5
 
 
 def _hot_client() -> HotPathClient:
-    from streams.client import HotPathClient
+    from infra.api.client import HotPathClient
 
     return HotPathClient(_settings())
 
@@ -299,7 +300,7 @@ def twin_set(
     version: int = typer.Option(None, help="Refuse unless the twin is at this version (409)."),
 ) -> None:
     """Change desired state (a null removes a key); the device gets the delta at QoS 1."""
-    from streams.client import HotPathError
+    from infra.api.client import HotPathError
 
     try:
         document = json.loads(patch)
@@ -358,7 +359,7 @@ def alerts_add(
 ) -> None:
     """Add or replace an alert rule."""
     from streams.alerts import AlertRule, RuleKind, ScopeType, Severity
-    from streams.rbac import Level, Resource
+    from streams.registry.rbac import Level, Resource
 
     if (group is None) == (device is None):
         raise _fail(ValueError("give exactly one of --group and --device"))
@@ -423,7 +424,7 @@ def token(
 ) -> None:
     """Print a bearer token for the HTTP API, signed with the platform's key (it says who the
     caller is; what it may do is its grants')."""
-    from streams.rbac import Principal
+    from streams.registry.rbac import Principal
     from streams.tokens import TokenAuthority
 
     try:
@@ -444,8 +445,9 @@ def grant(
 ) -> None:
     """Give (or take) a role on a scope, as the platform itself: how the first admin is made.
     Later grants go through the API, authorized and audited."""
-    from streams.client import HotPathClient
-    from streams.rbac import Grant, GrantSet, Principal, Resource, Role
+
+    from infra.api.client import HotPathClient
+    from streams.registry.rbac import Grant, GrantSet, Principal, Resource, Role
 
     try:
         who = Principal.parse(principal)
@@ -467,9 +469,15 @@ app.add_typer(device_app, name="device")
 def _device_command(kind: str, device_id: str, principal: str, reason: str | None) -> None:
     """Send one lifecycle command to the registry agent (which authorizes and audits it, as for
     the API); print its audit record. Exit codes as `fleet ota`: 6 denied, 7 refused."""
-    from streams.client import HotPathError
-    from streams.rbac import Principal
-    from streams.registry import ActivateDevice, RegistryCommand, RevokeDevice, SuspendDevice
+
+    from infra.api.client import HotPathError
+    from streams.registry.devices import (
+        ActivateDevice,
+        RegistryCommand,
+        RevokeDevice,
+        SuspendDevice,
+    )
+    from streams.registry.rbac import Principal
 
     try:
         who = Principal.parse(principal)
@@ -539,11 +547,12 @@ def ota_artifact_add(
     version: str = typer.Option(..., help="The version it installs."),
 ) -> None:
     """Store FILE content-addressed, sign it with the release key, publish its record."""
-    from infra.artifacts import ArtifactError, ArtifactStore
+    from infra.release_key import open_artifact_store
+    from streams.ota.artifacts import ArtifactError
 
     settings = _settings()
     try:
-        store = ArtifactStore.open(
+        store = open_artifact_store(
             settings.state_dir / "artifacts", settings.pki_dir, passphrase=key_passphrase(settings)
         )
         artifact = store.add(file, kind, version)
@@ -576,9 +585,10 @@ def ota_create(
     principal: str = typer.Option("orchestrator", "--as", help="Who creates it."),
 ) -> None:
     """Create a rollout (pending approval: nothing is sent before an ota-approver approves)."""
-    from streams.client import HotPathError
-    from streams.ota import RolloutPlan
-    from streams.rbac import Principal
+
+    from infra.api.client import HotPathError
+    from streams.ota.plan import RolloutPlan
+    from streams.registry.rbac import Principal
 
     try:
         plan = RolloutPlan(
@@ -599,8 +609,9 @@ def ota_create(
 
 
 def _ota_control(rollout_id: str, kind: str, principal: str, comment: str | None) -> None:
-    from streams.client import HotPathError
-    from streams.rbac import Principal
+
+    from infra.api.client import HotPathError
+    from streams.registry.rbac import Principal
 
     try:
         audit = _hot_client().ota_request(
@@ -663,7 +674,7 @@ def ota_status(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Rollouts: state, cohort, updated / failed / rolled back devices."""
-    from infra.ota_summary import rollout_summary
+    from streams.ota.summary import rollout_summary
 
     rollouts = _hot_client().rollouts()
     chosen = [rollouts[rollout_id]] if rollout_id in rollouts else list(rollouts.values())

@@ -25,20 +25,21 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from infra.artifacts import ArtifactStore
+from infra.api.client import HotPathClient
 from infra.keys import key_passphrase
-from infra.ota_summary import rollout_summary
 from infra.pki import CertificateAuthority
 from infra.provision import load_or_provision, register
+from infra.release_key import open_artifact_store
 from infra.settings import Settings
 from infra.simulator import FleetStats, SimulatedDevice, run_fleet
 from infra.stack import Stack
-from queries.runner import QueryError, fetch, render, warehouse_counts
+from infra.warehouse import fetch, warehouse_counts
+from queries.runner import QueryError, render
 from streams.alerts import AlertRule, AlertStatus, RuleKind, ScopeType, Severity
-from streams.client import HotPathClient
-from streams.ota import RolloutPlan
-from streams.rbac import GrantSet, Principal, Resource, Role
-from streams.registry import AuditRecord
+from streams.ota.plan import RolloutPlan
+from streams.ota.summary import rollout_summary
+from streams.registry.devices import AuditRecord
+from streams.registry.rbac import GrantSet, Principal, Resource, Role
 from streams.twin import delta
 
 DEMO_ORG, DEMO_PROJECT = "demo", "fleet"
@@ -160,7 +161,7 @@ def prepare_rollout(
 ) -> DemoRollout:
     """Sign a new firmware image, grant the demo's operator and approver, create the rollout
     (pending approval: nothing is sent yet)."""
-    store = ArtifactStore.open(
+    store = open_artifact_store(
         settings.state_dir / "artifacts", settings.pki_dir, passphrase=key_passphrase(settings)
     )
     image = f"fleetstream demo firmware 2.0.0 for {group}\n".encode() * 2048

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra.settings import Settings
-from infra.topics import TOPICS, TopicSpec, consumer_lag
+from infra.topics import consumer_lag
 from schemas.codec import SCHEMA_DIR
+from schemas.topics import TOPICS, TopicSpec
 from streams.jobs.config import JobsConfig, TopicDecl
 
 _JOB_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")

@@ -1,6 +1,7 @@
 """The passphrase that encrypts the platform's signing keys at rest: the fleet CA's
-(infra/pki.py) and the OTA release key (infra/artifacts.py). Callers pass
-``passphrase=key_passphrase(settings)`` to their ``load_or_create``/``open``.
+(infra/pki.py) and the OTA release key (infra/release_key.py). Callers pass
+``passphrase=key_passphrase(settings)`` to ``CertificateAuthority.load_or_create`` and to
+``load_or_create_release_key``/``open_artifact_store``.
 
 The passphrase is ``Settings.key_passphrase`` (``FLEET_KEY_PASSPHRASE``). Unset, as on a
 developer's machine or in the tests, it is a random passphrase kept per user in

@@ -27,10 +27,8 @@ import ipaddress
 import json
 import logging
 import os
-import re
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
-from enum import StrEnum
 from pathlib import Path
 from typing import Literal, TypeAlias, TypedDict, TypeGuard
 
@@ -41,20 +39,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from schemas.identity import DEVICE_ID_PATTERN, RESERVED_IDENTITIES, RevocationState
+
 __all__ = [
-    "BRIDGE_IDENTITIES",
-    "DEVICE_ID_PATTERN",
     "ENCRYPTED_KEY_PEM_HEADER",
-    "ENFORCER_IDENTITIES",
     "HOLD_REASON",
-    "MAX_BRIDGE_REPLICAS",
-    "RESERVED_IDENTITIES",
     "CertificateAuthority",
     "KeyFileError",
     "KeyKind",
     "PkiError",
     "PrivateKey",
-    "RevocationState",
     "cert_fingerprint_sha256",
     "encrypted_key_pem",
     "generate_private_key",
@@ -69,20 +63,7 @@ KeyKind = Literal["rsa", "ec"]
 PrivateKey: TypeAlias = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 _PublicKey: TypeAlias = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
-# The platform's MQTT identities. The broker makes a connection's client id its certificate CN
-# (`use_username_as_clientid`), so one identity holds one connection at a time: every bridge
-# replica has its own (`bridge-<replica>`, as many as Settings.bridge_replicas allows), and an
-# enforcer (ingest/enforcement.py, allowed only to end device sessions through the broker's
-# control API) takes the first free of a few. Reserved: no device may ever be issued one.
-MAX_BRIDGE_REPLICAS = 8
-BRIDGE_IDENTITIES = tuple(f"bridge-{replica}" for replica in range(MAX_BRIDGE_REPLICAS))
-ENFORCER_IDENTITIES = ("enforcer", "enforcer-1", "enforcer-2", "enforcer-3")
-RESERVED_IDENTITIES = frozenset(
-    {"orchestrator", "broker", *ENFORCER_IDENTITIES, *BRIDGE_IDENTITIES}
-)
-# At most 64 characters: RFC 5280 caps commonName at 64 (ub-common-name) and cryptography
-# refuses longer CNs. No '/', '+', '#' so an id is safe inside MQTT topics and file names.
-DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# Reserved identities, the device id pattern, RevocationState: schemas/identity.py.
 
 RSA_KEY_SIZE = 2048
 CA_VALIDITY_DAYS = 3650
@@ -128,13 +109,6 @@ class _Revocation(TypedDict, total=False):
     serial: int
     revoked_at: str
     reason: str
-
-
-class RevocationState(StrEnum):
-    """How a listed serial is refused: for good, or on hold until released."""
-
-    revoked = "revoked"
-    on_hold = "on_hold"
 
 
 def _state(entry: _Revocation) -> RevocationState:

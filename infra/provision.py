@@ -24,11 +24,11 @@ from infra.pki import (
     make_csr,
     write_device_bundle,
 )
-from streams.rbac import Principal
-from streams.registry import AuditRecord, ProvisionDevice
+from streams.registry.devices import AuditRecord, ProvisionDevice
+from streams.registry.rbac import Principal
 
 if TYPE_CHECKING:
-    from streams.client import HotPathClient
+    from infra.api.client import HotPathClient
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     sink_batch_rows: int = Field(default=50_000, ge=1)
     sink_batch_seconds: float = Field(default=1.0, gt=0)
 
-    # The HTTP API (streams/api.py): bearer tokens signed by the platform, loopback only.
+    # The HTTP API (infra/api/): bearer tokens signed by the platform, loopback only.
     api_port: int = 8090
 
     # Hot path (alerts, twins): a batch is what arrived within hot_poll_ms (at most

@@ -20,12 +20,12 @@ platform can answer with a delta. The document and the last applied version pers
 `<id>.twin.json`, beside the sequence numbers in `<id>.seq.json`.
 
 OTA updates (an A/B-slot device): each device also subscribes (QoS 1, same session) to
-`devices/<id>/ota/command`, where the platform's rollouts (streams/ota.py) send
+`devices/<id>/ota/command`, where the platform's rollouts (streams/ota/rollout.py) send
 `{"action": "install", "artifact": <OtaArtifact record, signature base64>, "command_id",
 "kind", "rollout_id", "version"}` or `{"action": "rollback", "command_id", "from_version",
 "kind", "rollout_id", "version"}`. An install reports `downloading` (the bytes are read from the
 artifact store, at the record's `path` under `artifact_root`), `verifying`
-(infra.artifacts.verify_download against the release public key; a reason refuses the image),
+(streams.ota.artifacts.verify_download against the release public key; a reason refuses the image),
 `installing` (the image is written to the inactive slot), then switches slots and reports
 `succeeded`; any failure reports `failed` with a `reason` and the version still running. A
 rollback switches back to the image kept in the other slot. Reports go on
@@ -64,10 +64,10 @@ from typing import Any, NoReturn, TypeAlias
 import gmqtt
 from gmqtt.mqtt.constants import MQTTv50
 
-from infra.artifacts import ArtifactKind, verify_download
 from infra.provision import DeviceCredentials
-from infra.services.mosquitto import client_tls_context
 from infra.settings import Settings
+from ingest.mqtt_client import client_tls_context
+from streams.ota.artifacts import ArtifactKind, verify_download
 
 log = logging.getLogger("fleetstream.simulator")
 
@@ -94,7 +94,7 @@ RETRY_FIRST_S = 0.2  # backoff after a 0x10 answer: doubles per answer, up to RE
 RETRY_MAX_S = 5.0
 
 # OTA status values (streams.ota.OtaStatus) and the device's own failure reasons (those of a
-# refused download are infra.artifacts.verify_download's).
+# refused download are streams.ota.artifacts.verify_download's).
 DOWNLOADING = "downloading"
 VERIFYING = "verifying"
 INSTALLING = "installing"
@@ -248,7 +248,7 @@ def reported_message(
 @dataclass(frozen=True)
 class InstallCommand:
     """An `install` from `devices/<id>/ota/command`; `artifact` is the OtaArtifact record with
-    its signature decoded to bytes (what infra.artifacts.verify_download takes)."""
+    its signature decoded to bytes (what streams.ota.artifacts.verify_download takes)."""
 
     command_id: str
     rollout_id: str
@@ -472,8 +472,8 @@ def ota_status_message(
 
 def artifact_file(root: Path, record: Mapping[str, Any]) -> Path | None:
     """Where the content of `record` lies in the artifact store at `root` (its `path`, relative
-    to the root, as infra.artifacts.ArtifactStore writes it: `sha256/<hex>`); None if the record
-    names no path, or one outside the store."""
+    to the root, as streams.ota.artifacts.ArtifactStore writes it: `sha256/<hex>`); None if the
+    record names no path, or one outside the store."""
     path = record.get("path")
     if not isinstance(path, str) or not path:
         sha256 = record.get("sha256")
@@ -1051,7 +1051,7 @@ async def run_fleet(
     each), wait until every message is acknowledged, disconnect.
 
     OTA commands are answered with the artifacts under `artifact_root` (an
-    infra.artifacts.ArtifactStore's root), checked against `release_public_key` (the PEM of
+    streams.ota.artifacts.ArtifactStore's root), checked against `release_public_key` (the PEM of
     the PKI dir's `release.pub`); without them an install fails (`no_artifact_store`,
     `no_release_key`). A share `ota_fail_rate` of the devices (drawn from each device's rng)
     fails every install with `install_error`."""

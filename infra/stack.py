@@ -9,7 +9,6 @@ from pathlib import Path
 
 from confluent_kafka import KafkaException
 
-from infra.pki import MAX_BRIDGE_REPLICAS
 from infra.services.api import ApiService
 from infra.services.base import Service, ServiceError, ServiceStatus
 from infra.services.bridge import BridgeService
@@ -24,6 +23,9 @@ from infra.services.worker import ColdWorkerService
 from infra.settings import Settings
 from infra.supervisor import SupervisorService
 from infra.topics import consumer_lag, ensure_topics, list_topics
+from schemas.identity import MAX_BRIDGE_REPLICAS
+from streams.ota.worker import INPUTS as OTA_INPUTS
+from streams.ota.worker import OTA_GROUP
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ class StackStatus:
 LAG_GROUPS = (
     ("fleetstream-cold", ("telemetry.raw", "device.events", "twin.state", "ota.rollouts")),
     ("fleetstream-hot", ("telemetry.raw", "twin.reported", "twin.desired", "registry.commands")),
-    ("fleetstream-ota", ("ota.requests", "device.events", "alerts")),
+    (OTA_GROUP, OTA_INPUTS),
     ("bridge-downlink", ("mqtt.downlink",)),
     # The shipped Faust jobs (streams/jobs/shipped/): consumer group = job name.
     *SHIPPED_JOBS,

@@ -1,95 +1,39 @@
-"""The Kafka topics of ARCHITECTURE.md, declared once, created idempotently.
+"""Creating the topic catalogue (schemas/topics.py) on a cluster, idempotently; listing topics
+and consumer lag for `fleet status` and `fleet jobs list`.
 
-Names are contracts: consumers outside the platform subscribe to them.
+These take a small Kafka admin config (:class:`AdminConfig`: the settings object satisfies it,
+so does any frozen dataclass with those fields), not the settings themselves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Sequence
+from typing import Protocol
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from infra.settings import Settings
-
-DAY_MS = 24 * 3600 * 1000
+from schemas.topics import TOPICS, TopicSpec
 
 
-@dataclass(frozen=True)
-class TopicSpec:
-    name: str
-    key: str
-    value: str
-    cleanup: Literal["delete", "compact"] = "delete"
-    retention_ms: int | None = 7 * DAY_MS
-    partitions: int | None = None  # None: the stack's default partition count
-    max_message_bytes: int | None = None  # None: the broker's default (1 MiB)
-
-    def config(self, settings: Settings) -> dict[str, str]:
-        config = {
-            "cleanup.policy": self.cleanup,
-            "min.insync.replicas": str(settings.min_insync_replicas),
-        }
-        if self.cleanup == "delete" and self.retention_ms is not None:
-            config["retention.ms"] = str(self.retention_ms)
-        if self.max_message_bytes is not None:
-            config["max.message.bytes"] = str(self.max_message_bytes)
-        return config
+class KafkaAddress(Protocol):
+    @property
+    def bootstrap_servers(self) -> str: ...
 
 
-TOPICS: tuple[TopicSpec, ...] = (
-    TopicSpec("telemetry.raw", "device id", "Avro Telemetry"),
-    TopicSpec("device.events", "device id", "Avro DeviceEvent"),
-    TopicSpec("twin.reported", "device id", "Avro reported patch"),
-    TopicSpec("twin.desired", "device id", "Avro desired patch"),
-    TopicSpec("twin.state", "device id", "Avro TwinState (the full twin)", cleanup="compact"),
-    # The twin agent's answers to twin.desired requests (accepted, conflict, ...).
-    TopicSpec("twin.responses", "device id", "Avro TwinResponse", retention_ms=DAY_MS),
-    TopicSpec("alerts", "device id", "Avro Alert"),
-    # Rules are data: one record per rule id, a tombstone deletes it. Every hot worker reads
-    # all of it (a global table), so one partition keeps it ordered.
-    TopicSpec("alerts.rules", "rule id", "Avro AlertRule", cleanup="compact", partitions=1),
-    # Changelog of the alert agent's per-device state (co-partitioned with telemetry.raw).
-    TopicSpec("alerts.state", "device id", "JSON rule states", cleanup="compact"),
-    TopicSpec("mqtt.downlink", "device id", "topic + payload + qos"),
-    TopicSpec("registry.devices", "device id", "Avro Device", cleanup="compact"),
-    # Requests to change the registry; the registry agent applies them after authorization.
-    TopicSpec("registry.commands", "device id", "Avro RegistryCommand"),
-    # Every decision on a command (applied, unchanged, denied, refused), kept a year.
-    TopicSpec("audit.log", "device id or principal", "Avro AuditRecord", retention_ms=365 * DAY_MS),
-    TopicSpec("rbac.grants", "principal", "Avro grant set", cleanup="compact"),
-    # A rollout record carries every device's progress (about 84 bytes each): room for 150k.
-    TopicSpec(
-        "ota.rollouts",
-        "rollout id",
-        "Avro Rollout",
-        cleanup="compact",
-        max_message_bytes=16 * 1024 * 1024,
-    ),
-    # Operators' requests (create, approve, pause, ...), answered on audit.log.
-    TopicSpec("ota.requests", "rollout id", "Avro OtaRequest"),
-    TopicSpec("ota.artifacts", "artifact id (sha256)", "Avro OtaArtifact", cleanup="compact"),
-    # Per device group, 1-minute health windows (the shipped Faust job fleet_health).
-    TopicSpec("fleet.health", "group path@window start", "JSON health window", cleanup="compact"),
-    TopicSpec("dlq.ingest", "original key", "original bytes + headers", retention_ms=30 * DAY_MS),
-    TopicSpec("dlq.cold", "original key", "original bytes + headers", retention_ms=30 * DAY_MS),
-    TopicSpec("dlq.hot", "original key", "original bytes + headers", retention_ms=30 * DAY_MS),
-    # The bridges' canaries (ingest/bridge.py): proof that broker -> bridge -> Kafka works.
-    TopicSpec("ingest.canary", "bridge replica", "canary JSON", retention_ms=DAY_MS, partitions=1),
-    # The schema registry's storage: one ordered journal, kept forever (schema ids live here).
-    TopicSpec("_registry.journal", "registry", "registry journal", retention_ms=-1, partitions=1),
-    TopicSpec("_registry.snapshots", "registry", "snapshots", retention_ms=-1, partitions=1),
-)
+class AdminConfig(KafkaAddress, Protocol):
+    """What creating topics needs: where Kafka is and the cluster's topic defaults."""
 
-
-def topic_names(specs: Iterable[TopicSpec] = TOPICS) -> list[str]:
-    return [spec.name for spec in specs]
+    @property
+    def default_partitions(self) -> int: ...
+    @property
+    def replication_factor(self) -> int: ...
+    @property
+    def min_insync_replicas(self) -> int: ...
 
 
 def ensure_topics(
-    settings: Settings, specs: Sequence[TopicSpec] = TOPICS, timeout: float = 30.0
+    settings: AdminConfig, specs: Sequence[TopicSpec] = TOPICS, timeout: float = 30.0
 ) -> list[str]:
     """Create the topics that do not exist yet; return the names created."""
     admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
@@ -99,7 +43,7 @@ def ensure_topics(
             spec.name,
             num_partitions=spec.partitions or settings.default_partitions,
             replication_factor=settings.replication_factor,
-            config=spec.config(settings),
+            config=spec.config(settings.min_insync_replicas),
         )
         for spec in specs
         if spec.name not in existing
@@ -118,7 +62,7 @@ def ensure_topics(
     return created
 
 
-def list_topics(settings: Settings, timeout: float = 5.0) -> dict[str, int]:
+def list_topics(settings: KafkaAddress, timeout: float = 5.0) -> dict[str, int]:
     """Topic name -> partition count, internal topics left out."""
     admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
     meta = admin.list_topics(timeout=timeout)
@@ -130,7 +74,7 @@ def list_topics(settings: Settings, timeout: float = 5.0) -> dict[str, int]:
 
 
 def consumer_lag(
-    settings: Settings, group: str, topics: Sequence[str], timeout: float = 5.0
+    settings: KafkaAddress, group: str, topics: Sequence[str], timeout: float = 5.0
 ) -> int:
     """Records of `topics` the consumer group has not committed yet (end offset - committed)."""
     from confluent_kafka import Consumer, TopicPartition

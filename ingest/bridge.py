@@ -12,10 +12,10 @@ queues for them instead of dropping devices' messages.
 
 A shared subscription keeps routing a share of the messages to a persistent session whose
 replica is gone (Mosquitto counts an offline session as a member). So a replica taken out of
-service for good (fewer FLEET_BRIDGE_REPLICAS) is *retired* (`python -m ingest.bridge N
---retire`, run by `fleet up`): it resumes its session, unsubscribes (nothing new comes to it),
-hands what the session had queued to Kafka like any message, and leaves with session expiry 0,
-ending the session. Nothing stays stranded in it.
+service for good (fewer FLEET_BRIDGE_REPLICAS) is *retired* (`python -m
+infra.entrypoints.bridge N --retire`, run by `fleet up`): it resumes its session, unsubscribes
+(nothing new comes to it), hands what the session had queued to Kafka like any message, and
+leaves with session expiry 0, ending the session. Nothing stays stranded in it.
 
 Mosquitto (2.0.11 at least) does not keep shared subscriptions across its own restart, although
 it resumes the session (session present): so the bridge subscribes again after *every* connect,
@@ -52,9 +52,6 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from gmqtt.mqtt.constants import MQTTv50
 
-from infra.pki import BRIDGE_IDENTITIES
-from infra.services.mosquitto import BrokerFiles, bridge_identity, client_tls_context
-from infra.settings import Settings
 from ingest.downlink import DOWNLINK_TOPIC, DownlinkCounters, DownlinkRelay, MqttOut
 from ingest.envelope import (
     DEFAULT_TS_WINDOW,
@@ -71,7 +68,10 @@ from ingest.envelope import (
 )
 from ingest.health import CANARY_INTERVAL_S, STALE_AFTER_S, Heal, StallWatch
 from ingest.kafka_delivery import AsyncProducer, Headers, ProducerTuning, permanent_for_record
+from ingest.mqtt_client import IdentityFiles, client_tls_context
 from schemas.codec import AvroCodec, CodecRegistry, load_schema
+from schemas.identity import BRIDGE_IDENTITIES, bridge_identity
+from schemas.topics import schema_of
 from streams.runtime.status import write_status
 
 log = logging.getLogger("fleetstream.bridge")
@@ -90,17 +90,36 @@ EXIT_NOT_INGESTING = 3
 
 
 @dataclass(frozen=True)
+class BridgeConfig:
+    """What a bridge replica needs (infra/entrypoints/bridge.py builds it from the settings)."""
+
+    host: str  # the broker's
+    mqtt_port: int
+    mqtt_max_inflight: int  # the broker's in-flight window (MQTT 5 Receive Maximum)
+    bootstrap_servers: str
+    registry_url: str
+    run_dir: Path  # where the status file goes
+    identities: IdentityFiles  # the replicas' certificates and keys
+    ts_max_age_s: int
+    ts_max_ahead_s: int
+
+
+@dataclass(frozen=True)
 class Route:
     kind: str
     kafka_topic: str
-    schema: str
+
+    @property
+    def schema(self) -> str:
+        """The Avro schema of the topic (the catalogue's, schemas/topics.py)."""
+        return schema_of(self.kafka_topic)
 
 
 ROUTES: Mapping[str, Route] = {
-    TELEMETRY: Route(TELEMETRY, "telemetry.raw", "Telemetry"),
-    EVENTS: Route(EVENTS, "device.events", "DeviceEvent"),
-    STATE_REPORTED: Route(STATE_REPORTED, "twin.reported", "TwinReported"),
-    OTA_STATUS: Route(OTA_STATUS, "device.events", "DeviceEvent"),
+    TELEMETRY: Route(TELEMETRY, "telemetry.raw"),
+    EVENTS: Route(EVENTS, "device.events"),
+    STATE_REPORTED: Route(STATE_REPORTED, "twin.reported"),
+    OTA_STATUS: Route(OTA_STATUS, "device.events"),
 }
 
 
@@ -265,17 +284,15 @@ def route_message(
 
 class Bridge:
     def __init__(
-        self, settings: Settings, replica: int = 0, tuning: ProducerTuning | None = None
+        self, config: BridgeConfig, replica: int = 0, tuning: ProducerTuning | None = None
     ) -> None:
-        self.settings = settings
+        self.config = config
         self.replica = replica
         # Its own certificate identity: the broker makes the CN the client id, so replicas
         # sharing one identity would take each other's connection over.
         self.client_id = bridge_identity(replica)
         self.counters = BridgeCounters()
-        self.ts_window = TimestampWindow(
-            settings.ts_max_age_s * 1000, settings.ts_max_ahead_s * 1000
-        )
+        self.ts_window = TimestampWindow(config.ts_max_age_s * 1000, config.ts_max_ahead_s * 1000)
         self.canary = CanaryStats()
         self.stopping = asyncio.Event()
         self.exit_code = 0
@@ -297,22 +314,23 @@ class Bridge:
 
     @property
     def status_path(self) -> Path:
-        return self.settings.run_dir / f"{self.client_id}.json"
+        return self.config.run_dir / f"{self.client_id}.json"
 
     def _register_schemas(self) -> None:
         # Once per process, never per message.
-        registry = CodecRegistry(SchemaRegistryClient({"url": self.settings.registry_url}))
+        registry = CodecRegistry(SchemaRegistryClient({"url": self.config.registry_url}))
         self._codecs = {
             kind: registry.codec(route.kafka_topic, load_schema(route.schema))
             for kind, route in ROUTES.items()
         }
-        self._downlink_codec = registry.codec(DOWNLINK_TOPIC, load_schema("Downlink"))
+        downlink = load_schema(schema_of(DOWNLINK_TOPIC))
+        self._downlink_codec = registry.codec(DOWNLINK_TOPIC, downlink)
 
     def start_kafka(self) -> None:
         """Schemas and the Kafka producer (on the running event loop): what `accept` needs."""
         self._register_schemas()
         self._producer = AsyncProducer(
-            self.settings.bootstrap_servers,
+            self.config.bootstrap_servers,
             self.client_id,
             asyncio.get_running_loop(),
             self._tuning,
@@ -573,7 +591,7 @@ class Bridge:
             # MQTT 5 Receive Maximum: how many unacknowledged messages the broker may send us.
             # Late acks make this window the throughput cap, so it is sized with the broker's
             # max_inflight_messages (FLEET_MQTT_MAX_INFLIGHT).
-            receive_maximum=self.settings.mqtt_max_inflight,
+            receive_maximum=self.config.mqtt_max_inflight,
         )
         client.on_message = self.on_message
         client.reconnect_delay = RECONNECT_DELAY_S
@@ -584,11 +602,11 @@ class Bridge:
         """Schemas, the Kafka producer, then the MQTT session (resumed if it exists); with
         ``subscribe``, the shared subscriptions are made on this and every later connect."""
         loop = asyncio.get_running_loop()
-        self.settings.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config.run_dir.mkdir(parents=True, exist_ok=True)
         self.start_kafka()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
-        files = BrokerFiles(self.settings.state_dir / "mosquitto", self.settings.pki_dir)
+        files = self.config.identities
         cert, key = files.identity_cert(self.client_id), files.identity_key(self.client_id)
         if not cert.exists():
             raise RuntimeError(f"no certificate {cert} for {self.client_id}: run `fleet up`")
@@ -599,7 +617,7 @@ class Bridge:
             client.on_disconnect = self._on_disconnect
             client.on_subscribe = self._on_subscribe
         await client.connect(
-            self.settings.host, self.settings.mqtt_port, ssl=tls, version=MQTTv50, keepalive=30
+            self.config.host, self.config.mqtt_port, ssl=tls, version=MQTTv50, keepalive=30
         )
         return client
 
@@ -647,7 +665,7 @@ class Bridge:
             client.publish(out.topic, out.payload, qos=out.qos)
 
         relay = DownlinkRelay(
-            self.settings.bootstrap_servers, self._downlink_codec, publish, self.downlink
+            self.config.bootstrap_servers, self._downlink_codec, publish, self.downlink
         )
         downlink = asyncio.create_task(relay.run(self.stopping))
         await self.stopping.wait()
@@ -691,20 +709,11 @@ class Bridge:
         return self._producer.close(timeout)
 
 
-def main(replica: int = 0, retire: bool = False) -> None:
-    """Run replica ``replica`` (exit non-zero if it found itself deaf); with ``retire``, drain
-    and end its session instead (exit 0 once retired, 1 if it could not be drained in time)."""
-    from infra.settings import load_settings
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    bridge = Bridge(load_settings(), replica)
+def serve(config: BridgeConfig, replica: int = 0, retire: bool = False) -> int:
+    """Run replica ``replica``; its exit code (non-zero if it found itself deaf). With
+    ``retire``, drain and end its session instead (0 once retired, 1 if it could not be
+    drained in time). The process entry point is infra/entrypoints/bridge.py."""
+    bridge = Bridge(config, replica)
     if retire:
-        raise SystemExit(0 if asyncio.run(bridge.retire()) else 1)
-    raise SystemExit(asyncio.run(bridge.run()))
-
-
-if __name__ == "__main__":
-    import sys
-
-    args = sys.argv[1:]
-    main(int(args[0]) if args and args[0].isdigit() else 0, retire="--retire" in args)
+        return 0 if asyncio.run(bridge.retire()) else 1
+    return asyncio.run(bridge.run())

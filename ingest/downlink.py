@@ -1,8 +1,9 @@
 """Downlink: records on Kafka `mqtt.downlink` become MQTT messages to one device.
 
-A record's key is the device id and its value an Avro `Downlink` (topic, payload, qos). The
-bridge publishes it with the orchestrator identity, so it checks first that the topic lies
-under `devices/<key>/`: a producer bug must not reach another device or a wildcard topic.
+A record's key is the device id and its value an Avro `Downlink` (topic, payload, qos;
+producers build it with schemas/downlink.py). The bridge publishes it with the orchestrator
+identity, so it checks first that the topic lies under `devices/<key>/`: a producer bug must
+not reach another device or a wildcard topic.
 Offsets are committed after the batch was handed to the MQTT client (at-least-once; commands
 carry idempotent ids for the devices to drop repeats).
 """
@@ -35,18 +36,6 @@ class MqttOut:
 @dataclass(frozen=True)
 class DownlinkRefused:
     reason: str
-
-
-def downlink_record(
-    device_id: str, subtopic: str, payload: bytes, qos: int = 1, command_id: str | None = None
-) -> dict[str, Any]:
-    """The Avro record a producer (twin agent, OTA) sends to reach `devices/<id>/<subtopic>`."""
-    return {
-        "topic": f"devices/{device_id}/{subtopic}",
-        "payload": payload,
-        "qos": qos,
-        "command_id": command_id,
-    }
 
 
 def to_mqtt(key: bytes | None, value: bytes | None, codec: AvroCodec) -> MqttOut | DownlinkRefused:

@@ -1,4 +1,4 @@
-"""`python -m ingest.enforcement`: the broker enforces the device registry.
+"""The broker enforces the device registry (`python -m infra.entrypoints.enforcer`).
 
 The registry (`registry.devices`, compacted, key = device id, Avro `Device`) says which devices
 may connect; this process makes Mosquitto agree, within seconds of a change:
@@ -44,7 +44,7 @@ gains anything.
 
 With the client id bound to the identity, two connections of one identity take each other
 over; an enforcer therefore claims the first free of the reserved enforcer identities
-(:func:`~infra.services.mosquitto.claim_identity`, a lock held while it runs), so a second one
+(:func:`~ingest.mqtt_client.claim_identity`, a lock held while it runs), so a second one
 (a test's, beside the service) gets its own.
 
 Order matters: CRL written (atomically) -> SIGHUP -> kick. A kicked device that reconnects at
@@ -67,44 +67,38 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence, Set
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 import psutil
 from confluent_kafka import Message
 from confluent_kafka.schema_registry import SchemaRegistryClient
+from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from infra.keys import key_passphrase
-from infra.pki import (
-    CRL_VALIDITY_DAYS,
-    DEVICE_ID_PATTERN,
-    ENFORCER_IDENTITIES,
-    RESERVED_IDENTITIES,
-    CertificateAuthority,
-    RevocationState,
-)
-from infra.process import process_main
-from infra.services.base import ServiceError
-from infra.services.mosquitto import (
+from ingest.mqtt_client import (
     DYNSEC_RESPONSE_TOPIC,
     DYNSEC_TOPIC,
-    ENFORCER,
-    BrokerFiles,
-    Mosquitto,
+    IdentityFiles,
     claim_identity,
     client_tls_context,
-    ensure_broker_identities,
 )
-from infra.settings import Settings
 from schemas.codec import AvroCodec, CodecRegistry, Decoded, load_schema
-from streams.registry import DeviceRecord, DeviceStatus
+from schemas.identity import (
+    DEVICE_ID_PATTERN,
+    ENFORCER,
+    ENFORCER_IDENTITIES,
+    RESERVED_IDENTITIES,
+    RevocationState,
+)
+from schemas.topics import schema_of
+from streams.registry.devices import DeviceRecord, DeviceStatus
 from streams.runtime.status import write_status
 from streams.tables import GlobalTable, key_text
 
@@ -112,14 +106,15 @@ __all__ = [
     "DEVICES",
     "EnforcementError",
     "Enforcer",
+    "EnforcerConfig",
     "EnforcerCounters",
     "Plan",
+    "RevocationAuthority",
     "SessionEnder",
     "Verdict",
     "denied_devices",
     "kick_commands",
     "kicked",
-    "main",
     "parse_serial",
     "plan",
     "verdict",
@@ -140,6 +135,42 @@ KICK_BATCH = 100  # devices per control message (two commands each)
 
 class EnforcementError(RuntimeError):
     """The broker could not be made to agree (not reachable, not authorized, no answer)."""
+
+
+@dataclass(frozen=True)
+class EnforcerConfig:
+    """What the enforcer needs (infra/entrypoints/enforcer.py builds it from the settings)."""
+
+    host: str  # the broker's
+    mqtt_port: int
+    registry_url: str
+    run_dir: Path  # where the status file goes
+    identities: IdentityFiles  # the enforcer identities' certificates and keys
+    crl_validity_days: int  # the CA's: the CRL is re-signed halfway through
+
+
+class RevocationAuthority(Protocol):
+    """The fleet CA's revocation side (infra/pki.py's CertificateAuthority)."""
+
+    def revocation_states(self) -> dict[int, RevocationState]: ...
+
+    def update_revocations(
+        self,
+        *,
+        revoke: Iterable[int] = (),
+        hold: Iterable[int] = (),
+        release: Iterable[int] = (),
+        reason: str | None = None,
+    ) -> bool: ...
+
+    def refresh_crl(self) -> None: ...
+
+    def crl(self) -> x509.CertificateRevocationList: ...
+
+
+# A table of one compacted topic (streams/tables.py's GlobalTable), opened on a topic with the
+# function each record is applied with.
+OpenTable = Callable[[str, Callable[[Message], None]], GlobalTable]
 
 
 # --------------------------------------------------------------------------- the pure part
@@ -312,9 +343,10 @@ class SessionEnder:
     identity its client id.
     """
 
-    def __init__(self, settings: Settings, files: BrokerFiles, timeout: float = 10.0) -> None:
-        self.settings = settings
+    def __init__(self, config: EnforcerConfig, timeout: float = 10.0) -> None:
+        self.config = config
         self.timeout = timeout
+        files = config.identities
         claim = claim_identity(files, ENFORCER_IDENTITIES)
         if claim is None:
             raise EnforcementError(
@@ -425,7 +457,7 @@ class SessionEnder:
 
     def start(self) -> None:
         """Connect in the background; paho reconnects by itself after a broker restart."""
-        self._client.connect_async(self.settings.host, self.settings.mqtt_port, keepalive=30)
+        self._client.connect_async(self.config.host, self.config.mqtt_port, keepalive=30)
         self._client.loop_start()
 
     @property
@@ -536,23 +568,30 @@ class _State:
 
 
 class Enforcer:
-    """Follows `registry.devices` and makes the broker's CRL and sessions agree with it."""
+    """Follows `registry.devices` and makes the broker's CRL and sessions agree with it.
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        settings.run_dir.mkdir(parents=True, exist_ok=True)
-        pki = settings.pki_dir
-        if not (pki / "ca.key").exists() or not (pki / "ca.crt").exists():
-            raise EnforcementError(f"no fleet CA in {pki}: start the stack first (fleet up)")
-        self.ca = CertificateAuthority.load_or_create(pki, passphrase=key_passphrase(settings))
-        self.broker = Mosquitto(settings)
-        ensure_broker_identities(self.ca, self.broker.files)  # the enforcer's own identity
-        registry = CodecRegistry(SchemaRegistryClient({"url": settings.registry_url}))
-        self.codec: AvroCodec = registry.codec(DEVICES, load_schema("Device"))
+    ``ca`` is the fleet CA (its CRL), ``reload_broker`` makes the broker read the CRL again
+    (raising :class:`EnforcementError` when it cannot), ``open_table`` opens the registry's
+    table: the composition root (infra/entrypoints/enforcer.py) passes them in.
+    """
+
+    def __init__(
+        self,
+        config: EnforcerConfig,
+        ca: RevocationAuthority,
+        reload_broker: Callable[[], None],
+        open_table: OpenTable,
+    ) -> None:
+        self.config = config
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+        self.ca = ca
+        self.reload_broker = reload_broker
+        registry = CodecRegistry(SchemaRegistryClient({"url": config.registry_url}))
+        self.codec: AvroCodec = registry.codec(DEVICES, load_schema(schema_of(DEVICES)))
         self.counters = EnforcerCounters()
         self.state = _State()
-        self.table = GlobalTable(settings, DEVICES, self._apply)
-        self.sessions = SessionEnder(settings, self.broker.files)
+        self.table = open_table(DEVICES, self._apply)
+        self.sessions = SessionEnder(config)
         self.ready = False  # caught up, and the broker agrees with what was read
         self.last_error: str | None = None
         self._dirty = True
@@ -618,7 +657,7 @@ class Enforcer:
                 sorted(result.release),
             )
         if self._reload_pending:
-            self.broker.reload()  # ServiceError if it is not running: retried
+            self.reload_broker()  # EnforcementError if it is not running: retried
             self._reload_pending = False
             self.counters.reloads += 1
         done = True
@@ -651,7 +690,7 @@ class Enforcer:
     def _refresh_crl_if_due(self) -> None:
         """Re-sign the CRL halfway through its validity: brokers refuse every client after."""
         next_update = self.ca.crl().next_update_utc
-        half = dt.timedelta(days=CRL_VALIDITY_DAYS / 2)
+        half = dt.timedelta(days=self.config.crl_validity_days / 2)
         if next_update is None or next_update - dt.datetime.now(dt.UTC) < half:
             self.ca.refresh_crl()
             self.counters.crl_refreshes += 1
@@ -669,7 +708,7 @@ class Enforcer:
             self._dirty = False
             try:
                 done = self.reconcile()
-            except (EnforcementError, ServiceError, OSError, psutil.Error) as exc:
+            except (EnforcementError, OSError, psutil.Error) as exc:
                 done = False
                 self.counters.errors += 1
                 self.last_error = str(exc)
@@ -707,7 +746,7 @@ class Enforcer:
 
     @property
     def status_path(self) -> Path:
-        return self.settings.run_dir / f"{ENFORCER}.json"
+        return self.config.run_dir / f"{ENFORCER}.json"
 
     def write_status(self) -> None:
         crl = self.ca.revocation_states()
@@ -733,11 +772,3 @@ class Enforcer:
         self.write_status()
         self.sessions.close()
         self.table.close()
-
-
-def main() -> None:
-    process_main("enforcer", Enforcer)
-
-
-if __name__ == "__main__":
-    main()

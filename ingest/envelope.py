@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NoReturn
 
-from infra.pki import DEVICE_ID_PATTERN
+from schemas.identity import DEVICE_ID_PATTERN
 
 __all__ = [
     "DEFAULT_TS_WINDOW",

@@ -30,8 +30,6 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from datetime import date, datetime, time
-from decimal import Decimal
 from types import TracebackType
 from typing import Any, Final, Literal, TypeAlias
 
@@ -50,6 +48,7 @@ from queries.migrations import (
     load_migrations,
     pending_migrations,
 )
+from queries.result import OUTPUT_FORMATS, QueryResult, RawResult
 from queries.sqltext import NotReadOnly
 from sinks.sql_guard import Checked, Refused, check_query, format_query_sql
 
@@ -58,7 +57,6 @@ __all__ = [
     "EVENT_SCHEMA",
     "OTA_EVENTS_SCHEMA",
     "OTA_EVENTS_TABLE",
-    "OUTPUT_FORMATS",
     "TELEMETRY_SCHEMA",
     "TELEMETRY_TABLE",
     "TWIN_HISTORY_SCHEMA",
@@ -67,15 +65,12 @@ __all__ = [
     "InvalidBatch",
     "QueryFailed",
     "QueryLimitExceeded",
-    "QueryResult",
-    "RawResult",
     "ReadLimits",
     "SinkError",
     "SinkUnavailable",
     "WriteResult",
     "dedup_token",
     "events_to_arrow",
-    "json_value",
     "normalize_dsn",
     "ota_events_to_arrow",
     "telemetry_to_arrow",
@@ -389,102 +384,6 @@ def dedup_token(table: str, batch: pa.Table) -> str:
 
 
 # --- results (pure) ------------------------------------------------------------------------
-
-
-def json_value(value: Any) -> Any:
-    """``value`` as something ``json.dumps`` writes faithfully (datetimes as ISO 8601)."""
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, datetime | date | time):
-        return value.isoformat()
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    if isinstance(value, Mapping):
-        return {str(k): json_value(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [json_value(v) for v in value]
-    if isinstance(value, Decimal):
-        return str(value)
-    return str(value)  # UUID, IP addresses, enums
-
-
-@dataclass(frozen=True, slots=True)
-class QueryResult:
-    columns: tuple[str, ...]
-    types: tuple[str, ...]
-    rows: tuple[tuple[Any, ...], ...]
-
-    def json_safe(self) -> QueryResult:
-        """The same result with every value JSON-safe (what the query server sends)."""
-        rows = tuple(tuple(json_value(v) for v in row) for row in self.rows)
-        return QueryResult(self.columns, self.types, rows)
-
-    def to_json(self) -> dict[str, Any]:
-        safe = self.json_safe()
-        return {
-            "columns": list(safe.columns),
-            "types": list(safe.types),
-            "rows": [list(row) for row in safe.rows],
-        }
-
-    @classmethod
-    def from_json(cls, payload: Mapping[str, Any]) -> QueryResult:
-        columns = tuple(str(c) for c in payload["columns"])
-        types = tuple(str(t) for t in payload.get("types", [""] * len(columns)))
-        return cls(columns, types, tuple(tuple(row) for row in payload["rows"]))
-
-    def records(self) -> list[dict[str, Any]]:
-        """One JSON-safe object per row (``fleet sql --format json``)."""
-        safe = self.json_safe()
-        return [dict(zip(safe.columns, row, strict=True)) for row in safe.rows]
-
-
-@dataclass(frozen=True, slots=True)
-class RawResult:
-    """A result as the engine wrote it, in an output format (the ClickHouse HTTP answer)."""
-
-    data: bytes
-    fmt: str
-
-
-# Output formats the SQL port answers in: what ClickHouse clients ask for. Formats reading a
-# schema file (Protobuf, CapnProto, Template) are not among them.
-OUTPUT_FORMATS: Final = frozenset(
-    {
-        "Native",
-        "RowBinary",
-        "RowBinaryWithNames",
-        "RowBinaryWithNamesAndTypes",
-        "TabSeparated",
-        "TSV",
-        "TabSeparatedRaw",
-        "TSVRaw",
-        "TabSeparatedWithNames",
-        "TSVWithNames",
-        "TabSeparatedWithNamesAndTypes",
-        "TSVWithNamesAndTypes",
-        "CSV",
-        "CSVWithNames",
-        "CSVWithNamesAndTypes",
-        "JSON",
-        "JSONCompact",
-        "JSONStrings",
-        "JSONCompactStrings",
-        "JSONEachRow",
-        "JSONCompactEachRow",
-        "JSONColumns",
-        "Arrow",
-        "ArrowStream",
-        "Parquet",
-        "Values",
-        "Pretty",
-        "PrettyCompact",
-        "Vertical",
-        "Markdown",
-    }
-)
 
 
 @dataclass(frozen=True, slots=True)

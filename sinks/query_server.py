@@ -38,12 +38,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
 
+from queries.result import QueryResult, RawResult
 from queries.sqltext import NotReadOnly
 from sinks.clickhouse import (
     QueryFailed,
     QueryLimitExceeded,
-    QueryResult,
-    RawResult,
     SinkUnavailable,
     normalize_dsn,
 )

@@ -39,8 +39,8 @@ from sinks.clickhouse import (
     WriteResult,
 )
 from streams.cold import DLQ_TOPIC, ColdCounters, ColdPath, DeadLetter, SourceRecord
-from streams.ota import Progress, Rollout
-from streams.ota import from_record as rollout_from_record
+from streams.ota.model import Progress, Rollout
+from streams.ota.model import from_record as rollout_from_record
 from streams.runtime.status import write_status
 from streams.source import COLD_GROUP, BatchSource
 from streams.transactions import Backoff, ConsumerFenced, FailureStreak, is_transient

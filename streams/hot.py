@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ingest.downlink import downlink_record
+from schemas.downlink import downlink_record
 from streams.alerts import (
     AlertEvent,
     AlertRule,
@@ -33,7 +33,7 @@ from streams.alerts import (
     evaluate,
 )
 from streams.cold import DeadLetter, SourceRecord
-from streams.registry import AuditRecord, DeviceRecord
+from streams.registry.devices import AuditRecord, DeviceRecord
 from streams.twin import (
     Accepted,
     Conflict,

@@ -39,9 +39,9 @@ from streams.hot import (
     alert_states_from_json,
     alert_states_to_json,
 )
-from streams.rbac import GrantSet, Resource
-from streams.registry import DeviceRecord
-from streams.registry_agent import RegistryAgent
+from streams.registry.agent import RegistryAgent
+from streams.registry.devices import DeviceRecord
+from streams.registry.rbac import GrantSet, Resource
 from streams.runtime.status import write_status
 from streams.tables import ChangelogReader, GlobalTable, key_text
 from streams.transactions import (

@@ -5,8 +5,8 @@ The cold worker, which owns the embedded warehouse, serves the query port
 
 - a bearer token signed by the platform (:mod:`streams.tokens`, the API's tokens) names a user
   or service principal; it may query when it holds a grant whose role allows
-  ``telemetry.read`` (:func:`streams.rbac.authorize` on that grant's scope): deny by default,
-  decided on the grants of the moment (``rbac.grants`` followed from Kafka, so a grant or a
+  ``telemetry.read`` (:func:`streams.registry.rbac.authorize` on that grant's scope): deny by
+  default, decided on the grants of the moment (``rbac.grants`` followed from Kafka, so a grant or a
   revocation applies within a second or so);
 - the platform's own secret (:data:`sinks.query_server.PLATFORM_SECRET_FILE`, written at each
   start in the run folder, mode 0600) is the orchestrator: the platform's counts (`fleet demo`)
@@ -41,7 +41,7 @@ from sinks.query_server import (
     start_query_server,
     write_platform_secret,
 )
-from streams.rbac import (
+from streams.registry.rbac import (
     GRANT_SET_SCHEMA,
     ROLE_ACTIONS,
     Action,

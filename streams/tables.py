@@ -15,12 +15,12 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
-from infra.settings import Settings
+from streams.transactions import KafkaAddress
 
 Apply = Callable[[Message], None]
 
 
-def _reader(settings: Settings, name: str) -> Consumer:
+def _reader(settings: KafkaAddress, name: str) -> Consumer:
     return Consumer(
         {
             "bootstrap.servers": settings.bootstrap_servers,
@@ -71,7 +71,7 @@ def read_to_end(
 class GlobalTable:
     """All partitions of a compacted topic, read to the end once, then followed."""
 
-    def __init__(self, settings: Settings, topic: str, apply: Apply, timeout: float = 60.0):
+    def __init__(self, settings: KafkaAddress, topic: str, apply: Apply, timeout: float = 60.0):
         self.topic = topic
         self._apply = apply
         self._timeout = timeout
@@ -101,7 +101,7 @@ class GlobalTable:
 class ChangelogReader:
     """Rebuilds per-partition state from changelog topics co-partitioned with the inputs."""
 
-    def __init__(self, settings: Settings, appliers: dict[str, Apply], timeout: float = 60.0):
+    def __init__(self, settings: KafkaAddress, appliers: dict[str, Apply], timeout: float = 60.0):
         self._settings = settings
         self._appliers = appliers
         self._timeout = timeout

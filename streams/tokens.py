@@ -11,7 +11,7 @@ A token is a JWT signed with the platform's Ed25519 key (``EdDSA``), kept in
 :meth:`TokenAuthority.verify` checks the signature (EdDSA only: no algorithm confusion), the
 expiry, the issuer and the principal, and returns the :class:`Principal`; anything else raises
 :class:`TokenError` with a reason fit for a 401 answer. A token says who the caller is, never
-what it may do: that is :func:`streams.rbac.authorize` on the grants of the moment.
+what it may do: that is :func:`streams.registry.rbac.authorize` on the grants of the moment.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from infra.settings import Settings
-from streams.rbac import Principal, PrincipalKind
+from streams.registry.rbac import Principal, PrincipalKind
 
 __all__ = [
     "ALGORITHM",

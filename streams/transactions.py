@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -31,9 +32,15 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from infra.settings import Settings
-
 log = logging.getLogger("fleetstream.transactions")
+
+
+class KafkaAddress(Protocol):
+    """What a Kafka client here needs of the platform's config: where the brokers are."""
+
+    @property
+    def bootstrap_servers(self) -> str: ...
+
 
 # Errors after which this process can commit nothing more: a newer instance with the same
 # transactional id or static member id took over (fenced), or the producer is in a fatal state.
@@ -153,7 +160,7 @@ class Transactions:
     # failure goes up to the loop (which aborts, rewinds and backs off).
     RETRY_FOR_S = 30.0
 
-    def __init__(self, settings: Settings, transactional_id: str) -> None:
+    def __init__(self, settings: KafkaAddress, transactional_id: str) -> None:
         self.producer = Producer(
             {
                 "bootstrap.servers": settings.bootstrap_servers,

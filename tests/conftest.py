@@ -83,7 +83,8 @@ def make_device(ca: CertificateAuthority, tmp_path: Path) -> Callable[..., Devic
 @pytest.fixture
 def new_topic(stack: Stack, settings: Settings) -> Callable[..., str]:
     """Factory: a uuid-named topic on the test stack."""
-    from infra.topics import TopicSpec, ensure_topics
+    from infra.topics import ensure_topics
+    from schemas.topics import TopicSpec
 
     def factory(partitions: int = 1) -> str:
         name = f"test.{uuid.uuid4().hex[:12]}"

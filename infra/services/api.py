@@ -1,4 +1,4 @@
-"""The HTTP API (streams/api.py: devices, grants, twins) as a service of `fleet up`."""
+"""The HTTP API (infra/api/: devices, grants, twins, rules, rollouts) as a `fleet up` service."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from infra.settings import Settings
 
 class ApiService(PlatformProcess):
     def __init__(self, settings: Settings) -> None:
-        super().__init__("api", settings, settings.api_port, "streams.api")
+        super().__init__("api", settings, settings.api_port, "infra.api.app")
 
     def ready(self) -> bool:
         """Its own status file says ready (tables read to their end) and the port answers."""

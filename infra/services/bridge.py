@@ -1,4 +1,5 @@
-"""The MQTT -> Kafka bridge (ingest/bridge.py) as a background service of `fleet up`."""
+"""The MQTT -> Kafka bridge (ingest/bridge.py) as a background service of `fleet up`, run as
+`python -m infra.entrypoints.bridge <replica>`."""
 
 from __future__ import annotations
 
@@ -18,7 +19,11 @@ class BridgeService(PlatformProcess):
     def __init__(self, settings: Settings, replica: int = 0) -> None:
         # Shown at the broker address it consumes from; it listens on no port of its own.
         super().__init__(
-            f"bridge-{replica}", settings, settings.mqtt_port, "ingest.bridge", str(replica)
+            f"bridge-{replica}",
+            settings,
+            settings.mqtt_port,
+            "infra.entrypoints.bridge",
+            str(replica),
         )
 
     def bound_ports(self) -> Sequence[int]:

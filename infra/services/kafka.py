@@ -67,7 +67,7 @@ def server_properties(settings: Settings, index: int, data_dir: Path) -> str:
         "share.coordinator.state.topic.min.isr": str(settings.min_insync_replicas),
         "group.initial.rebalance.delay.ms": "0",
         # Producers of the platform are idempotent with acks=all; never auto-create a topic
-        # by a typo: topics are declared in infra/topics.py.
+        # by a typo: topics are declared in schemas/topics.py.
         "auto.create.topics.enable": "false",
         "log.retention.hours": "168",
     }

@@ -9,14 +9,14 @@ client, nor take over a persistent session (the bridge's queue), by asking for i
 The ACL lets a device touch `devices/<its CN>/#` only, while the platform identities may use
 every topic: `orchestrator` (tests, benchmarks, tools) and one identity per bridge replica
 (`bridge-0`, `bridge-1`, ...: with the client id bound to the identity, replicas sharing one
-would take each other over). Those names are reserved (infra/pki.py): no device can get one.
+would take each other over). Those names are reserved (schemas/identity.py): no device can get one.
 All are issued on the platform side by `fleet up`. One identity holds one connection at a time.
 Revoked serials are refused through the CRL, which the broker reads again on SIGHUP.
 
 A CRL reload refuses new connections but leaves open ones alone, so the broker also loads the
 dynamic-security plugin shipped with Mosquitto 2, used only as a control API to end sessions:
 the enforcer identities (ingest/enforcement.py; a running enforcer claims a free one with
-:func:`claim_identity`), and no other, may publish to its control topic.
+:func:`~ingest.mqtt_client.claim_identity`), and no other, may publish to its control topic.
 The plugin starts from an empty configuration on every start (no clients, roles or groups, every
 default access false): with `use_identity_as_username` it never authenticates anyone, and for a
 username it does not know it defers every ACL check, so the ACL file decides exactly as before.
@@ -36,7 +36,6 @@ never sees it.
 
 from __future__ import annotations
 
-import fcntl
 import getpass
 import hashlib
 import json
@@ -50,21 +49,22 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from infra.keys import key_passphrase
-from infra.pki import BRIDGE_IDENTITIES, ENFORCER_IDENTITIES, CertificateAuthority
+from infra.pki import CertificateAuthority
 from infra.services.base import Service, ServiceError
 from infra.settings import Settings
 from ingest.envelope import MAX_PAYLOAD_BYTES
+from ingest.mqtt_client import (
+    DYNSEC_RESPONSE_TOPIC,
+    DYNSEC_TOPIC,
+    IdentityFiles,
+    client_tls_context,
+)
+from schemas.identity import BRIDGE_IDENTITIES, ENFORCER, ENFORCER_IDENTITIES, ORCHESTRATOR
 
-ORCHESTRATOR = "orchestrator"
-ENFORCER = ENFORCER_IDENTITIES[0]
-# Every client identity the platform issues itself (all reserved in infra/pki.py).
+# Every client identity the platform issues itself (all reserved in schemas/identity.py).
 PLATFORM_IDENTITIES = (ORCHESTRATOR, *ENFORCER_IDENTITIES, *BRIDGE_IDENTITIES)
-# The dynamic-security plugin's control API (Mosquitto 2.0): commands in, responses out.
-DYNSEC_TOPIC = "$CONTROL/dynamic-security/v1"
-DYNSEC_RESPONSE_TOPIC = f"{DYNSEC_TOPIC}/response"
 DYNSEC_PLUGIN_NAME = "mosquitto_dynamic_security.so"
 # Where Debian's mosquitto package puts it (multiarch), then other common places.
 _DYNSEC_PLUGIN_GLOBS = ("/usr/lib/*-linux-gnu", "/usr/lib", "/usr/lib64", "/usr/local/lib")
@@ -78,13 +78,6 @@ _PLUGIN_HEADERS = (
 )
 # A device's own subtree is DEVICE_TOPIC_PREFIX + its CN (the same as the ACL file's pattern).
 DEVICE_TOPIC_PREFIX = "devices/"
-
-
-def bridge_identity(replica: int) -> str:
-    """The identity (certificate CN, hence MQTT client id) of bridge replica ``replica``."""
-    if not 0 <= replica < len(BRIDGE_IDENTITIES):
-        raise ValueError(f"bridge replica {replica} out of range 0..{len(BRIDGE_IDENTITIES) - 1}")
-    return BRIDGE_IDENTITIES[replica]
 
 
 def dynsec_plugin_path() -> Path:
@@ -140,12 +133,17 @@ class BrokerFiles:
     def plugin_dir(self) -> Path:
         return self.home / "plugins"
 
+    @property
+    def identities(self) -> IdentityFiles:
+        """The platform identities' files (ingest/mqtt_client.py): what a client loads."""
+        return IdentityFiles(self.pki_dir)
+
     def identity_cert(self, name: str) -> Path:
         """The certificate of platform identity ``name`` (see PLATFORM_IDENTITIES)."""
-        return self.pki_dir / name / f"{name}.crt"
+        return self.identities.identity_cert(name)
 
     def identity_key(self, name: str) -> Path:
-        return self.pki_dir / name / f"{name}.key"
+        return self.identities.identity_key(name)
 
     @property
     def enforcer_cert(self) -> Path:
@@ -306,13 +304,6 @@ def render_config(
     )
 
 
-def client_tls_context(ca_cert: Path, cert: Path, key: Path) -> ssl.SSLContext:
-    """TLS context of an MQTT client holding a fleet certificate."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_cert))
-    context.load_cert_chain(str(cert), str(key))
-    return context
-
-
 def _write_private(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
@@ -334,40 +325,6 @@ def ensure_broker_identities(ca: CertificateAuthority, files: BrokerFiles) -> No
             key_pem, cert_pem = ca.issue_identity(name)
             _write_private(files.identity_key(name), key_pem)
             files.identity_cert(name).write_bytes(cert_pem)
-
-
-@dataclass
-class IdentityClaim:
-    """A platform identity this process holds (an exclusive lock) until :meth:`release`."""
-
-    name: str
-    _lock: IO[str]
-
-    def release(self) -> None:
-        self._lock.close()  # closing the file drops the lock
-
-
-def claim_identity(files: BrokerFiles, names: Sequence[str]) -> IdentityClaim | None:
-    """The first of ``names`` that no other live holder has claimed, or None if all are taken.
-
-    With the client id bound to the identity, two connections of one identity take each other
-    over; an exclusive `flock` per identity keeps concurrent holders apart (enforcers: the
-    service and, in tests, one more). The kernel drops the lock when its holder dies.
-    """
-    for name in names:
-        path = files.pki_dir / name / f"{name}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = path.open("a")
-        try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            continue
-        except OSError:
-            lock.close()
-            raise
-        return IdentityClaim(name, lock)
-    return None
 
 
 class Mosquitto(Service):

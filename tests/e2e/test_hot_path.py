@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from infra.api.client import HotPathClient
 from infra.pki import CertificateAuthority
 from infra.provision import load_or_provision
 from infra.services.base import wait_until
@@ -21,7 +22,6 @@ from infra.settings import PROJECT_ROOT, Settings
 from infra.simulator import run_fleet
 from infra.stack import Stack
 from streams.alerts import AlertEvent, AlertRule, AlertStatus, RuleKind, ScopeType
-from streams.client import HotPathClient
 from streams.twin import delta
 from tests.conftest import DeviceIdentity, settings_env
 from tests.support.mqtt import MqttSession, connect

@@ -20,7 +20,7 @@ from infra.services.base import Service, wait_until
 from infra.settings import PROJECT_ROOT, Settings
 from infra.stack import Stack
 from infra.topics import consumer_lag
-from queries.runner import fetch, warehouse_counts
+from infra.warehouse import fetch, warehouse_counts
 from tests.conftest import settings_env
 from tests.support.fleet import start_fleet, telemetry_sent
 

@@ -13,9 +13,9 @@ import pytest
 from confluent_kafka import Consumer, Message, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
+from infra.api.client import HotPathClient
 from infra.demo import DEMO_ORG, DEMO_PROJECT, DEMO_ROLLOUT_PLAN, DemoRollout, prepare_rollout
 from infra.keys import key_passphrase
-from infra.ota_summary import rollout_summary
 from infra.pki import CertificateAuthority
 from infra.provision import DeviceCredentials, load_or_provision, register
 from infra.services.base import wait_until
@@ -23,9 +23,9 @@ from infra.settings import Settings
 from infra.simulator import FleetStats
 from infra.stack import Stack
 from schemas.codec import CodecRegistry, Decoded, load_schema
-from streams.client import HotPathClient
-from streams.ota import Progress, Rollout, RolloutState
-from streams.rbac import Principal
+from streams.ota.model import Progress, Rollout, RolloutState
+from streams.ota.summary import rollout_summary
+from streams.registry.rbac import Principal
 from streams.tables import read_to_end
 from tests.support.fleet import BackgroundFleet, start_fleet
 

@@ -15,7 +15,7 @@ from infra.provision import load_or_provision
 from infra.services.base import wait_until
 from infra.settings import PROJECT_ROOT, Settings
 from infra.stack import Stack
-from queries.runner import fetch, warehouse_counts
+from infra.warehouse import fetch, warehouse_counts
 from tests.conftest import settings_env
 from tests.support.fleet import start_fleet, telemetry_sent
 

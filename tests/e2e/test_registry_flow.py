@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from infra.api.client import HotPathClient
 from infra.settings import PROJECT_ROOT, Settings
 from infra.stack import Stack
-from streams.client import HotPathClient
-from streams.rbac import Principal
-from streams.registry import AuditDecision, DeviceStatus, SuspendDevice
+from streams.registry.devices import AuditDecision, DeviceStatus, SuspendDevice
+from streams.registry.rbac import Principal
 from tests.conftest import settings_env
 
 FLEET = str(PROJECT_ROOT / ".venv" / "bin" / "fleet")

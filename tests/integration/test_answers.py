@@ -1,4 +1,4 @@
-"""AnswerListener (streams/answers.py) on the real Kafka: each caller gets its own answers."""
+"""AnswerListener (infra/api/answers.py) on the real Kafka: each caller gets its own answers."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from confluent_kafka import Message, Producer
 
+from infra.api.answers import AnswerListener
 from infra.settings import Settings
-from streams.answers import AnswerListener
 
 pytestmark = pytest.mark.integration
 

@@ -22,18 +22,18 @@ import pytest
 from confluent_kafka import Consumer
 from cryptography import x509
 
-from infra.artifacts import ArtifactStore
+from infra.api.client import AUDIT, HotPathClient
 from infra.keys import key_passphrase
 from infra.pki import CertificateAuthority, generate_private_key, make_csr
 from infra.provision import provision_device, register
+from infra.release_key import open_artifact_store
 from infra.services.api import ApiService
 from infra.services.base import wait_until
 from infra.settings import Settings
 from infra.stack import Stack
 from schemas.codec import Decoded
-from streams.client import AUDIT, HotPathClient
-from streams.rbac import GrantSet, Principal, Resource, Role
-from streams.registry import AuditRecord
+from streams.registry.devices import AuditRecord
+from streams.registry.rbac import GrantSet, Principal, Resource, Role
 from streams.tokens import TokenAuthority
 
 pytestmark = pytest.mark.integration
@@ -404,7 +404,7 @@ def test_alert_rules_and_ota_rollouts_go_through_the_api(
     assert f"{rule_id}-b" not in client.rules()
 
     # An OTA rollout: created by the operator, pending until an ota-approver approves.
-    store = ArtifactStore.open(
+    store = open_artifact_store(
         settings.state_dir / "artifacts", settings.pki_dir, passphrase=key_passphrase(settings)
     )
     firmware = tmp_path / "fw.bin"

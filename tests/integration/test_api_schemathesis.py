@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from infra.api.client import HotPathClient
 from infra.services.base import wait_until
 from infra.settings import PROJECT_ROOT, Settings
 from infra.stack import Stack
-from streams.client import HotPathClient
-from streams.rbac import GrantSet, Principal, Resource, Role
+from streams.registry.rbac import GrantSet, Principal, Resource, Role
 from streams.tokens import TokenAuthority
 from tests.integration.test_api import Http
 

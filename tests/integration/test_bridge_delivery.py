@@ -12,6 +12,7 @@ import json
 import uuid
 from collections.abc import Callable
 
+from infra.entrypoints.bridge import bridge_config
 from infra.settings import Settings
 from infra.stack import Stack
 from ingest.bridge import DLQ_HEAD_BYTES, Bridge, subscriptions
@@ -39,7 +40,7 @@ def test_a_record_kafka_refuses_is_dead_lettered_bounded_and_acked(
     payload = json.dumps({"seq": 1, "ts": 1, "pad": "z" * 200_000}).encode()
 
     async def scenario() -> Bridge:
-        bridge = Bridge(settings, 7, ProducerTuning(message_max_bytes=100_000))
+        bridge = Bridge(bridge_config(settings), 7, ProducerTuning(message_max_bytes=100_000))
         bridge.start_kafka()
         acked = asyncio.get_running_loop().create_future()
         assert bridge.accept(topic, payload, {}, lambda: acked.set_result(True))
@@ -70,7 +71,7 @@ def test_a_replica_whose_subscriptions_vanish_subscribes_again_by_itself(
     replica = 6  # a spare identity: its session is ended (retired) at the end
 
     async def scenario() -> tuple[int, int]:
-        bridge = Bridge(settings, replica)
+        bridge = Bridge(bridge_config(settings), replica)
         running = asyncio.create_task(bridge.run())
         try:
             assert await _until(lambda: bridge.canary.received >= 1, timeout=30)
@@ -91,5 +92,6 @@ def test_a_replica_whose_subscriptions_vanish_subscribes_again_by_itself(
         resubscribes, canaries = asyncio.run(scenario())
         print(f"resubscribed {resubscribes}x, then {canaries} canaries received")
     finally:
-        assert asyncio.run(Bridge(settings, replica).retire())  # no session left behind
+        # No session left behind.
+        assert asyncio.run(Bridge(bridge_config(settings), replica).retire())
         (settings.run_dir / f"bridge-{replica}.json").unlink(missing_ok=True)

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from infra.pki import CertificateAuthority, RevocationState
+from infra.api.client import HotPathClient
+from infra.pki import CertificateAuthority
 from infra.provision import provision_device, register
 from infra.services.base import wait_until
 from infra.settings import PROJECT_ROOT, Settings
 from infra.stack import Stack
-from streams.client import HotPathClient
-from streams.registry import DeviceStatus
+from schemas.identity import RevocationState
+from streams.registry.devices import DeviceStatus
 from tests.conftest import settings_env
 from tests.support.mqtt import connect
 

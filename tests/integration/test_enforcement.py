@@ -13,13 +13,15 @@ from confluent_kafka import Producer
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from cryptography import x509
 
-from infra.pki import CertificateAuthority, RevocationState, cert_fingerprint_sha256
+from infra.entrypoints.enforcer import build_enforcer
+from infra.pki import CertificateAuthority, cert_fingerprint_sha256
 from infra.services.base import wait_until
 from infra.settings import Settings
 from infra.stack import Stack
 from ingest.enforcement import DEVICES, Enforcer
 from schemas.codec import CodecRegistry, load_schema
-from streams.registry import DeviceRecord, DeviceStatus
+from schemas.identity import RevocationState
+from streams.registry.devices import DeviceRecord, DeviceStatus
 from tests.conftest import DeviceIdentity
 from tests.support.mqtt import MqttSession, connect
 
@@ -62,8 +64,8 @@ def write_status(stack: Stack, settings: Settings) -> Iterator[WriteStatus]:
 
 @pytest.fixture
 def enforcer(stack: Stack, settings: Settings) -> Iterator[Enforcer]:
-    """An Enforcer running in a thread, as `python -m ingest.enforcement` would."""
-    runner = Enforcer(settings)
+    """An Enforcer running in a thread, as `python -m infra.entrypoints.enforcer` would."""
+    runner = build_enforcer(settings)
     stopping = threading.Event()
     failures: list[BaseException] = []
 

@@ -227,8 +227,8 @@ def test_downlink_records_reach_their_device_and_only_it(
     from confluent_kafka import Producer
     from confluent_kafka.schema_registry import SchemaRegistryClient
 
-    from ingest.downlink import downlink_record
     from schemas.codec import CodecRegistry
+    from schemas.downlink import downlink_record
 
     target, bystander = make_device(), make_device()
     codec = CodecRegistry(SchemaRegistryClient({"url": settings.registry_url})).codec(

@@ -13,7 +13,8 @@ from confluent_kafka.admin import AdminClient, ConfigResource
 from infra.services.base import wait_until
 from infra.services.kafka import KafkaBroker
 from infra.settings import Settings
-from infra.topics import TOPICS, TopicSpec, ensure_topics, list_topics
+from infra.topics import ensure_topics, list_topics
+from schemas.topics import TOPICS, TopicSpec
 from tests.conftest import PORT_OFFSET
 
 

@@ -12,15 +12,16 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from infra.pki import BRIDGE_IDENTITIES, CertificateAuthority
+from infra.pki import CertificateAuthority
 from infra.provision import provision_device
 from infra.services.base import wait_until
 from infra.services.bridge import BridgeService
-from infra.services.mosquitto import DYNSEC_TOPIC
 from infra.settings import Settings
 from infra.simulator import FleetStats, SimulatedDevice
 from infra.stack import Stack
 from ingest.envelope import MAX_PAYLOAD_BYTES
+from ingest.mqtt_client import DYNSEC_TOPIC
+from schemas.identity import BRIDGE_IDENTITIES
 from tests.conftest import DeviceIdentity
 from tests.support.kafka import collect
 from tests.support.mqtt import BrokerLog, MqttSession, connect

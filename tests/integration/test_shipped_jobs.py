@@ -21,6 +21,7 @@ import pytest
 from aiohttp import web
 from confluent_kafka import Message, Producer
 
+from infra.api.client import HotPathClient
 from infra.keys import key_passphrase
 from infra.pki import CertificateAuthority
 from infra.provision import DeviceCredentials, load_or_provision, register
@@ -28,7 +29,6 @@ from infra.services.base import wait_until
 from infra.settings import PROJECT_ROOT, Settings
 from infra.simulator import run_fleet
 from infra.stack import Stack
-from streams.client import HotPathClient
 from streams.jobs.webhooks import CONFIG_FILE, IDEMPOTENCY_HEADER
 from tests.conftest import settings_env
 from tests.support.fleet import telemetry_sent

@@ -28,7 +28,8 @@ import pytest
 from clickhouse_connect.driver.client import Client
 
 from infra.settings import PROJECT_ROOT, Settings
-from queries.runner import QueryError, fetch, warehouse_counts
+from infra.warehouse import fetch, warehouse_counts
+from queries.runner import QueryError
 from sinks.clickhouse import (
     TELEMETRY_SCHEMA,
     ClickHouseSink,
@@ -38,8 +39,8 @@ from sinks.clickhouse import (
 from sinks.query_server import QueryServer, start_query_server, write_platform_secret
 from sinks.sql_guard import Refused
 from streams.app import ota_events_rows, twin_history_rows
-from streams.ota import OtaStatus
-from streams.ota import to_record as rollout_to_record
+from streams.ota.model import OtaStatus
+from streams.ota.model import to_record as rollout_to_record
 from streams.query_access import TokenAccess
 from streams.tokens import TokenAuthority
 from streams.twin import Accepted, Twin, apply_desired, apply_reported, to_record
@@ -418,7 +419,8 @@ def run_fleet_sql(
     code = (
         "import sys\n"
         "from infra.settings import load_settings\n"
-        "from queries.runner import QueryError, run_sql\n"
+        "from infra.warehouse import run_sql\n"
+        "from queries.runner import QueryError\n"
         "try:\n"
         "    print(run_sql(load_settings(), sys.argv[1], {}, 'json'))\n"
         "except QueryError as exc:\n"

@@ -14,8 +14,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from infra.services.mosquitto import client_tls_context
 from infra.settings import Settings
+from ingest.mqtt_client import client_tls_context
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The HTTP API's routes (streams/api.py) on an in-memory backend: authentication, the
+"""The HTTP API's routes (infra/api/) on an in-memory backend: authentication, the
 authorization before each call, the status codes, audit records and the OpenAPI document.
 
 The fake backend applies registry commands with the registry's own pure core
@@ -19,14 +19,17 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from cryptography import x509
 
+from infra.api.app import create_app
+from infra.api.client import TwinAnswer
+from infra.api.models import MAX_JSON_DEPTH
+from infra.api.openapi import openapi_document
+from infra.api.routes import ROUTES
 from infra.pki import CertificateAuthority, generate_private_key, make_csr
 from streams.alerts import AlertRule, RuleKind, ScopeType
-from streams.api import MAX_JSON_DEPTH, ROUTES, create_app, openapi_document
-from streams.client import TwinAnswer
-from streams.ota import Rollout, step
-from streams.ota_worker import request_event
-from streams.rbac import Grant, GrantSet, Principal, Resource, Role
-from streams.registry import (
+from streams.ota.model import Rollout
+from streams.ota.rollout import step
+from streams.ota.worker import request_event
+from streams.registry.devices import (
     Applied,
     AuditRecord,
     DeviceRecord,
@@ -35,6 +38,7 @@ from streams.registry import (
     RegistryCommand,
     apply,
 )
+from streams.registry.rbac import Grant, GrantSet, Principal, Resource, Role
 from streams.tokens import TokenAuthority
 from streams.twin import Accepted, Twin, TwinDocumentError, apply_desired
 from tests.unit.test_ota import ARTIFACT

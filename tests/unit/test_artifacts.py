@@ -1,4 +1,4 @@
-"""infra.artifacts: content addressing, the release key, signatures and the device's check."""
+"""streams.ota.artifacts: content addressing, the release key, signatures and the device's check."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from infra.artifacts import (
+from infra.release_key import load_or_create_release_key, open_artifact_store
+from schemas.codec import AvroCodec, Decoded, load_schema
+from streams.ota.artifacts import (
     Artifact,
     ArtifactError,
     ArtifactKind,
@@ -24,7 +26,6 @@ from infra.artifacts import (
     verify,
     verify_download,
 )
-from schemas.codec import AvroCodec, Decoded, load_schema
 
 NOW = 1_700_000_000_000
 FIRMWARE = b"\x7fELF firmware image " * 1000
@@ -32,7 +33,7 @@ FIRMWARE = b"\x7fELF firmware image " * 1000
 
 @pytest.fixture
 def store(tmp_path: Path) -> ArtifactStore:
-    return ArtifactStore.open(
+    return open_artifact_store(
         tmp_path / "artifacts", tmp_path / "pki", passphrase=b"test-passphrase"
     )
 
@@ -40,7 +41,7 @@ def store(tmp_path: Path) -> ArtifactStore:
 @pytest.fixture(scope="module")
 def shared_store(tmp_path_factory: pytest.TempPathFactory) -> ArtifactStore:
     root = tmp_path_factory.mktemp("shared")
-    return ArtifactStore.open(root / "artifacts", root / "pki", passphrase=b"test-passphrase")
+    return open_artifact_store(root / "artifacts", root / "pki", passphrase=b"test-passphrase")
 
 
 def _file(tmp_path: Path, data: bytes, name: str = "fw.bin") -> Path:
@@ -109,11 +110,11 @@ def test_lookups_of_malformed_ids_find_nothing(store: ArtifactStore) -> None:
 
 def test_release_key_is_created_once_private_and_exportable(tmp_path: Path) -> None:
     pki = tmp_path / "pki"
-    key = ReleaseKey.load_or_create(pki, passphrase=b"test-passphrase")
+    key = load_or_create_release_key(pki, passphrase=b"test-passphrase")
     assert stat.S_IMODE((pki / "release.key").stat().st_mode) == 0o600
     assert (pki / "release.pub").read_bytes() == key.public_key_pem
     assert load_public_key(key.public_key_pem) == key.public_key
-    again = ReleaseKey.load_or_create(pki, passphrase=b"test-passphrase")
+    again = load_or_create_release_key(pki, passphrase=b"test-passphrase")
     assert again.key_id == key.key_id
     assert len(key.key_id) == 64
 
@@ -123,12 +124,12 @@ def test_release_key_refuses_an_orphan_or_mismatched_public_key(tmp_path: Path) 
     orphan.mkdir()
     (orphan / "release.pub").write_bytes(ReleaseKey.generate().public_key_pem)
     with pytest.raises(ArtifactError, match="without"):
-        ReleaseKey.load_or_create(orphan, passphrase=b"test-passphrase")
+        load_or_create_release_key(orphan, passphrase=b"test-passphrase")
     pki = tmp_path / "pki"
-    ReleaseKey.load_or_create(pki, passphrase=b"test-passphrase")
+    load_or_create_release_key(pki, passphrase=b"test-passphrase")
     (pki / "release.pub").write_bytes(ReleaseKey.generate().public_key_pem)
     with pytest.raises(ArtifactError, match="does not match"):
-        ReleaseKey.load_or_create(pki, passphrase=b"test-passphrase")
+        load_or_create_release_key(pki, passphrase=b"test-passphrase")
 
 
 def test_the_device_check_accepts_the_genuine_download(store: ArtifactStore) -> None:
@@ -233,7 +234,7 @@ def test_any_content_verifies_and_any_flipped_bit_is_refused(
 
 
 def test_the_release_key_on_disk_is_encrypted_and_signs(tmp_path: Path) -> None:
-    store = ArtifactStore.open(tmp_path / "a", tmp_path / "pki", passphrase=b"test-passphrase")
+    store = open_artifact_store(tmp_path / "a", tmp_path / "pki", passphrase=b"test-passphrase")
     pem = (tmp_path / "pki" / "release.key").read_bytes()
     assert pem.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
     with pytest.raises(TypeError, match="encrypted"):
@@ -243,9 +244,9 @@ def test_the_release_key_on_disk_is_encrypted_and_signs(tmp_path: Path) -> None:
 
 
 def test_the_release_key_with_a_wrong_passphrase_is_a_clear_error(tmp_path: Path) -> None:
-    ReleaseKey.load_or_create(tmp_path, passphrase=b"test-passphrase")
+    load_or_create_release_key(tmp_path, passphrase=b"test-passphrase")
     with pytest.raises(ArtifactError, match=r"cannot decrypt .* wrong passphrase") as info:
-        ArtifactStore.open(tmp_path / "a", tmp_path, passphrase=b"another-passphrase")
+        open_artifact_store(tmp_path / "a", tmp_path, passphrase=b"another-passphrase")
     assert "another-passphrase" not in str(info.value)
 
 
@@ -257,7 +258,7 @@ def test_a_plain_release_key_is_encrypted_on_load_and_keeps_its_id(tmp_path: Pat
     (tmp_path / "release.key").write_bytes(pem)  # a state folder from before
     old_id = ReleaseKey(plain).key_id
 
-    key = ReleaseKey.load_or_create(tmp_path, passphrase=b"test-passphrase")
+    key = load_or_create_release_key(tmp_path, passphrase=b"test-passphrase")
 
     assert key.key_id == old_id
     assert (

@@ -7,8 +7,9 @@ import json
 import pytest
 
 from ingest.bridge import DLQ_TOPIC, route_message, subscriptions
-from ingest.downlink import DownlinkRefused, MqttOut, downlink_record, to_mqtt
+from ingest.downlink import DownlinkRefused, MqttOut, to_mqtt
 from schemas.codec import AvroCodec, Decoded, load_schema
+from schemas.downlink import downlink_record
 
 CODECS = {
     "telemetry": AvroCodec(load_schema("Telemetry"), schema_id=1),

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from infra.pki import DEVICE_ID_PATTERN
 from schemas.codec import AvroCodec, Decoded, DecodeError, DecodeReason, load_schema
+from schemas.identity import DEVICE_ID_PATTERN
 
 SCHEMA_ID = 7
 TELEMETRY = load_schema("Telemetry")

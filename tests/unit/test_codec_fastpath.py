@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from infra.pki import DEVICE_ID_PATTERN
 from schemas.codec import SCHEMA_DIR, AvroCodec, Decoded, load_schema
 from schemas.codec import _compile as compile_writer
+from schemas.identity import DEVICE_ID_PATTERN
 
 SCHEMA_ID = 11
 TELEMETRY = load_schema("Telemetry")

@@ -11,18 +11,9 @@ from cryptography import x509
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from infra.pki import (
-    ENFORCER_IDENTITIES,
-    HOLD_REASON,
-    CertificateAuthority,
-    PkiError,
-    RevocationState,
-)
+from infra.pki import HOLD_REASON, CertificateAuthority, PkiError
 from infra.services.mosquitto import (
-    DYNSEC_RESPONSE_TOPIC,
-    DYNSEC_TOPIC,
     BrokerFiles,
-    claim_identity,
     ensure_broker_identities,
     render_acl,
     render_config,
@@ -31,6 +22,7 @@ from infra.services.mosquitto import (
 from infra.settings import Settings
 from ingest.enforcement import (
     EnforcementError,
+    EnforcerConfig,
     Plan,
     SessionEnder,
     Verdict,
@@ -41,7 +33,9 @@ from ingest.enforcement import (
     plan,
     verdict,
 )
-from streams.registry import DeviceRecord, DeviceStatus
+from ingest.mqtt_client import DYNSEC_RESPONSE_TOPIC, DYNSEC_TOPIC, claim_identity
+from schemas.identity import ENFORCER_IDENTITIES, RevocationState
+from streams.registry.devices import DeviceRecord, DeviceStatus
 
 REVOKED, HOLD = RevocationState.revoked, RevocationState.on_hold
 
@@ -389,16 +383,24 @@ def test_concurrent_enforcers_hold_distinct_identities(tmp_path: Path) -> None:
     ensure_broker_identities(
         CertificateAuthority.load_or_create(files.pki_dir, passphrase=b"test-passphrase"), files
     )
-    config = Settings(state_dir=tmp_path)
-    first, second = SessionEnder(config, files), SessionEnder(config, files)
+    stack = Settings(state_dir=tmp_path)
+    config = EnforcerConfig(
+        host=stack.host,
+        mqtt_port=stack.mqtt_port,
+        registry_url=stack.registry_url,
+        run_dir=stack.run_dir,
+        identities=files.identities,
+        crl_validity_days=30,
+    )
+    first, second = SessionEnder(config), SessionEnder(config)
     assert (first.client_id, second.client_id) == ENFORCER_IDENTITIES[:2]
     first.close()
-    third = SessionEnder(config, files)  # the released identity is free again
+    third = SessionEnder(config)  # the released identity is free again
     assert third.client_id == ENFORCER_IDENTITIES[0]
-    held = [claim_identity(files, ENFORCER_IDENTITIES) for _ in ENFORCER_IDENTITIES[2:]]
+    held = [claim_identity(files.identities, ENFORCER_IDENTITIES) for _ in ENFORCER_IDENTITIES[2:]]
     assert all(held)
     with pytest.raises(EnforcementError, match="held by running enforcers"):
-        SessionEnder(config, files)
+        SessionEnder(config)
     for claim in held:
         assert claim is not None
         claim.release()

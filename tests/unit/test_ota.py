@@ -12,42 +12,42 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from infra.artifacts import Artifact, ArtifactKind, ReleaseKey, signed_message
 from ingest.envelope import Accepted, validate_ota_status
 from schemas.codec import AvroCodec, Decoded, load_schema
 from streams.alerts import AlertEvent, AlertStatus, Severity
-from streams.ota import (
+from streams.ota.artifacts import Artifact, ArtifactKind, ReleaseKey, signed_message
+from streams.ota.events import (
     Abort,
     AlertRaised,
-    ApprovalDecision,
     Approve,
     Command,
-    CommandAction,
     CreateRollout,
     DeviceJoined,
     DeviceReport,
     Event,
-    OtaStatus,
     Pause,
-    Progress,
     Resume,
-    Rollout,
-    RolloutPlan,
-    RolloutState,
     Step,
     Telemetry,
     Tick,
     command_id,
-    from_record,
     install_document,
-    plan_cohorts,
     report_from_event,
-    run,
-    step,
+)
+from streams.ota.model import (
+    ApprovalDecision,
+    CommandAction,
+    OtaStatus,
+    Progress,
+    Rollout,
+    RolloutState,
+    from_record,
     to_record,
 )
-from streams.rbac import GrantSet, Principal, Resource, Role, index_grants
-from streams.registry import AuditDecision, AuditRecord, DeviceRecord, DeviceStatus
+from streams.ota.plan import RolloutPlan, plan_cohorts
+from streams.ota.rollout import run, step
+from streams.registry.devices import AuditDecision, AuditRecord, DeviceRecord, DeviceStatus
+from streams.registry.rbac import GrantSet, Principal, Resource, Role, index_grants
 
 T0 = 1_700_000_000_000
 S = 1000  # one second in ms

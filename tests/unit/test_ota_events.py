@@ -14,7 +14,7 @@ from sinks.clickhouse import (
     ota_events_to_arrow,
 )
 from streams.app import OTA_COUNT_COLUMNS, SOURCES, ota_events_rows, rollout_rows
-from streams.ota import OtaStatus, Progress, RolloutState, to_record
+from streams.ota.model import OtaStatus, Progress, RolloutState, to_record
 from tests.unit.test_ota import NEW, T0, TARGET, Harness, fleet
 
 COUNTS = list(OTA_COUNT_COLUMNS)

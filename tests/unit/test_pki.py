@@ -15,8 +15,6 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from infra.pki import (
-    DEVICE_ID_PATTERN,
-    RESERVED_IDENTITIES,
     CertificateAuthority,
     KeyFileError,
     KeyKind,
@@ -29,6 +27,7 @@ from infra.pki import (
     make_csr,
     write_device_bundle,
 )
+from schemas.identity import DEVICE_ID_PATTERN, RESERVED_IDENTITIES
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from queries.migrations import (
     parse_migration,
     pending_migrations,
 )
+from queries.result import QueryResult
 from queries.runner import QueryError, prepare, render
 from queries.sqltext import (
     NotReadOnly,
@@ -29,7 +30,6 @@ from queries.sqltext import (
     split_statements,
     strip_comments,
 )
-from sinks.clickhouse import QueryResult
 
 QUERIES_DIR = DDL_DIR.parent
 ANALYST_FILES = sorted(QUERIES_DIR.glob("*.sql"))

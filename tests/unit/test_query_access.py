@@ -11,7 +11,7 @@ import pytest
 
 from sinks.query_server import AccessDenied
 from streams.query_access import TokenAccess, may_read_telemetry
-from streams.rbac import GrantSet, Principal, Resource, Role
+from streams.registry.rbac import GrantSet, Principal, Resource, Role
 from streams.tokens import TokenAuthority
 
 ALICE = Principal.user("alice")

@@ -1,4 +1,4 @@
-"""streams.rbac: the authority model, its properties and the MQTT topic rule."""
+"""streams.registry.rbac: the authority model, its properties and the MQTT topic rule."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from schemas.codec import AvroCodec, Decoded, load_schema
-from streams.rbac import (
+from streams.registry.rbac import (
     DEVICE_ACTIONS,
     MQTT_ACTIONS,
     ROLE_ACTIONS,

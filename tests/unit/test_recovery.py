@@ -16,7 +16,7 @@ from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicP
 
 from streams.hot import HotCounters, HotProcessor
 from streams.hot_worker import HotWorker
-from streams.registry_agent import RegistryAgent
+from streams.registry.agent import RegistryAgent
 from streams.transactions import (
     Aborted,
     Backoff,

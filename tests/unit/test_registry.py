@@ -1,4 +1,4 @@
-"""streams.registry: transitions, the audit record of each decision, Avro round trips."""
+"""streams.registry.devices: transitions, the audit record of each decision, Avro round trips."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from typing import Any
 import pytest
 
 from schemas.codec import AvroCodec, Decoded, load_schema
-from streams.rbac import GrantSet, Principal, Resource, Role, index_grants
-from streams.registry import (
+from streams.registry.devices import (
     ActivateDevice,
     Applied,
     AuditDecision,
@@ -26,6 +25,7 @@ from streams.registry import (
     command_from_record,
     command_to_record,
 )
+from streams.registry.rbac import GrantSet, Principal, Resource, Role, index_grants
 
 ADMIN, OPERATOR, VIEWER = Principal.user("ada"), Principal.user("oscar"), Principal.service("viz")
 GRANTS = index_grants(

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from streams.cold import DeadLetter, SourceRecord
-from streams.rbac import GrantSet, Principal, Resource, Role
-from streams.registry import (
+from streams.registry.agent import RegistryAgent
+from streams.registry.devices import (
     AuditDecision,
     AuditRecord,
     DeviceRecord,
@@ -13,7 +13,7 @@ from streams.registry import (
     SuspendDevice,
     command_to_record,
 )
-from streams.registry_agent import RegistryAgent
+from streams.registry.rbac import GrantSet, Principal, Resource, Role
 
 SOURCE = SourceRecord("registry.commands", 2, 41, b"d-1", b"")
 ALICE = Principal.user("alice")

@@ -1,6 +1,6 @@
 """The simulated devices' side of OTA updates (an A/B-slot device): command parsing, the
-install/rollback state machine with real signed artifacts (infra.artifacts), status reports the
-bridge accepts, persistence across a restart, and a rollout of streams.ota driven end to end
+install/rollback state machine with real signed artifacts (streams.ota.artifacts), status reports
+the bridge accepts, persistence across a restart, and a rollout of streams.ota driven end to end
 through devices (no services: the gmqtt client never connects)."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 import gmqtt
 import pytest
 
-from infra.artifacts import Artifact, ArtifactStore, ReleaseKey
 from infra.provision import DeviceCredentials
+from infra.release_key import open_artifact_store
 from infra.settings import Settings
 from infra.simulator import (
     FIRMWARE_VERSION,
@@ -45,24 +45,21 @@ from infra.simulator import (
     save_ota,
 )
 from ingest.envelope import Accepted, validate_ota_status
-from streams.ota import (
+from streams.ota.artifacts import Artifact, ArtifactStore, ReleaseKey
+from streams.ota.events import (
     Approve,
-    CommandAction,
     CreateRollout,
     DeviceReport,
-    OtaStatus,
-    Progress,
-    Rollout,
-    RolloutPlan,
-    RolloutState,
     Tick,
     command_id,
     install_document,
     report_from_event,
-    run,
 )
-from streams.rbac import GrantSet, Principal, Resource, Role, index_grants
-from streams.registry import DeviceRecord, DeviceStatus
+from streams.ota.model import CommandAction, OtaStatus, Progress, Rollout, RolloutState
+from streams.ota.plan import RolloutPlan
+from streams.ota.rollout import run
+from streams.registry.devices import DeviceRecord, DeviceStatus
+from streams.registry.rbac import GrantSet, Principal, Resource, Role, index_grants
 
 NOW = 1_700_000_000_000
 OLD, NEW = FIRMWARE_VERSION, "2.0.0"
@@ -84,7 +81,7 @@ def _run(scenario: Callable[[], Awaitable[T]]) -> T:
 
 @pytest.fixture
 def store(tmp_path: Path) -> ArtifactStore:
-    return ArtifactStore.open(
+    return open_artifact_store(
         tmp_path / "artifacts", tmp_path / "pki", passphrase=b"test-passphrase"
     )
 

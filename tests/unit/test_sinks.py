@@ -19,17 +19,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from queries.result import QueryResult, json_value
 from queries.sqltext import check_read_only
 from sinks.clickhouse import (
     EVENT_SCHEMA,
     TELEMETRY_SCHEMA,
     InvalidBatch,
     QueryFailed,
-    QueryResult,
     SinkUnavailable,
     dedup_token,
     events_to_arrow,
-    json_value,
     normalize_dsn,
     telemetry_to_arrow,
 )

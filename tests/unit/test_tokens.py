@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from streams.rbac import Principal
+from streams.registry.rbac import Principal
 from streams.tokens import ALGORITHM, ISSUER, KEY_FILE, TokenAuthority, TokenError
 
 

@@ -1,8 +1,8 @@
 """The device registry's pure state transitions (no Kafka, no Faust).
 
 A :data:`RegistryCommand` (provision, update, suspend, revoke, activate) names who issues it
-and an idempotency id. :func:`apply` authorizes it with :func:`streams.rbac.authorize`, checks
-the transition against the device's current :class:`DeviceRecord` and returns either
+and an idempotency id. :func:`apply` authorizes it with :func:`streams.registry.rbac.authorize`,
+checks the transition against the device's current :class:`DeviceRecord` and returns either
 :class:`Applied` (the new record) or :class:`Refused`; both carry the :class:`AuditRecord` of
 the decision. Statuses move as::
 
@@ -25,7 +25,15 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeAlias
 
-from streams.rbac import SEGMENT_PATTERN, Action, Decision, GrantSet, Principal, Resource, authorize
+from streams.registry.rbac import (
+    SEGMENT_PATTERN,
+    Action,
+    Decision,
+    GrantSet,
+    Principal,
+    Resource,
+    authorize,
+)
 
 __all__ = [
     "AUDIT_SCHEMA",

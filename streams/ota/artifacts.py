@@ -14,7 +14,8 @@ thus binds the digest to its kind and version, so old firmware cannot be replaye
 version number. A device checks the digest and size of what it downloaded against the record,
 then the signature over the record's manifest (:func:`verify_download`).
 
-**The release key** (:class:`ReleaseKey`) lives in the platform's PKI directory:
+**The release key** (:class:`ReleaseKey`; infra/release_key.py loads the platform's, and
+opens the store with it) lives in the platform's PKI directory:
 ``release.key`` (encrypted PKCS#8 PEM under the platform's key passphrase, mode 0600; a plain
 one from before is encrypted on load, as the CA's: infra/pki.py) and ``release.pub``
 (SubjectPublicKeyInfo PEM, for devices to pin). It is created on first use as Ed25519; an
@@ -44,8 +45,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
-from infra.pki import KeyFileError, encrypted_key_pem, load_encrypted_key
-
 __all__ = [
     "ARTIFACTS_TOPIC",
     "ARTIFACT_SCHEMA",
@@ -73,8 +72,8 @@ VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 RSA_MIN_BITS = 2048
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_KEY_FILE = "release.key"
-_PUB_FILE = "release.pub"
+RELEASE_KEY_FILE = "release.key"
+RELEASE_PUB_FILE = "release.pub"
 _BLOBS = "sha256"
 _META = "meta"
 _CHUNK = 1 << 20
@@ -160,7 +159,7 @@ def _write_file(path: Path, data: bytes, mode: int) -> Path:
     return Path(tmp)
 
 
-def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` at once: readers see the old file or the new one."""
     tmp = _write_file(path, data, mode)
     try:
@@ -170,7 +169,7 @@ def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         raise
 
 
-def _create_once(path: Path, data: bytes, mode: int = 0o644) -> bool:
+def create_once(path: Path, data: bytes, mode: int = 0o644) -> bool:
     """Create ``path`` with ``data`` unless it exists (atomic: a hard link, never a rename
     over another's file). False when it already existed."""
     tmp = _write_file(path, data, mode)
@@ -198,37 +197,9 @@ class ReleaseKey:
 
     @classmethod
     def generate(cls) -> ReleaseKey:
-        """A new Ed25519 key, in memory only (tests; the platform uses load_or_create)."""
+        """A new Ed25519 key, in memory only (tests; the platform loads its own with
+        infra/release_key.py)."""
         return cls(ed25519.Ed25519PrivateKey.generate())
-
-    @classmethod
-    def load_or_create(cls, pki_dir: Path, *, passphrase: bytes) -> ReleaseKey:
-        """The key in ``pki_dir/release.key``, created (Ed25519, 0600, encrypted under
-        ``passphrase``) on first use, and ``release.pub`` written beside it. Refuses a
-        ``release.pub`` that does not match; a plain key is encrypted in place."""
-        pki_dir.mkdir(parents=True, exist_ok=True)
-        key_path, pub_path = pki_dir / _KEY_FILE, pki_dir / _PUB_FILE
-        if not key_path.exists():
-            if pub_path.exists():
-                raise ArtifactError(
-                    f"{pub_path} exists without {key_path}: refusing to mint a new release key "
-                    "devices would not trust"
-                )
-            pem = encrypted_key_pem(ed25519.Ed25519PrivateKey.generate(), passphrase)
-            _create_once(key_path, pem, mode=0o600)  # lost a race: the other key is loaded
-        try:
-            loaded = load_encrypted_key(key_path, passphrase)
-        except KeyFileError as exc:
-            raise ArtifactError(str(exc)) from None
-        if not isinstance(loaded, ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey):
-            raise ArtifactError(f"{key_path}: expected an Ed25519 or RSA key")
-        key = cls(loaded)
-        if pub_path.exists():
-            if load_public_key(pub_path.read_bytes()) != key.public_key:
-                raise ArtifactError(f"{pub_path} does not match {key_path}")
-        else:
-            _atomic_write(pub_path, key.public_key_pem)
-        return key
 
     @property
     def public_key(self) -> PublicKey:
@@ -404,12 +375,6 @@ class ArtifactStore:
         self._root = root
         self._key = release_key
 
-    @classmethod
-    def open(cls, root: Path, pki_dir: Path, *, passphrase: bytes) -> ArtifactStore:
-        """The store at ``root``, signing with the release key of ``pki_dir`` (created on first
-        use, encrypted under ``passphrase``)."""
-        return cls(root, ReleaseKey.load_or_create(pki_dir, passphrase=passphrase))
-
     @property
     def root(self) -> Path:
         return self._root
@@ -505,7 +470,7 @@ class ArtifactStore:
             path=f"{_BLOBS}/{sha256}",
             name=name,
         )
-        if not _create_once(self._meta_path(sha256), _meta_json(artifact)):
+        if not create_once(self._meta_path(sha256), _meta_json(artifact)):
             stored = self.get(sha256)  # another process added it first
             assert stored is not None
             return self._same_or_refuse(stored, kind, version)

@@ -4,7 +4,7 @@ and every decision to `audit.log`. I/O-free; the stream worker runs it in its tr
 The device table is owned per partition (rebuilt from the compacted `registry.devices`, which
 is co-partitioned with `registry.commands`), so a command always sees the effect of the one
 before it on the same device. Grants are a global table (`rbac.grants`, every worker reads it
-whole), applied with :func:`streams.rbac.authorize` inside :func:`streams.registry.apply`.
+whole), applied with :func:`streams.registry.rbac.authorize` inside :func:`streams.registry.apply`.
 A command that cannot be read (unknown kind, invalid principal) is a dead letter with its
 reason; every readable command leaves exactly one audit record, allowed or not.
 """
@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from streams.cold import DeadLetter, SourceRecord
-from streams.rbac import GrantSet
-from streams.registry import (
+from streams.registry.devices import (
     Applied,
     AuditDecision,
     AuditRecord,
@@ -25,6 +24,7 @@ from streams.registry import (
     apply,
     command_from_record,
 )
+from streams.registry.rbac import GrantSet
 
 STAGE = "registry"
 

@@ -1,6 +1,7 @@
-"""`python -m streams.ota_worker`: the OTA rollout controller, run by `fleet up`.
+"""The OTA rollout controller, run by `fleet up` (`python -m infra.services.ota`, which reads the
+settings and gives it an :class:`OtaConfig`).
 
-A thin loop around the pure state machine of streams/ota.py. It consumes operators' requests
+A thin loop around the pure state machine of streams/ota/rollout.py. It consumes operators' requests
 (`ota.requests`), devices' status reports (`device.events`, type `ota_status`), raised alerts
 (`alerts`) and telemetry arrival times (`telemetry.raw`, keys and timestamps only: nothing is
 decoded), in its own consumer group, `fleetstream-ota`. Per batch, in **one Kafka
@@ -15,6 +16,16 @@ process (a static group member) holding every rollout; its inputs are small (one
 report per device per command). The registry (`registry.devices`), grants (`rbac.grants`)
 and artifacts (`ota.artifacts`) are global tables. A device entering a rollout's target
 (provisioned, moved or re-activated) is a join, so it gets the update too.
+
+**Errors.** A record that cannot be decoded, on an input or a table topic, is counted
+(`dead_lettered`, and per reason in `dead_letter_reasons`) and written to `dlq.ota` with its
+original key and bytes and the headers of the platform's dead letters (`error`, `detail`,
+`source` = `ota`, `topic`, `partition`, `offset`), in the next transaction. It changes nothing:
+a corrupt table record is not a deletion (only a tombstone, a record without a value, is), and
+a corrupt rollout does not replace the last good one. A value-less record on an input topic
+(none is compacted) is bad input too (`no_value`). Table topics are read again from their start
+by every process, so a restarted controller dead-letters a corrupt table record again (the same
+topic/partition/offset headers); within one process it is written once.
 """
 
 from __future__ import annotations
@@ -30,15 +41,13 @@ from pathlib import Path
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from infra.artifacts import Artifact
-from infra.process import process_main
-from infra.settings import Settings
 from schemas.codec import AvroCodec, CodecRegistry, Decoded, load_schema
 from streams.alerts import alert_from_record
-from streams.ota import (
+from streams.cold import DeadLetter, SourceRecord
+from streams.ota.artifacts import Artifact
+from streams.ota.events import (
     Abort,
     AlertRaised,
-    ApprovalDecision,
     Approve,
     Command,
     CreateRollout,
@@ -46,17 +55,14 @@ from streams.ota import (
     Event,
     Pause,
     Resume,
-    Rollout,
-    RolloutPlan,
     Tick,
-    from_record,
-    in_target,
     report_from_event,
-    run,
-    to_record,
 )
-from streams.rbac import GrantSet, Principal, Resource
-from streams.registry import AuditDecision, AuditRecord, DeviceRecord
+from streams.ota.model import ApprovalDecision, Rollout, from_record, to_record
+from streams.ota.plan import RolloutPlan, in_target
+from streams.ota.rollout import run
+from streams.registry.devices import AuditDecision, AuditRecord, DeviceRecord
+from streams.registry.rbac import GrantSet, Principal, Resource
 from streams.runtime.status import write_status
 from streams.tables import GlobalTable, key_text, read_to_end
 from streams.transactions import (
@@ -74,6 +80,9 @@ OTA_GROUP = "fleetstream-ota"
 REQUESTS, EVENTS, ALERTS, TELEMETRY = "ota.requests", "device.events", "alerts", "telemetry.raw"
 ROLLOUTS, DOWNLINK, AUDIT = "ota.rollouts", "mqtt.downlink", "audit.log"
 DEVICES, GRANTS, ARTIFACTS = "registry.devices", "rbac.grants", "ota.artifacts"
+DLQ = "dlq.ota"
+STAGE = "ota"  # the dead letters' `source` header
+# What the controller's consumer group reads (`fleet status` shows its lag on these).
 INPUTS = (REQUESTS, EVENTS, ALERTS, TELEMETRY)
 SCHEMAS = {
     REQUESTS: "OtaRequest",
@@ -93,6 +102,38 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+@dataclass(frozen=True, slots=True)
+class OtaConfig:
+    """What the controller needs of the platform's settings (infra/services/ota.py builds it)."""
+
+    bootstrap_servers: str
+    registry_url: str
+    run_dir: Path
+
+
+def source_record(msg: Message) -> SourceRecord:
+    """Where ``msg`` came from, with its key and original bytes (what a dead letter keeps)."""
+    return SourceRecord(
+        msg.topic() or "", msg.partition() or 0, msg.offset() or 0, msg.key(), msg.value()
+    )
+
+
+def decode_record(
+    codec: AvroCodec, source: SourceRecord, *, compacted: bool
+) -> dict[str, object] | DeadLetter | None:
+    """Pure: the record in ``source``; None for a tombstone (a record without a value on a
+    ``compacted`` topic: a deletion); a :class:`DeadLetter` (stage ``ota``) for what cannot be
+    decoded, and for a record without a value on a topic that is not compacted."""
+    if source.value is None:
+        if compacted:
+            return None
+        return DeadLetter(source, "no_value", "a record without a value (tombstone)", stage=STAGE)
+    decoded = codec.decode(source.value)
+    if isinstance(decoded, Decoded):
+        return decoded.record
+    return DeadLetter(source, str(decoded.reason), decoded.detail, stage=STAGE)
+
+
 @dataclass
 class OtaCounters:
     requests: int = 0
@@ -104,12 +145,15 @@ class OtaCounters:
     transactions: int = 0
     rollouts: int = 0
     active: int = 0
+    dead_lettered: int = 0  # records that could not be decoded, sent to dlq.ota
+    dead_letter_reasons: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
 class Batch:
     events: dict[str, list[Event]] = field(default_factory=lambda: defaultdict(list))
     audits: list[AuditRecord] = field(default_factory=list)  # answers the controller itself gives
+    dead: list[DeadLetter] = field(default_factory=list)  # input records that could not be read
 
 
 def request_event(record: dict[str, object], artifacts: dict[str, Artifact]) -> Event | str:
@@ -155,10 +199,10 @@ def request_event(record: dict[str, object], artifacts: dict[str, Artifact]) -> 
 
 
 class OtaWorker(BatchLoop):
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, config: OtaConfig) -> None:
+        self.config = config
         self.counters = OtaCounters()
-        registry = CodecRegistry(SchemaRegistryClient({"url": settings.registry_url}))
+        registry = CodecRegistry(SchemaRegistryClient({"url": config.registry_url}))
         self.codecs: dict[str, AvroCodec] = {
             topic: registry.codec(topic, load_schema(schema)) for topic, schema in SCHEMAS.items()
         }
@@ -170,12 +214,17 @@ class OtaWorker(BatchLoop):
         self.last_seen: dict[str, int] = {}
         self._joined: list[str] = []
         self._joins_in_flight: list[str] = []
+        # Dead letters of table and changelog records (read outside the transactions): written
+        # with the next batch, given back by recover() if it is lost, and each written once.
+        self._table_dead: list[DeadLetter] = []
+        self._table_dead_in_flight: list[DeadLetter] = []
+        self._table_dead_seen: set[tuple[str, int, int]] = set()
         self.transient_errors = 0  # recovered from (issue 12): broker restarts, timeouts
         self.last_transient_error = ""
-        self.device_table = GlobalTable(settings, DEVICES, self._apply_device)
-        self.grant_table = GlobalTable(settings, GRANTS, self._apply_grants)
-        self.artifact_table = GlobalTable(settings, ARTIFACTS, self._apply_artifact)
-        self.transactions = Transactions(settings, f"{OTA_GROUP}-0")
+        self.device_table = GlobalTable(config, DEVICES, self._apply_device)
+        self.grant_table = GlobalTable(config, GRANTS, self._apply_grants)
+        self.artifact_table = GlobalTable(config, ARTIFACTS, self._apply_artifact)
+        self.transactions = Transactions(config, f"{OTA_GROUP}-0")
         self.consumer = self._new_consumer()
         self._fenced = False  # the consumer hit a fatal error: recover() replaces it
         self._last_tick = 0.0
@@ -183,7 +232,7 @@ class OtaWorker(BatchLoop):
     def _new_consumer(self) -> Consumer:
         return Consumer(
             {
-                "bootstrap.servers": self.settings.bootstrap_servers,
+                "bootstrap.servers": self.config.bootstrap_servers,
                 "group.id": OTA_GROUP,
                 "group.instance.id": f"{OTA_GROUP}-0",
                 "enable.auto.commit": False,
@@ -194,14 +243,37 @@ class OtaWorker(BatchLoop):
 
     # ------------------------------------------------------------------ tables
 
-    def _decode(self, topic: str, msg: Message) -> dict[str, object] | None:
-        value = msg.value()
-        decoded = self.codecs[topic].decode(value) if value is not None else None
-        return decoded.record if isinstance(decoded, Decoded) else None
+    def _dead_letter(self, dead: DeadLetter) -> None:
+        self.counters.dead_lettered += 1
+        reasons = self.counters.dead_letter_reasons
+        reasons[dead.reason] = reasons.get(dead.reason, 0) + 1
+        log.warning(
+            "dead-lettered %s[%d]@%d: %s (%s)",
+            dead.source.topic,
+            dead.source.partition,
+            dead.source.offset,
+            dead.reason,
+            dead.detail,
+        )
+
+    def _decode_table(self, topic: str, msg: Message) -> dict[str, object] | DeadLetter | None:
+        """A compacted topic's record, None for a tombstone, or its dead letter (kept for the
+        next transaction, once per record in this process)."""
+        source = source_record(msg)
+        result = decode_record(self.codecs[topic], source, compacted=True)
+        if isinstance(result, DeadLetter):
+            where = (source.topic, source.partition, source.offset)
+            if where not in self._table_dead_seen:
+                self._table_dead_seen.add(where)
+                self._table_dead.append(result)
+                self._dead_letter(result)
+        return result
 
     def _apply_device(self, msg: Message) -> None:
-        record = self._decode(DEVICES, msg)
+        record = self._decode_table(DEVICES, msg)
         device_id = key_text(msg)
+        if isinstance(record, DeadLetter):
+            return
         if record is None:
             self.devices.pop(device_id, None)
             return
@@ -212,15 +284,17 @@ class OtaWorker(BatchLoop):
             self._joined.append(device_id)
 
     def _apply_grants(self, msg: Message) -> None:
-        record = self._decode(GRANTS, msg)
+        record = self._decode_table(GRANTS, msg)
+        if isinstance(record, DeadLetter):
+            return
         if record is None:
             self.grants.pop(key_text(msg), None)
         else:
             self.grants[key_text(msg)] = GrantSet.from_record(record)
 
     def _apply_artifact(self, msg: Message) -> None:
-        record = self._decode(ARTIFACTS, msg)
-        if record is not None:
+        record = self._decode_table(ARTIFACTS, msg)
+        if isinstance(record, dict):
             self.artifacts[key_text(msg)] = Artifact.from_record(record)
 
     def _restore_rollouts(self) -> None:
@@ -229,7 +303,7 @@ class OtaWorker(BatchLoop):
         self.by_device.clear()
         reader = Consumer(
             {
-                "bootstrap.servers": self.settings.bootstrap_servers,
+                "bootstrap.servers": self.config.bootstrap_servers,
                 "group.id": f"{OTA_GROUP}-restore",
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,
@@ -241,7 +315,9 @@ class OtaWorker(BatchLoop):
             tps = [TopicPartition(ROLLOUTS, p) for p in sorted(meta.partitions)]
 
             def apply(msg: Message) -> None:
-                record = self._decode(ROLLOUTS, msg)
+                record = self._decode_table(ROLLOUTS, msg)
+                if isinstance(record, DeadLetter):
+                    return  # the last good state of that rollout stays
                 if record is None:
                     self.rollouts.pop(key_text(msg), None)
                 else:
@@ -286,7 +362,7 @@ class OtaWorker(BatchLoop):
             for rollout_id, rollout in self.rollouts.items():
                 if not rollout.final:
                     batch.events[rollout_id].append(tick)
-        if consumed or batch.events or batch.audits:
+        if consumed or batch.events or batch.audits or batch.dead or self._table_dead:
             self._apply(batch, consumed)
 
     def _route(self, msg: Message, batch: Batch) -> None:
@@ -295,8 +371,12 @@ class OtaWorker(BatchLoop):
             _kind, stamp = msg.timestamp()
             self.last_seen[key_text(msg)] = stamp
             return
-        record = self._decode(topic or "", msg)
+        record = decode_record(self.codecs[topic or ""], source_record(msg), compacted=False)
         if record is None:
+            return  # unreachable: no input is compacted
+        if isinstance(record, DeadLetter):
+            self._dead_letter(record)
+            batch.dead.append(record)
             return
         if topic == REQUESTS:
             self.counters.requests += 1
@@ -356,6 +436,8 @@ class OtaWorker(BatchLoop):
         changed: dict[str, Rollout] = {}
         commands: list[Command] = []
         audits = list(batch.audits)
+        dead = [*batch.dead, *self._table_dead]
+        self._table_dead_in_flight, self._table_dead = self._table_dead, []
         for rollout_id, events in batch.events.items():
             result = run(
                 self.rollouts.get(rollout_id),
@@ -381,6 +463,10 @@ class OtaWorker(BatchLoop):
             for audit in audits:
                 value = codecs[AUDIT].encode(audit.to_record())
                 producer.produce(AUDIT, key=audit.device_id or audit.principal, value=value)
+            for letter in dead:
+                producer.produce(
+                    DLQ, key=letter.source.key, value=letter.source.value, headers=letter.headers()
+                )
 
         if not self.transactions.commit(self.consumer, produce, consumed):
             raise Aborted("OTA transaction aborted")
@@ -390,6 +476,7 @@ class OtaWorker(BatchLoop):
         self.counters.commands += len(commands)
         self.counters.audits += len(audits)
         self._joins_in_flight = []
+        self._table_dead_in_flight = []
 
     def recover(self) -> None:
         """After a transient failure or an abort: nothing open, rollouts and positions back
@@ -397,6 +484,8 @@ class OtaWorker(BatchLoop):
         self.transactions.abort()
         self._joined[:0] = self._joins_in_flight
         self._joins_in_flight = []
+        self._table_dead[:0] = self._table_dead_in_flight
+        self._table_dead_in_flight = []
         self._restore_rollouts()
         if self._fenced:
             # A new consumer for the dead one: it starts at the committed offsets.
@@ -419,7 +508,7 @@ class OtaWorker(BatchLoop):
 
     @property
     def status_path(self) -> Path:
-        return self.settings.run_dir / "ota-controller.json"
+        return self.config.run_dir / "ota-controller.json"
 
     def write_status(self) -> None:
         self.counters.rollouts = len(self.rollouts)
@@ -442,11 +531,3 @@ class OtaWorker(BatchLoop):
         for table in (self.device_table, self.grant_table, self.artifact_table):
             table.close()
         self.transactions.close()
-
-
-def main() -> None:
-    process_main("OTA controller", OtaWorker)
-
-
-if __name__ == "__main__":
-    main()

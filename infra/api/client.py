@@ -18,7 +18,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from infra.artifacts import Artifact
+from infra.api.answers import AnswerListener
 from infra.settings import Settings
 from schemas.codec import AvroCodec, CodecRegistry, Decoded, load_schema
 from streams.alerts import (
@@ -28,11 +28,11 @@ from streams.alerts import (
     rule_from_record,
     rule_to_record,
 )
-from streams.answers import AnswerListener
-from streams.ota import Rollout
-from streams.ota import from_record as rollout_from_record
-from streams.rbac import GrantSet, Principal
-from streams.registry import AuditRecord, DeviceRecord, RegistryCommand, command_to_record
+from streams.ota.artifacts import Artifact
+from streams.ota.model import Rollout
+from streams.ota.model import from_record as rollout_from_record
+from streams.registry.devices import AuditRecord, DeviceRecord, RegistryCommand, command_to_record
+from streams.registry.rbac import GrantSet, Principal
 from streams.tables import key_text, read_to_end
 from streams.twin import Twin, from_record
 
@@ -209,7 +209,7 @@ class HotPathClient:
         what: str,
     ) -> dict[str, dict[str, Any]]:
         """Write request records (id -> (key, record)) and wait for the answer to each one: the
-        record on `answers_topic` whose `id_field` is its id (streams/answers.py)."""
+        record on `answers_topic` whose `id_field` is its id (infra/api/answers.py)."""
         try:
             listener = self._listener(answers_topic, id_field)
             codec = self.codec(topic)

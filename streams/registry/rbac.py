@@ -30,7 +30,7 @@ from enum import IntEnum, StrEnum
 from types import MappingProxyType
 from typing import Any
 
-from infra.pki import DEVICE_ID_PATTERN, RESERVED_IDENTITIES
+from schemas.identity import DEVICE_ID_PATTERN, RESERVED_IDENTITIES
 
 __all__ = [
     "DEVICE_ACTIONS",

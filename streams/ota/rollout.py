@@ -12,7 +12,7 @@ rollout (``ota.rollouts``, compacted, key = rollout id, Avro ``Rollout``), the c
     running --error threshold--> rolling_back --confirmed, or deadline--> rolled_back
 
 Operators act through events naming a principal and a request id, each authorized with
-:func:`streams.rbac.authorize` on the rollout's target and audited (applied, unchanged,
+:func:`streams.registry.rbac.authorize` on the rollout's target and audited (applied, unchanged,
 denied = HTTP 403, refused = not valid now): :class:`CreateRollout` needs ``ota.create``,
 :class:`Approve` (or reject) ``ota.approve``, :class:`Pause`, :class:`Resume` and
 :class:`Abort` ``ota.control``. Nothing is sent before an authorized approval.
@@ -83,708 +83,54 @@ not O(fleet x events).
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import itertools
 import json
-import math
 import re
-import uuid
 from bisect import insort
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from enum import StrEnum
-from typing import Any, TypeAlias
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
 
-from infra.artifacts import Artifact, ArtifactKind
-from ingest.downlink import downlink_record
-from streams.alerts import AlertEvent, AlertStatus, Severity
-from streams.rbac import Action, GrantSet, Principal, Resource, authorize
-from streams.registry import AuditDecision, AuditRecord, DeviceRecord, DeviceStatus
+from streams.ota.artifacts import ArtifactKind
+from streams.ota.events import (
+    Abort,
+    AlertRaised,
+    Approve,
+    CreateRollout,
+    DeviceJoined,
+    DeviceReport,
+    Event,
+    OperatorEvent,
+    Pause,
+    Resume,
+    Step,
+    Telemetry,
+    Tick,
+    canonical_json,
+    command_id,
+    install_parts,
+)
+from streams.ota.model import (
+    IN_FLIGHT,
+    INSTALL_DONE,
+    ROLLBACK_STATUSES,
+    Approval,
+    ApprovalDecision,
+    CommandAction,
+    OtaStatus,
+    Progress,
+    Rollout,
+    RolloutDevice,
+    RolloutState,
+)
+from streams.ota.plan import ELIGIBLE_STATUSES, in_target, plan_cohorts
+from streams.ota.working import WorkingCopy, clip_text, to_ms
+from streams.registry.devices import AuditDecision, DeviceRecord
+from streams.registry.rbac import Action, GrantSet, Resource, authorize
 
-__all__ = [
-    "ELIGIBLE_STATUSES",
-    "OTA_COMMAND_SUBTOPIC",
-    "ROLLOUTS_TOPIC",
-    "ROLLOUT_SCHEMA",
-    "Abort",
-    "AlertRaised",
-    "Approval",
-    "ApprovalDecision",
-    "Approve",
-    "Command",
-    "CommandAction",
-    "CreateRollout",
-    "DeviceJoined",
-    "DeviceReport",
-    "Event",
-    "OtaStatus",
-    "Pause",
-    "Progress",
-    "Resume",
-    "Rollout",
-    "RolloutDevice",
-    "RolloutPlan",
-    "RolloutState",
-    "Step",
-    "Telemetry",
-    "Tick",
-    "command_id",
-    "from_record",
-    "in_target",
-    "install_document",
-    "plan_cohorts",
-    "report_from_event",
-    "run",
-    "step",
-    "to_record",
-]
-
-ROLLOUT_SCHEMA = "Rollout"  # schemas/avro/Rollout.avsc
-ROLLOUTS_TOPIC = "ota.rollouts"  # compacted, key = rollout id
-OTA_COMMAND_SUBTOPIC = "ota/command"  # devices/<id>/ota/command
-ELIGIBLE_STATUSES = frozenset({DeviceStatus.provisioned, DeviceStatus.active})
-
-_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://fleetstream/ota")
 _ROLLOUT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_AUTOMATIC = "automatic: the rollout controller"
-_MAX_TEXT = 256
 
 
-class RolloutState(StrEnum):
-    pending_approval = "pending_approval"
-    approved = "approved"
-    running = "running"
-    paused = "paused"
-    completed = "completed"
-    rolling_back = "rolling_back"
-    rolled_back = "rolled_back"
-    aborted = "aborted"
-    rejected = "rejected"
-
-
-FINAL_STATES = frozenset(
-    {RolloutState.completed, RolloutState.rolled_back, RolloutState.aborted, RolloutState.rejected}
-)
-
-
-class OtaStatus(StrEnum):
-    """What a device reports on ``ota/status``."""
-
-    downloading = "downloading"
-    verifying = "verifying"
-    installing = "installing"
-    succeeded = "succeeded"
-    failed = "failed"
-
-
-class Progress(StrEnum):
-    """A device's progress in a rollout."""
-
-    planned = "planned"  # in a cohort not commanded yet
-    skipped = "skipped"  # not commanded: ineligible or already at the version
-    sent = "sent"
-    downloading = "downloading"
-    verifying = "verifying"
-    installing = "installing"
-    succeeded = "succeeded"
-    failed = "failed"
-    rollback_sent = "rollback_sent"
-    rolled_back = "rolled_back"
-    rollback_failed = "rollback_failed"
-
-
-_IN_FLIGHT = frozenset(
-    {Progress.sent, Progress.downloading, Progress.verifying, Progress.installing}
-)
-_INSTALL_DONE = frozenset({Progress.succeeded, Progress.failed})
-_ROLLBACK = frozenset({Progress.rollback_sent, Progress.rolled_back, Progress.rollback_failed})
-
-
-class CommandAction(StrEnum):
-    install = "install"
-    rollback = "rollback"
-
-
-class ApprovalDecision(StrEnum):
-    approved = "approved"
-    rejected = "rejected"
-
-
-# --------------------------------------------------------------------------- plan
-
-
-def _check_fraction(name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and 0 <= value <= 1):
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-
-
-def _check_seconds(name: str, value: float | None, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RolloutPlan:
-    """How a rollout proceeds; invalid plans raise ValueError at construction."""
-
-    canary_size: int = 5
-    percentages: tuple[float, ...] = (1.0, 10.0, 100.0)
-    success_threshold: float = 0.95
-    error_threshold: float = 0.05
-    health_window_s: float = 300.0
-    alert_severities: frozenset[Severity] = frozenset({Severity.critical})
-    require_telemetry: bool = True
-    cohort_timeout_s: float | None = None
-    rollback_timeout_s: float = 900.0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "percentages", tuple(float(p) for p in self.percentages))
-        object.__setattr__(
-            self, "alert_severities", frozenset(Severity(s) for s in self.alert_severities)
-        )
-        if isinstance(self.canary_size, bool) or not isinstance(self.canary_size, int):
-            raise ValueError(f"canary_size must be an integer, got {self.canary_size!r}")
-        if self.canary_size < 1:
-            raise ValueError("canary_size must be at least 1: every rollout starts with a canary")
-        shares = self.percentages
-        if not shares or shares[-1] != 100.0:
-            raise ValueError(f"percentages must end at 100, got {list(shares)}")
-        if any(not (0 < p <= 100) for p in shares) or any(
-            a >= b for a, b in itertools.pairwise(shares)
-        ):
-            raise ValueError(
-                f"percentages must ascend strictly within (0, 100], got {list(shares)}"
-            )
-        _check_fraction("success_threshold", self.success_threshold)
-        _check_fraction("error_threshold", self.error_threshold)
-        _check_seconds("health_window_s", self.health_window_s)
-        _check_seconds("cohort_timeout_s", self.cohort_timeout_s, optional=True)
-        _check_seconds("rollback_timeout_s", self.rollback_timeout_s)
-
-    def to_record(self) -> dict[str, Any]:
-        return {
-            "canary_size": self.canary_size,
-            "percentages": list(self.percentages),
-            "success_threshold": float(self.success_threshold),
-            "error_threshold": float(self.error_threshold),
-            "health_window_s": float(self.health_window_s),
-            "alert_severities": sorted(str(s) for s in self.alert_severities),
-            "require_telemetry": self.require_telemetry,
-            "cohort_timeout_s": _float(self.cohort_timeout_s),
-            "rollback_timeout_s": float(self.rollback_timeout_s),
-        }
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> RolloutPlan:
-        return cls(
-            canary_size=int(record["canary_size"]),
-            percentages=tuple(float(p) for p in record["percentages"]),
-            success_threshold=float(record["success_threshold"]),
-            error_threshold=float(record["error_threshold"]),
-            health_window_s=float(record["health_window_s"]),
-            alert_severities=frozenset(Severity(s) for s in record["alert_severities"]),
-            require_telemetry=bool(record.get("require_telemetry", True)),
-            cohort_timeout_s=_float(record.get("cohort_timeout_s")),
-            rollback_timeout_s=float(record["rollback_timeout_s"]),
-        )
-
-
-def _float(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
-def _rank(seed: str, device_id: str) -> bytes:
-    return hashlib.sha256(json.dumps([seed, device_id]).encode("utf-8")).digest()
-
-
-def plan_cohorts(device_ids: Iterable[str], plan: RolloutPlan, seed: str = "") -> list[list[str]]:
-    """Split ``device_ids`` into cohorts: ordered by a hash of (``seed`` = the rollout id,
-    device id), the first ``canary_size`` (at least one), then up to each cumulative
-    percentage of the whole (rounded up). Every id lies in exactly one (non-empty) cohort."""
-    ids = sorted(set(device_ids), key=lambda d: (_rank(seed, d), d))
-    n = len(ids)
-    if n == 0:
-        return []
-    done = min(n, plan.canary_size)
-    cohorts = [ids[:done]]
-    for share in plan.percentages:
-        upto = min(n, math.ceil(round(n * share / 100, 9)))
-        if upto > done:
-            cohorts.append(ids[done:upto])
-            done = upto
-    if done < n:  # unreachable while the last share is 100; kept so no device is lost
-        cohorts.append(ids[done:])
-    return cohorts
-
-
-def in_target(target: Resource, record: DeviceRecord) -> bool:
-    """Whether the registry ``record`` is a device a rollout on ``target`` updates."""
-    names = target.names
-    place = (record.org, record.project, record.group)
-    return record.status in ELIGIBLE_STATUSES and place[: len(names)] == names
-
-
-def command_id(rollout_id: str, device_id: str, action: CommandAction) -> str:
-    """The id of ``action`` for ``device_id`` in ``rollout_id``: the same on every replay."""
-    return str(uuid.uuid5(_NAMESPACE, json.dumps([rollout_id, device_id, str(action)])))
-
-
-def _note_id(rollout_id: str, *parts: object) -> str:
-    return str(uuid.uuid5(_NAMESPACE, json.dumps([rollout_id, "audit", *map(str, parts)])))
-
-
-# --------------------------------------------------------------------------- state
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Approval:
-    request_id: str
-    principal: str
-    decision: ApprovalDecision
-    ts_ms: int
-    comment: str | None = None
-
-    def to_record(self) -> dict[str, Any]:
-        return {
-            "request_id": self.request_id,
-            "principal": self.principal,
-            "decision": str(self.decision),
-            "ts_ms": self.ts_ms,
-            "comment": self.comment,
-        }
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> Approval:
-        return cls(
-            request_id=str(record["request_id"]),
-            principal=str(record["principal"]),
-            decision=ApprovalDecision(record["decision"]),
-            ts_ms=int(record["ts_ms"]),
-            comment=record.get("comment"),
-        )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RolloutDevice:
-    """One device's progress in a rollout."""
-
-    device_id: str
-    cohort: int
-    status: Progress = Progress.planned
-    installed: bool = False  # reported installing or succeeded at some point
-    previous_version: str | None = None  # registry firmware_version when commanded
-    reported_version: str | None = None
-    reason: str | None = None
-    last_seq: int = -1
-    sent_ms: int | None = None
-    updated_ms: int = 0
-    last_seen_ms: int | None = None  # telemetry seen in the health window
-
-    def to_record(self) -> dict[str, Any]:
-        return {
-            "device_id": self.device_id,
-            "cohort": self.cohort,
-            "status": str(self.status),
-            "installed": self.installed,
-            "previous_version": self.previous_version,
-            "reported_version": self.reported_version,
-            "reason": self.reason,
-            "last_seq": self.last_seq,
-            "sent_ms": self.sent_ms,
-            "updated_ms": self.updated_ms,
-            "last_seen_ms": self.last_seen_ms,
-        }
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> RolloutDevice:
-        return cls(
-            device_id=str(record["device_id"]),
-            cohort=int(record["cohort"]),
-            status=Progress(record["status"]),
-            installed=bool(record.get("installed", False)),
-            previous_version=record.get("previous_version"),
-            reported_version=record.get("reported_version"),
-            reason=record.get("reason"),
-            last_seq=int(record.get("last_seq", -1)),
-            sent_ms=_int(record.get("sent_ms")),
-            updated_ms=int(record["updated_ms"]),
-            last_seen_ms=_int(record.get("last_seen_ms")),
-        )
-
-
-def _int(value: Any) -> int | None:
-    return None if value is None else int(value)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Rollout:
-    """One rollout. Immutable: :func:`step` returns new rollouts. ``devices`` and ``cohorts``
-    are shared between successive rollouts: treat them as read-only."""
-
-    rollout_id: str
-    state: RolloutState
-    artifact: Artifact
-    target: Resource
-    plan: RolloutPlan
-    created_by: str
-    create_request_id: str
-    created_ms: int
-    updated_ms: int
-    paused_from: RolloutState | None = None
-    approvals: tuple[Approval, ...] = ()
-    cohort_index: int = -1  # -1: not started
-    cohorts: tuple[tuple[str, ...], ...] = ()  # each sorted by device id
-    cohort_started_ms: int | None = None
-    window_started_ms: int | None = None
-    rollback_deadline_ms: int | None = None
-    devices: Mapping[str, RolloutDevice] = field(default_factory=dict)
-    issued: frozenset[str] = frozenset()
-    reason: str | None = None
-    ended_ms: int | None = None
-
-    @property
-    def final(self) -> bool:
-        return self.state in FINAL_STATES
-
-    @property
-    def current_cohort(self) -> tuple[str, ...]:
-        if 0 <= self.cohort_index < len(self.cohorts):
-            return self.cohorts[self.cohort_index]
-        return ()
-
-    def counts(self, cohort: int | None = None) -> Counter[Progress]:
-        """How many devices of ``cohort`` (default: the current one) are in each status."""
-        index = self.cohort_index if cohort is None else cohort
-        if not 0 <= index < len(self.cohorts):
-            return Counter()
-        return Counter(self.devices[d].status for d in self.cohorts[index])
-
-
-# --------------------------------------------------------------------------- events
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CreateRollout:
-    request_id: str
-    principal: Principal
-    rollout_id: str
-    artifact: Artifact
-    target: Resource
-    plan: RolloutPlan = field(default_factory=RolloutPlan)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Approve:
-    request_id: str
-    principal: Principal
-    decision: ApprovalDecision = ApprovalDecision.approved
-    comment: str | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Pause:
-    request_id: str
-    principal: Principal
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Resume:
-    request_id: str
-    principal: Principal
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Abort:
-    request_id: str
-    principal: Principal
-    reason: str | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DeviceReport:
-    """A device's ``ota/status`` report (see :func:`report_from_event`)."""
-
-    device_id: str
-    status: OtaStatus
-    seq: int
-    version: str | None = None
-    reason: str | None = None
-    command_id: str | None = None
-    rollout_id: str | None = None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AlertRaised:
-    device_id: str
-    severity: Severity
-    alert_id: str
-
-    @classmethod
-    def from_alert(cls, alert: AlertEvent) -> AlertRaised | None:
-        """The event of an ``alerts`` record; None for a resolved alert."""
-        if alert.status is not AlertStatus.raised:
-            return None
-        return cls(device_id=alert.device_id, severity=alert.severity, alert_id=alert.alert_id)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Telemetry:
-    """Telemetry from ``device_id`` received at ``seen_ms`` (the bridge's ``received_at``)."""
-
-    device_id: str
-    seen_ms: int
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Tick:
-    """The timer (the step's ``now_ms`` is the time); ``last_seen_ms`` may carry the latest
-    telemetry time of devices, as :class:`Telemetry` events would."""
-
-    last_seen_ms: Mapping[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DeviceJoined:
-    """``device_id`` entered the rollout's target (new, moved in, or activated)."""
-
-    device_id: str
-
-
-OperatorEvent: TypeAlias = CreateRollout | Approve | Pause | Resume | Abort
-Event: TypeAlias = OperatorEvent | DeviceReport | AlertRaised | Telemetry | Tick | DeviceJoined
-
-
-def report_from_event(record: Mapping[str, Any]) -> DeviceReport | None:
-    """The report in a ``device.events`` record (Avro ``DeviceEvent`` of type ``ota_status``,
-    attributes as the bridge keeps them); None for other events and unknown statuses."""
-    if record.get("type") != "ota_status":
-        return None
-    attributes: Mapping[str, str] = record.get("attributes") or {}
-    try:
-        status = OtaStatus(str(attributes.get("status")))
-    except ValueError:
-        return None
-    return DeviceReport(
-        device_id=str(record["device_id"]),
-        status=status,
-        seq=int(record["seq"]),
-        version=attributes.get("version"),
-        reason=attributes.get("reason") or record.get("message"),
-        command_id=attributes.get("command_id"),
-        rollout_id=attributes.get("rollout_id"),
-    )
-
-
-# --------------------------------------------------------------------------- effects
-
-
-@dataclass(frozen=True, slots=True)
-class Command:
-    """An OTA command for one device; ``payload`` is its canonical JSON (same bytes on replay)."""
-
-    rollout_id: str
-    device_id: str
-    command_id: str
-    action: CommandAction
-    payload: bytes
-
-    @property
-    def document(self) -> dict[str, Any]:
-        value: dict[str, Any] = json.loads(self.payload)
-        return value
-
-    def to_downlink(self) -> dict[str, Any]:
-        """The Avro ``Downlink`` record for ``mqtt.downlink`` (key: the device id)."""
-        return downlink_record(
-            self.device_id, OTA_COMMAND_SUBTOPIC, self.payload, qos=1, command_id=self.command_id
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    """What one :func:`step` / :func:`run` produced. ``rollout`` is the input itself when
-    nothing changed (and None when there is no rollout, e.g. a refused create)."""
-
-    rollout: Rollout | None
-    commands: tuple[Command, ...] = ()
-    audits: tuple[AuditRecord, ...] = ()
-    changed: bool = False
-
-    @property
-    def effects(self) -> tuple[Command | AuditRecord, ...]:
-        return (*self.commands, *self.audits)
-
-
-def _canonical(document: Mapping[str, Any]) -> str:
-    """Compact JSON with sorted keys: the same document always gives the same bytes."""
-    return json.dumps(document, sort_keys=True, separators=(",", ":"))
-
-
-def install_document(rollout: Rollout, device_id: str) -> dict[str, Any]:
-    """The ``install`` command for ``device_id`` (its payload is this, as canonical JSON)."""
-    artifact = rollout.artifact.to_record()
-    artifact["signature"] = base64.b64encode(rollout.artifact.signature).decode("ascii")
-    return {
-        "action": str(CommandAction.install),
-        "artifact": artifact,
-        "command_id": command_id(rollout.rollout_id, device_id, CommandAction.install),
-        "kind": str(rollout.artifact.kind),
-        "rollout_id": rollout.rollout_id,
-        "version": rollout.artifact.version,
-    }
-
-
-def _install_parts(rollout: Rollout) -> tuple[str, str]:
-    """The canonical install payload before and after its command id (the one part that
-    differs between devices), so a cohort of 100 000 is not encoded 100 000 times."""
-    marker = "\x00command-id\x00"
-    document = install_document(rollout, "-")
-    document["command_id"] = marker
-    head, tail = _canonical(document).split(json.dumps(marker))
-    return head, tail
-
-
-# --------------------------------------------------------------------------- transitions
-
-
-class _Work:
-    """The mutable working copy of one batch; :meth:`finish` freezes it."""
-
-    def __init__(
-        self,
-        rollout: Rollout | None,
-        now_ms: int,
-        grants: Mapping[str, GrantSet],
-        devices: Mapping[str, DeviceRecord],
-    ) -> None:
-        self.original = rollout
-        self.r = rollout
-        self.now = now_ms
-        self.grants = grants
-        self.registry = devices
-        self.commands: list[Command] = []
-        self.audits: list[AuditRecord] = []
-        self._progress: dict[str, RolloutDevice] | None = None
-        self._issued: set[str] | None = None
-        self._cohorts: list[list[str]] | None = None
-        self._tally: Counter[Progress] | None = None  # the current cohort's statuses
-        self._authorization = ""  # the last authorization's reason, for the audit record
-        self._install_parts: tuple[str, str] | None = None  # the install payload around its id
-
-    # ------------------------------------------------------------ working state
-
-    @property
-    def rollout(self) -> Rollout:
-        assert self.r is not None
-        return self.r
-
-    def set(self, **changes: Any) -> None:
-        self.r = replace(self.rollout, **changes)
-
-    def progress(self, device_id: str) -> RolloutDevice | None:
-        source = self._progress if self._progress is not None else self.rollout.devices
-        return source.get(device_id)
-
-    def put(self, device: RolloutDevice) -> None:
-        if self._progress is None:
-            self._progress = dict(self.rollout.devices)
-        old = self._progress.get(device.device_id)
-        if device.updated_ms != self.now:
-            device = replace(device, updated_ms=self.now)
-        self._progress[device.device_id] = device
-        if self._tally is not None and device.cohort == self.rollout.cohort_index:
-            if old is not None and old.cohort == device.cohort:
-                self._tally[old.status] -= 1
-            self._tally[device.status] += 1
-
-    def issued(self, command: str) -> bool:
-        source = self._issued if self._issued is not None else self.rollout.issued
-        return command in source
-
-    def cohort(self, index: int) -> Sequence[str]:
-        cohorts = self._cohorts if self._cohorts is not None else self.rollout.cohorts
-        return cohorts[index] if 0 <= index < len(cohorts) else ()
-
-    @property
-    def cohort_count(self) -> int:
-        cohorts = self._cohorts if self._cohorts is not None else self.rollout.cohorts
-        return len(cohorts)
-
-    def tally(self) -> Counter[Progress]:
-        if self._tally is None:
-            tally: Counter[Progress] = Counter()
-            for device_id in self.cohort(self.rollout.cohort_index):
-                device = self.progress(device_id)
-                if device is not None:
-                    tally[device.status] += 1
-            self._tally = tally
-        return self._tally
-
-    def finish(self) -> Step:
-        if self.r is None:
-            return Step(None, (), tuple(self.audits), changed=False)
-        changes: dict[str, Any] = {}
-        if self._progress is not None:
-            changes["devices"] = self._progress
-        if self._issued is not None:
-            changes["issued"] = frozenset(self._issued)
-        if self._cohorts is not None:
-            changes["cohorts"] = tuple(tuple(c) for c in self._cohorts)
-        rollout = self.r
-        if changes or rollout is not self.original:
-            rollout = replace(rollout, updated_ms=self.now, **changes)
-        changed = rollout is not self.original
-        return Step(rollout, tuple(self.commands), tuple(self.audits), changed=changed)
-
-    # ------------------------------------------------------------ audit
-
-    def audit(
-        self,
-        *,
-        request_id: str,
-        command: str,
-        principal: str,
-        action: Action,
-        decision: AuditDecision,
-        authorization: str,
-        reason: str,
-        resource: Resource | None = None,
-        device_id: str | None = None,
-    ) -> None:
-        if resource is None and self.r is not None:
-            resource = self.r.target
-        self.audits.append(
-            AuditRecord(
-                ts_ms=self.now,
-                command_id=request_id,
-                command=command,
-                principal=principal,
-                action=str(action),
-                device_id=device_id,
-                resource=None if resource is None else str(resource),
-                decision=decision,
-                authorization=authorization,
-                reason=reason,
-            )
-        )
-
-    def note(self, what: str, reason: str, *key: object, device_id: str | None = None) -> None:
-        """Audit an automatic transition (the orchestrator acts; ids stable on replay)."""
-        r = self.rollout
-        self.audit(
-            request_id=_note_id(r.rollout_id, what, *key),
-            command=f"ota.{what}",
-            principal=str(Principal.orchestrator()),
-            action=Action.ota_control,
-            decision=AuditDecision.applied,
-            authorization=_AUTOMATIC,
-            reason=f"rollout {r.rollout_id}: {reason}",
-            device_id=device_id,
-        )
+class _Work(WorkingCopy):
+    """The transitions of one batch (dispatch, operators, devices, commands, gates)."""
 
     # ------------------------------------------------------------ dispatch
 
@@ -904,7 +250,7 @@ class _Work:
             principal=str(event.principal),
             decision=ApprovalDecision(event.decision),
             ts_ms=self.now,
-            comment=_text(event.comment),
+            comment=clip_text(event.comment),
         )
         approvals = (*r.approvals, approval)
         if approval.decision is ApprovalDecision.approved:
@@ -953,7 +299,7 @@ class _Work:
             RolloutState.paused,
         ):
             reason = f"aborted by {event.principal}" + (
-                f": {_text(event.reason)}" if event.reason else ""
+                f": {clip_text(event.reason)}" if event.reason else ""
             )
             self.set(state=RolloutState.aborted, paused_from=None, reason=reason, ended_ms=self.now)
             self._answer(event, AuditDecision.applied, reason)
@@ -991,7 +337,7 @@ class _Work:
         if (
             r.state in (RolloutState.rolling_back, RolloutState.rolled_back)
             and device.installed
-            and device.status not in _ROLLBACK
+            and device.status not in ROLLBACK_STATUSES
         ):
             self.send_rollback(device.device_id)
             self.check_rolled_back()
@@ -1000,34 +346,35 @@ class _Work:
 
     def _install_report(self, device: RolloutDevice, event: DeviceReport) -> RolloutDevice:
         status = Progress(str(event.status))
-        if device.status in _ROLLBACK:
+        if device.status in ROLLBACK_STATUSES:
             return device  # a late report of the install, after it was commanded back
-        if device.status in _INSTALL_DONE and not (
+        if device.status in INSTALL_DONE and not (
             device.status is Progress.succeeded and status is Progress.failed
         ):
             return device  # only succeeded -> failed follows a final status
         installed = device.installed or status in (Progress.installing, Progress.succeeded)
-        reason = _text(event.reason) if status is Progress.failed else None
+        reason = clip_text(event.reason) if status is Progress.failed else None
         expected = self.rollout.artifact.version
         if status is Progress.succeeded and event.version is not None and event.version != expected:
             status = Progress.failed
-            reason = f"reported version {_text(event.version)} after install, expected {expected}"
+            reported = clip_text(event.version)
+            reason = f"reported version {reported} after install, expected {expected}"
         if status is Progress.failed and reason is None:
             reason = "failed"
         return replace(
             device,
             status=status,
             installed=installed,
-            reported_version=_text(event.version) or device.reported_version,
+            reported_version=clip_text(event.version) or device.reported_version,
             reason=reason,
         )
 
     def _rollback_report(self, device: RolloutDevice, event: DeviceReport) -> RolloutDevice:
         if device.status is not Progress.rollback_sent:
             return device
-        version = _text(event.version)
+        version = clip_text(event.version)
         if event.status is OtaStatus.failed:
-            reason = f"rollback failed: {_text(event.reason) or 'no reason given'}"
+            reason = f"rollback failed: {clip_text(event.reason) or 'no reason given'}"
             return replace(device, status=Progress.rollback_failed, reason=reason)
         if event.status is not OtaStatus.succeeded:
             return replace(device, reported_version=version or device.reported_version)
@@ -1134,7 +481,7 @@ class _Work:
         previous = record.firmware_version if r.artifact.kind is ArtifactKind.firmware else None
         ident = command_id(r.rollout_id, device_id, CommandAction.install)
         if self._install_parts is None:
-            self._install_parts = _install_parts(r)
+            self._install_parts = install_parts(r)
         head, tail = self._install_parts
         self._emit(device_id, ident, CommandAction.install, head + json.dumps(ident) + tail)
         self.put(
@@ -1150,7 +497,7 @@ class _Work:
     def send_rollback(self, device_id: str) -> None:
         r = self.rollout
         device = self.progress(device_id)
-        if device is None or device.status in _ROLLBACK or device.sent_ms is None:
+        if device is None or device.status in ROLLBACK_STATUSES or device.sent_ms is None:
             return
         ident = command_id(r.rollout_id, device_id, CommandAction.rollback)
         document = {
@@ -1161,17 +508,8 @@ class _Work:
             "rollout_id": r.rollout_id,
             "version": device.previous_version,
         }
-        self._emit(device_id, ident, CommandAction.rollback, _canonical(document))
+        self._emit(device_id, ident, CommandAction.rollback, canonical_json(document))
         self.put(replace(device, updated_ms=self.now, status=Progress.rollback_sent))
-
-    def _emit(self, device_id: str, ident: str, action: CommandAction, payload: str) -> None:
-        if self.issued(ident):
-            return  # never twice
-        if self._issued is None:
-            self._issued = set(self.rollout.issued)
-        self._issued.add(ident)
-        body = payload.encode("utf-8")
-        self.commands.append(Command(self.rollout.rollout_id, device_id, ident, action, body))
 
     def send_planned(self) -> None:
         for device_id in list(self.cohort(self.rollout.cohort_index)):
@@ -1186,7 +524,7 @@ class _Work:
         elif r.state is RolloutState.running:
             timeout = r.plan.cohort_timeout_s
             started = r.cohort_started_ms
-            if timeout is not None and started is not None and self.now >= started + _ms(timeout):
+            if timeout is not None and started is not None and self.now >= started + to_ms(timeout):
                 self.time_out()
             self.evaluate()
         elif r.state is RolloutState.rolling_back:
@@ -1230,7 +568,7 @@ class _Work:
         r = self.rollout
         for device_id in self.cohort(r.cohort_index):
             device = self.progress(device_id)
-            if device is not None and device.status in _IN_FLIGHT:
+            if device is not None and device.status in IN_FLIGHT:
                 reason = f"no success within {r.plan.cohort_timeout_s:g} s"
                 self.put(
                     replace(device, updated_ms=self.now, status=Progress.failed, reason=reason)
@@ -1263,7 +601,7 @@ class _Work:
         if start is None:
             self.set(window_started_ms=self.now)
             start = self.now
-        if self.now < start + _ms(r.plan.health_window_s):
+        if self.now < start + to_ms(r.plan.health_window_s):
             return
         watched = r.plan.require_telemetry and r.plan.health_window_s > 0
         if watched and self.fail_silent(start):
@@ -1295,7 +633,7 @@ class _Work:
 
     def start_rollback(self, reason: str) -> None:
         r = self.rollout
-        deadline = self.now + _ms(r.plan.rollback_timeout_s)
+        deadline = self.now + to_ms(r.plan.rollback_timeout_s)
         self.set(
             state=RolloutState.rolling_back,
             window_started_ms=None,
@@ -1342,18 +680,6 @@ _OPERATOR_COMMANDS: dict[type, str] = {
 }
 
 
-def _ms(seconds: float) -> int:
-    return math.ceil(seconds * 1000)
-
-
-def _text(value: str | None) -> str | None:
-    """A device- or operator-chosen string, cut to a sane length."""
-    if value is None:
-        return None
-    value = str(value)
-    return value if len(value) <= _MAX_TEXT else value[: _MAX_TEXT - 3] + "..."
-
-
 def run(
     rollout: Rollout | None,
     events: Iterable[Event],
@@ -1382,70 +708,3 @@ def step(
 ) -> Step:
     """:func:`run` with one event."""
     return run(rollout, [event], now_ms=now_ms, grants=grants, devices=devices)
-
-
-# --------------------------------------------------------------------------- Avro records
-
-
-def to_record(rollout: Rollout) -> dict[str, Any]:
-    """The Avro ``Rollout`` record (devices sorted by id, issued ids sorted)."""
-    return {
-        "rollout_id": rollout.rollout_id,
-        "state": str(rollout.state),
-        "paused_from": None if rollout.paused_from is None else str(rollout.paused_from),
-        "artifact": rollout.artifact.to_record(),
-        "target": str(rollout.target),
-        "plan": rollout.plan.to_record(),
-        "created_by": rollout.created_by,
-        "create_request_id": rollout.create_request_id,
-        "created_ms": rollout.created_ms,
-        "updated_ms": rollout.updated_ms,
-        "approvals": [a.to_record() for a in rollout.approvals],
-        "cohort_index": rollout.cohort_index,
-        "cohort_count": len(rollout.cohorts),
-        "cohort_started_ms": rollout.cohort_started_ms,
-        "window_started_ms": rollout.window_started_ms,
-        "rollback_deadline_ms": rollout.rollback_deadline_ms,
-        "devices": [rollout.devices[d].to_record() for d in sorted(rollout.devices)],
-        "issued": sorted(rollout.issued),
-        "reason": rollout.reason,
-        "ended_ms": rollout.ended_ms,
-    }
-
-
-def from_record(record: Mapping[str, Any]) -> Rollout:
-    """The rollout in an Avro ``Rollout`` record; ValueError (or KeyError) if malformed."""
-    devices: dict[str, RolloutDevice] = {}
-    for item in record.get("devices") or ():
-        device = RolloutDevice.from_record(item)
-        devices[device.device_id] = device
-    count = int(record.get("cohort_count", 0))
-    cohorts: list[list[str]] = [[] for _ in range(count)]
-    for device_id in sorted(devices):
-        index = devices[device_id].cohort
-        if not 0 <= index < count:
-            raise ValueError(f"device {device_id} in cohort {index} of {count}")
-        cohorts[index].append(device_id)
-    paused_from = record.get("paused_from")
-    return Rollout(
-        rollout_id=str(record["rollout_id"]),
-        state=RolloutState(record["state"]),
-        paused_from=None if paused_from is None else RolloutState(paused_from),
-        artifact=Artifact.from_record(record["artifact"]),
-        target=Resource.parse(record["target"]),
-        plan=RolloutPlan.from_record(record["plan"]),
-        created_by=str(record["created_by"]),
-        create_request_id=str(record["create_request_id"]),
-        created_ms=int(record["created_ms"]),
-        updated_ms=int(record["updated_ms"]),
-        approvals=tuple(Approval.from_record(a) for a in record.get("approvals") or ()),
-        cohort_index=int(record.get("cohort_index", -1)),
-        cohorts=tuple(tuple(c) for c in cohorts),
-        cohort_started_ms=_int(record.get("cohort_started_ms")),
-        window_started_ms=_int(record.get("window_started_ms")),
-        rollback_deadline_ms=_int(record.get("rollback_deadline_ms")),
-        devices=devices,
-        issued=frozenset(str(i) for i in record.get("issued") or ()),
-        reason=record.get("reason"),
-        ended_ms=_int(record.get("ended_ms")),
-    )

@@ -23,10 +23,10 @@ from pydantic import (
     field_validator,
 )
 
-from infra.pki import DEVICE_ID_PATTERN
+from schemas.identity import DEVICE_ID_PATTERN
 from streams.alerts import RuleKind, ScopeType, Severity
-from streams.rbac import PRINCIPAL_ID_PATTERN, SEGMENT_PATTERN, Role
-from streams.registry import AuditDecision, DeviceStatus
+from streams.registry.devices import AuditDecision, DeviceStatus
+from streams.registry.rbac import PRINCIPAL_ID_PATTERN, SEGMENT_PATTERN, Role
 
 __all__ = [
     "MAX_JSON_DEPTH",

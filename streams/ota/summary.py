@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from streams.ota import Progress, Rollout
+from streams.ota.model import Progress, Rollout
 
 
 def rollout_summary(rollout: Rollout) -> dict[str, Any]:
