@@ -205,5 +205,6 @@ def bench_settings(root: Path) -> Settings:
         registry_management_port=39001,
         mqtt_port=38883,
         query_port=38124,
+        jobs_web_port=36066,
         mqtt_max_queued=1_000_000,  # each offline consumer queues the whole run
     )

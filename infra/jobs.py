@@ -227,3 +227,21 @@ def scaffold(directory: Path, name: str) -> tuple[Path, Path]:
     job.write_text(JOB_TEMPLATE.format(name=name))
     test.write_text(TEST_TEMPLATE.format(name=name))
     return job, test
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m infra.jobs FILE.py [--web-port N]``: a job as a service of `fleet up`."""
+    import argparse
+
+    from infra.settings import load_settings
+
+    parser = argparse.ArgumentParser(prog="python -m infra.jobs", description=main.__doc__)
+    parser.add_argument("file", type=Path)
+    parser.add_argument("--web-port", type=int, default=None)
+    parser.add_argument("--loglevel", default="warn")
+    args = parser.parse_args(argv)
+    run_job(load_settings(), args.file, args.web_port, args.loglevel)
+
+
+if __name__ == "__main__":
+    main()

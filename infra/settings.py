@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     hot_max_batch: int = Field(default=5_000, ge=1)
     hot_instance: int = Field(default=0, ge=0)  # its transactional id: one per worker
 
+    # The shipped Faust jobs (fleet_health, alert_webhooks) serve their Faust web view on
+    # jobs_web_port and the next port.
+    jobs_web_port: int = 6066
+
     java_home: Path | None = None
     registry_java_home: Path | None = None
 

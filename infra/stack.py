@@ -14,6 +14,7 @@ from infra.services.base import Service, ServiceError, ServiceStatus
 from infra.services.bridge import BridgeService
 from infra.services.enforcer import EnforcerService
 from infra.services.hot_worker import HotWorkerService
+from infra.services.jobs import SHIPPED_JOBS, shipped_jobs
 from infra.services.kafka import KafkaBroker
 from infra.services.mosquitto import Mosquitto
 from infra.services.ota import OtaControllerService
@@ -53,6 +54,8 @@ LAG_GROUPS = (
     ("fleetstream-hot", ("telemetry.raw", "twin.reported", "twin.desired", "registry.commands")),
     (OTA_GROUP, OTA_INPUTS),
     ("bridge-downlink", ("mqtt.downlink",)),
+    # The shipped Faust jobs (streams/jobs/shipped/): consumer group = job name.
+    *SHIPPED_JOBS,
 )
 
 
@@ -95,6 +98,7 @@ class Stack:
         self.hot_worker = HotWorkerService(settings)
         self.ota = OtaControllerService(settings)
         self.api = ApiService(settings)
+        self.jobs = shipped_jobs(settings)
         self.supervisor = SupervisorService(settings)
 
     @property
@@ -114,6 +118,7 @@ class Stack:
             self.hot_worker,
             self.ota,
             self.api,
+            *self.jobs,
         ]
 
     def up(self) -> StackStatus:
@@ -137,6 +142,8 @@ class Stack:
         self.hot_worker.launch()
         self.ota.launch()
         self.api.launch()
+        for job in self.jobs:
+            job.launch()
         self.cold_worker.start(timeout)
         for bridge in self.bridges:
             bridge.wait_ready(timeout)
@@ -144,6 +151,8 @@ class Stack:
         self.ota.wait_ready(timeout)
         self.api.wait_ready(timeout)
         self.enforcer.wait_ready(timeout)
+        for job in self.jobs:
+            job.wait_ready(timeout)
         # Last: from here on, whatever dies is started again (also a broker or Mosquitto).
         watching = set(self.supervisor.restarts()) if self.supervisor.report() else set()
         if watching and watching != {s.name for s in self.supervised}:
@@ -156,6 +165,7 @@ class Stack:
         goes first, so nothing is started again behind this."""
         stopped = [self.supervisor.name] if self.supervisor.stop() else []
         platform = (
+            *self.jobs,
             self.api,
             *self.bridges,
             *self.spare_bridges,  # one still running from a larger scale

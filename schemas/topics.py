@@ -103,6 +103,8 @@ TOPICS: tuple[TopicSpec, ...] = (
         "OtaArtifact",
         cleanup="compact",
     ),
+    # Per device group, 1-minute health windows (the shipped Faust job fleet_health).
+    TopicSpec("fleet.health", "group path@window start", "JSON health window", cleanup="compact"),
     TopicSpec("dlq.ingest", "original key", _DLQ, retention_ms=30 * DAY_MS),
     TopicSpec("dlq.cold", "original key", _DLQ, retention_ms=30 * DAY_MS),
     TopicSpec("dlq.hot", "original key", _DLQ, retention_ms=30 * DAY_MS),

@@ -29,6 +29,7 @@ TEST_SETTINGS = {
     "query_port": 8124 + PORT_OFFSET,
     "query_timeout_s": 5.0,  # short, so the query port's time-limit test ends quickly
     "api_port": 8090 + PORT_OFFSET,
+    "jobs_web_port": 6066 + PORT_OFFSET,
     "default_partitions": 3,
 }
 

@@ -23,11 +23,13 @@ import faust
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from faust.exceptions import DecodeError
 from faust.types import ProcessingGuarantee
+from faust.web import Request, Response, View
 
 from schemas.codec import CodecRegistry
 from streams.jobs.codec import ConfluentAvroCodec, RegistrySchemas
 from streams.jobs.config import JobsConfig, TopicDecl
 from streams.jobs.records import record_type
+from streams.jobs.registry import RegistryTable
 from streams.jobs.transport import ReadCommittedTransport
 
 _UNCONFIGURED = "fleet-job"
@@ -95,6 +97,7 @@ class JobsApp(faust.App):
         self._registry: tuple[CodecRegistry, RegistrySchemas] | None = None
         self._own_topics: list[faust.TopicT] = []
         self._dlq: faust.TopicT | None = None
+        self._devices: RegistryTable | None = None
 
     # --- configuration ------------------------------------------------------------------------
 
@@ -106,6 +109,7 @@ class JobsApp(faust.App):
         self._codecs.clear()
         self._registry = None
         self._dlq = None
+        self._devices = None
 
     def _config(self) -> JobsConfig:
         if self.jobs_config is None:
@@ -172,6 +176,51 @@ class JobsApp(faust.App):
             value_serializer=self.avro_codec(name, decl.schema),
             partitions=decl.partitions,
         )
+
+    @property
+    def devices(self) -> RegistryTable:
+        """The device registry, read-only: a GlobalTable of ``registry.devices`` (device id ->
+        the ``Device`` entry as a dict; ``devices.group_of(device_id)`` -> ``org/project/group``).
+
+        Made on first use, at the job's import: only jobs that use it read the registry.
+        """
+        if self._devices is not None:
+            return self._devices
+        source = "registry.devices"
+        decl = self.catalogue().get(source)
+        if decl is None or decl.schema is None:
+            raise RuntimeError("the jobs app is not configured: run it with `fleet jobs run`")
+        # Values as dicts (value_type None): a tombstone is a deletion, not a decode error.
+        changelog = super().topic(
+            source,
+            key_type=str,
+            key_serializer="raw",
+            value_serializer=self.avro_codec(source, decl.schema),
+            partitions=decl.partitions,
+        )
+        table = RegistryTable(
+            self,
+            name="registry_devices",
+            key_type=str,
+            value_type=None,
+            changelog_topic=changelog,  # read through it: its codec decodes the entries
+            partitions=decl.partitions,
+            beacon=self.tables.beacon,
+            # A global table: every worker of the job reads every partition, applying
+            # changes as they come (as faust.App.GlobalTable sets it up).
+            is_global=True,
+            synchronize_all_active_partitions=True,
+            standby_buffer_size=1,
+            # Its partitions are "active" too, and Faust applies an active changelog's events
+            # in batches of this size, also after recovery: 1, or a new device waits for 999
+            # more (faust.GlobalTable's docstring asks for it with several workers too).
+            recovery_buffer_size=1,
+            help="the device registry (registry.devices), read-only",
+        )
+        self.tables.add(table)
+        self._devices = table
+        self.page("/devices/{device_id}/")(_registry_view(table))
+        return table
 
     def dlq(self) -> faust.TopicT:
         """``dlq.jobs.<job>``: raw key and value of what an agent raised on, with the reason."""
@@ -253,6 +302,20 @@ class JobsApp(faust.App):
         ]
         sent = await self.dlq().send(key=message.key, value=message.value, headers=headers)
         await sent
+
+
+def _registry_view(table: RegistryTable) -> type[View]:
+    class RegistryView(View):
+        """``GET /devices/<id>/`` on the job's web view: the registry entry this worker holds
+        for the device and its group path (404 if it holds none)."""
+
+        async def get(self, request: Request, device_id: str) -> Response:
+            entry = table.get(device_id)
+            if entry is None:
+                return self.json({"device_id": device_id, "group_path": None}, status=404)
+            return self.json({**entry, "group_path": table.group_of(device_id)})
+
+    return RegistryView
 
 
 class PlatformTopics:

@@ -37,6 +37,8 @@ def test_status_json_lists_every_service_and_topic(stack: Stack, settings: Setti
         "hot-worker",
         "ota-controller",
         "api",
+        "job-fleet-health",
+        "job-alert-webhooks",
         "supervisor",
     }
     for name, service in services.items():

@@ -114,6 +114,7 @@ def _offset_settings(offset: int, brokers: int) -> Settings:
         mqtt_port=8883 + offset,
         query_port=8124 + offset,
         api_port=8090 + offset,
+        jobs_web_port=6066 + offset,
         default_partitions=3,
         brokers=brokers,
     )

@@ -110,11 +110,12 @@ def test_topic_contract_names_and_compaction() -> None:
         "registry.devices",
         "rbac.grants",
         "ota.rollouts",
+        "fleet.health",
     }
     assert contract <= set(by_name)
     compacted = {n for n, t in by_name.items() if t.cleanup == "compact"}
     state = {"twin.state", "registry.devices", "rbac.grants", "ota.rollouts"}
-    assert compacted == state | {"alerts.rules", "alerts.state", "ota.artifacts"}
+    assert compacted == state | {"alerts.rules", "alerts.state", "ota.artifacts", "fleet.health"}
     # Changelogs are co-partitioned with the inputs whose state they keep.
     assert by_name["alerts.state"].partitions == by_name["telemetry.raw"].partitions
     assert by_name["_registry.journal"].partitions == 1
