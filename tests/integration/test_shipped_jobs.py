@@ -27,7 +27,7 @@ from infra.pki import CertificateAuthority
 from infra.provision import DeviceCredentials, load_or_provision, register
 from infra.services.base import wait_until
 from infra.settings import PROJECT_ROOT, Settings
-from infra.simulator import run_fleet
+from infra.simulator.fleet import run_fleet
 from infra.stack import Stack
 from streams.jobs.webhooks import CONFIG_FILE, IDEMPOTENCY_HEADER
 from tests.conftest import settings_env
