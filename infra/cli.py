@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from infra.keys import key_passphrase
+from infra.keys import key_passphrase, token_authority
 from infra.pki import KeyKind
 from infra.services.base import ServiceError
 from infra.settings import Settings, load_settings
@@ -221,7 +221,6 @@ def sql(
     from infra.warehouse import run_sql
     from queries.runner import QueryError
     from streams.registry.rbac import Principal
-    from streams.tokens import TokenAuthority
 
     params = dict(p.split("=", 1) for p in param if "=" in p)
     if fmt not in ("table", "json", "csv"):
@@ -229,7 +228,7 @@ def sql(
     settings = _settings()
     try:
         if principal and not token:
-            token = TokenAuthority.for_settings(settings).issue(Principal.parse(principal), 300)
+            token = token_authority(settings).issue(Principal.parse(principal), 300)
         sys.stdout.write(run_sql(settings, query, params, fmt, token) + "\n")  # type: ignore[arg-type]
     except (QueryError, ValueError) as exc:
         raise _fail(exc) from exc
@@ -425,10 +424,9 @@ def token(
     """Print a bearer token for the HTTP API, signed with the platform's key (it says who the
     caller is; what it may do is its grants')."""
     from streams.registry.rbac import Principal
-    from streams.tokens import TokenAuthority
 
     try:
-        signed = TokenAuthority.for_settings(_settings()).issue(Principal.parse(principal), ttl)
+        signed = token_authority(_settings()).issue(Principal.parse(principal), ttl)
     except ValueError as exc:
         raise _fail(exc) from exc
     sys.stdout.write(signed + "\n")
