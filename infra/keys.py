@@ -13,6 +13,9 @@ file outside the checkout, readable by its owner only, keeps a copy of ``.state`
 its own while ``make demo`` and ``make test`` need no step on a fresh machine. Deleting that
 file makes the existing state's keys unreadable (the error says so): keep it, or set
 FLEET_KEY_PASSPHRASE.
+
+The API's token-signing key (:mod:`streams.registry.tokens`) lives in ``<pki dir>/api``
+(:func:`token_dir`); :func:`token_authority` opens it (or makes it) for the settings.
 """
 
 from __future__ import annotations
@@ -24,14 +27,20 @@ import secrets
 import stat
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from infra.settings import Settings
+
+if TYPE_CHECKING:  # imported when used: the CLI imports this module at start
+    from streams.registry.tokens import TokenAuthority
 
 __all__ = [
     "MIN_PASSPHRASE_BYTES",
     "KeyPassphraseError",
     "default_passphrase_file",
     "key_passphrase",
+    "token_authority",
+    "token_dir",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -97,3 +106,15 @@ def key_passphrase(settings: Settings) -> bytes:
         path,
     )
     return _read_passphrase_file(path)
+
+
+def token_dir(settings: Settings) -> Path:
+    """Where the API's token-signing key lives: ``<pki dir>/api``."""
+    return settings.pki_dir / "api"
+
+
+def token_authority(settings: Settings) -> TokenAuthority:
+    """The platform's bearer-token authority: the key in :func:`token_dir`, made on first use."""
+    from streams.registry.tokens import TokenAuthority
+
+    return TokenAuthority.load_or_create(token_dir(settings))

@@ -10,14 +10,38 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+from infra.keys import token_dir
 from infra.settings import Settings, load_settings
 from streams.runtime.clients import KafkaConfig
 from streams.runtime.process import Runnable, configure_logging, run_until_stopped
 
+if TYPE_CHECKING:
+    from streams.registry.query_access import QueryPortConfig
+
 
 def kafka_config(settings: Settings, client_id: str = "fleetstream") -> KafkaConfig:
     return KafkaConfig(settings.bootstrap_servers, settings.registry_url, client_id)
+
+
+def query_port_config(settings: Settings) -> QueryPortConfig:
+    """The cold worker's query port: where, with what limits, who may (tokens, grants)."""
+    from sinks.clickhouse import ReadLimits
+    from streams.registry.query_access import QueryPortConfig
+
+    limits = ReadLimits(
+        timeout_s=settings.query_timeout_s, max_memory_bytes=settings.query_max_memory_bytes
+    )
+    return QueryPortConfig(
+        kafka=kafka_config(settings),
+        host=settings.host,
+        port=settings.query_port,
+        warehouse_dsn=settings.warehouse_dsn,
+        limits=limits,
+        token_dir=token_dir(settings),
+        run_dir=settings.run_dir,
+    )
 
 
 def process_main(name: str, build: Callable[[Settings], Runnable]) -> None:
@@ -54,9 +78,9 @@ def cold_worker_main() -> None:
     )
 
     def serve_queries() -> Closeable:
-        from streams.query_access import serve_warehouse_queries
+        from streams.registry.query_access import serve_warehouse_queries
 
-        return serve_warehouse_queries(settings)
+        return serve_warehouse_queries(query_port_config(settings))
 
     where = f"{settings.host}:{settings.query_port}"
     kafka = kafka_config(settings, COLD_JOB.name)

@@ -14,7 +14,8 @@ failed statement, 409 when ``warehouse`` names another warehouse than the one se
 when the warehouse is unavailable. ``GET /health`` answers ``{"status": "ok", "warehouse"}``.
 Every query needs a platform token (``Authorization: Bearer <token>``; 401 without a valid one, 403
 when its principal may not read telemetry): an :class:`Authenticator` decides, built by the
-process that serves (``streams.query_access``: platform tokens and the ``rbac.grants`` table).
+process that serves (``streams.registry.query_access``: platform tokens and the ``rbac.grants``
+table).
 Denied calls are logged with the principal and reason, never the token. Only reads are served:
 the statement guard (:mod:`sinks.sql_guard`) refuses anything else (400, kind ``refused``), a
 query stopped at one of its limits answers 400 kind ``limit``; each query runs on a read

@@ -9,5 +9,5 @@
 - :mod:`infra.api.client`: the platform's topics from outside the stream jobs (API, CLI, demo);
 - :mod:`infra.api.answers`: answers to requests, read by one consumer per answers topic.
 
-Bearer tokens are :mod:`streams.tokens` (the SQL port verifies them too).
+Bearer tokens are :mod:`streams.registry.tokens` (the SQL port verifies them too).
 """

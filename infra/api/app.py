@@ -2,7 +2,7 @@
 and OTA rollouts: the aiohttp application and the process.
 
 Every call but ``GET /openapi.json`` and ``GET /healthz`` carries a bearer token signed by the
-platform (:mod:`streams.tokens`); a missing or invalid one is a 401. The handler then asks
+platform (:mod:`streams.registry.tokens`); a missing or invalid one is a 401. The handler then asks
 :func:`streams.registry.rbac.authorize` (the one decision function) whether the caller may do
 the route's action on the resource concerned, *before* doing anything (a 403 otherwise). Errors
 are JSON:
@@ -51,9 +51,10 @@ from infra.api.routes.grants import GrantRoutes
 from infra.api.routes.ota import OtaRoutes
 from infra.api.routes.public import PublicRoutes
 from infra.api.routes.twins import TwinRoutes
+from infra.keys import token_authority
 from infra.settings import Settings, load_settings
+from streams.registry.tokens import TokenAuthority, TokenError
 from streams.runtime.status import write_status
-from streams.tokens import TokenAuthority, TokenError
 
 __all__ = ["API_KEY", "FleetApi", "create_app", "main", "serve"]
 
@@ -156,7 +157,7 @@ async def _report(settings: Settings, api: FleetApi, stopping: asyncio.Event) ->
 
 async def serve(settings: Settings) -> None:
     """Serve on ``settings.host:settings.api_port`` until SIGTERM or SIGINT."""
-    tokens = TokenAuthority.for_settings(settings)
+    tokens = token_authority(settings)
     app = create_app(KafkaBackend(settings), tokens)
     runner = web.AppRunner(app, access_log=log)
     await runner.setup()  # the backend starts here: tables read to their end

@@ -17,11 +17,11 @@ def token(
 ) -> None:
     """Print a bearer token for the HTTP API, signed with the platform's key (it says who the
     caller is; what it may do is its grants')."""
+    from infra.keys import token_authority
     from streams.registry.rbac import Principal
-    from streams.tokens import TokenAuthority
 
     try:
-        signed = TokenAuthority.for_settings(cli_settings()).issue(Principal.parse(principal), ttl)
+        signed = token_authority(cli_settings()).issue(Principal.parse(principal), ttl)
     except ValueError as exc:
         raise fail(exc) from exc
     sys.stdout.write(signed + "\n")

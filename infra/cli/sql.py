@@ -22,10 +22,10 @@ def sql(
 ) -> None:
     """Run an analyst query against the warehouse (through the pipeline while it runs).
     The query port wants a token: --token, --as, or else the platform's own (this machine)."""
+    from infra.keys import token_authority
     from infra.warehouse import run_sql
     from queries.runner import QueryError
     from streams.registry.rbac import Principal
-    from streams.tokens import TokenAuthority
 
     params = dict(p.split("=", 1) for p in param if "=" in p)
     if fmt not in ("table", "json", "csv"):
@@ -33,7 +33,7 @@ def sql(
     settings = cli_settings()
     try:
         if principal and not token:
-            token = TokenAuthority.for_settings(settings).issue(Principal.parse(principal), 300)
+            token = token_authority(settings).issue(Principal.parse(principal), 300)
         sys.stdout.write(run_sql(settings, query, params, fmt, token) + "\n")  # type: ignore[arg-type]
     except (QueryError, ValueError) as exc:
         raise fail(exc) from exc

@@ -23,7 +23,7 @@ from confluent_kafka import Consumer
 from cryptography import x509
 
 from infra.api.client import AUDIT, HotPathClient
-from infra.keys import key_passphrase
+from infra.keys import key_passphrase, token_authority
 from infra.pki import CertificateAuthority, generate_private_key, make_csr
 from infra.provision import provision_device, register
 from infra.release_key import open_artifact_store
@@ -34,7 +34,7 @@ from infra.stack import Stack
 from schemas.codec import Decoded
 from streams.registry.devices import AuditRecord
 from streams.registry.rbac import GrantSet, Principal, Resource, Role
-from streams.tokens import TokenAuthority
+from streams.registry.tokens import TokenAuthority
 
 pytestmark = pytest.mark.integration
 
@@ -99,7 +99,7 @@ def http(api: ApiService, settings: Settings) -> Http:
 
 @pytest.fixture(scope="module")
 def tokens(settings: Settings) -> TokenAuthority:
-    return TokenAuthority.for_settings(settings)  # the key the API verifies with
+    return token_authority(settings)  # the key the API verifies with
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 
 from infra.api.client import HotPathClient
+from infra.keys import token_authority
 from infra.services.base import wait_until
 from infra.settings import PROJECT_ROOT, Settings
 from infra.stack import Stack
 from streams.registry.rbac import GrantSet, Principal, Resource, Role
-from streams.tokens import TokenAuthority
 from tests.integration.test_api import Http
 
 pytestmark = pytest.mark.integration
@@ -46,7 +46,7 @@ def admin_token(stack: Stack, settings: Settings) -> str:
         client.put_grants(GrantSet.of(admin, (Role.admin, Resource(f"st-{uuid.uuid4().hex[:8]}"))))
     finally:
         client.close()
-    token = TokenAuthority.for_settings(settings).issue(admin, ttl_s=3600)
+    token = token_authority(settings).issue(admin, ttl_s=3600)
     http = Http(f"http://{settings.host}:{settings.api_port}")
 
     def seen() -> bool:

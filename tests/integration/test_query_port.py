@@ -26,11 +26,12 @@ import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError
 
 from infra.api.client import HotPathClient
+from infra.keys import token_authority
 from infra.services.base import wait_until
 from infra.settings import PROJECT_ROOT, Settings
 from infra.stack import Stack
 from streams.registry.rbac import GrantSet, Principal, Resource, Role
-from streams.tokens import TokenAuthority
+from streams.registry.tokens import TokenAuthority
 from tests.conftest import settings_env
 
 pytestmark = pytest.mark.integration
@@ -74,7 +75,7 @@ def ask(settings: Settings, sql: str, token: str | None, timeout: float = 60.0) 
 
 @pytest.fixture(scope="module")
 def tokens(stack: Stack, settings: Settings) -> TokenAuthority:
-    return TokenAuthority.for_settings(settings)  # the key the platform verifies with
+    return token_authority(settings)  # the key the platform verifies with
 
 
 @pytest.fixture(scope="module")

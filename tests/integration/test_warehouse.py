@@ -42,8 +42,8 @@ from streams.cold.rows import ota_events_rows, twin_history_rows
 from streams.hot.twin import Accepted, Twin, apply_desired, apply_reported, to_record
 from streams.ota.model import OtaStatus
 from streams.ota.model import to_record as rollout_to_record
-from streams.query_access import TokenAccess
-from streams.tokens import TokenAuthority
+from streams.registry.query_access import TokenAccess
+from streams.registry.tokens import TokenAuthority
 
 MINUTE_MS = 60_000
 HOUR_MS = 60 * MINUTE_MS

@@ -40,7 +40,7 @@ from streams.registry.devices import (
     apply,
 )
 from streams.registry.rbac import Grant, GrantSet, Principal, Resource, Role
-from streams.tokens import TokenAuthority
+from streams.registry.tokens import TokenAuthority
 from tests.unit.test_ota import ARTIFACT
 
 ACME = Resource("acme")

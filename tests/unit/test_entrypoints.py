@@ -8,10 +8,14 @@ from pathlib import Path
 
 from infra.entrypoints.bridge import bridge_config
 from infra.entrypoints.enforcer import enforcer_config
+from infra.keys import token_authority
 from infra.pki import CRL_VALIDITY_DAYS
+from infra.process import query_port_config
 from infra.services.bridge import BridgeService
 from infra.services.enforcer import EnforcerService
 from infra.settings import Settings
+from streams.registry.rbac import Principal
+from streams.registry.tokens import KEY_FILE, TokenAuthority
 
 
 def test_the_bridge_gets_its_config_from_the_settings(tmp_path: Path) -> None:
@@ -40,6 +44,30 @@ def test_the_enforcer_gets_its_config_from_the_settings(tmp_path: Path) -> None:
     assert config.run_dir == settings.run_dir
     assert config.identities.pki_dir == settings.pki_dir
     assert config.crl_validity_days == CRL_VALIDITY_DAYS
+
+
+def test_the_query_port_gets_its_config_from_the_settings(tmp_path: Path) -> None:
+    settings = Settings(state_dir=tmp_path)
+    config = query_port_config(settings)
+    assert (config.host, config.port) == (settings.host, settings.query_port)
+    assert config.warehouse_dsn == settings.warehouse_dsn
+    assert config.kafka.bootstrap_servers == settings.bootstrap_servers
+    assert config.kafka.registry_url == settings.registry_url
+    assert config.limits.timeout_s == settings.query_timeout_s
+    assert config.limits.max_memory_bytes == settings.query_max_memory_bytes
+    assert config.run_dir == settings.run_dir
+    assert config.token_dir == settings.pki_dir / "api"
+
+
+def test_the_token_key_is_the_one_in_the_pki_folder(tmp_path: Path) -> None:
+    settings = Settings(state_dir=tmp_path)
+    tokens = token_authority(settings)
+    assert (settings.pki_dir / "api" / KEY_FILE).exists()
+    # The query port opens the same key from its config: it verifies the API's tokens.
+    port = TokenAuthority.load_or_create(query_port_config(settings).token_dir)
+    assert port.key_id == tokens.key_id
+    user = Principal.user("ada")
+    assert port.verify(tokens.issue(user)) == user
 
 
 def test_services_start_the_entry_points(tmp_path: Path) -> None:

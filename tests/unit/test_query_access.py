@@ -1,4 +1,5 @@
-"""Who may use the SQL port (streams/query_access.py): platform tokens, telemetry.read grants."""
+"""Who may use the SQL port (streams/registry/query_access.py): platform tokens and
+telemetry.read grants."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from sinks.query_server import AccessDenied
-from streams.query_access import TokenAccess, may_read_telemetry
+from streams.registry.query_access import TokenAccess, may_read_telemetry
 from streams.registry.rbac import GrantSet, Principal, Resource, Role
-from streams.tokens import TokenAuthority
+from streams.registry.tokens import TokenAuthority
 
 ALICE = Principal.user("alice")
 BOB = Principal.user("bob")

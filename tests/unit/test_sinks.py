@@ -311,7 +311,7 @@ def test_the_server_accepts_its_own_warehouse_by_any_spelling() -> None:
 
 
 class OneToken:
-    """An authenticator that knows one token (the real one: streams/query_access.py)."""
+    """An authenticator that knows one token (the real one: streams/registry/query_access.py)."""
 
     def authenticate(self, token: str | None) -> Caller:
         if token is None:

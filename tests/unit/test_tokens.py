@@ -1,4 +1,4 @@
-"""Bearer tokens signed by the platform (streams/tokens.py)."""
+"""Bearer tokens signed by the platform (streams/registry/tokens.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from streams.registry.rbac import Principal
-from streams.tokens import ALGORITHM, ISSUER, KEY_FILE, TokenAuthority, TokenError
+from streams.registry.tokens import ALGORITHM, ISSUER, KEY_FILE, TokenAuthority, TokenError
 
 
 @pytest.fixture

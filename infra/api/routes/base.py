@@ -32,7 +32,7 @@ from streams.registry.rbac import (
     Resource,
     authorize,
 )
-from streams.tokens import TokenAuthority
+from streams.registry.tokens import TokenAuthority
 
 __all__ = [
     "CALLER",

@@ -1,7 +1,8 @@
 """Bearer tokens signed by the platform: how users and services authenticate to the API.
 
 A token is a JWT signed with the platform's Ed25519 key (``EdDSA``), kept in
-``<pki dir>/api/token-signing.key`` (mode 0600, created on first use). Its claims:
+``<directory>/token-signing.key`` (mode 0600, created on first use); the composition root
+names the directory (``<pki dir>/api``: :func:`infra.keys.token_authority`). Its claims:
 
 - ``sub``: the principal, ``user:<id>`` or ``service:<id>`` (:meth:`Principal.parse`); only
   users and services hold tokens: devices authenticate with their certificate, and the
@@ -28,7 +29,6 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from infra.settings import Settings
 from streams.registry.rbac import Principal, PrincipalKind
 
 __all__ = [
@@ -40,7 +40,6 @@ __all__ = [
     "TOKEN_PRINCIPALS",
     "TokenAuthority",
     "TokenError",
-    "token_dir",
 ]
 
 ISSUER = "fleetstream"
@@ -55,11 +54,6 @@ _REQUIRED = ["sub", "iat", "exp", "iss"]
 
 class TokenError(ValueError):
     """A token that does not authenticate anyone; the message says why (for a 401)."""
-
-
-def token_dir(settings: Settings) -> Path:
-    """Where the API's signing key lives: ``<pki dir>/api``."""
-    return settings.pki_dir / "api"
 
 
 def _check_holder(principal: Principal) -> None:
@@ -113,10 +107,6 @@ class TokenAuthority:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = directory / KEY_FILE
         return cls(_load_key(path) if path.exists() else _create_key(path))
-
-    @classmethod
-    def for_settings(cls, settings: Settings) -> TokenAuthority:
-        return cls.load_or_create(token_dir(settings))
 
     def issue(
         self, principal: Principal, ttl_s: int = DEFAULT_TTL_S, now: float | None = None

@@ -3,8 +3,8 @@
 The cold worker, which owns the embedded warehouse, serves the query port
 (:mod:`sinks.query_server`); this module gives it its :class:`~sinks.query_server.Authenticator`:
 
-- a bearer token signed by the platform (:mod:`streams.tokens`, the API's tokens) names a user
-  or service principal; it may query when it holds a grant whose role allows
+- a bearer token signed by the platform (:mod:`streams.registry.tokens`, the API's tokens)
+  names a user or service principal; it may query when it holds a grant whose role allows
   ``telemetry.read`` (:func:`streams.registry.rbac.authorize` on that grant's scope): deny by
   default, decided on the grants of the moment (``rbac.grants`` followed from Kafka, so a grant or a
   revocation applies within a second or so);
@@ -14,6 +14,9 @@ The cold worker, which owns the embedded warehouse, serves the query port
 
 Until the grants are read to their end the port answers 503 to token holders, rather than a
 403 that a grant would contradict a moment later.
+
+The composition root (``infra/process.py``) builds the :class:`QueryPortConfig` from the
+settings: endpoints, limits and paths, never the settings themselves.
 
 Rows are not yet limited to the grant's scope (the warehouse tables carry no organization yet):
 any ``telemetry.read`` grant reads every row. Issue 14 adds the tenant columns and row filters.
@@ -27,12 +30,11 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
+from pathlib import Path
 
 from confluent_kafka import Message
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from infra.process import kafka_config
-from infra.settings import Settings
 from schemas.codec import CodecRegistry, Decoded, load_schema
 from sinks.clickhouse import ClickHouseSink, ReadLimits
 from sinks.query_server import (
@@ -51,11 +53,13 @@ from streams.registry.rbac import (
     Principal,
     authorize,
 )
+from streams.registry.tokens import TokenAuthority, TokenError
+from streams.runtime.clients import KafkaConfig
 from streams.runtime.tables import GlobalTable, key_text
-from streams.tokens import TokenAuthority, TokenError
 
 __all__ = [
     "GrantsFollower",
+    "QueryPortConfig",
     "TokenAccess",
     "may_read_telemetry",
     "serve_warehouse_queries",
@@ -114,10 +118,10 @@ class TokenAccess:
 class GrantsFollower:
     """``rbac.grants`` read to its end, then followed, from a daemon thread."""
 
-    def __init__(self, settings: Settings) -> None:
-        registry = CodecRegistry(SchemaRegistryClient({"url": settings.registry_url}))
+    def __init__(self, kafka: KafkaConfig) -> None:
+        registry = CodecRegistry(SchemaRegistryClient({"url": kafka.registry_url}))
         self._codec = registry.codec(GRANTS, load_schema(GRANT_SET_SCHEMA))
-        self._table = GlobalTable(kafka_config(settings), GRANTS, self._apply)
+        self._table = GlobalTable(kafka, GRANTS, self._apply)
         self._lock = threading.Lock()
         self._grants: dict[str, GrantSet] = {}
         self._ready = threading.Event()
@@ -167,18 +171,28 @@ class GrantsFollower:
         self._table.close()
 
 
-def serve_warehouse_queries(settings: Settings) -> QueryServer:
-    """The stack's query port on ``settings.host:settings.query_port``: reads of the warehouse
-    with the configured limits, for callers holding ``telemetry.read`` (and the platform)."""
-    limits = ReadLimits(
-        timeout_s=settings.query_timeout_s, max_memory_bytes=settings.query_max_memory_bytes
-    )
-    reader = ClickHouseSink(settings.warehouse_dsn, limits=limits)
-    follower = GrantsFollower(settings).start()
+@dataclass(frozen=True)
+class QueryPortConfig:
+    """What the query port needs; ``infra/process.py`` builds it from the settings."""
+
+    kafka: KafkaConfig  # where ``rbac.grants`` is followed from (and its schema registry)
+    host: str
+    port: int
+    warehouse_dsn: str
+    limits: ReadLimits
+    token_dir: Path  # the platform's token-signing key (:meth:`TokenAuthority.load_or_create`)
+    run_dir: Path  # where the platform's secret is written at each start
+
+
+def serve_warehouse_queries(config: QueryPortConfig) -> QueryServer:
+    """The stack's query port on ``config.host:config.port``: reads of the warehouse with the
+    configured limits, for callers holding ``telemetry.read`` (and the platform)."""
+    reader = ClickHouseSink(config.warehouse_dsn, limits=config.limits)
+    follower = GrantsFollower(config.kafka).start()
     access = TokenAccess(
-        TokenAuthority.for_settings(settings),
+        TokenAuthority.load_or_create(config.token_dir),
         follower.grants,
-        write_platform_secret(settings.run_dir),
+        write_platform_secret(config.run_dir),
     )
 
     def close() -> None:
@@ -186,7 +200,7 @@ def serve_warehouse_queries(settings: Settings) -> QueryServer:
         reader.close()
 
     try:
-        return start_query_server(reader, settings.host, settings.query_port, access, close)
+        return start_query_server(reader, config.host, config.port, access, close)
     except OSError:
         close()
         raise
