@@ -20,7 +20,6 @@ class SourceRecord:
     offset: int
     key: bytes | None
     value: bytes | None  # None: a tombstone
-    timestamp_ms: int = 0  # the record's Kafka timestamp
 
 
 @dataclass(frozen=True)
