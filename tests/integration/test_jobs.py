@@ -177,6 +177,14 @@ def run_job(settings: Settings, tmp_path: Path) -> Iterator[object]:
             job.process.wait(STOP_TIMEOUT_S)
 
 
+def _record_pid(record: Path) -> int | None:
+    """The pid a job's `job.json` names (None until it is written)."""
+    try:
+        return int(json.loads(record.read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def _pairs(messages: list[Message]) -> set[tuple[str, int]]:
     pairs = set()
     for m in messages:
@@ -237,6 +245,12 @@ def test_kill_9_of_a_job_mid_stream_then_restart_loses_nothing(
     keys = [m.key() for m in seen]
     assert all(m.key() == m.value() for m in seen)
     print(f"repeated after kill -9: {len(keys) - len(set(keys))} of {len(keys)}")
+    # The first job may have forwarded everything before the kill: stop the restarted one only
+    # once it is running (it rewrites its record with its own pid), as a service manager would.
+    record = settings.state_dir / "jobs" / restarted.name / "job.json"
+    assert wait_until(
+        lambda: _record_pid(record) == restarted.process.pid, timeout=60, interval=0.05
+    ), restarted.tail()
     assert restarted.stop() == 0, restarted.tail()
 
 
