@@ -202,7 +202,7 @@ def bind_params(sql: str, params: Mapping[str, Any]) -> tuple[str, dict[str, Any
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", ident):
                 raise QueryFailed(f"parameter {name}: not an identifier: {ident!r}")
             return f"`{ident}`"
-        values[name] = params[name]
+        values[name] = _typed(params[name], kind)
         return f"%({name})s"
 
     parts = []
@@ -213,6 +213,18 @@ def bind_params(sql: str, params: Mapping[str, Any]) -> tuple[str, dict[str, Any
         last = match.end()
     parts.append(sql[last:].replace("%", "%%"))
     return "".join(parts), values
+
+
+def _typed(value: Any, kind: str) -> Any:
+    """A parameter's value as its declared type says (``fleet sql --param`` gives text)."""
+    try:
+        if re.fullmatch(r"U?Int\d+", kind):
+            return int(value)
+        if re.fullmatch(r"Float\d+|Decimal.*", kind):
+            return float(value)
+    except (TypeError, ValueError) as exc:
+        raise QueryFailed(f"parameter of type {kind}: {value!r} is not a number") from exc
+    return value
 
 
 def _json_value(value: Any) -> Any:

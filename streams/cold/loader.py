@@ -90,6 +90,31 @@ def origin_of(sources: Sequence[SourceRecord]) -> BatchOrigin:
     return BatchOrigin.of(topic, ((s.partition, s.offset) for s in sources))
 
 
+def cold_writers(sink: WarehouseSink) -> dict[str, SourcedWrite]:
+    """Per table, what stores a batch of its decoded records into ``sink`` (in the loader's
+    writer thread), told where they were read (:func:`origin_of`)."""
+    Records = list[dict[str, Any]]
+
+    def write_telemetry(records: Records, sources: list[SourceRecord]) -> WriteResult:
+        return sink.write_telemetry(records, origin_of(sources))
+
+    def write_events(records: Records, sources: list[SourceRecord]) -> WriteResult:
+        return sink.write_events(records, origin_of(sources))
+
+    def write_twin_history(records: Records, sources: list[SourceRecord]) -> WriteResult:
+        return sink.write_twin_history(twin_history_rows(records), origin_of(sources))
+
+    def write_ota_events(records: Records, sources: list[SourceRecord]) -> WriteResult:
+        return sink.write_ota_events(ota_events_rows(records), origin_of(sources))
+
+    return {
+        TELEMETRY_TABLE: write_telemetry,
+        EVENTS_TABLE: write_events,
+        TWIN_HISTORY_TABLE: write_twin_history,
+        OTA_EVENTS_TABLE: write_ota_events,
+    }
+
+
 class ColdWorker:
     """The cold path's loader and the sink it writes (any :class:`sinks.base.WarehouseSink`:
     ClickHouse/chDB or Doris, as the warehouse URL says); one process owns a chDB folder."""
@@ -103,34 +128,9 @@ class ColdWorker:
             {},
             retryable=(SinkUnavailable,),
             rejected=(InvalidBatch,),
-            sourced_writers=self._writers(),
+            sourced_writers=cold_writers(self.sink),
         )
         self.counters = self.loader.counters
-
-    def _writers(self) -> dict[str, SourcedWrite]:
-        """Per table, what stores a batch of its decoded records (in the writer thread), told
-        where they were read (:func:`origin_of`)."""
-        sink = self.sink
-        Records = list[dict[str, Any]]
-
-        def write_telemetry(records: Records, sources: list[SourceRecord]) -> WriteResult:
-            return sink.write_telemetry(records, origin_of(sources))
-
-        def write_events(records: Records, sources: list[SourceRecord]) -> WriteResult:
-            return sink.write_events(records, origin_of(sources))
-
-        def write_twin_history(records: Records, sources: list[SourceRecord]) -> WriteResult:
-            return sink.write_twin_history(twin_history_rows(records), origin_of(sources))
-
-        def write_ota_events(records: Records, sources: list[SourceRecord]) -> WriteResult:
-            return sink.write_ota_events(ota_events_rows(records), origin_of(sources))
-
-        return {
-            TELEMETRY_TABLE: write_telemetry,
-            EVENTS_TABLE: write_events,
-            TWIN_HISTORY_TABLE: write_twin_history,
-            OTA_EVENTS_TABLE: write_ota_events,
-        }
 
     async def run(self, stopping: asyncio.Event) -> None:
         await self.loader.run(stopping)

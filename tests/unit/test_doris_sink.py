@@ -7,13 +7,17 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pytest
 import requests
+import sqlglot
 
 from queries.migrations import load_migrations
+from queries.runner import CHECKOUT
+from queries.sqltext import check_read_only, load_sql_file
 from sinks.base import BatchOrigin, InvalidBatch, QueryFailed, SinkUnavailable
 from sinks.doris import (
     DORIS_DDL_DIR,
@@ -78,7 +82,8 @@ def test_the_url_names_both_ports_the_database_and_the_user() -> None:
     assert (config.host, config.mysql_port, config.http_port) == ("127.0.0.1", 9030, 8030)
     assert (config.database, config.user, config.password) == ("fleet", "loader", "s@cret")
     assert config.http_base == "http://127.0.0.1:8030"
-    assert "s@cret" not in config.dsn and "cret" not in config.dsn
+    assert "s@cret" not in config.dsn
+    assert "cret" not in config.dsn
 
 
 @pytest.mark.parametrize(
@@ -119,7 +124,8 @@ def test_load_headers_ask_for_two_phase_commit_under_the_label() -> None:
     headers = load_headers(_request())
     assert headers["label"] == "fleet_telemetry_telemetry_raw_p0_0_9"
     assert headers["two_phase_commit"] == "true"
-    assert headers["format"] == "json" and headers["read_json_by_line"] == "true"
+    assert headers["format"] == "json"
+    assert headers["read_json_by_line"] == "true"
     assert headers["columns"] == "`a`,`b`"
     assert headers["max_filter_ratio"] == "0"
     assert headers["Expect"] == "100-continue"
@@ -365,7 +371,7 @@ def test_query_parameters_are_bound_by_the_driver_not_pasted() -> None:
         {"t": "telemetry", "minutes": "15"},
     )
     assert sql == "SELECT * FROM `telemetry` WHERE d LIKE 'x%%' AND m > %(minutes)s"
-    assert values == {"minutes": "15"}
+    assert values == {"minutes": 15}
     with pytest.raises(QueryFailed, match="not an identifier"):
         bind_params("SELECT * FROM {t:Identifier}", {"t": "x; DROP TABLE y"})
     with pytest.raises(QueryFailed, match="missing"):
@@ -381,10 +387,30 @@ def test_the_doris_ddl_has_every_contract_table_with_a_unique_key_and_tenant_col
     assert set(statements) == set(DORIS_SCHEMAS)
     for name, ddl in statements.items():
         assert f"CREATE TABLE IF NOT EXISTS {name}" in ddl
-        assert "UNIQUE KEY(" in ddl and "enable_unique_key_merge_on_write" in ddl
+        assert "UNIQUE KEY(" in ddl
+        assert "enable_unique_key_merge_on_write" in ddl
         for column in ("org", "project", "`group`"):
             assert f"\n    {column} " in ddl, (name, column)
         for load_column in DORIS_SCHEMAS[name].names:
             assert load_column in ddl, (name, load_column)
     assert "UNIQUE KEY(device_id, seq)" in statements["telemetry"]
     assert '"function_column.sequence_col" = "received_at"' in statements["telemetry"]
+
+
+# --- analyst queries side by side -------------------------------------------------------------
+
+
+def _analyst_files() -> list[Path]:
+    return sorted(Path(CHECKOUT, "queries").glob("*.sql"))
+
+
+@pytest.mark.parametrize("path", _analyst_files(), ids=lambda p: p.name)
+def test_every_analyst_query_has_a_doris_twin_with_the_same_parameters(path: Path) -> None:
+    twin = path.parent / "doris" / path.name
+    assert twin.is_file(), f"queries/doris/{path.name} is missing"
+    clickhouse, doris = load_sql_file(path), load_sql_file(twin)
+    assert doris.bind({}) == clickhouse.bind({})
+    check_read_only(doris.sql)
+    sql, values = bind_params(doris.sql, doris.bind({}))
+    literal = sql % {k: repr(v) for k, v in values.items()}
+    sqlglot.parse_one(literal.replace("%%", "%"), read="doris")  # Doris SQL, as sqlglot reads it
