@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from confluent_kafka import Producer
 
 from infra.settings import Settings
@@ -147,6 +148,18 @@ def test_the_be_refuses_a_load_whose_credentials_were_dropped_on_the_redirect(
     )
     with pytest.raises(SinkUnavailable, match="HTTP 401"):
         loader.load(request)
+
+
+def test_a_client_following_the_redirect_itself_loses_the_credentials_at_the_be(
+    standin: DorisStandIn,
+) -> None:
+    """Why the sink follows the 307 by hand: requests drops Authorization on a redirect to
+    another host, and the BE refuses the load."""
+    url = f"http://127.0.0.1:{standin.fe_port}/api/fleet/telemetry/_stream_load"
+    auth = (standin.state.user, standin.state.password)
+    answer = requests.put(url, data=b"", auth=auth, headers={"label": "x"}, timeout=30)
+    assert answer.status_code == 401
+    assert answer.url.startswith(f"http://localhost:{standin.be_port}/")
 
 
 def test_fleet_sql_and_the_demo_counts_read_the_doris_warehouse(
