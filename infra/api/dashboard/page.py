@@ -58,7 +58,11 @@ def _body() -> str:
         ("", "consumer lag per job (records)", '<div class="chart" id="chart-lag"></div>'),
         ("third", "dead letters by topic", '<div class="chart" id="chart-dead"></div>'),
         ("third", "twins converged", '<div class="chart" id="chart-twins"></div>'),
-        ("third", "OTA cohorts", '<div class="chart" id="chart-cohorts"></div>'),
+        (
+            "third",
+            'OTA cohorts<span id="cohorts-of"></span>',
+            '<div class="chart" id="chart-cohorts"></div>',
+        ),
         (
             "wide",
             "OTA rollouts",
@@ -155,7 +159,7 @@ def report_page(summary: Mapping[str, Any], document: Mapping[str, Any]) -> str:
         "grid": {"left": 60, "right": 24, "top": 16, "bottom": 28},
         "tooltip": {},
         "xAxis": {"type": "category", "data": ["p50", "p99"]},
-        "yAxis": {"type": "value", "name": "ms"},
+        "yAxis": {"type": "value"},
         "series": [
             {
                 "type": "bar",

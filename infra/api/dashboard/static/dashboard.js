@@ -130,10 +130,11 @@ const FleetDashboard = (() => {
     }
     const newest = doc.rollouts[0];
     const statuses = Object.keys(PROGRESS_COLOURS);
+    const of = document.getElementById("cohorts-of");
+    if (of) of.textContent = newest ? `: ${newest.rollout_id}` : ": no rollout";
     chart("chart-cohorts", {
-      title: { text: newest ? `cohorts of ${newest.rollout_id}` : "no rollout", textStyle: { fontSize: 12 } },
-      tooltip: { trigger: "axis" }, legend: { top: 18, type: "scroll" },
-      grid: { left: 48, right: 16, top: 56, bottom: 28 },
+      tooltip: { trigger: "axis" }, legend: { top: 0, type: "scroll" },
+      grid: { left: 48, right: 16, top: 40, bottom: 28 },
       xAxis: { type: "category", data: newest ? newest.cohorts.map((c) => `#${c.index + 1} (${c.size})`) : [] },
       yAxis: { type: "value", name: "devices", minInterval: 1 },
       series: statuses.map((s) => ({
