@@ -32,8 +32,8 @@ from streams.registry.devices import AuditDecision
 from streams.registry.rbac import GrantSet, Principal, Resource, Role
 from streams.registry.tokens import TokenAuthority
 from tests.unit import test_api_routes as api_tests
-from tests.unit.test_api_routes import ADMIN, VIEWER, FakeBackend, bearer
-from tests.unit.test_ota import ARTIFACT
+from tests.unit.infra.test_api_routes import ADMIN, VIEWER, FakeBackend, bearer
+from tests.unit.streams.ota.test_ota import ARTIFACT
 
 # The API tests' fixtures: a fake backend seeded with devices and grants, a CA, a token authority.
 backend, ca, tokens = api_tests.backend, api_tests.ca, api_tests.tokens
