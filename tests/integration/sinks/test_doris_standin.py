@@ -1,7 +1,7 @@
 """The Doris sink and the cold path against a STAND-IN for Apache Doris (tests/support/
 doris_standin.py: Doris cannot be installed here; the stand-in answers its documented Stream
 Load, two-phase-commit and MySQL-protocol contract over real sockets). What a real Doris does
-beyond that contract is tested by tests/integration/test_doris_real.py when
+beyond that contract is tested by tests/integration/sinks/test_doris_real.py when
 FLEET_TEST_DORIS_URL points at one."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The Doris sink against a REAL Apache Doris: runs only when FLEET_TEST_DORIS_URL points at one
 (``doris://user:pass@host:9030/db?http_port=8030``; the database must exist and the user may
 create tables in it and load them). Doris cannot be installed on these machines, so in CI this
-is the one test that skips, and says why; tests/integration/test_doris_standin.py covers the
+is the one test that skips, and says why; tests/integration/sinks/test_doris_standin.py covers the
 documented contract against a stand-in there."""
 
 from __future__ import annotations
