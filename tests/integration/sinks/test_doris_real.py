@@ -16,6 +16,7 @@ import pytest
 
 from infra.settings import Settings
 from infra.warehouse import fetch, warehouse_counts
+from queries.runner import CHECKOUT
 from sinks.base import BatchOrigin
 from sinks.doris import DorisSink
 
@@ -66,7 +67,7 @@ def test_every_analyst_query_runs_on_a_real_doris(sink: DorisSink, tmp_path: Pat
     settings = Settings(warehouse_url=DORIS_URL, state_dir=tmp_path)
     counts = warehouse_counts(settings, device_prefix=prefix)
     assert (counts.stored, counts.duplicates) == (5, 0)
-    for path in sorted(Path("queries/doris").glob("*.sql")):
+    for path in sorted(Path(CHECKOUT, "queries", "doris").glob("*.sql")):
         fetch(settings, f"queries/{path.name}", {"device_prefix": prefix})
     latest = fetch(settings, "queries/latest_reading.sql", {"device_prefix": prefix})
     assert [r["seq"] for r in latest.records()] == [4]
