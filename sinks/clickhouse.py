@@ -57,6 +57,7 @@ __all__ = [
     "EVENT_SCHEMA",
     "OTA_EVENTS_SCHEMA",
     "OTA_EVENTS_TABLE",
+    "QUARANTINE_TABLE",
     "TELEMETRY_SCHEMA",
     "TELEMETRY_TABLE",
     "TWIN_HISTORY_SCHEMA",
@@ -84,6 +85,7 @@ TELEMETRY_TABLE: Final = "telemetry"
 EVENTS_TABLE: Final = "device_events"
 TWIN_HISTORY_TABLE: Final = "twin_history"
 OTA_EVENTS_TABLE: Final = "ota_events"
+QUARANTINE_TABLE: Final = "quarantine"  # rows the quality gate refused (sinks/quality/)
 # The tables keyed on (device_id, seq): what the count helpers (STORED_SQL, DUPLICATES_SQL)
 # and `fleet demo` count. twin_history is keyed on (device_id, version), so it is not here.
 DEDUPLICATED_TABLES: Final = frozenset({TELEMETRY_TABLE, EVENTS_TABLE})
@@ -95,6 +97,7 @@ TOKEN_KEYS: Final[Mapping[str, tuple[str, ...]]] = {
     TELEMETRY_TABLE: ("seq",),
     EVENTS_TABLE: ("seq",),
     TWIN_HISTORY_TABLE: ("version", "last_reported_seq"),
+    QUARANTINE_TABLE: ("seq",),
     # (rollout_id, cohort, updated_at) identifies a row. Two rollout versions written in the
     # same millisecond share it: their tokens differ by state and counts, so the later one is
     # not dropped at insert (and, inserted last, it is the copy FINAL keeps).
@@ -660,6 +663,12 @@ class ClickHouseSink:
             with self._guard("write"):
                 self._client("write").insert_arrow(table, batch, settings=settings)
         return WriteResult(table, len(batch), token)
+
+    def command(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+        """Run one of the platform's own statements (never a caller's text) on the write
+        connection; a single-value answer (``SELECT count() ...``) is returned."""
+        with self._guard("write"):
+            return self._client("write").command(sql, parameters=dict(params or {}))
 
     # --- reads ---
 

@@ -35,9 +35,25 @@ from sinks.clickhouse import (
     SinkUnavailable,
     WriteResult,
 )
+from sinks.quality.rules import QualityRules, load_rules
+from streams.cold.quality import (
+    QUALITY_DLQ_TOPIC,
+    RELEASE_TABLE,
+    RELEASE_TOPIC,
+    KnownDevices,
+    QualityPath,
+    no_registry,
+)
 from streams.cold.rows import ota_events_rows, twin_history_rows
 from streams.runtime.clients import KafkaConfig
-from streams.runtime.loader import LoaderLoop, LoaderOptions, LoaderSpec, LoadSource, Write
+from streams.runtime.loader import (
+    DeadLetterProducer,
+    LoaderLoop,
+    LoaderOptions,
+    LoaderSpec,
+    LoadSource,
+    Write,
+)
 from streams.runtime.transactions import Backoff
 
 log = logging.getLogger("fleetstream.streams")
@@ -52,6 +68,10 @@ SOURCES = {
         (EVENTS_TABLE, "device.events"),
         (TWIN_HISTORY_TABLE, "twin.state"),
         (OTA_EVENTS_TABLE, "ota.rollouts"),
+        (
+            RELEASE_TABLE,
+            RELEASE_TOPIC,
+        ),  # `fleet quality release` requests (streams/cold/quality.py)
     )
 }
 
@@ -78,8 +98,21 @@ class Closeable(Protocol):
 class ColdWorker:
     """The cold path's loader and the sink it writes; one process owns the chDB folder."""
 
-    def __init__(self, kafka: KafkaConfig, options: LoaderOptions, warehouse_dsn: str) -> None:
+    def __init__(
+        self,
+        kafka: KafkaConfig,
+        options: LoaderOptions,
+        warehouse_dsn: str,
+        rules: QualityRules | None = None,
+        known_devices: KnownDevices = no_registry,
+    ) -> None:
+        """``rules``: the quality gate's (default: sinks/quality/rules.toml); pass
+        ``QualityRules`` to change them. ``known_devices``: the registry's device ids."""
         self.sink = ClickHouseSink(warehouse_dsn)
+        self.quality_dlq = DeadLetterProducer(kafka, QUALITY_DLQ_TOPIC)
+        self.quality = QualityPath(
+            self.sink, rules or load_rules(), self.quality_dlq.send, known_devices
+        )
         self.loader = LoaderLoop(
             COLD_JOB,
             kafka,
@@ -87,6 +120,8 @@ class ColdWorker:
             self._writers(),
             retryable=(SinkUnavailable,),
             rejected=(InvalidBatch,),
+            sourced_writers={TELEMETRY_TABLE: self.quality.write_telemetry},
+            status_extra=self.quality.status,
         )
         self.counters = self.loader.counters
 
@@ -100,8 +135,8 @@ class ColdWorker:
             return self.sink.write_ota_events(ota_events_rows(records))
 
         return {
-            TELEMETRY_TABLE: self.sink.write_telemetry,
             EVENTS_TABLE: self.sink.write_events,
+            RELEASE_TABLE: self.quality.apply_releases,
             TWIN_HISTORY_TABLE: write_twin_history,
             OTA_EVENTS_TABLE: write_ota_events,
         }

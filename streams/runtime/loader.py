@@ -68,6 +68,9 @@ class LoaderOptions:
 
 # Stores a batch of decoded records of one table (called in the loader's one writer thread).
 Write = Callable[[list[dict[str, Any]]], object]
+# The same, told where each record was read (records[i] from sources[i]): for a writer that
+# routes some records elsewhere with where they came from (the cold path's quality gate).
+SourcedWrite = Callable[[list[dict[str, Any]], list[SourceRecord]], object]
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class DecodedBatch:
     records: list[dict[str, Any]]
     dead: list[DeadLetter]
     tombstones: int = 0
+    sources: list[SourceRecord] = field(default_factory=list)  # where records[i] was read
 
 
 def decode_batch(
@@ -83,6 +87,7 @@ def decode_batch(
     """Pure: the ok/error split of a batch. On a compacted topic a record without a value is a
     deletion (counted, nothing to load); anywhere else it is bad input."""
     records: list[dict[str, Any]] = []
+    sources: list[SourceRecord] = []
     dead: list[DeadLetter] = []
     tombstones = 0
     for rec in batch:
@@ -95,9 +100,10 @@ def decode_batch(
         result = codec.decode(rec.value)
         if isinstance(result, Decoded):
             records.append(result.record)
+            sources.append(rec)
         else:
             dead.append(DeadLetter(rec, str(result.reason), result.detail))
-    return DecodedBatch(records, dead, tombstones)
+    return DecodedBatch(records, dead, tombstones, sources)
 
 
 @dataclass
@@ -150,6 +156,10 @@ class LoadPath:
     rejected: tuple[type[BaseException], ...] = ()
     backoff: Backoff = LOAD_BACKOFF
     compacted: bool = False  # the source is a compacted state topic (tombstones are deletions)
+    # Set: called instead of `write`, with where each record was read (see SourcedWrite).
+    write_sourced: Callable[[list[dict[str, Any]], list[SourceRecord]], Awaitable[None]] | None = (
+        None
+    )
 
     async def store_batch(self, batch: Sequence[SourceRecord]) -> None:
         decoded = decode_batch(batch, self.codec, compacted=self.compacted)
@@ -175,9 +185,9 @@ class LoadPath:
             )
             self.counters.dead_lettered += len(dead)
         if decoded.records:
-            records = decoded.records
+            records, sources, sourced = decoded.records, decoded.sources, self.write_sourced
             await until_done(
-                lambda: self.write(records),
+                lambda: sourced(records, sources) if sourced else self.write(records),
                 self.retryable,
                 self.counters,
                 f"writing {len(records)} rows to {self.table}",
@@ -209,6 +219,10 @@ class DeadLetterProducer:
             raise KafkaException(f"dead letters not delivered: {failures[:3]}")
 
 
+def _no_writer(records: list[dict[str, Any]]) -> object:
+    raise TypeError("this table is written by its sourced writer")
+
+
 class LoaderLoop:
     """A loader job on Kafka: take a batch, store it (retrying while the store is away), then
     commit it; transient Kafka errors rewind to the last commit and go on."""
@@ -222,11 +236,14 @@ class LoaderLoop:
         retryable: tuple[type[BaseException], ...],
         rejected: tuple[type[BaseException], ...] = (),
         codecs: Mapping[str, AvroCodec] | None = None,
+        sourced_writers: Mapping[str, SourcedWrite] | None = None,
+        status_extra: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self.spec = spec
         self.kafka = kafka
         self.options = options
         self.counters = LoaderCounters()
+        self.status_extra = status_extra  # more of the job's counters for its status file
         # One writer thread: batches reach the store in order, one at a time.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sink")
         self.dlq = DeadLetterProducer(kafka, spec.dead_letters)
@@ -234,11 +251,20 @@ class LoaderLoop:
         self.last_transient_error = ""
         codecs = codecs or registered_codecs(kafka, spec.schemas())
         self.paths: dict[str, LoadPath] = {}
+        sourced_writers = sourced_writers or {}
         for src in spec.sources:
-            writer = writers[src.table]
+            sourced_writer = sourced_writers.get(src.table)
+            writer = writers[src.table] if sourced_writer is None else _no_writer
 
             async def write(records: list[dict[str, Any]], writer: Write = writer) -> None:
                 await self._in_writer_thread(writer, records)
+
+            async def write_sourced(
+                records: list[dict[str, Any]],
+                sources: list[SourceRecord],
+                writer: SourcedWrite | None = sourced_writer,
+            ) -> None:
+                await self._in_writer_thread(writer, records, sources)
 
             async def dead_letter(dead: list[DeadLetter]) -> None:
                 await self._in_writer_thread(self.dlq.send, dead)
@@ -252,6 +278,7 @@ class LoaderLoop:
                 self.counters,
                 rejected=rejected,
                 compacted=src.compacted,
+                write_sourced=write_sourced if sourced_writer is not None else None,
             )
 
     async def _in_writer_thread(self, fn: Any, *args: Any) -> Any:
@@ -353,6 +380,7 @@ class LoaderLoop:
             **asdict(self.counters),
             "transient_errors": self.transient_errors,
             "last_transient_error": self.last_transient_error,
+            **(self.status_extra() if self.status_extra is not None else {}),
             **extra,
         }
         write_status(self.options.status_path, status)
