@@ -53,12 +53,20 @@ def demo(
     ota_fail_rate: float = typer.Option(
         0.0, min=0.0, max=1.0, help="Share of devices whose install fails (--ota)."
     ),
+    bad_share: float = typer.Option(
+        0.01, min=0.0, max=1.0, help="Share of readings the quality gate should quarantine."
+    ),
 ) -> None:
     """The whole pipeline against a simulated fleet; the summary is counted with SQL."""
     from infra.demo import DemoPlan, run_demo
 
     plan = DemoPlan(
-        devices, duration, rate, ota=ota or ota_fail_rate > 0, ota_fail_rate=ota_fail_rate
+        devices,
+        duration,
+        rate,
+        ota=ota or ota_fail_rate > 0,
+        ota_fail_rate=ota_fail_rate,
+        bad_share=bad_share,
     )
     try:
         summary = run_demo(cli_settings(), plan, console)
