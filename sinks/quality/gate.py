@@ -135,9 +135,11 @@ def _time_rule(batch: pa.Table, rules: QualityRules, rule: str, text: bool) -> J
     return mask, pc.binary_join_element_wise("ts is ", seconds_text, words, "")
 
 
-def _unknown_rule(batch: pa.Table, known: pa.Array, text: bool) -> Judged:
+def _unknown_rule(
+    batch: pa.Table, known: pa.Array | None, unknown: pa.Array | None, text: bool
+) -> Judged:
     devices = batch.column("device_id")
-    mask = pc.invert(pc.is_in(devices, value_set=known))
+    mask = unknown if unknown is not None else pc.invert(pc.is_in(devices, value_set=known))
     if not text:
         return mask, None
     return mask, pc.binary_join_element_wise("device ", devices, " is not in the registry", "")
@@ -178,19 +180,23 @@ def check_batch(
     rules: QualityRules,
     known_devices: pa.Array | None = None,
     groups: pa.Array | None = None,
+    unknown_rows: pa.Array | None = None,
 ) -> Verdict:
     """Judge ``batch`` (the ``telemetry`` table's columns) by ``rules``.
 
-    ``known_devices``: the registry's device ids (None: the unknown-device rule is off, as
-    when no registry is given); ``groups``: each row's device group, for the per-group bounds
-    (None: the defaults apply to every row).
+    The unknown-device rule runs when given the registry's device ids (``known_devices``) or,
+    from a registry lookup done by the caller, which rows' devices it lacks (``unknown_rows``,
+    a boolean per row); else it is off. ``groups``: each row's device group, for the per-group
+    bounds (None: the defaults apply to every row).
     """
 
-    def judge(table: pa.Table, where: pa.Array | None, text: bool) -> dict[str, Judged]:
+    def judge(
+        table: pa.Table, where: pa.Array | None, unknown: pa.Array | None, text: bool
+    ) -> dict[str, Judged]:
         """Every rule but duplicate (which needs the whole batch) on ``table``."""
         judged: dict[str, Judged] = {}
-        if known_devices is not None:
-            judged["unknown_device"] = _unknown_rule(table, known_devices, text)
+        if known_devices is not None or unknown is not None:
+            judged["unknown_device"] = _unknown_rule(table, known_devices, unknown, text)
         judged["null"] = _metric_rule(table, rules, "null", text)
         judged["nan"] = _metric_rule(table, rules, "nan", text)
         judged["range"] = _range_rule(table, rules, where, text)
@@ -198,7 +204,7 @@ def check_batch(
         judged["stale"] = _time_rule(table, rules, "stale", text)
         return judged
 
-    masks = judge(batch, groups, text=False)
+    masks = judge(batch, groups, unknown_rows, text=False)
     duplicate, duplicate_text = _duplicate_mask(batch)
     any_bad = duplicate
     for mask, _ in masks.values():
@@ -209,7 +215,12 @@ def check_batch(
     bad_rows = pc.indices_nonzero(any_bad).cast(pa.int64())
     bad = batch.take(bad_rows)
     # The reasons, on the failing rows only: every rule but duplicate is a per-row function.
-    judged = judge(bad, None if groups is None else pc.take(groups, bad_rows), text=True)
+    judged = judge(
+        bad,
+        None if groups is None else pc.take(groups, bad_rows),
+        None if unknown_rows is None else pc.take(unknown_rows, bad_rows),
+        text=True,
+    )
     judged["duplicate"] = (pc.take(duplicate, bad_rows), pc.take(duplicate_text, bad_rows))
     rule, reason = pa.nulls(len(bad), pa.string()), pa.nulls(len(bad), pa.string())
     for name in reversed(RULE_ORDER):  # reversed: the first rule a row fails names it

@@ -53,6 +53,8 @@ class QualityRules:
     metrics: Mapping[str, MetricBounds]
     # Per device group (the registry's path), bounds that replace the defaults of a metric.
     groups: Mapping[str, Mapping[str, MetricBounds]] = field(default_factory=dict)
+    # The unknown-device rule: rows of devices the registry does not hold are quarantined.
+    require_registered: bool = False
 
     def bounds(self, metric: str, group: str | None = None) -> MetricBounds:
         """The bounds that apply to ``metric`` on a device of ``group``."""
@@ -111,6 +113,12 @@ def parse_rules(doc: Mapping[str, Any]) -> QualityRules:
     groups_doc = doc.get("groups", {})
     if not isinstance(groups_doc, Mapping):
         raise RulesError("groups: a table expected")
+    devices = doc.get("devices", {})
+    if not isinstance(devices, Mapping) or set(devices) - {"require_registered"}:
+        raise RulesError("devices: a table with `require_registered` expected")
+    require_registered = devices.get("require_registered", False)
+    if not isinstance(require_registered, bool):
+        raise RulesError("devices.require_registered: true or false expected")
     groups: dict[str, dict[str, MetricBounds]] = {}
     for name, group in groups_doc.items():
         if not isinstance(group, Mapping) or set(group) - {"metrics"}:
@@ -122,6 +130,7 @@ def parse_rules(doc: Mapping[str, Any]) -> QualityRules:
         max_age_ms=_positive_int(times, "max_age_s") * 1000,
         metrics=_metrics(doc.get("metrics", {}), "metrics"),
         groups=groups,
+        require_registered=require_registered,
     )
 
 

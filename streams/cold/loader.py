@@ -13,6 +13,10 @@ consumer reads with isolation.level=read_committed (streams/runtime/source.py), 
 keeps aborted twin states out; keep it.
 It also loads `ota.rollouts` (compacted, the OTA controller's rollout states) into `ota_events`
 (one row per rollout version and cohort: state and device counts per progress status).
+
+It follows the device registry (`registry.devices`, :mod:`streams.cold.registry`): read to its
+end before the first batch, refreshed before each table's batch is stored, so a row's device
+can be told its organization, project and group as the registry says when the row is loaded.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import signal
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
+
+from confluent_kafka import KafkaException
 
 from schemas.topics import TOPICS_BY_NAME, schema_of
 from sinks.clickhouse import (
@@ -36,14 +42,8 @@ from sinks.clickhouse import (
     WriteResult,
 )
 from sinks.quality.rules import QualityRules, load_rules
-from streams.cold.quality import (
-    QUALITY_DLQ_TOPIC,
-    RELEASE_TABLE,
-    RELEASE_TOPIC,
-    KnownDevices,
-    QualityPath,
-    no_registry,
-)
+from streams.cold.quality import QUALITY_DLQ_TOPIC, RELEASE_TABLE, RELEASE_TOPIC, QualityPath
+from streams.cold.registry import DeviceRegistry
 from streams.cold.rows import ota_events_rows, twin_history_rows
 from streams.runtime.clients import KafkaConfig
 from streams.runtime.loader import (
@@ -54,6 +54,7 @@ from streams.runtime.loader import (
     LoadSource,
     Write,
 )
+from streams.runtime.records import SourceRecord
 from streams.runtime.transactions import Backoff
 
 log = logging.getLogger("fleetstream.streams")
@@ -104,14 +105,13 @@ class ColdWorker:
         options: LoaderOptions,
         warehouse_dsn: str,
         rules: QualityRules | None = None,
-        known_devices: KnownDevices = no_registry,
     ) -> None:
-        """``rules``: the quality gate's (default: sinks/quality/rules.toml); pass
-        ``QualityRules`` to change them. ``known_devices``: the registry's device ids."""
+        """``rules``: the quality gate's (default: sinks/quality/rules.toml)."""
         self.sink = ClickHouseSink(warehouse_dsn)
+        self.registry = DeviceRegistry(kafka)
         self.quality_dlq = DeadLetterProducer(kafka, QUALITY_DLQ_TOPIC)
         self.quality = QualityPath(
-            self.sink, rules or load_rules(), self.quality_dlq.send, known_devices
+            self.sink, rules or load_rules(), self.quality_dlq.send, self.registry.devices
         )
         self.loader = LoaderLoop(
             COLD_JOB,
@@ -120,7 +120,7 @@ class ColdWorker:
             self._writers(),
             retryable=(SinkUnavailable,),
             rejected=(InvalidBatch,),
-            sourced_writers={TELEMETRY_TABLE: self.quality.write_telemetry},
+            sourced_writers={TELEMETRY_TABLE: self._telemetry_after_registry},
             status_extra=self.quality.status,
         )
         self.counters = self.loader.counters
@@ -134,12 +134,42 @@ class ColdWorker:
         def write_ota_events(records: list[dict[str, Any]]) -> WriteResult:
             return self.sink.write_ota_events(ota_events_rows(records))
 
-        return {
+        writers: dict[str, Write] = {
             EVENTS_TABLE: self.sink.write_events,
             RELEASE_TABLE: self.quality.apply_releases,
             TWIN_HISTORY_TABLE: write_twin_history,
             OTA_EVENTS_TABLE: write_ota_events,
         }
+        return {table: self._after_registry(write) for table, write in writers.items()}
+
+    def _telemetry_after_registry(
+        self, records: list[dict[str, Any]], sources: list[SourceRecord]
+    ) -> WriteResult:
+        """Telemetry through the quality gate, once the registry is refreshed."""
+        self.refresh_registry()
+        return self.quality.write_telemetry(records, sources)
+
+    def _after_registry(self, write: Write) -> Write:
+        """`write`, run once the registry is refreshed (and its dead letters written)."""
+
+        def refreshed_then_write(records: list[dict[str, Any]]) -> object:
+            self.refresh_registry()
+            return write(records)
+
+        return refreshed_then_write
+
+    def refresh_registry(self) -> None:
+        """What the registry wrote since (never blocks); its unreadable records go to the
+        dead-letter topic before the batch is stored (in the writer thread)."""
+        self.registry.refresh()
+        dead = self.registry.take_dead_letters()
+        if dead:
+            try:
+                self.loader.dlq.send(dead)
+            except BaseException:
+                self.registry.returned(dead)
+                raise
+            self.counters.dead_lettered += len(dead)
 
     async def run(self, stopping: asyncio.Event) -> None:
         await self.loader.run(stopping)
@@ -149,6 +179,7 @@ class ColdWorker:
 
     def close(self) -> None:
         self.loader.close()
+        self.registry.close()
         self.sink.close()
 
 
@@ -170,6 +201,23 @@ def apply_schema(worker: ColdWorker, stopping: threading.Event) -> bool:
     return False
 
 
+def catch_up_registry(worker: ColdWorker, stopping: threading.Event) -> bool:
+    """The device registry read to its end before the first batch (Kafka may be starting, or
+    the topic not created yet): waits with back-off. Returns False if asked to stop first."""
+    for delay in Backoff(first=0.5, longest=5.0).delays():
+        try:
+            devices = worker.registry.catch_up()
+            log.info("device registry read to its end: %d records", devices)
+            return True
+        except (KafkaException, RuntimeError, TimeoutError) as exc:
+            worker.counters.retries += 1
+            worker.write_status(ready=False, waiting_for=f"registry.devices: {exc}")
+            log.warning("device registry not readable (%s); retrying in %.1fs", exc, delay)
+            if stopping.wait(delay):
+                return False
+    return False
+
+
 async def serve(
     kafka: KafkaConfig,
     options: LoaderOptions,
@@ -183,7 +231,7 @@ async def serve(
     halt = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: halt.set())
-    if not apply_schema(worker, halt):
+    if not (apply_schema(worker, halt) and catch_up_registry(worker, halt)):
         worker.close()
         return
     server = serve_queries()

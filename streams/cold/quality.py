@@ -14,23 +14,27 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from sinks.clickhouse import TELEMETRY_TABLE, ClickHouseSink, WriteResult, telemetry_to_arrow
 from sinks.quality.gate import check_batch
 from sinks.quality.quarantine import Quarantine, ReleaseFilter, batch_id
 from sinks.quality.rules import QualityRules
+from streams.cold.registry import TenantColumns
 from streams.runtime.records import DeadLetter, SourceRecord
 
 __all__ = [
     "QUALITY_DLQ_TOPIC",
     "RELEASE_TABLE",
     "RELEASE_TOPIC",
+    "DeviceLookup",
     "QualityCounters",
     "QualityPath",
-    "no_registry",
+    "registry_columns",
 ]
 
 log = logging.getLogger("fleetstream.quality")
@@ -41,13 +45,27 @@ RELEASE_TABLE: Final = "quality_release"  # the loader's name for what the reque
 QUALITY_STAGE: Final = "quality"  # header `source` of its dead letters
 _RECENT_RELEASES: Final = 50
 
-# The registry's device ids as an Arrow string array; None while there is no registry (the
-# unknown-device rule is then off).
-KnownDevices = Callable[[], pa.Array | None]
+
+class DeviceLookup(Protocol):
+    """The registry as the gate asks it (streams.cold.registry.DeviceTenants fits)."""
+
+    def tenants(self, device_ids: Sequence[str]) -> TenantColumns: ...
 
 
-def no_registry() -> pa.Array | None:
-    return None
+def registry_columns(lookup: DeviceLookup, device_ids: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """Per row: whether the registry lacks its device, and its group path (org/project/group;
+    null when unknown), for the gate."""
+    tenants = lookup.tenants(device_ids.to_pylist())
+    unknown = np.zeros(len(device_ids), dtype=bool)
+    unknown[tenants.unknown] = True
+    mask = pa.array(unknown)
+    paths = pc.binary_join_element_wise(
+        pa.array(tenants.org, pa.string()),
+        pa.array(tenants.project, pa.string()),
+        pa.array(tenants.group, pa.string()),
+        "/",
+    )
+    return mask, pc.if_else(mask, pa.scalar(None, pa.string()), paths)
 
 
 @dataclass
@@ -76,13 +94,13 @@ class QualityPath:
         sink: ClickHouseSink,
         rules: QualityRules | None,
         dead_letter: Callable[[list[DeadLetter]], None],
-        known_devices: KnownDevices = no_registry,
+        registry: DeviceLookup | None = None,
     ) -> None:
         self.sink = sink
         self.rules = rules  # None: the gate is off, every row loads
         self.quarantine = Quarantine(sink)
         self.dead_letter = dead_letter
-        self.known_devices = known_devices
+        self.registry = registry  # None: no unknown-device rule, no per-group bounds
         self.counters = QualityCounters()
 
     def write_telemetry(
@@ -91,7 +109,15 @@ class QualityPath:
         batch = telemetry_to_arrow(records)
         if self.rules is None:
             return self.sink.write_arrow(TELEMETRY_TABLE, batch)
-        verdict = check_batch(batch, self.rules, self.known_devices())
+        unknown, groups = None, None
+        if self.registry is not None and (self.rules.require_registered or self.rules.groups):
+            unknown, groups = registry_columns(self.registry, batch.column("device_id"))
+        verdict = check_batch(
+            batch,
+            self.rules,
+            groups=groups,
+            unknown_rows=unknown if self.rules.require_registered else None,
+        )
         if len(verdict.bad):
             where = [(s.topic, s.partition, s.offset) for s in sources]
             self.quarantine.write(verdict.bad, batch_id(where))

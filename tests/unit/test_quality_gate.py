@@ -304,3 +304,47 @@ def test_an_empty_release_writes_nothing() -> None:
     path.apply_releases([{"request_id": "r-2", "rule": None, "device_id": "d-9"}])
     assert [sql for sql, _ in sink.commands] == [PENDING_SQL]
     assert path.counters.releases == {"r-2": 0}
+
+
+def test_the_registry_switch_and_groups_come_from_the_rules_file() -> None:
+    base = {"version": 1, "timestamps": {"future_skew_s": 1, "max_age_s": 1}}
+    assert parse_rules(base).require_registered is False
+    assert parse_rules({**base, "devices": {"require_registered": True}}).require_registered
+    with pytest.raises(RulesError, match="devices"):
+        parse_rules({**base, "devices": {"require_registered": "yes"}})
+
+
+def registry_of(**devices: str) -> Any:
+    from streams.cold.registry import DeviceTenants, Tenant
+
+    tenants = DeviceTenants()
+    for device, path in devices.items():
+        tenants.set(device.replace("_", "-"), Tenant(*path.split("/")))
+    return tenants
+
+
+def test_the_cold_path_asks_the_registry_for_unknown_devices_and_groups() -> None:
+    from dataclasses import replace
+
+    sink = FakeSink()
+    dead: list[DeadLetter] = []
+    registry = registry_of(d_1="acme/cold/freezers", d_2="acme/cold/other")
+    rules = replace(RULES, require_registered=True)
+    path = QualityPath(sink, rules, dead.extend, registry)  # type: ignore[arg-type]
+    records = [
+        reading("d-1", 1, temperature=20.0),  # warm for a freezer: range, by its group
+        reading("d-2", 1, temperature=20.0),
+        reading("ghost", 1),
+    ]
+    path.write_telemetry(records, [source(1), source(2), source(3)])
+    [bad] = sink.tables[QUARANTINE_TABLE]
+    assert bad.column("rule").to_pylist() == ["range", "unknown_device"]
+    assert bad.column("reason").to_pylist()[1] == "device ghost is not in the registry"
+    assert sink.tables[TELEMETRY_TABLE][0].column("device_id").to_pylist() == ["d-2"]
+
+
+def test_unregistered_devices_load_while_the_rule_is_off() -> None:
+    sink = FakeSink()
+    path = QualityPath(sink, RULES, lambda dead: None, registry_of())  # type: ignore[arg-type]
+    path.write_telemetry([reading("ghost", 1)], [source(1)])
+    assert QUARANTINE_TABLE not in sink.tables
