@@ -75,7 +75,7 @@ def test_bad_rows_are_quarantined_dead_lettered_and_released(
     bad = [
         reading(f"{prefix}a", 21, now, humidity=180.0),
         reading(f"{prefix}a", 22, now, temperature=math.nan),
-        reading(f"{prefix}b", 1, now + 3_600_000),  # an hour ahead of received_at
+        reading(f"{prefix}b", 1, now, ts=now + 3_600_000),  # an hour ahead of received_at
         reading(f"{prefix}b", 2, now, humidity=-3.0),
     ]
     produce_readings(settings, good + bad)
