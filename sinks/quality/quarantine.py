@@ -1,4 +1,4 @@
-"""The ``quarantine`` table (queries/ddl/006_quarantine.sql): what the gate refused, and the way
+"""The ``quarantine`` table (queries/ddl/008_quarantine.sql): what the gate refused, and the way
 back into ``telemetry`` (``fleet quality release``).
 
 Writes follow telemetry's exactly-once design (sinks/clickhouse.py): an insert deduplication

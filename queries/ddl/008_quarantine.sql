@@ -1,3 +1,4 @@
+-- Version 008: 006 and 007 are the tenant branch's (tenant columns, alerts), merged beside it.
 -- Telemetry rows the cold path's quality gate refused (sinks/quality/rules.toml): telemetry's
 -- columns plus the rule a row failed, the reason, and the batch it came in (its Kafka
 -- topic/partition/offset ranges). Written in the same step as the batch's good rows, before
