@@ -16,14 +16,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bench import cold, faust_probe, hot, ingest
+from bench import cold, faust_probe, hot, ingest, quality
 from infra.settings import PROJECT_ROOT
 from infra.stack import Stack
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
-STAGES = ("ingest", "cold", "pipeline", "hot")
+STAGES = ("ingest", "cold", "quality", "pipeline", "hot")
 EXTRA_STAGES = ("faust",)  # not in the default run: only when named
 
 
@@ -49,6 +49,8 @@ def main() -> None:
             results += ingest.run(settings)
         if "cold" in chosen:
             results += cold.run_cold(settings)
+        if "quality" in chosen:  # in-process, on a chDB folder of its own
+            results += quality.run_quality()
         if "pipeline" in chosen:
             results += cold.run_pipeline(scaled)
         if "hot" in chosen:

@@ -6,7 +6,9 @@ into the registry's device group `demo`, installs the demo's alert rules on that
 the simulator while showing live progress, changes every device's desired state a third of
 the way in, waits until the warehouse holds every published message and the twins have
 converged (or a deadline passes), prints the analyst queries' results and, last, one JSON
-summary line: `alerts` counts the alerts raised on this run's devices, `twins` the twins
+summary line: `quarantined` counts the messages the quality gate held (a share `bad_share` of
+the readings is made bad on purpose), so `stored + quarantined == published`; `alerts` counts
+the alerts raised on this run's devices, `twins` the twins
 whose delta is empty at the end.
 """
 
@@ -29,6 +31,7 @@ from infra.api.client import HotPathClient
 from infra.keys import key_passphrase
 from infra.pki import CertificateAuthority
 from infra.provision import load_or_provision, register
+from infra.quality import quarantined
 from infra.release_key import open_artifact_store
 from infra.settings import Settings
 from infra.simulator.device import SimulatedDevice
@@ -121,6 +124,7 @@ class DemoPlan:
     drain_timeout: float = 180.0
     ota: bool = False
     ota_fail_rate: float = 0.0
+    bad_share: float = 0.01  # readings the quality gate quarantines (see "quarantined")
 
 
 @dataclass
@@ -240,6 +244,13 @@ def _stored(settings: Settings, prefix: str) -> int:
         return 0
 
 
+def _quarantined(settings: Settings, prefix: str) -> int:
+    try:
+        return quarantined(settings, prefix)
+    except QueryError:
+        return 0
+
+
 def _converged_twins(client: HotPathClient, prefix: str, devices: int, deadline: float) -> int:
     """Twins of this run whose delta is empty, once all are or the deadline passed."""
     while True:
@@ -288,6 +299,7 @@ def run_demo(settings: Settings, plan: DemoPlan, console: Console) -> dict[str, 
                     artifact_root=ota.artifact_root if ota else None,
                     release_public_key=ota.release_public_key if ota else None,
                     ota_fail_rate=plan.ota_fail_rate,
+                    bad_share=plan.bad_share,
                 )
             )
         )
@@ -310,8 +322,10 @@ def run_demo(settings: Settings, plan: DemoPlan, console: Console) -> dict[str, 
             runner.join(timeout=1.0)
         stats, _ = result[0]
         deadline = time.monotonic() + plan.drain_timeout
-        while stored < stats.published and time.monotonic() < deadline:
+        held = 0  # quarantined by the quality gate: landed too
+        while stored + held < stats.published and time.monotonic() < deadline:
             stored = _stored(settings, prefix)
+            held = _quarantined(settings, prefix) if stored < stats.published else 0
             live.update(_progress(stats, stack, stored))
             time.sleep(0.5)
     for name in ANALYST_QUERIES:
@@ -336,6 +350,7 @@ def run_demo(settings: Settings, plan: DemoPlan, console: Console) -> dict[str, 
         "published": stats.published,
         "stored": counts.stored,
         "duplicates": counts.duplicates,
+        "quarantined": quarantined(settings, prefix),
         "dead_lettered": _bridges_total(stack, "dead_lettered") - dead_before,
         "alerts": len(raised),
         "twins": converged,

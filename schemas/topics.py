@@ -109,6 +109,13 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("dlq.cold", "original key", _DLQ, retention_ms=30 * DAY_MS),
     TopicSpec("dlq.hot", "original key", _DLQ, retention_ms=30 * DAY_MS),
     TopicSpec("dlq.ota", "original key", _DLQ, retention_ms=30 * DAY_MS),
+    # Telemetry rows the cold path's quality gate refused (also in the `quarantine` table):
+    # original bytes, headers `error` = the rule, `detail` = the reason.
+    TopicSpec("dlq.quality", "device id", _DLQ, retention_ms=30 * DAY_MS),
+    # `fleet quality release` requests, applied by the cold worker.
+    TopicSpec(
+        "quality.release", "request id", "Avro QualityRelease", "QualityRelease", partitions=1
+    ),
     # The bridges' canaries (ingest/bridge.py): proof that broker -> bridge -> Kafka works.
     TopicSpec("ingest.canary", "bridge replica", "canary JSON", retention_ms=DAY_MS, partitions=1),
     # The schema registry's storage: one ordered journal, kept forever (schema ids live here).

@@ -53,6 +53,7 @@ from queries.sqltext import NotReadOnly
 from sinks.base import (
     EVENTS_TABLE,
     OTA_EVENTS_TABLE,
+    QUARANTINE_TABLE,
     TELEMETRY_TABLE,
     TWIN_HISTORY_TABLE,
     BatchOrigin,
@@ -70,6 +71,7 @@ __all__ = [
     "EVENT_SCHEMA",
     "OTA_EVENTS_SCHEMA",
     "OTA_EVENTS_TABLE",
+    "QUARANTINE_TABLE",
     "TELEMETRY_SCHEMA",
     "TELEMETRY_TABLE",
     "TWIN_HISTORY_SCHEMA",
@@ -104,6 +106,7 @@ TOKEN_KEYS: Final[Mapping[str, tuple[str, ...]]] = {
     TELEMETRY_TABLE: ("seq",),
     EVENTS_TABLE: ("seq",),
     TWIN_HISTORY_TABLE: ("version", "last_reported_seq"),
+    QUARANTINE_TABLE: ("seq",),
     # (rollout_id, cohort, updated_at) identifies a row. Two rollout versions written in the
     # same millisecond share it: their tokens differ by state and counts, so the later one is
     # not dropped at insert (and, inserted last, it is the copy FINAL keeps).
@@ -646,6 +649,12 @@ class ClickHouseSink:
             with self._guard("write"):
                 self._client("write").insert_arrow(table, batch, settings=settings)
         return WriteResult(table, len(batch), token)
+
+    def command(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+        """Run one of the platform's own statements (never a caller's text) on the write
+        connection; a single-value answer (``SELECT count() ...``) is returned."""
+        with self._guard("write"):
+            return self._client("write").command(sql, parameters=dict(params or {}))
 
     # --- reads ---
 

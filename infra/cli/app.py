@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from infra.cli import access, alerts, dashboard, demo, devices, jobs, ota, sql, stack, twin
+from infra.cli import access, alerts, dashboard, demo, devices, jobs, ota, quality, sql, stack, twin
 
 app = typer.Typer(help="fleetstream: IoT fleet telemetry on Kafka.", no_args_is_help=True)
 
@@ -31,6 +31,7 @@ app.add_typer(alerts.app, name="alerts")
 app.add_typer(devices.app, name="device")
 app.add_typer(ota.app, name="ota")
 app.add_typer(jobs.app, name="jobs")
+app.add_typer(quality.app, name="quality")
 
 
 def main() -> None:

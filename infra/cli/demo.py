@@ -60,12 +60,20 @@ def demo(
         help="Also write a self-contained HTML report of the run (charts included) to this file.",
         dir_okay=False,
     ),
+    bad_share: float = typer.Option(
+        0.01, min=0.0, max=1.0, help="Share of readings the quality gate should quarantine."
+    ),
 ) -> None:
     """The whole pipeline against a simulated fleet; the summary is counted with SQL."""
     from infra.demo import DemoPlan, run_demo
 
     plan = DemoPlan(
-        devices, duration, rate, ota=ota or ota_fail_rate > 0, ota_fail_rate=ota_fail_rate
+        devices,
+        duration,
+        rate,
+        ota=ota or ota_fail_rate > 0,
+        ota_fail_rate=ota_fail_rate,
+        bad_share=bad_share,
     )
     settings = cli_settings()
     try:

@@ -120,6 +120,9 @@ class SensorModel:
         }
 
 
+BAD_HUMIDITY = 180.0  # outside the quality rules' humidity range (sinks/quality/rules.toml)
+
+
 class SimulatedDevice:
     def __init__(
         self,
@@ -136,6 +139,7 @@ class SimulatedDevice:
         release_public_key: bytes | None = None,
         ota_fail_rate: float = 0.0,
         ota_step_s: float = OTA_STEP_S,
+        bad_share: float = 0.0,
     ) -> None:
         self.creds = creds
         self.settings = settings
@@ -144,6 +148,10 @@ class SimulatedDevice:
         self.model = SensorModel.sample(rng)
         # Drawn only when failures are injected: the readings stay those of earlier runs.
         self.ota_faulty = ota_fail_rate > 0 and rng.random() < ota_fail_rate
+        # A share of readings made bad for the quality gate (a humidity sensor reading past
+        # 100 %), drawn from a generator of their own: the other readings stay as they were.
+        self.bad_share = bad_share
+        self.bad_rng = random.Random(f"{creds.device_id}/bad")
         # A device's sequence numbers only grow, across runs too: they continue from disk.
         self.seq = {TELEMETRY: 0, EVENTS: 0, STATE_REPORTED: 0, OTA_STATUS: 0, **(last_seq or {})}
         self.twin = twin or LocalTwin(initial_reported(report_interval_s))
@@ -215,6 +223,9 @@ class SimulatedDevice:
 
     def queue_telemetry(self) -> None:
         reading = self.model.reading(self.rng, self.seq[TELEMETRY] + 1, time.time())
+        if self.bad_share > 0 and self.bad_rng.random() < self.bad_share:
+            reading["humidity"] = BAD_HUMIDITY
+            self.stats.bad_readings += 1
         self.outbox.append(self._message(TELEMETRY, reading))
         self.stats.published += 1
         if self.rng.random() < 0.02:

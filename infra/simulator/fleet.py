@@ -29,6 +29,7 @@ async def run_fleet(
     artifact_root: Path | None = None,
     release_public_key: bytes | None = None,
     ota_fail_rate: float = 0.0,
+    bad_share: float = 0.0,
 ) -> tuple[FleetStats, list[SimulatedDevice]]:
     """Connect every device, publish at `rate` msgs/s each for `duration` s (or `max_messages`
     each), wait until every message is acknowledged, disconnect.
@@ -37,7 +38,8 @@ async def run_fleet(
     streams.ota.artifacts.ArtifactStore's root), checked against `release_public_key` (the PEM of
     the PKI dir's `release.pub`); without them an install fails (`no_artifact_store`,
     `no_release_key`). A share `ota_fail_rate` of the devices (drawn from each device's rng)
-    fails every install with `install_error`."""
+    fails every install with `install_error`. A share `bad_share` of the readings carries a
+    value the data-quality gate refuses (humidity past 100 %)."""
     stats = FleetStats(devices=len(credentials))
     rng = random.Random(seed)
     devices = [
@@ -53,6 +55,7 @@ async def run_fleet(
             artifact_root=artifact_root,
             release_public_key=release_public_key,
             ota_fail_rate=ota_fail_rate,
+            bad_share=bad_share,
         )
         for c in credentials
     ]

@@ -23,6 +23,7 @@ class FleetStats:
     ota_refused: int = 0  # downloads that failed verification (digest, signature, ...)
     no_subscribers: int = 0  # PUBACKs 0x10 (message kept, sent again later)
     refused: int = 0  # PUBACKs >= 0x80 (message dropped: retrying cannot help)
+    bad_readings: int = 0  # readings made to fail the quality gate (bad_share)
     started_at: float = field(default_factory=time.monotonic)
 
     def summary(self) -> dict[str, Any]:
@@ -42,6 +43,7 @@ class FleetStats:
             "ota_refused": self.ota_refused,
             "no_subscribers": self.no_subscribers,
             "refused": self.refused,
+            "bad_readings": self.bad_readings,
             "elapsed_s": round(elapsed, 3),
             "publish_rate": round(self.published / elapsed, 1),
         }

@@ -13,6 +13,10 @@ consumer reads with isolation.level=read_committed (streams/runtime/source.py), 
 keeps aborted twin states out; keep it.
 It also loads `ota.rollouts` (compacted, the OTA controller's rollout states) into `ota_events`
 (one row per rollout version and cohort: state and device counts per progress status).
+
+It follows the device registry (`registry.devices`, :mod:`streams.cold.registry`): read to its
+end before the first batch, refreshed before each table's batch is stored, so a row's device
+can be told its organization, project and group as the registry says when the row is loaded.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import signal
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
+
+from confluent_kafka import KafkaException
 
 from schemas.topics import TOPICS_BY_NAME, schema_of
 from sinks.base import (
@@ -36,10 +42,15 @@ from sinks.base import (
     WarehouseSink,
     WriteResult,
 )
+from sinks.clickhouse import ClickHouseSink
 from sinks.factory import open_sink
+from sinks.quality.rules import QualityRules, load_rules
+from streams.cold.quality import QUALITY_DLQ_TOPIC, RELEASE_TABLE, RELEASE_TOPIC, QualityPath
+from streams.cold.registry import DeviceRegistry
 from streams.cold.rows import ota_events_rows, twin_history_rows
 from streams.runtime.clients import KafkaConfig
 from streams.runtime.loader import (
+    DeadLetterProducer,
     LoaderLoop,
     LoaderOptions,
     LoaderSpec,
@@ -61,6 +72,10 @@ SOURCES = {
         (EVENTS_TABLE, "device.events"),
         (TWIN_HISTORY_TABLE, "twin.state"),
         (OTA_EVENTS_TABLE, "ota.rollouts"),
+        (
+            RELEASE_TABLE,
+            RELEASE_TOPIC,
+        ),  # `fleet quality release` requests (streams/cold/quality.py)
     )
 }
 
@@ -119,8 +134,27 @@ class ColdWorker:
     """The cold path's loader and the sink it writes (any :class:`sinks.base.WarehouseSink`:
     ClickHouse/chDB or Doris, as the warehouse URL says); one process owns a chDB folder."""
 
-    def __init__(self, kafka: KafkaConfig, options: LoaderOptions, warehouse_dsn: str) -> None:
+    def __init__(
+        self,
+        kafka: KafkaConfig,
+        options: LoaderOptions,
+        warehouse_dsn: str,
+        rules: QualityRules | None = None,
+    ) -> None:
+        """``rules``: the quality gate's (default: sinks/quality/rules.toml)."""
         self.sink: WarehouseSink = open_sink(warehouse_dsn)
+        self.registry = DeviceRegistry(kafka)
+        self.quality_dlq = DeadLetterProducer(kafka, QUALITY_DLQ_TOPIC)
+        writers = cold_writers(self.sink)
+        self.quality: QualityPath | None = None
+        if isinstance(self.sink, ClickHouseSink):
+            # The gate writes Arrow and quarantines with ClickHouse SQL; a Doris warehouse
+            # loads telemetry ungated for now (queries/README.md).
+            self.quality = QualityPath(
+                self.sink, rules or load_rules(), self.quality_dlq.send, self.registry.devices
+            )
+            writers[TELEMETRY_TABLE] = self.quality.write_telemetry
+        writers[RELEASE_TABLE] = self._apply_releases
         self.loader = LoaderLoop(
             COLD_JOB,
             kafka,
@@ -128,9 +162,40 @@ class ColdWorker:
             {},
             retryable=(SinkUnavailable,),
             rejected=(InvalidBatch,),
-            sourced_writers=cold_writers(self.sink),
+            sourced_writers={table: self._after_registry(w) for table, w in writers.items()},
+            status_extra=self.quality.status if self.quality is not None else None,
         )
         self.counters = self.loader.counters
+
+    def _apply_releases(self, records: list[dict[str, Any]], _: list[SourceRecord]) -> None:
+        if self.quality is None:
+            log.warning("quality release requests ignored: this warehouse has no quarantine")
+            return
+        self.quality.apply_releases(records)
+
+    def _after_registry(self, write: SourcedWrite) -> SourcedWrite:
+        """`write`, run once the registry is refreshed (and its dead letters written)."""
+
+        def refreshed_then_write(
+            records: list[dict[str, Any]], sources: list[SourceRecord]
+        ) -> object:
+            self.refresh_registry()
+            return write(records, sources)
+
+        return refreshed_then_write
+
+    def refresh_registry(self) -> None:
+        """What the registry wrote since (never blocks); its unreadable records go to the
+        dead-letter topic before the batch is stored (in the writer thread)."""
+        self.registry.refresh()
+        dead = self.registry.take_dead_letters()
+        if dead:
+            try:
+                self.loader.dlq.send(dead)
+            except BaseException:
+                self.registry.returned(dead)
+                raise
+            self.counters.dead_lettered += len(dead)
 
     async def run(self, stopping: asyncio.Event) -> None:
         await self.loader.run(stopping)
@@ -140,6 +205,7 @@ class ColdWorker:
 
     def close(self) -> None:
         self.loader.close()
+        self.registry.close()
         self.sink.close()
 
 
@@ -161,6 +227,23 @@ def apply_schema(worker: ColdWorker, stopping: threading.Event) -> bool:
     return False
 
 
+def catch_up_registry(worker: ColdWorker, stopping: threading.Event) -> bool:
+    """The device registry read to its end before the first batch (Kafka may be starting, or
+    the topic not created yet): waits with back-off. Returns False if asked to stop first."""
+    for delay in Backoff(first=0.5, longest=5.0).delays():
+        try:
+            devices = worker.registry.catch_up()
+            log.info("device registry read to its end: %d records", devices)
+            return True
+        except (KafkaException, RuntimeError, TimeoutError) as exc:
+            worker.counters.retries += 1
+            worker.write_status(ready=False, waiting_for=f"registry.devices: {exc}")
+            log.warning("device registry not readable (%s); retrying in %.1fs", exc, delay)
+            if stopping.wait(delay):
+                return False
+    return False
+
+
 async def serve(
     kafka: KafkaConfig,
     options: LoaderOptions,
@@ -174,7 +257,7 @@ async def serve(
     halt = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: halt.set())
-    if not apply_schema(worker, halt):
+    if not (apply_schema(worker, halt) and catch_up_registry(worker, halt)):
         worker.close()
         return
     server = serve_queries()

@@ -238,11 +238,13 @@ class LoaderLoop:
         rejected: tuple[type[BaseException], ...] = (),
         codecs: Mapping[str, AvroCodec] | None = None,
         sourced_writers: Mapping[str, SourcedWrite] | None = None,
+        status_extra: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self.spec = spec
         self.kafka = kafka
         self.options = options
         self.counters = LoaderCounters()
+        self.status_extra = status_extra  # more of the job's counters for its status file
         # One writer thread: batches reach the store in order, one at a time.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sink")
         self.dlq = DeadLetterProducer(kafka, spec.dead_letters)
@@ -379,6 +381,7 @@ class LoaderLoop:
             **asdict(self.counters),
             "transient_errors": self.transient_errors,
             "last_transient_error": self.last_transient_error,
+            **(self.status_extra() if self.status_extra is not None else {}),
             **extra,
         }
         write_status(self.options.status_path, status)

@@ -260,10 +260,11 @@ def test_every_ddl_statement_is_idempotent_and_the_tables_are_the_contract() -> 
     text = " ".join(s for m in load_migrations() for s in m.statements)
     for statement in (s for m in load_migrations() for s in m.statements):
         assert "IF NOT EXISTS" in statement
-    for table in ("telemetry", "device_events", "telemetry_1m"):
+    for table in ("telemetry", "device_events", "telemetry_1m", "quarantine"):
         assert f"CREATE TABLE IF NOT EXISTS {table}\n" in text
-    assert text.count("ORDER BY (device_id, seq)") == 2
-    assert text.count("non_replicated_deduplication_window") == 5
+    # telemetry, device_events and quarantine are keyed on the message
+    assert text.count("ORDER BY (device_id, seq)") == 3
+    assert text.count("non_replicated_deduplication_window") == 6
 
 
 def write(folder: Path, name: str, sql: str = "CREATE TABLE IF NOT EXISTS x (a UInt8)") -> None:
