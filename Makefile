@@ -64,8 +64,7 @@ clean:
 bench: $(VENV)/.installed system-deps
 	$(VENV)/bin/python -m bench
 
-# Not part of `make bench`: why the workers are not Faust agents (throughput, exactly-once under
-# kill -9), each beside a confluent-kafka baseline; installs faust-streaming (faust-probe extra).
+# The `faust` stage of `make bench` alone: a Faust job beside the kit's transactional loop doing
+# the same work, and why the core workers are not Faust agents (writes bench/results.json).
 bench-faust: $(VENV)/.installed system-deps
-	$(VENV)/bin/pip install -q -e '.[faust-probe]'
 	$(VENV)/bin/python -m bench faust
