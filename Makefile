@@ -27,8 +27,9 @@ unit: $(VENV)/.installed
 	$(VENV)/bin/pytest -q tests/unit
 
 # Integration and e2e tests start their own stack (ports 1xxxx, state in .state/test-stack-10000).
+# The 40 slowest tests are listed at the end (where CI time goes).
 integration: $(VENV)/.installed system-deps
-	$(VENV)/bin/pytest -q -ra tests/integration tests/e2e
+	$(VENV)/bin/pytest -q -ra --durations=40 tests/integration tests/e2e
 
 up: $(VENV)/.installed system-deps
 	$(VENV)/bin/fleet up
