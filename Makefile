@@ -31,8 +31,9 @@ unit: $(VENV)/.installed
 	$(VENV)/bin/pytest -q tests/unit
 
 # Integration and e2e tests start their own stack (ports 1xxxx, state in .state/test-stack-10000).
+# The 40 slowest tests are listed at the end (where CI time goes).
 integration: $(VENV)/.installed system-deps
-	$(VENV)/bin/pytest -q -ra tests/integration tests/e2e
+	$(VENV)/bin/pytest -q -ra --durations=40 tests/integration tests/e2e
 
 up: $(VENV)/.installed system-deps
 	$(VENV)/bin/fleet up
@@ -71,10 +72,9 @@ clean:
 bench: $(VENV)/.installed system-deps
 	$(VENV)/bin/python -m bench
 
-# Not part of `make bench`: why the workers are not Faust agents (throughput, exactly-once under
-# kill -9), each beside a confluent-kafka baseline; installs faust-streaming (faust-probe extra).
+# The `faust` stage of `make bench` alone: a Faust job beside the kit's transactional loop doing
+# the same work, and why the core workers are not Faust agents (writes bench/results.json).
 bench-faust: $(VENV)/.installed system-deps
-	$(VENV)/bin/pip install -q -e '.[faust-probe]'
 	$(VENV)/bin/python -m bench faust
 
 # The dashboard's chart library, vendored (no CDN: the machines have no internet): the built,

@@ -1,7 +1,8 @@
-"""`python -m bench faust`: why the platform's workers are not Faust agents, measured.
+"""`python -m bench faust` (part of `make bench`): Faust beside the kit, measured.
 
-The design card asks for Faust (faust-streaming) agents. Two findings rule them out, and this
-stage reproduces both, each beside a baseline measured in the same run:
+First the headline figure (bench/faust_forward.py): a data engineer's Faust job beside the kit's
+transactional loop doing the same work. Then why the platform's core workers are not Faust
+agents: two findings, each beside a baseline measured in the same run:
 
 1. Throughput: Faust's per-event path (aiokafka fetch, one Event per record, asyncio queues)
    drains a topic at a small fraction of what a bare confluent-kafka consumer loop does, at a
@@ -12,9 +13,9 @@ stage reproduces both, each beside a baseline measured in the same run:
    #440 are open. The same forward done by a confluent-kafka transactional loop
    (send_offsets_to_transaction, fixed transactional.id) and killed the same way leaves none.
 
-The platform's workers therefore use confluent-kafka transactions (streams/runtime/transactions.py).
-Not part of the default `make bench`: `make bench-faust` installs faust-streaming (the
-`faust-probe` extra) and runs this stage. The Faust worker runs in a subprocess of its own
+The platform's core workers therefore use confluent-kafka transactions
+(streams/runtime/transactions.py); Faust jobs are the data engineers' extension surface,
+at-least-once with idempotent keys. The Faust worker runs in a subprocess of its own
 (bench/faust_probe_app.py; Faust owns its event loop); so do the baselines, so that each
 figure's CPU time is one process's. Sub-commands of this module are those baseline processes:
 `python -m bench.faust_probe bare-consume ...` and `python -m bench.faust_probe eos-baseline ...`.
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import json
 import os
 import signal
@@ -39,6 +39,7 @@ from pathlib import Path
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from bench import faust_forward
 from bench.ingest import Result
 from infra.settings import PROJECT_ROOT, Settings
 from infra.stack import Stack
@@ -411,13 +412,12 @@ def _exactly_once(settings: Settings, workers: _Workers) -> list[Result]:
 
 
 def run(settings: Settings) -> list[Result]:
-    if importlib.util.find_spec("faust") is None:
-        raise RuntimeError("faust-streaming is not installed: `make bench-faust` installs it")
     Stack(settings).up()
     with tempfile.TemporaryDirectory(prefix="faust-probe-") as tmp:
         workers = _Workers(Path(tmp))
         try:
-            return _throughput(settings, workers) + _exactly_once(settings, workers)
+            forward = faust_forward.run(settings, workers.workdir)
+            return forward + _throughput(settings, workers) + _exactly_once(settings, workers)
         finally:
             workers.kill_all()
 

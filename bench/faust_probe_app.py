@@ -10,8 +10,6 @@ Faust owns its event loop, so the driver runs this module as
 - take mode only: FAUST_PROBE_RECORDS (records to read) and FAUST_PROBE_RESULT (a file that
   receives {"records", "seconds", "cpu_seconds"} counted from the first batch on; the process
   then exits at once).
-
-Only this module imports faust: `python -m bench` runs its other stages without it.
 """
 
 from __future__ import annotations
