@@ -13,6 +13,10 @@ consumer reads with isolation.level=read_committed (streams/runtime/source.py), 
 keeps aborted twin states out; keep it.
 It also loads `ota.rollouts` (compacted, the OTA controller's rollout states) into `ota_events`
 (one row per rollout version and cohort: state and device counts per progress status).
+
+It follows the device registry (`registry.devices`, :mod:`streams.cold.registry`): read to its
+end before the first batch, refreshed before each table's batch is stored, so a row's device
+can be told its organization, project and group as the registry says when the row is loaded.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import signal
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
+
+from confluent_kafka import KafkaException
 
 from schemas.topics import TOPICS_BY_NAME, schema_of
 from sinks.clickhouse import (
@@ -35,6 +41,7 @@ from sinks.clickhouse import (
     SinkUnavailable,
     WriteResult,
 )
+from streams.cold.registry import DeviceRegistry
 from streams.cold.rows import ota_events_rows, twin_history_rows
 from streams.runtime.clients import KafkaConfig
 from streams.runtime.loader import LoaderLoop, LoaderOptions, LoaderSpec, LoadSource, Write
@@ -80,6 +87,7 @@ class ColdWorker:
 
     def __init__(self, kafka: KafkaConfig, options: LoaderOptions, warehouse_dsn: str) -> None:
         self.sink = ClickHouseSink(warehouse_dsn)
+        self.registry = DeviceRegistry(kafka)
         self.loader = LoaderLoop(
             COLD_JOB,
             kafka,
@@ -99,12 +107,35 @@ class ColdWorker:
         def write_ota_events(records: list[dict[str, Any]]) -> WriteResult:
             return self.sink.write_ota_events(ota_events_rows(records))
 
-        return {
+        writers: dict[str, Write] = {
             TELEMETRY_TABLE: self.sink.write_telemetry,
             EVENTS_TABLE: self.sink.write_events,
             TWIN_HISTORY_TABLE: write_twin_history,
             OTA_EVENTS_TABLE: write_ota_events,
         }
+        return {table: self._after_registry(write) for table, write in writers.items()}
+
+    def _after_registry(self, write: Write) -> Write:
+        """`write`, run once the registry is refreshed (and its dead letters written)."""
+
+        def refreshed_then_write(records: list[dict[str, Any]]) -> object:
+            self.refresh_registry()
+            return write(records)
+
+        return refreshed_then_write
+
+    def refresh_registry(self) -> None:
+        """What the registry wrote since (never blocks); its unreadable records go to the
+        dead-letter topic before the batch is stored (in the writer thread)."""
+        self.registry.refresh()
+        dead = self.registry.take_dead_letters()
+        if dead:
+            try:
+                self.loader.dlq.send(dead)
+            except BaseException:
+                self.registry.returned(dead)
+                raise
+            self.counters.dead_lettered += len(dead)
 
     async def run(self, stopping: asyncio.Event) -> None:
         await self.loader.run(stopping)
@@ -114,6 +145,7 @@ class ColdWorker:
 
     def close(self) -> None:
         self.loader.close()
+        self.registry.close()
         self.sink.close()
 
 
@@ -135,6 +167,23 @@ def apply_schema(worker: ColdWorker, stopping: threading.Event) -> bool:
     return False
 
 
+def catch_up_registry(worker: ColdWorker, stopping: threading.Event) -> bool:
+    """The device registry read to its end before the first batch (Kafka may be starting, or
+    the topic not created yet): waits with back-off. Returns False if asked to stop first."""
+    for delay in Backoff(first=0.5, longest=5.0).delays():
+        try:
+            devices = worker.registry.catch_up()
+            log.info("device registry read to its end: %d records", devices)
+            return True
+        except (KafkaException, RuntimeError, TimeoutError) as exc:
+            worker.counters.retries += 1
+            worker.write_status(ready=False, waiting_for=f"registry.devices: {exc}")
+            log.warning("device registry not readable (%s); retrying in %.1fs", exc, delay)
+            if stopping.wait(delay):
+                return False
+    return False
+
+
 async def serve(
     kafka: KafkaConfig,
     options: LoaderOptions,
@@ -148,7 +197,7 @@ async def serve(
     halt = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: halt.set())
-    if not apply_schema(worker, halt):
+    if not (apply_schema(worker, halt) and catch_up_registry(worker, halt)):
         worker.close()
         return
     server = serve_queries()
