@@ -51,14 +51,36 @@ from queries.migrations import (
 from queries.result import OUTPUT_FORMATS, QueryResult, RawResult
 from queries.sqltext import NotReadOnly
 from sinks.sql_guard import Checked, Refused, check_query, format_query_sql
+from sinks.warehouse_tables import (
+    ALERTS_SCHEMA,
+    ALERTS_TABLE,
+    DEDUPLICATED_TABLES,
+    EVENT_SCHEMA,
+    EVENTS_TABLE,
+    OTA_EVENTS_SCHEMA,
+    OTA_EVENTS_TABLE,
+    TELEMETRY_SCHEMA,
+    TELEMETRY_TABLE,
+    TENANT_COLUMNS,
+    TENANT_TABLES,
+    TOKEN_ID_COLUMN,
+    TOKEN_KEYS,
+    TWIN_HISTORY_SCHEMA,
+    TWIN_HISTORY_TABLE,
+    Columns,
+)
 
 __all__ = [
+    "ALERTS_SCHEMA",
+    "ALERTS_TABLE",
     "EVENTS_TABLE",
     "EVENT_SCHEMA",
     "OTA_EVENTS_SCHEMA",
     "OTA_EVENTS_TABLE",
     "TELEMETRY_SCHEMA",
     "TELEMETRY_TABLE",
+    "TENANT_COLUMNS",
+    "TENANT_TABLES",
     "TWIN_HISTORY_SCHEMA",
     "TWIN_HISTORY_TABLE",
     "ClickHouseSink",
@@ -69,6 +91,7 @@ __all__ = [
     "SinkError",
     "SinkUnavailable",
     "WriteResult",
+    "alerts_to_arrow",
     "dedup_token",
     "events_to_arrow",
     "normalize_dsn",
@@ -79,109 +102,6 @@ __all__ = [
 
 Record: TypeAlias = Mapping[str, Any]
 Role: TypeAlias = Literal["read", "write"]
-
-TELEMETRY_TABLE: Final = "telemetry"
-EVENTS_TABLE: Final = "device_events"
-TWIN_HISTORY_TABLE: Final = "twin_history"
-OTA_EVENTS_TABLE: Final = "ota_events"
-# The tables keyed on (device_id, seq): what the count helpers (STORED_SQL, DUPLICATES_SQL)
-# and `fleet demo` count. twin_history is keyed on (device_id, version), so it is not here.
-DEDUPLICATED_TABLES: Final = frozenset({TELEMETRY_TABLE, EVENTS_TABLE})
-# The tables write_arrow inserts into (each with a dedup token): the columns after device_id
-# that the token hashes, sorted by. (device_id, seq) identifies a message; a twin version may
-# be re-published with only last_reported_seq advanced, a copy that must not be dropped as a
-# re-delivery, so its token hashes that too.
-TOKEN_KEYS: Final[Mapping[str, tuple[str, ...]]] = {
-    TELEMETRY_TABLE: ("seq",),
-    EVENTS_TABLE: ("seq",),
-    TWIN_HISTORY_TABLE: ("version", "last_reported_seq"),
-    # (rollout_id, cohort, updated_at) identifies a row. Two rollout versions written in the
-    # same millisecond share it: their tokens differ by state and counts, so the later one is
-    # not dropped at insert (and, inserted last, it is the copy FINAL keeps).
-    OTA_EVENTS_TABLE: (
-        "cohort",
-        "updated_at",
-        "state",
-        "current_cohort",
-        "devices",
-        "planned",
-        "skipped",
-        "sent",
-        "in_progress",
-        "succeeded",
-        "failed",
-        "rollback_sent",
-        "rolled_back",
-        "rollback_failed",
-    ),
-}
-# The first (string) key a token hashes, when a table is not keyed on device_id.
-TOKEN_ID_COLUMN: Final[Mapping[str, str]] = {OTA_EVENTS_TABLE: "rollout_id"}
-
-_MS_UTC = pa.timestamp("ms", tz="UTC")
-TELEMETRY_SCHEMA: Final = pa.schema(
-    [
-        pa.field("device_id", pa.string(), nullable=False),
-        pa.field("seq", pa.uint64(), nullable=False),
-        pa.field("ts", _MS_UTC, nullable=False),
-        pa.field("received_at", _MS_UTC, nullable=False),
-        pa.field("temperature", pa.float64()),
-        pa.field("humidity", pa.float64()),
-        pa.field("battery", pa.float64()),
-        pa.field("vibration_rms", pa.float64()),
-        pa.field("extra", pa.map_(pa.string(), pa.float64()), nullable=False),
-    ]
-)
-EVENT_SCHEMA: Final = pa.schema(
-    [
-        pa.field("device_id", pa.string(), nullable=False),
-        pa.field("seq", pa.uint64(), nullable=False),
-        pa.field("ts", _MS_UTC, nullable=False),
-        pa.field("received_at", _MS_UTC, nullable=False),
-        pa.field("type", pa.string(), nullable=False),
-        pa.field("message", pa.string()),
-        pa.field("attributes", pa.map_(pa.string(), pa.string()), nullable=False),
-    ]
-)
-# Documents as compact JSON text; delta is streams.hot.twin.delta as JSON, delta_keys its number
-# of top-level keys (0: the device has converged).
-TWIN_HISTORY_SCHEMA: Final = pa.schema(
-    [
-        pa.field("device_id", pa.string(), nullable=False),
-        pa.field("version", pa.uint64(), nullable=False),
-        pa.field("updated_at", _MS_UTC, nullable=False),
-        pa.field("desired", pa.string(), nullable=False),
-        pa.field("reported", pa.string(), nullable=False),
-        pa.field("delta", pa.string(), nullable=False),
-        pa.field("delta_keys", pa.uint32(), nullable=False),
-        pa.field("last_reported_seq", pa.int64(), nullable=False),
-    ]
-)
-_COUNT = pa.uint32()
-# One row per (rollout, cohort) of a rollout version; the counts are devices of the cohort per
-# progress status (in_progress = downloading + verifying + installing).
-OTA_EVENTS_SCHEMA: Final = pa.schema(
-    [
-        pa.field("rollout_id", pa.string(), nullable=False),
-        pa.field("updated_at", _MS_UTC, nullable=False),
-        pa.field("state", pa.string(), nullable=False),
-        pa.field("version", pa.string(), nullable=False),
-        pa.field("target", pa.string(), nullable=False),
-        pa.field("current_cohort", pa.int32(), nullable=False),
-        pa.field("cohort", _COUNT, nullable=False),
-        pa.field("devices", _COUNT, nullable=False),
-        pa.field("planned", _COUNT, nullable=False),
-        pa.field("skipped", _COUNT, nullable=False),
-        pa.field("sent", _COUNT, nullable=False),
-        pa.field("in_progress", _COUNT, nullable=False),
-        pa.field("succeeded", _COUNT, nullable=False),
-        pa.field("failed", _COUNT, nullable=False),
-        pa.field("rollback_sent", _COUNT, nullable=False),
-        pa.field("rolled_back", _COUNT, nullable=False),
-        pa.field("rollback_failed", _COUNT, nullable=False),
-        pa.field("reason", pa.string()),
-    ]
-)
 
 # ClickHouse error codes that say "not now" rather than "never": the batch is retried.
 TRANSIENT_CODES: Final = frozenset(
@@ -305,6 +225,8 @@ def _column(records: Sequence[Record], field: pa.Field, get: Callable[[Record], 
 
 def _getter(field: pa.Field) -> Callable[[Record], Any]:
     name: str = field.name
+    if name in TENANT_COLUMNS:  # a row not told its tenant has none (only the platform sees it)
+        return lambda record: record.get(name) or ""
     if isinstance(field.type, pa.MapType):
         return lambda record: record.get(name) or {}
     if field.nullable:
@@ -312,30 +234,57 @@ def _getter(field: pa.Field) -> Callable[[Record], Any]:
     return lambda record: record[name]
 
 
-def records_to_arrow(records: Sequence[Record], schema: pa.Schema) -> pa.Table:
-    """``records`` (dicts as the Avro codec decodes them) as a Table of ``schema``."""
-    columns = [_column(records, field, _getter(field)) for field in schema]
+def _given(field: pa.Field, values: Sequence[Any], rows: int) -> pa.Array:
+    if len(values) != rows:
+        raise InvalidBatch(f"column {field.name}: {len(values)} values for {rows} rows")
+    try:
+        array = pa.array(values, type=field.type)
+    except (TypeError, ValueError, OverflowError, pa.ArrowException) as exc:
+        raise InvalidBatch(f"column {field.name}: {exc!r}") from exc
+    if not field.nullable and array.null_count:
+        raise InvalidBatch(f"column {field.name}: {array.null_count} null value(s)")
+    return array
+
+
+def records_to_arrow(
+    records: Sequence[Record], schema: pa.Schema, given: Columns | None = None
+) -> pa.Table:
+    """``records`` (dicts as the Avro codec decodes them) as a Table of ``schema``; the
+    columns in ``given`` (the batch's tenants, say) are taken from there, one value a row."""
+    given = given or {}
+    columns = [
+        _given(field, given[field.name], len(records))
+        if field.name in given
+        else _column(records, field, _getter(field))
+        for field in schema
+    ]
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def telemetry_to_arrow(records: Sequence[Record]) -> pa.Table:
-    """Decoded ``Telemetry`` records as the columns of the ``telemetry`` table."""
-    return records_to_arrow(records, TELEMETRY_SCHEMA)
+def telemetry_to_arrow(records: Sequence[Record], tenants: Columns | None = None) -> pa.Table:
+    """Decoded ``Telemetry`` records as the columns of the ``telemetry`` table (``tenants``:
+    the org, project and group columns of the batch)."""
+    return records_to_arrow(records, TELEMETRY_SCHEMA, tenants)
 
 
-def events_to_arrow(records: Sequence[Record]) -> pa.Table:
+def events_to_arrow(records: Sequence[Record], tenants: Columns | None = None) -> pa.Table:
     """Decoded ``DeviceEvent`` records as the columns of the ``device_events`` table."""
-    return records_to_arrow(records, EVENT_SCHEMA)
+    return records_to_arrow(records, EVENT_SCHEMA, tenants)
 
 
-def twin_history_to_arrow(rows: Sequence[Record]) -> pa.Table:
+def alerts_to_arrow(records: Sequence[Record], tenants: Columns | None = None) -> pa.Table:
+    """Decoded ``Alert`` records as the columns of the ``alerts`` table."""
+    return records_to_arrow(records, ALERTS_SCHEMA, tenants)
+
+
+def twin_history_to_arrow(rows: Sequence[Record], tenants: Columns | None = None) -> pa.Table:
     """``twin_history`` rows as its columns.
 
     The rows are decoded ``TwinState`` records with ``delta`` and ``delta_keys`` added by the
     cold worker (``streams.cold.rows.twin_history_rows``): computing a delta is the twin's domain
     (``streams.hot.twin``), and the sink stays below the stream layer, importing nothing from it.
     """
-    return records_to_arrow(rows, TWIN_HISTORY_SCHEMA)
+    return records_to_arrow(rows, TWIN_HISTORY_SCHEMA, tenants)
 
 
 def ota_events_to_arrow(rows: Sequence[Record]) -> pa.Table:
@@ -634,17 +583,30 @@ class ClickHouseSink:
 
     # --- writes ---
 
-    def write_telemetry(self, records: Sequence[Record]) -> WriteResult:
-        """Store decoded ``Telemetry`` records (exactly once; see the module doc)."""
-        return self.write_arrow(TELEMETRY_TABLE, telemetry_to_arrow(records))
+    def write_telemetry(
+        self, records: Sequence[Record], tenants: Columns | None = None
+    ) -> WriteResult:
+        """Store decoded ``Telemetry`` records (exactly once; see the module doc), with their
+        tenant columns (``tenants``; without: empty)."""
+        return self.write_arrow(TELEMETRY_TABLE, telemetry_to_arrow(records, tenants))
 
-    def write_events(self, records: Sequence[Record]) -> WriteResult:
+    def write_events(
+        self, records: Sequence[Record], tenants: Columns | None = None
+    ) -> WriteResult:
         """Store decoded ``DeviceEvent`` records (exactly once)."""
-        return self.write_arrow(EVENTS_TABLE, events_to_arrow(records))
+        return self.write_arrow(EVENTS_TABLE, events_to_arrow(records, tenants))
 
-    def write_twin_history(self, rows: Sequence[Record]) -> WriteResult:
+    def write_alerts(
+        self, records: Sequence[Record], tenants: Columns | None = None
+    ) -> WriteResult:
+        """Store decoded ``Alert`` records (exactly once)."""
+        return self.write_arrow(ALERTS_TABLE, alerts_to_arrow(records, tenants))
+
+    def write_twin_history(
+        self, rows: Sequence[Record], tenants: Columns | None = None
+    ) -> WriteResult:
         """Store ``twin_history`` rows (see :func:`twin_history_to_arrow`; exactly once)."""
-        return self.write_arrow(TWIN_HISTORY_TABLE, twin_history_to_arrow(rows))
+        return self.write_arrow(TWIN_HISTORY_TABLE, twin_history_to_arrow(rows, tenants))
 
     def write_ota_events(self, rows: Sequence[Record]) -> WriteResult:
         """Store ``ota_events`` rows (see :func:`ota_events_to_arrow`; exactly once)."""

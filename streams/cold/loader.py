@@ -12,11 +12,13 @@ version). That topic is written by the hot worker's transactional producer: the 
 consumer reads with isolation.level=read_committed (streams/runtime/source.py), which is what
 keeps aborted twin states out; keep it.
 It also loads `ota.rollouts` (compacted, the OTA controller's rollout states) into `ota_events`
-(one row per rollout version and cohort: state and device counts per progress status).
+(one row per rollout version and cohort: state and device counts per progress status), and
+`alerts` (the hot path's alert lifecycle records) into `alerts`.
 
 It follows the device registry (`registry.devices`, :mod:`streams.cold.registry`): read to its
-end before the first batch, refreshed before each table's batch is stored, so a row's device
-can be told its organization, project and group as the registry says when the row is loaded.
+end before the first batch, refreshed before each table's batch is stored: every row is stored
+with its device's organization, project and group as the registry says when it is loaded (an
+OTA rollout's rows with its target's), the tenant columns the query port's row filters use.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from confluent_kafka import KafkaException
 
 from schemas.topics import TOPICS_BY_NAME, schema_of
 from sinks.clickhouse import (
+    ALERTS_TABLE,
     EVENTS_TABLE,
     OTA_EVENTS_TABLE,
     TELEMETRY_TABLE,
@@ -59,6 +62,7 @@ SOURCES = {
         (EVENTS_TABLE, "device.events"),
         (TWIN_HISTORY_TABLE, "twin.state"),
         (OTA_EVENTS_TABLE, "ota.rollouts"),
+        (ALERTS_TABLE, "alerts"),
     )
 }
 
@@ -101,19 +105,36 @@ class ColdWorker:
     def _writers(self) -> dict[str, Write]:
         """Per table, what stores a batch of its decoded records (in the writer thread)."""
 
+        sink, tenants = self.sink, self.tenants
+
+        def write_telemetry(records: list[dict[str, Any]]) -> WriteResult:
+            return sink.write_telemetry(records, tenants(records))
+
+        def write_events(records: list[dict[str, Any]]) -> WriteResult:
+            return sink.write_events(records, tenants(records))
+
+        def write_alerts(records: list[dict[str, Any]]) -> WriteResult:
+            return sink.write_alerts(records, tenants(records))
+
         def write_twin_history(records: list[dict[str, Any]]) -> WriteResult:
-            return self.sink.write_twin_history(twin_history_rows(records))
+            rows = twin_history_rows(records)
+            return sink.write_twin_history(rows, tenants(rows))
 
         def write_ota_events(records: list[dict[str, Any]]) -> WriteResult:
-            return self.sink.write_ota_events(ota_events_rows(records))
+            return sink.write_ota_events(ota_events_rows(records))  # tenant: the target's
 
         writers: dict[str, Write] = {
-            TELEMETRY_TABLE: self.sink.write_telemetry,
-            EVENTS_TABLE: self.sink.write_events,
+            TELEMETRY_TABLE: write_telemetry,
+            EVENTS_TABLE: write_events,
             TWIN_HISTORY_TABLE: write_twin_history,
             OTA_EVENTS_TABLE: write_ota_events,
+            ALERTS_TABLE: write_alerts,
         }
         return {table: self._after_registry(write) for table, write in writers.items()}
+
+    def tenants(self, rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+        """The tenant columns of a batch's rows, by their device, as the registry says now."""
+        return self.registry.devices.tenants([row["device_id"] for row in rows]).as_columns()
 
     def _after_registry(self, write: Write) -> Write:
         """`write`, run once the registry is refreshed (and its dead letters written)."""
