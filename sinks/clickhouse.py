@@ -50,6 +50,7 @@ from queries.migrations import (
 )
 from queries.result import OUTPUT_FORMATS, QueryResult, RawResult
 from queries.sqltext import NotReadOnly
+from sinks.row_filters import EVERY_ROW, ReadScope, table_filters
 from sinks.sql_guard import Checked, Refused, check_query, format_query_sql
 from sinks.warehouse_tables import (
     ALERTS_SCHEMA,
@@ -191,14 +192,21 @@ class ReadLimits:
     max_result_bytes: int = 512 << 20
     max_threads: int = 2  # leave the cold path its share of these machines' cores
 
-    def settings(self, embedded: bool) -> dict[str, Any]:
+    def settings(self, embedded: bool, scope: ReadScope = EVERY_ROW) -> dict[str, Any]:
         """The connection settings, in order: ``readonly`` last, or setting the others fails.
+        ``scope``: the caller's row filters (``additional_table_filters``) and FINAL or not.
 
         A ClickHouse server gets ``readonly=2`` (its HTTP interface sends every setting with
         each query); the statement guard refuses SETTINGS clauses there.
         """
+        filters = (
+            {}
+            if scope.scopes is None
+            else {"additional_table_filters": table_filters(scope.scopes)}
+        )
         return {
-            "final": 1,
+            **filters,
+            "final": int(scope.final),
             "max_execution_time": max(1, math.ceil(self.timeout_s)),
             "max_memory_usage": self.max_memory_bytes,
             "max_result_rows": self.max_result_rows,
@@ -371,41 +379,53 @@ class _ReadPool:
     after a failure broke the queries of other threads. A connection that failed is closed and
     never handed out again; the next query opens a fresh one."""
 
-    def __init__(self, open_client: Callable[[], Client], size: int) -> None:
+    def __init__(self, open_client: Callable[[ReadScope], Client], size: int) -> None:
         self._open = open_client
+        self._size = size
         self._slots = threading.BoundedSemaphore(size)
         self._lock = threading.Lock()
-        self._idle: list[Client] = []
+        # Idle connections, oldest first, with the scope their settings were opened with
+        # (row filters and FINAL are connection settings: readonly=1 fixes them).
+        self._idle: list[tuple[ReadScope, Client]] = []
 
     @contextmanager
-    def client(self, wait_s: float) -> Iterator[Client]:
+    def client(self, wait_s: float, scope: ReadScope = EVERY_ROW) -> Iterator[Client]:
         if not self._slots.acquire(timeout=wait_s):
             raise SinkUnavailable(f"every read connection is busy (waited {wait_s:.0f}s)")
         try:
-            with self._lock:
-                client = self._idle.pop() if self._idle else None
-            if client is None:
-                client = self._open()
+            client = self._take(scope) or self._open(scope)
             try:
                 yield client
             except (NotReadOnly, SinkError):
-                self._keep(client)  # refused or failed before or after the query: still sound
+                self._keep(scope, client)  # refused or failed before or after: still sound
                 raise
             except BaseException:
                 with suppress(ClickHouseError, OSError):
                     client.close()
                 raise
-            self._keep(client)
+            self._keep(scope, client)
         finally:
             self._slots.release()
 
-    def _keep(self, client: Client) -> None:
+    def _take(self, scope: ReadScope) -> Client | None:
         with self._lock:
-            self._idle.append(client)
+            for i in range(len(self._idle) - 1, -1, -1):
+                if self._idle[i][0] == scope:
+                    return self._idle.pop(i)[1]
+        return None
+
+    def _keep(self, scope: ReadScope, client: Client) -> None:
+        with self._lock:
+            self._idle.append((scope, client))
+            surplus = self._idle[: max(0, len(self._idle) - self._size)]
+            del self._idle[: len(surplus)]
+        for _, old in surplus:  # scopes of grants since changed, or of callers gone
+            with suppress(ClickHouseError, OSError):
+                old.close()
 
     def close(self) -> None:
         with self._lock:
-            idle, self._idle = self._idle, []
+            idle, self._idle = [c for _, c in self._idle], []
         for client in idle:
             with suppress(ClickHouseError, OSError):
                 client.close()
@@ -465,7 +485,7 @@ class ClickHouseSink:
         self._limits = limits or ReadLimits(timeout_s=query_timeout_s)
         self._lock = threading.Lock()
         self._clients: dict[Role, Client] = {}
-        self._readers = _ReadPool(lambda: self._open("read"), readers)
+        self._readers = _ReadPool(lambda scope: self._open("read", scope), readers)
         self._database: str | None = None
 
     @property
@@ -482,8 +502,8 @@ class ClickHouseSink:
 
     # --- connections ---
 
-    def _open(self, role: Role) -> Client:
-        settings = self._limits.settings(self.embedded) if role == "read" else {}
+    def _open(self, role: Role, scope: ReadScope = EVERY_ROW) -> Client:
+        settings = self._limits.settings(self.embedded, scope) if role == "read" else {}
         if self.embedded:
             return clickhouse_connect.get_client(dsn=self._dsn, tz_mode="aware", settings=settings)
         return clickhouse_connect.get_client(
@@ -626,9 +646,11 @@ class ClickHouseSink:
     # --- reads ---
 
     @contextmanager
-    def _reader(self) -> Iterator[Client]:
-        """A read connection of the pool, errors translated (see :meth:`_guard`)."""
-        with self._guard("read", QueryFailed), self._readers.client(self._limits.timeout_s) as c:
+    def _reader(self, scope: ReadScope = EVERY_ROW) -> Iterator[Client]:
+        """A read connection of the pool whose settings hold ``scope``'s row filters, errors
+        translated (see :meth:`_guard`)."""
+        wait_s = self._limits.timeout_s
+        with self._guard("read", QueryFailed), self._readers.client(wait_s, scope) as c:
             yield c
 
     def _run(self, client: Client, sql: str, params: Mapping[str, Any] | None) -> QueryResult:
@@ -671,11 +693,18 @@ class ClickHouseSink:
         values = {k: str(v) for k, v in (params or {}).items()}
         return check_query(sql, values, _ClientParser(client), self._current_database(client))
 
-    def query_raw(self, sql: str, params: Mapping[str, str], default_format: str) -> RawResult:
+    def query_raw(
+        self,
+        sql: str,
+        params: Mapping[str, str],
+        default_format: str,
+        scope: ReadScope = EVERY_ROW,
+    ) -> RawResult:
         """Run one read-only statement and answer the engine's bytes in its output format
         (the query's ``FORMAT``, else ``default_format``; one of :data:`OUTPUT_FORMATS`): the
-        ClickHouse HTTP protocol's answer. Raises as :meth:`query` does."""
-        with self._reader() as client:
+        ClickHouse HTTP protocol's answer. ``scope``: the caller's row filters. Raises as
+        :meth:`query` does."""
+        with self._reader(scope) as client:
             checked = self._checked(client, sql, params)
             fmt = checked.output_format or default_format
             if fmt not in OUTPUT_FORMATS:
@@ -688,14 +717,20 @@ class ClickHouseSink:
         with self._reader() as client:
             return RawResult(bytes(client.raw_query(sql, fmt=fmt)), fmt)
 
-    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> QueryResult:
-        """Run one read-only statement (``{name:Type}`` parameters bound by the server).
+    def query(
+        self,
+        sql: str,
+        params: Mapping[str, Any] | None = None,
+        scope: ReadScope = EVERY_ROW,
+    ) -> QueryResult:
+        """Run one read-only statement (``{name:Type}`` parameters bound by the server), on
+        the rows ``scope`` allows.
 
         Raises :class:`sinks.sql_guard.Refused` (a :class:`queries.sqltext.NotReadOnly`) for
         anything the statement guard does not let through, :class:`QueryLimitExceeded` when
         it stops at a limit, and :class:`QueryFailed` when the warehouse rejects the SQL.
         """
-        with self._reader() as client:
+        with self._reader(scope) as client:
             checked = self._checked(client, sql, params)
             if checked.output_format is not None:
                 raise Refused(

@@ -268,7 +268,9 @@ class FakeBackend:
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
 
-    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> QueryResult:
+    def query(
+        self, sql: str, params: Mapping[str, Any] | None = None, scope: Any = None
+    ) -> QueryResult:
         statement = check_read_only(sql)
         self.calls.append((statement, dict(params or {})))
         if "boom" in statement:
