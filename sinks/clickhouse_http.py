@@ -72,9 +72,10 @@ _PROBE = re.compile(
     r"(?:\s+LIMIT\s+\d+)?(?:\s+FORMAT\s+(\w+))?\s*;?\s*",
     re.IGNORECASE,
 )
-# The platform's answer to that probe: the port's limits, every one read-only.
+# The platform's answer to that probe: the port's limits, every one read-only but `final`,
+# which a caller may set to 0 (clients only send settings the probe says they may change).
 PROBE_SQL: Final = (
-    "SELECT name, value, toUInt8(1) AS readonly FROM system.settings WHERE name IN ("
+    "SELECT name, value, toUInt8(name != 'final') AS readonly FROM system.settings WHERE name IN ("
     "'readonly', 'max_execution_time', 'max_memory_usage', 'max_result_rows', "
     "'max_result_bytes', 'result_overflow_mode', 'max_threads', 'final')"
 )
