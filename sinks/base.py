@@ -19,6 +19,15 @@ from typing import Any, Final, Protocol, TypeAlias
 
 from queries.migrations import Migration
 from queries.result import QueryResult
+from sinks.warehouse_tables import (
+    ALERTS_TABLE,
+    EVENTS_TABLE,
+    OTA_EVENTS_TABLE,
+    QUARANTINE_TABLE,
+    TELEMETRY_TABLE,
+    TWIN_HISTORY_TABLE,
+    Columns,
+)
 
 __all__ = [
     "ALERTS_TABLE",
@@ -41,13 +50,6 @@ __all__ = [
 ]
 
 Record: TypeAlias = Mapping[str, Any]
-
-TELEMETRY_TABLE: Final = "telemetry"
-EVENTS_TABLE: Final = "device_events"
-TWIN_HISTORY_TABLE: Final = "twin_history"
-OTA_EVENTS_TABLE: Final = "ota_events"
-ALERTS_TABLE: Final = "alerts"
-QUARANTINE_TABLE: Final = "quarantine"
 
 
 class SinkError(Exception):
@@ -138,19 +140,35 @@ class WarehouseSink(Protocol):
     def ensure_schema(self) -> tuple[Migration, ...]: ...
 
     def write_telemetry(
-        self, records: Sequence[Record], origin: BatchOrigin | None = None
+        self,
+        records: Sequence[Record],
+        origin: BatchOrigin | None = None,
+        tenants: Columns | None = None,
     ) -> WriteResult: ...
 
     def write_events(
-        self, records: Sequence[Record], origin: BatchOrigin | None = None
+        self,
+        records: Sequence[Record],
+        origin: BatchOrigin | None = None,
+        tenants: Columns | None = None,
     ) -> WriteResult: ...
 
     def write_twin_history(
-        self, rows: Sequence[Record], origin: BatchOrigin | None = None
+        self,
+        rows: Sequence[Record],
+        origin: BatchOrigin | None = None,
+        tenants: Columns | None = None,
     ) -> WriteResult: ...
 
     def write_ota_events(
         self, rows: Sequence[Record], origin: BatchOrigin | None = None
+    ) -> WriteResult: ...
+
+    def write_alerts(
+        self,
+        records: Sequence[Record],
+        origin: BatchOrigin | None = None,
+        tenants: Columns | None = None,
     ) -> WriteResult: ...
 
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> QueryResult: ...
@@ -165,13 +183,8 @@ class WarehouseSink(Protocol):
 
 
 class TenantTablesSink(WarehouseSink, Protocol):
-    """The interface with the tables arriving beside it: ``alerts`` (the tenant work) and
-    ``quarantine`` (the quality gate). The Doris sink has them; the ClickHouse sink gets them
-    with those branches, and then the two protocols fold into one."""
-
-    def write_alerts(
-        self, records: Sequence[Record], origin: BatchOrigin | None = None
-    ) -> WriteResult: ...
+    """A sink that also loads ``quarantine`` rows itself (the Doris sink); the ClickHouse
+    sink's quarantine is written by the quality gate (sinks/quality/quarantine.py)."""
 
     def write_quarantine(
         self, rows: Sequence[Record], origin: BatchOrigin | None = None

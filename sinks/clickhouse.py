@@ -51,11 +51,6 @@ from queries.migrations import (
 from queries.result import OUTPUT_FORMATS, QueryResult, RawResult
 from queries.sqltext import NotReadOnly
 from sinks.base import (
-    EVENTS_TABLE,
-    OTA_EVENTS_TABLE,
-    QUARANTINE_TABLE,
-    TELEMETRY_TABLE,
-    TWIN_HISTORY_TABLE,
     BatchOrigin,
     InvalidBatch,
     QueryFailed,
@@ -64,9 +59,31 @@ from sinks.base import (
     SinkUnavailable,
     WriteResult,
 )
+from sinks.row_filters import EVERY_ROW, ReadScope, table_filters
 from sinks.sql_guard import Checked, Refused, check_query, format_query_sql
+from sinks.warehouse_tables import (
+    ALERTS_SCHEMA,
+    ALERTS_TABLE,
+    DEDUPLICATED_TABLES,
+    EVENT_SCHEMA,
+    EVENTS_TABLE,
+    OTA_EVENTS_SCHEMA,
+    OTA_EVENTS_TABLE,
+    QUARANTINE_TABLE,
+    TELEMETRY_SCHEMA,
+    TELEMETRY_TABLE,
+    TENANT_COLUMNS,
+    TENANT_TABLES,
+    TOKEN_ID_COLUMN,
+    TOKEN_KEYS,
+    TWIN_HISTORY_SCHEMA,
+    TWIN_HISTORY_TABLE,
+    Columns,
+)
 
 __all__ = [
+    "ALERTS_SCHEMA",
+    "ALERTS_TABLE",
     "EVENTS_TABLE",
     "EVENT_SCHEMA",
     "OTA_EVENTS_SCHEMA",
@@ -74,6 +91,8 @@ __all__ = [
     "QUARANTINE_TABLE",
     "TELEMETRY_SCHEMA",
     "TELEMETRY_TABLE",
+    "TENANT_COLUMNS",
+    "TENANT_TABLES",
     "TWIN_HISTORY_SCHEMA",
     "TWIN_HISTORY_TABLE",
     "ClickHouseSink",
@@ -84,6 +103,7 @@ __all__ = [
     "SinkError",
     "SinkUnavailable",
     "WriteResult",
+    "alerts_to_arrow",
     "dedup_token",
     "events_to_arrow",
     "normalize_dsn",
@@ -94,106 +114,6 @@ __all__ = [
 
 Record: TypeAlias = Mapping[str, Any]
 Role: TypeAlias = Literal["read", "write"]
-
-# The tables keyed on (device_id, seq): what the count helpers (STORED_SQL, DUPLICATES_SQL)
-# and `fleet demo` count. twin_history is keyed on (device_id, version), so it is not here.
-DEDUPLICATED_TABLES: Final = frozenset({TELEMETRY_TABLE, EVENTS_TABLE})
-# The tables write_arrow inserts into (each with a dedup token): the columns after device_id
-# that the token hashes, sorted by. (device_id, seq) identifies a message; a twin version may
-# be re-published with only last_reported_seq advanced, a copy that must not be dropped as a
-# re-delivery, so its token hashes that too.
-TOKEN_KEYS: Final[Mapping[str, tuple[str, ...]]] = {
-    TELEMETRY_TABLE: ("seq",),
-    EVENTS_TABLE: ("seq",),
-    TWIN_HISTORY_TABLE: ("version", "last_reported_seq"),
-    QUARANTINE_TABLE: ("seq",),
-    # (rollout_id, cohort, updated_at) identifies a row. Two rollout versions written in the
-    # same millisecond share it: their tokens differ by state and counts, so the later one is
-    # not dropped at insert (and, inserted last, it is the copy FINAL keeps).
-    OTA_EVENTS_TABLE: (
-        "cohort",
-        "updated_at",
-        "state",
-        "current_cohort",
-        "devices",
-        "planned",
-        "skipped",
-        "sent",
-        "in_progress",
-        "succeeded",
-        "failed",
-        "rollback_sent",
-        "rolled_back",
-        "rollback_failed",
-    ),
-}
-# The first (string) key a token hashes, when a table is not keyed on device_id.
-TOKEN_ID_COLUMN: Final[Mapping[str, str]] = {OTA_EVENTS_TABLE: "rollout_id"}
-
-_MS_UTC = pa.timestamp("ms", tz="UTC")
-TELEMETRY_SCHEMA: Final = pa.schema(
-    [
-        pa.field("device_id", pa.string(), nullable=False),
-        pa.field("seq", pa.uint64(), nullable=False),
-        pa.field("ts", _MS_UTC, nullable=False),
-        pa.field("received_at", _MS_UTC, nullable=False),
-        pa.field("temperature", pa.float64()),
-        pa.field("humidity", pa.float64()),
-        pa.field("battery", pa.float64()),
-        pa.field("vibration_rms", pa.float64()),
-        pa.field("extra", pa.map_(pa.string(), pa.float64()), nullable=False),
-    ]
-)
-EVENT_SCHEMA: Final = pa.schema(
-    [
-        pa.field("device_id", pa.string(), nullable=False),
-        pa.field("seq", pa.uint64(), nullable=False),
-        pa.field("ts", _MS_UTC, nullable=False),
-        pa.field("received_at", _MS_UTC, nullable=False),
-        pa.field("type", pa.string(), nullable=False),
-        pa.field("message", pa.string()),
-        pa.field("attributes", pa.map_(pa.string(), pa.string()), nullable=False),
-    ]
-)
-# Documents as compact JSON text; delta is streams.hot.twin.delta as JSON, delta_keys its number
-# of top-level keys (0: the device has converged).
-TWIN_HISTORY_SCHEMA: Final = pa.schema(
-    [
-        pa.field("device_id", pa.string(), nullable=False),
-        pa.field("version", pa.uint64(), nullable=False),
-        pa.field("updated_at", _MS_UTC, nullable=False),
-        pa.field("desired", pa.string(), nullable=False),
-        pa.field("reported", pa.string(), nullable=False),
-        pa.field("delta", pa.string(), nullable=False),
-        pa.field("delta_keys", pa.uint32(), nullable=False),
-        pa.field("last_reported_seq", pa.int64(), nullable=False),
-    ]
-)
-_COUNT = pa.uint32()
-# One row per (rollout, cohort) of a rollout version; the counts are devices of the cohort per
-# progress status (in_progress = downloading + verifying + installing).
-OTA_EVENTS_SCHEMA: Final = pa.schema(
-    [
-        pa.field("rollout_id", pa.string(), nullable=False),
-        pa.field("updated_at", _MS_UTC, nullable=False),
-        pa.field("state", pa.string(), nullable=False),
-        pa.field("version", pa.string(), nullable=False),
-        pa.field("target", pa.string(), nullable=False),
-        pa.field("current_cohort", pa.int32(), nullable=False),
-        pa.field("cohort", _COUNT, nullable=False),
-        pa.field("devices", _COUNT, nullable=False),
-        pa.field("planned", _COUNT, nullable=False),
-        pa.field("skipped", _COUNT, nullable=False),
-        pa.field("sent", _COUNT, nullable=False),
-        pa.field("in_progress", _COUNT, nullable=False),
-        pa.field("succeeded", _COUNT, nullable=False),
-        pa.field("failed", _COUNT, nullable=False),
-        pa.field("rollback_sent", _COUNT, nullable=False),
-        pa.field("rolled_back", _COUNT, nullable=False),
-        pa.field("rollback_failed", _COUNT, nullable=False),
-        pa.field("reason", pa.string()),
-    ]
-)
 
 # ClickHouse error codes that say "not now" rather than "never": the batch is retried.
 TRANSIENT_CODES: Final = frozenset(
@@ -259,14 +179,21 @@ class ReadLimits:
     max_result_bytes: int = 512 << 20
     max_threads: int = 2  # leave the cold path its share of these machines' cores
 
-    def settings(self, embedded: bool) -> dict[str, Any]:
+    def settings(self, embedded: bool, scope: ReadScope = EVERY_ROW) -> dict[str, Any]:
         """The connection settings, in order: ``readonly`` last, or setting the others fails.
+        ``scope``: the caller's row filters (``additional_table_filters``) and FINAL or not.
 
         A ClickHouse server gets ``readonly=2`` (its HTTP interface sends every setting with
         each query); the statement guard refuses SETTINGS clauses there.
         """
+        filters = (
+            {}
+            if scope.scopes is None
+            else {"additional_table_filters": table_filters(scope.scopes)}
+        )
         return {
-            "final": 1,
+            **filters,
+            "final": int(scope.final),
             "max_execution_time": max(1, math.ceil(self.timeout_s)),
             "max_memory_usage": self.max_memory_bytes,
             "max_result_rows": self.max_result_rows,
@@ -293,6 +220,8 @@ def _column(records: Sequence[Record], field: pa.Field, get: Callable[[Record], 
 
 def _getter(field: pa.Field) -> Callable[[Record], Any]:
     name: str = field.name
+    if name in TENANT_COLUMNS:  # a row not told its tenant has none (only the platform sees it)
+        return lambda record: record.get(name) or ""
     if isinstance(field.type, pa.MapType):
         return lambda record: record.get(name) or {}
     if field.nullable:
@@ -300,30 +229,57 @@ def _getter(field: pa.Field) -> Callable[[Record], Any]:
     return lambda record: record[name]
 
 
-def records_to_arrow(records: Sequence[Record], schema: pa.Schema) -> pa.Table:
-    """``records`` (dicts as the Avro codec decodes them) as a Table of ``schema``."""
-    columns = [_column(records, field, _getter(field)) for field in schema]
+def _given(field: pa.Field, values: Sequence[Any], rows: int) -> pa.Array:
+    if len(values) != rows:
+        raise InvalidBatch(f"column {field.name}: {len(values)} values for {rows} rows")
+    try:
+        array = pa.array(values, type=field.type)
+    except (TypeError, ValueError, OverflowError, pa.ArrowException) as exc:
+        raise InvalidBatch(f"column {field.name}: {exc!r}") from exc
+    if not field.nullable and array.null_count:
+        raise InvalidBatch(f"column {field.name}: {array.null_count} null value(s)")
+    return array
+
+
+def records_to_arrow(
+    records: Sequence[Record], schema: pa.Schema, given: Columns | None = None
+) -> pa.Table:
+    """``records`` (dicts as the Avro codec decodes them) as a Table of ``schema``; the
+    columns in ``given`` (the batch's tenants, say) are taken from there, one value a row."""
+    given = given or {}
+    columns = [
+        _given(field, given[field.name], len(records))
+        if field.name in given
+        else _column(records, field, _getter(field))
+        for field in schema
+    ]
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def telemetry_to_arrow(records: Sequence[Record]) -> pa.Table:
-    """Decoded ``Telemetry`` records as the columns of the ``telemetry`` table."""
-    return records_to_arrow(records, TELEMETRY_SCHEMA)
+def telemetry_to_arrow(records: Sequence[Record], tenants: Columns | None = None) -> pa.Table:
+    """Decoded ``Telemetry`` records as the columns of the ``telemetry`` table (``tenants``:
+    the org, project and group columns of the batch)."""
+    return records_to_arrow(records, TELEMETRY_SCHEMA, tenants)
 
 
-def events_to_arrow(records: Sequence[Record]) -> pa.Table:
+def events_to_arrow(records: Sequence[Record], tenants: Columns | None = None) -> pa.Table:
     """Decoded ``DeviceEvent`` records as the columns of the ``device_events`` table."""
-    return records_to_arrow(records, EVENT_SCHEMA)
+    return records_to_arrow(records, EVENT_SCHEMA, tenants)
 
 
-def twin_history_to_arrow(rows: Sequence[Record]) -> pa.Table:
+def alerts_to_arrow(records: Sequence[Record], tenants: Columns | None = None) -> pa.Table:
+    """Decoded ``Alert`` records as the columns of the ``alerts`` table."""
+    return records_to_arrow(records, ALERTS_SCHEMA, tenants)
+
+
+def twin_history_to_arrow(rows: Sequence[Record], tenants: Columns | None = None) -> pa.Table:
     """``twin_history`` rows as its columns.
 
     The rows are decoded ``TwinState`` records with ``delta`` and ``delta_keys`` added by the
     cold worker (``streams.cold.rows.twin_history_rows``): computing a delta is the twin's domain
     (``streams.hot.twin``), and the sink stays below the stream layer, importing nothing from it.
     """
-    return records_to_arrow(rows, TWIN_HISTORY_SCHEMA)
+    return records_to_arrow(rows, TWIN_HISTORY_SCHEMA, tenants)
 
 
 def ota_events_to_arrow(rows: Sequence[Record]) -> pa.Table:
@@ -403,41 +359,53 @@ class _ReadPool:
     after a failure broke the queries of other threads. A connection that failed is closed and
     never handed out again; the next query opens a fresh one."""
 
-    def __init__(self, open_client: Callable[[], Client], size: int) -> None:
+    def __init__(self, open_client: Callable[[ReadScope], Client], size: int) -> None:
         self._open = open_client
+        self._size = size
         self._slots = threading.BoundedSemaphore(size)
         self._lock = threading.Lock()
-        self._idle: list[Client] = []
+        # Idle connections, oldest first, with the scope their settings were opened with
+        # (row filters and FINAL are connection settings: readonly=1 fixes them).
+        self._idle: list[tuple[ReadScope, Client]] = []
 
     @contextmanager
-    def client(self, wait_s: float) -> Iterator[Client]:
+    def client(self, wait_s: float, scope: ReadScope = EVERY_ROW) -> Iterator[Client]:
         if not self._slots.acquire(timeout=wait_s):
             raise SinkUnavailable(f"every read connection is busy (waited {wait_s:.0f}s)")
         try:
-            with self._lock:
-                client = self._idle.pop() if self._idle else None
-            if client is None:
-                client = self._open()
+            client = self._take(scope) or self._open(scope)
             try:
                 yield client
             except (NotReadOnly, SinkError):
-                self._keep(client)  # refused or failed before or after the query: still sound
+                self._keep(scope, client)  # refused or failed before or after: still sound
                 raise
             except BaseException:
                 with suppress(ClickHouseError, OSError):
                     client.close()
                 raise
-            self._keep(client)
+            self._keep(scope, client)
         finally:
             self._slots.release()
 
-    def _keep(self, client: Client) -> None:
+    def _take(self, scope: ReadScope) -> Client | None:
         with self._lock:
-            self._idle.append(client)
+            for i in range(len(self._idle) - 1, -1, -1):
+                if self._idle[i][0] == scope:
+                    return self._idle.pop(i)[1]
+        return None
+
+    def _keep(self, scope: ReadScope, client: Client) -> None:
+        with self._lock:
+            self._idle.append((scope, client))
+            surplus = self._idle[: max(0, len(self._idle) - self._size)]
+            del self._idle[: len(surplus)]
+        for _, old in surplus:  # scopes of grants since changed, or of callers gone
+            with suppress(ClickHouseError, OSError):
+                old.close()
 
     def close(self) -> None:
         with self._lock:
-            idle, self._idle = self._idle, []
+            idle, self._idle = [c for _, c in self._idle], []
         for client in idle:
             with suppress(ClickHouseError, OSError):
                 client.close()
@@ -497,7 +465,7 @@ class ClickHouseSink:
         self._limits = limits or ReadLimits(timeout_s=query_timeout_s)
         self._lock = threading.Lock()
         self._clients: dict[Role, Client] = {}
-        self._readers = _ReadPool(lambda: self._open("read"), readers)
+        self._readers = _ReadPool(lambda scope: self._open("read", scope), readers)
         self._database: str | None = None
 
     @property
@@ -514,8 +482,8 @@ class ClickHouseSink:
 
     # --- connections ---
 
-    def _open(self, role: Role) -> Client:
-        settings = self._limits.settings(self.embedded) if role == "read" else {}
+    def _open(self, role: Role, scope: ReadScope = EVERY_ROW) -> Client:
+        settings = self._limits.settings(self.embedded, scope) if role == "read" else {}
         if self.embedded:
             return clickhouse_connect.get_client(dsn=self._dsn, tz_mode="aware", settings=settings)
         return clickhouse_connect.get_client(
@@ -616,22 +584,41 @@ class ClickHouseSink:
     # --- writes ---
 
     def write_telemetry(
-        self, records: Sequence[Record], origin: BatchOrigin | None = None
+        self,
+        records: Sequence[Record],
+        origin: BatchOrigin | None = None,
+        tenants: Columns | None = None,
     ) -> WriteResult:
-        """Store decoded ``Telemetry`` records (exactly once; see the module doc)."""
-        return self.write_arrow(TELEMETRY_TABLE, telemetry_to_arrow(records))
+        """Store decoded ``Telemetry`` records (exactly once; see the module doc), with their
+        tenant columns (``tenants``; without: empty)."""
+        return self.write_arrow(TELEMETRY_TABLE, telemetry_to_arrow(records, tenants))
 
     def write_events(
-        self, records: Sequence[Record], origin: BatchOrigin | None = None
+        self,
+        records: Sequence[Record],
+        origin: BatchOrigin | None = None,
+        tenants: Columns | None = None,
     ) -> WriteResult:
         """Store decoded ``DeviceEvent`` records (exactly once)."""
-        return self.write_arrow(EVENTS_TABLE, events_to_arrow(records))
+        return self.write_arrow(EVENTS_TABLE, events_to_arrow(records, tenants))
+
+    def write_alerts(
+        self,
+        records: Sequence[Record],
+        origin: BatchOrigin | None = None,
+        tenants: Columns | None = None,
+    ) -> WriteResult:
+        """Store decoded ``Alert`` records (exactly once)."""
+        return self.write_arrow(ALERTS_TABLE, alerts_to_arrow(records, tenants))
 
     def write_twin_history(
-        self, rows: Sequence[Record], origin: BatchOrigin | None = None
+        self,
+        rows: Sequence[Record],
+        origin: BatchOrigin | None = None,
+        tenants: Columns | None = None,
     ) -> WriteResult:
         """Store ``twin_history`` rows (see :func:`twin_history_to_arrow`; exactly once)."""
-        return self.write_arrow(TWIN_HISTORY_TABLE, twin_history_to_arrow(rows))
+        return self.write_arrow(TWIN_HISTORY_TABLE, twin_history_to_arrow(rows, tenants))
 
     def write_ota_events(
         self, rows: Sequence[Record], origin: BatchOrigin | None = None
@@ -659,9 +646,11 @@ class ClickHouseSink:
     # --- reads ---
 
     @contextmanager
-    def _reader(self) -> Iterator[Client]:
-        """A read connection of the pool, errors translated (see :meth:`_guard`)."""
-        with self._guard("read", QueryFailed), self._readers.client(self._limits.timeout_s) as c:
+    def _reader(self, scope: ReadScope = EVERY_ROW) -> Iterator[Client]:
+        """A read connection of the pool whose settings hold ``scope``'s row filters, errors
+        translated (see :meth:`_guard`)."""
+        wait_s = self._limits.timeout_s
+        with self._guard("read", QueryFailed), self._readers.client(wait_s, scope) as c:
             yield c
 
     def _run(self, client: Client, sql: str, params: Mapping[str, Any] | None) -> QueryResult:
@@ -704,11 +693,18 @@ class ClickHouseSink:
         values = {k: str(v) for k, v in (params or {}).items()}
         return check_query(sql, values, _ClientParser(client), self._current_database(client))
 
-    def query_raw(self, sql: str, params: Mapping[str, str], default_format: str) -> RawResult:
+    def query_raw(
+        self,
+        sql: str,
+        params: Mapping[str, str],
+        default_format: str,
+        scope: ReadScope = EVERY_ROW,
+    ) -> RawResult:
         """Run one read-only statement and answer the engine's bytes in its output format
         (the query's ``FORMAT``, else ``default_format``; one of :data:`OUTPUT_FORMATS`): the
-        ClickHouse HTTP protocol's answer. Raises as :meth:`query` does."""
-        with self._reader() as client:
+        ClickHouse HTTP protocol's answer. ``scope``: the caller's row filters. Raises as
+        :meth:`query` does."""
+        with self._reader(scope) as client:
             checked = self._checked(client, sql, params)
             fmt = checked.output_format or default_format
             if fmt not in OUTPUT_FORMATS:
@@ -721,14 +717,20 @@ class ClickHouseSink:
         with self._reader() as client:
             return RawResult(bytes(client.raw_query(sql, fmt=fmt)), fmt)
 
-    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> QueryResult:
-        """Run one read-only statement (``{name:Type}`` parameters bound by the server).
+    def query(
+        self,
+        sql: str,
+        params: Mapping[str, Any] | None = None,
+        scope: ReadScope = EVERY_ROW,
+    ) -> QueryResult:
+        """Run one read-only statement (``{name:Type}`` parameters bound by the server), on
+        the rows ``scope`` allows.
 
         Raises :class:`sinks.sql_guard.Refused` (a :class:`queries.sqltext.NotReadOnly`) for
         anything the statement guard does not let through, :class:`QueryLimitExceeded` when
         it stops at a limit, and :class:`QueryFailed` when the warehouse rejects the SQL.
         """
-        with self._reader() as client:
+        with self._reader(scope) as client:
             checked = self._checked(client, sql, params)
             if checked.output_format is not None:
                 raise Refused(

@@ -6,8 +6,11 @@ parameters as ``param_<name>``, ``default_format``, ``database``, ``query_id``, 
 options, and settings as other URL parameters. The platform token is the password (HTTP Basic,
 ``X-ClickHouse-Key`` or ``password=``) or ``Authorization: Bearer``.
 
-Settings cannot be changed on this port: the read connections run with ``readonly=1`` and the
-port's limits (:class:`sinks.clickhouse.ReadLimits`). Transport options (compression, progress
+Settings cannot be changed on this port: the read connections run with ``readonly=1``, the
+port's limits (:class:`sinks.clickhouse.ReadLimits`) and the caller's row filters
+(:mod:`sinks.row_filters`). One exception: ``final`` (1 by default: every table read FINAL, so
+each message is seen once) may be set to 0 to read the parts as they are (faster, duplicates
+possible until merges). Transport options (compression, progress
 headers, sessions, protocol version) and the input-format settings clickhouse-connect sends are
 ignored; any other setting is refused by name. A client's settings probe
 (``SELECT name, value, readonly FROM system.settings``) is answered by the platform with the
@@ -69,9 +72,10 @@ _PROBE = re.compile(
     r"(?:\s+LIMIT\s+\d+)?(?:\s+FORMAT\s+(\w+))?\s*;?\s*",
     re.IGNORECASE,
 )
-# The platform's answer to that probe: the port's limits, every one read-only.
+# The platform's answer to that probe: the port's limits, every one read-only but `final`,
+# which a caller may set to 0 (clients only send settings the probe says they may change).
 PROBE_SQL: Final = (
-    "SELECT name, value, toUInt8(1) AS readonly FROM system.settings WHERE name IN ("
+    "SELECT name, value, toUInt8(name != 'final') AS readonly FROM system.settings WHERE name IN ("
     "'readonly', 'max_execution_time', 'max_memory_usage', 'max_result_rows', "
     "'max_result_bytes', 'result_overflow_mode', 'max_threads', 'final')"
 )
@@ -96,6 +100,7 @@ class ChRequest:
     params: dict[str, str]
     default_format: str
     query_id: str
+    final: bool = True  # FINAL on every table (each message once); `final=0` opts out
 
 
 def unescape_param(value: str) -> str:
@@ -148,18 +153,22 @@ def parse_request(
     for name, value in query.items():
         if name.startswith("param_"):
             params[name.removeprefix("param_")] = unescape_param(value)
-        elif name in ("query", "database", "default_format", "query_id"):
+        elif name in ("query", "database", "default_format", "query_id", "final"):
             continue
         elif name not in IGNORED_PARAMS:
             raise Refused(
                 f"refused: setting {name} cannot be changed on this port (its limits and "
                 "readonly stand)"
             )
+    final = query.get("final", "1")
+    if final not in ("0", "1"):
+        raise ValueError(f"final={final!r}: 1 (the default: each message once) or 0")
     return ChRequest(
         sql,
         params,
         query.get("default_format") or "TabSeparated",
         query.get("query_id") or str(uuid.uuid4()),
+        final=final == "1",
     )
 
 

@@ -58,6 +58,7 @@ from sinks.clickhouse import (
     records_to_arrow,
 )
 from sinks.doris_load import LoadRequest, StreamLoader, json_lines
+from sinks.warehouse_tables import Columns
 
 __all__ = [
     "DORIS_DDL_DIR",
@@ -373,9 +374,19 @@ class DorisSink:
     # --- writes ---
 
     def write_rows(
-        self, table: str, records: Sequence[Record], origin: BatchOrigin | None
+        self,
+        table: str,
+        records: Sequence[Record],
+        origin: BatchOrigin | None,
+        tenants: Columns | None = None,
     ) -> WriteResult:
-        """Load ``records`` (dicts) into ``table`` with one Stream Load, committed on return."""
+        """Load ``records`` (dicts, with ``tenants``' columns when given) into ``table`` with
+        one Stream Load, committed on return."""
+        if tenants:
+            records = [
+                {**record, **{name: column[i] for name, column in tenants.items()}}
+                for i, record in enumerate(records)
+            ]
         schema = DORIS_SCHEMAS.get(table)
         if schema is None:
             raise ValueError(f"unknown table {table!r}; expected one of {sorted(DORIS_SCHEMAS)}")
@@ -401,34 +412,52 @@ class DorisSink:
         return WriteResult(table, result.rows, label)
 
     def write_telemetry(
-        self, records: Sequence[Record], origin: BatchOrigin | None = None
+        self,
+        records: Sequence[Record],
+        origin: BatchOrigin | None = None,
+        tenants: Columns | None = None,
     ) -> WriteResult:
-        return self.write_rows(TELEMETRY_TABLE, records, origin)
+        return self.write_rows(TELEMETRY_TABLE, records, origin, tenants)
 
     def write_events(
-        self, records: Sequence[Record], origin: BatchOrigin | None = None
+        self,
+        records: Sequence[Record],
+        origin: BatchOrigin | None = None,
+        tenants: Columns | None = None,
     ) -> WriteResult:
-        return self.write_rows(EVENTS_TABLE, records, origin)
+        return self.write_rows(EVENTS_TABLE, records, origin, tenants)
 
     def write_twin_history(
-        self, rows: Sequence[Record], origin: BatchOrigin | None = None
+        self,
+        rows: Sequence[Record],
+        origin: BatchOrigin | None = None,
+        tenants: Columns | None = None,
     ) -> WriteResult:
-        return self.write_rows(TWIN_HISTORY_TABLE, rows, origin)
+        return self.write_rows(TWIN_HISTORY_TABLE, rows, origin, tenants)
 
     def write_ota_events(
-        self, rows: Sequence[Record], origin: BatchOrigin | None = None
+        self,
+        rows: Sequence[Record],
+        origin: BatchOrigin | None = None,
+        tenants: Columns | None = None,
     ) -> WriteResult:
-        return self.write_rows(OTA_EVENTS_TABLE, rows, origin)
+        return self.write_rows(OTA_EVENTS_TABLE, rows, origin, tenants)
 
     def write_alerts(
-        self, records: Sequence[Record], origin: BatchOrigin | None = None
+        self,
+        records: Sequence[Record],
+        origin: BatchOrigin | None = None,
+        tenants: Columns | None = None,
     ) -> WriteResult:
-        return self.write_rows(ALERTS_TABLE, records, origin)
+        return self.write_rows(ALERTS_TABLE, records, origin, tenants)
 
     def write_quarantine(
-        self, rows: Sequence[Record], origin: BatchOrigin | None = None
+        self,
+        rows: Sequence[Record],
+        origin: BatchOrigin | None = None,
+        tenants: Columns | None = None,
     ) -> WriteResult:
-        return self.write_rows(QUARANTINE_TABLE, rows, origin)
+        return self.write_rows(QUARANTINE_TABLE, rows, origin, tenants)
 
     # --- reads ---
 

@@ -33,7 +33,7 @@ import tempfile
 import threading
 import urllib.parse
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -58,6 +58,7 @@ from sinks.clickhouse_http import (
 from sinks.clickhouse_http import (
     parse_request as parse_ch_request,
 )
+from sinks.row_filters import NO_ROW, ReadScope
 
 __all__ = [
     "MAX_REQUEST_BYTES",
@@ -85,9 +86,13 @@ class QueryBackend(Protocol):
     @property
     def dsn(self) -> str: ...
 
-    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> QueryResult: ...
+    def query(
+        self, sql: str, params: Mapping[str, Any] | None = None, scope: ReadScope = ...
+    ) -> QueryResult: ...
 
-    def query_raw(self, sql: str, params: Mapping[str, str], default_format: str) -> RawResult: ...
+    def query_raw(
+        self, sql: str, params: Mapping[str, str], default_format: str, scope: ReadScope = ...
+    ) -> RawResult: ...
 
     def platform_raw(self, sql: str, fmt: str) -> RawResult: ...
 
@@ -100,10 +105,12 @@ PLATFORM_SECRET_FILE = "query-port.secret"  # noqa: S105 - a file name
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """Who asked, as the log names them (never a secret)."""
+    """Who asked, as the log names them (never a secret), and the rows they may read (deny
+    by default: no scope, no row; the platform's own reads are :data:`EVERY_ROW`)."""
 
     principal: str
     reason: str = ""
+    scope: ReadScope = NO_ROW
 
 
 class AccessDenied(Exception):
@@ -182,8 +189,9 @@ def parse_request(raw: bytes) -> tuple[str, dict[str, str], str | None]:
     return sql, {k: str(v) for k, v in params.items()}, warehouse
 
 
-def answer(backend: QueryBackend, raw: bytes) -> Reply:
-    """The reply to one ``POST /query`` body (no I/O besides the query: unit-testable)."""
+def answer(backend: QueryBackend, raw: bytes, scope: ReadScope = NO_ROW) -> Reply:
+    """The reply to one ``POST /query`` body (no I/O besides the query: unit-testable), on the
+    rows ``scope`` allows."""
     try:
         sql, params, warehouse = parse_request(raw)
     except ValueError as exc:
@@ -193,7 +201,7 @@ def answer(backend: QueryBackend, raw: bytes) -> Reply:
             HTTPStatus.CONFLICT, "other_warehouse", f"this server answers for {backend.dsn}"
         )
     try:
-        return Reply(HTTPStatus.OK, backend.query(sql, params).to_json())
+        return Reply(HTTPStatus.OK, backend.query(sql, params, scope).to_json())
     except NotReadOnly as exc:
         return _error(HTTPStatus.BAD_REQUEST, "refused", str(exc))
     except QueryLimitExceeded as exc:
@@ -267,16 +275,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._ch_error(HTTPStatus.BAD_REQUEST, 62, "SYNTAX_ERROR", str(exc))
             return
         log.debug("query port (ClickHouse HTTP): query by %s", caller.principal)
-        self._ch_answer(request)
+        self._ch_answer(request, replace(caller.scope, final=request.final))
 
-    def _ch_answer(self, request: ChRequest) -> None:
+    def _ch_answer(self, request: ChRequest, scope: ReadScope) -> None:
         backend = self.server.backend
         try:
             probe = is_settings_probe(request.sql)
             if probe is not None:
                 result = backend.platform_raw(PROBE_SQL, probe or request.default_format)
             else:
-                result = backend.query_raw(request.sql, request.params, request.default_format)
+                result = backend.query_raw(
+                    request.sql, request.params, request.default_format, scope
+                )
         except NotReadOnly as exc:
             self._ch_error(HTTPStatus.FORBIDDEN, 497, "ACCESS_DENIED", str(exc))
             return
@@ -358,7 +368,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(_error(denied.status, kind, denied.reason))
             return
         log.debug("query port: query by %s (%s)", caller.principal, caller.reason)
-        self._send(answer(self.server.backend, raw))
+        self._send(answer(self.server.backend, raw, caller.scope))
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("query server: " + format, *args)

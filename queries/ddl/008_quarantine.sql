@@ -1,4 +1,3 @@
--- Version 008: 006 and 007 are the tenant branch's (tenant columns, alerts), merged beside it.
 -- Telemetry rows the cold path's quality gate refused (sinks/quality/rules.toml): telemetry's
 -- columns plus the rule a row failed, the reason, and the batch it came in (its Kafka
 -- topic/partition/offset ranges). Written in the same step as the batch's good rows, before
@@ -18,6 +17,9 @@ CREATE TABLE IF NOT EXISTS quarantine
     battery        Nullable(Float64),
     vibration_rms  Nullable(Float64),
     extra          Map(String, Float64),
+    org            LowCardinality(String) DEFAULT '',
+    project        LowCardinality(String) DEFAULT '',
+    `group`        LowCardinality(String) DEFAULT '',
     rule           LowCardinality(String),
     reason         String,
     batch_id       String,

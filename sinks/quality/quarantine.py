@@ -33,7 +33,8 @@ QUARANTINE_SCHEMA: Final = pa.schema(
     [*TELEMETRY_SCHEMA, *QUARANTINE_FIELDS, pa.field("batch_id", pa.string(), nullable=False)]
 )
 _TELEMETRY_COLUMNS = (
-    "device_id, seq, ts, received_at, temperature, humidity, battery, vibration_rms, extra"
+    "device_id, seq, ts, received_at, temperature, humidity, battery, vibration_rms, extra, "
+    "org, project, `group`"
 )
 _FILTER = (
     "released = 0 AND ({rule:String} = '' OR rule = {rule:String}) "

@@ -12,11 +12,13 @@ version). That topic is written by the hot worker's transactional producer: the 
 consumer reads with isolation.level=read_committed (streams/runtime/source.py), which is what
 keeps aborted twin states out; keep it.
 It also loads `ota.rollouts` (compacted, the OTA controller's rollout states) into `ota_events`
-(one row per rollout version and cohort: state and device counts per progress status).
+(one row per rollout version and cohort: state and device counts per progress status), and
+`alerts` (the hot path's alert lifecycle records) into `alerts`.
 
 It follows the device registry (`registry.devices`, :mod:`streams.cold.registry`): read to its
-end before the first batch, refreshed before each table's batch is stored, so a row's device
-can be told its organization, project and group as the registry says when the row is loaded.
+end before the first batch, refreshed before each table's batch is stored: every row is stored
+with its device's organization, project and group as the registry says when it is loaded (an
+OTA rollout's rows with its target's), the tenant columns the query port's row filters use.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from confluent_kafka import KafkaException
 
 from schemas.topics import TOPICS_BY_NAME, schema_of
 from sinks.base import (
+    ALERTS_TABLE,
     EVENTS_TABLE,
     OTA_EVENTS_TABLE,
     TELEMETRY_TABLE,
@@ -45,6 +48,7 @@ from sinks.base import (
 from sinks.clickhouse import ClickHouseSink
 from sinks.factory import open_sink
 from sinks.quality.rules import QualityRules, load_rules
+from sinks.warehouse_tables import Columns
 from streams.cold.quality import QUALITY_DLQ_TOPIC, RELEASE_TABLE, RELEASE_TOPIC, QualityPath
 from streams.cold.registry import DeviceRegistry
 from streams.cold.rows import ota_events_rows, twin_history_rows
@@ -72,6 +76,7 @@ SOURCES = {
         (EVENTS_TABLE, "device.events"),
         (TWIN_HISTORY_TABLE, "twin.state"),
         (OTA_EVENTS_TABLE, "ota.rollouts"),
+        (ALERTS_TABLE, "alerts"),
         (
             RELEASE_TABLE,
             RELEASE_TOPIC,
@@ -105,19 +110,31 @@ def origin_of(sources: Sequence[SourceRecord]) -> BatchOrigin:
     return BatchOrigin.of(topic, ((s.partition, s.offset) for s in sources))
 
 
-def cold_writers(sink: WarehouseSink) -> dict[str, SourcedWrite]:
+Records = list[dict[str, Any]]
+# The tenant columns (org, project, group) of a batch's rows, by their device.
+TenantsOf = Callable[[Records], Columns]
+
+
+def cold_writers(sink: WarehouseSink, tenants: TenantsOf | None = None) -> dict[str, SourcedWrite]:
     """Per table, what stores a batch of its decoded records into ``sink`` (in the loader's
-    writer thread), told where they were read (:func:`origin_of`)."""
-    Records = list[dict[str, Any]]
+    writer thread), told where they were read (:func:`origin_of`), with each row's tenant
+    (``tenants``; without: empty; an OTA rollout's rows carry their target's)."""
+
+    def tenant_columns(rows: Records) -> Columns | None:
+        return tenants(rows) if tenants is not None else None
 
     def write_telemetry(records: Records, sources: list[SourceRecord]) -> WriteResult:
-        return sink.write_telemetry(records, origin_of(sources))
+        return sink.write_telemetry(records, origin_of(sources), tenant_columns(records))
 
     def write_events(records: Records, sources: list[SourceRecord]) -> WriteResult:
-        return sink.write_events(records, origin_of(sources))
+        return sink.write_events(records, origin_of(sources), tenant_columns(records))
+
+    def write_alerts(records: Records, sources: list[SourceRecord]) -> WriteResult:
+        return sink.write_alerts(records, origin_of(sources), tenant_columns(records))
 
     def write_twin_history(records: Records, sources: list[SourceRecord]) -> WriteResult:
-        return sink.write_twin_history(twin_history_rows(records), origin_of(sources))
+        rows = twin_history_rows(records)
+        return sink.write_twin_history(rows, origin_of(sources), tenant_columns(rows))
 
     def write_ota_events(records: Records, sources: list[SourceRecord]) -> WriteResult:
         return sink.write_ota_events(ota_events_rows(records), origin_of(sources))
@@ -127,6 +144,7 @@ def cold_writers(sink: WarehouseSink) -> dict[str, SourcedWrite]:
         EVENTS_TABLE: write_events,
         TWIN_HISTORY_TABLE: write_twin_history,
         OTA_EVENTS_TABLE: write_ota_events,
+        ALERTS_TABLE: write_alerts,
     }
 
 
@@ -145,7 +163,7 @@ class ColdWorker:
         self.sink: WarehouseSink = open_sink(warehouse_dsn)
         self.registry = DeviceRegistry(kafka)
         self.quality_dlq = DeadLetterProducer(kafka, QUALITY_DLQ_TOPIC)
-        writers = cold_writers(self.sink)
+        writers = cold_writers(self.sink, self.tenants)
         self.quality: QualityPath | None = None
         if isinstance(self.sink, ClickHouseSink):
             # The gate writes Arrow and quarantines with ClickHouse SQL; a Doris warehouse
@@ -183,6 +201,10 @@ class ColdWorker:
             return write(records, sources)
 
         return refreshed_then_write
+
+    def tenants(self, rows: list[dict[str, Any]]) -> Columns:
+        """The tenant columns of a batch's rows, by their device, as the registry says now."""
+        return self.registry.devices.tenants([row["device_id"] for row in rows]).as_columns()
 
     def refresh_registry(self) -> None:
         """What the registry wrote since (never blocks); its unreadable records go to the

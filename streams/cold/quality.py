@@ -106,7 +106,10 @@ class QualityPath:
     def write_telemetry(
         self, records: list[dict[str, Any]], sources: list[SourceRecord]
     ) -> WriteResult:
-        batch = telemetry_to_arrow(records)
+        tenants = None
+        if self.registry is not None:
+            tenants = self.registry.tenants([r["device_id"] for r in records]).as_columns()
+        batch = telemetry_to_arrow(records, tenants)
         if self.rules is None:
             return self.sink.write_arrow(TELEMETRY_TABLE, batch)
         unknown, groups = None, None

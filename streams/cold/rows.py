@@ -68,12 +68,18 @@ def twin_history_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, An
 
 
 def rollout_rows(rollout: Rollout) -> list[dict[str, Any]]:
-    """One rollout version as ``ota_events`` rows: one per cohort, with the rollout's state,
+    """One rollout version as ``ota_events`` rows: one per cohort, with the rollout's tenant (its
+    target's organization, project and group), state,
     artifact version, target, current cohort and reason, the cohort's number of devices and
     how many of them are in each status (:data:`OTA_COUNT_COLUMNS`). A rollout not split into
     cohorts yet gives one row, cohort 0, with zero counts, so every transition is recorded."""
+    target = rollout.target
     common = {
         "rollout_id": rollout.rollout_id,
+        # The tenant of its rows: the target's (empty below the target's level).
+        "org": target.org,
+        "project": target.project or "",
+        "group": target.group or "",
         "updated_at": rollout.updated_ms,
         "state": str(rollout.state),
         "version": rollout.artifact.version,

@@ -18,8 +18,9 @@ Until the grants are read to their end the port answers 503 to token holders, ra
 The composition root (``infra/process.py``) builds the :class:`QueryPortConfig` from the
 settings: endpoints, limits and paths, never the settings themselves.
 
-Rows are not yet limited to the grant's scope (the warehouse tables carry no organization yet):
-any ``telemetry.read`` grant reads every row. Issue 14 adds the tenant columns and row filters.
+Rows are limited to the caller's granted scopes: each request's :class:`Caller` carries the
+scopes of its ``telemetry.read`` grants (:func:`telemetry_scopes`), which the warehouse applies
+as row filters on every tenant table (:mod:`sinks.row_filters`); the platform reads every row.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from sinks.query_server import (
     start_query_server,
     write_platform_secret,
 )
+from sinks.row_filters import EVERY_ROW, ReadScope, Scope
 from streams.registry.rbac import (
     GRANT_SET_SCHEMA,
     ROLE_ACTIONS,
@@ -63,6 +65,7 @@ __all__ = [
     "TokenAccess",
     "may_read_telemetry",
     "serve_warehouse_queries",
+    "telemetry_scopes",
 ]
 
 log = logging.getLogger("fleetstream.query_access")
@@ -85,6 +88,20 @@ def may_read_telemetry(principal: Principal, grants: Mapping[str, GrantSet]) -> 
     return Decision(False, f"{principal} holds no grant of telemetry.read")
 
 
+def telemetry_scopes(principal: Principal, grants: Mapping[str, GrantSet]) -> tuple[Scope, ...]:
+    """The scopes whose rows ``principal`` may read: those of its grants that allow
+    ``telemetry.read`` there (none: it sees no row). Pure."""
+    held = grants.get(principal.key)
+    scopes: list[Scope] = []
+    for grant in held.grants if held is not None else ():
+        if Action.telemetry_read not in ROLE_ACTIONS[grant.role]:
+            continue
+        if authorize(principal, Action.telemetry_read, grant.scope, grants):
+            r = grant.scope
+            scopes.append(Scope(r.org, r.project, r.group, r.device))
+    return tuple(scopes)
+
+
 @dataclass(frozen=True)
 class TokenAccess:
     """The query port's authenticator (:class:`sinks.query_server.Authenticator`)."""
@@ -99,7 +116,7 @@ class TokenAccess:
         if self.platform_secret is not None and hmac.compare_digest(
             token.encode(), self.platform_secret.encode()
         ):
-            return Caller("orchestrator", "the platform's own secret")
+            return Caller("orchestrator", "the platform's own secret", EVERY_ROW)
         try:
             principal = self.tokens.verify(token)
         except TokenError as exc:
@@ -112,7 +129,9 @@ class TokenAccess:
         decision = may_read_telemetry(principal, grants)
         if not decision:
             raise AccessDenied(HTTPStatus.FORBIDDEN, decision.reason, str(principal))
-        return Caller(str(principal), decision.reason)
+        # The rows of its granted scopes only, decided on the grants of this request.
+        scope = ReadScope(telemetry_scopes(principal, grants))
+        return Caller(str(principal), decision.reason, scope)
 
 
 class GrantsFollower:

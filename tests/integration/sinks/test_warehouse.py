@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import DatabaseError
 
 from infra.settings import PROJECT_ROOT, Settings
 from infra.warehouse import fetch, warehouse_counts
@@ -37,12 +38,14 @@ from sinks.clickhouse import (
     SinkUnavailable,
 )
 from sinks.query_server import QueryServer, start_query_server, write_platform_secret
+from sinks.row_filters import ReadScope, Scope
 from sinks.sql_guard import Refused
 from streams.cold.rows import ota_events_rows, twin_history_rows
 from streams.hot.twin import Accepted, Twin, apply_desired, apply_reported, to_record
 from streams.ota.model import OtaStatus
 from streams.ota.model import to_record as rollout_to_record
 from streams.registry.query_access import TokenAccess
+from streams.registry.rbac import GrantSet, Principal, Resource, Role
 from streams.registry.tokens import TokenAuthority
 
 MINUTE_MS = 60_000
@@ -229,6 +232,7 @@ def test_a_large_batch_is_stored_whole(sink: ClickHouseSink, prefix: str) -> Non
     batch = pa.Table.from_arrays(
         [
             pa.array([f"{prefix}{i % 500:03d}" for i in range(n)]),
+            *(pa.array(["acme"] * n) for _ in range(3)),  # org, project, group
             pa.array(np.arange(n, dtype=np.uint64)),
             pa.array(t0 + np.arange(n), pa.timestamp("ms", tz="UTC")),
             pa.array(t0 + np.arange(n) + 20, pa.timestamp("ms", tz="UTC")),
@@ -728,3 +732,121 @@ def test_ota_progress_per_rollout_and_cohort(
     assert reported.rows == ((rollout_id, "succeeded", "2.0.0"),)
     assert {r[0] for r in progress(device_prefix=prefix)} == {rollout_id}
     assert progress(device_prefix=f"{prefix}nobody") == []
+
+
+# --- tenant columns and row filters (issue 14) --------------------------------------------
+
+
+def tenant_rows(device: str, org: str, at: datetime) -> dict[str, list[dict[str, Any]]]:
+    """One row of each tenant table for ``device`` of ``org`` (project p, group g)."""
+    ts = int(at.timestamp() * 1000)
+    counts = dict.fromkeys(
+        ("planned", "skipped", "sent", "in_progress", "succeeded", "failed"), 0
+    ) | dict.fromkeys(("rollback_sent", "rolled_back", "rollback_failed"), 0)
+    tenant = {"org": org, "project": "p", "group": "g"}
+    return {
+        "telemetry": [reading(device, 1, ts, temperature=1.0)],
+        "device_events": [
+            {"device_id": device, "seq": 1, "ts": ts, "received_at": ts, "type": "connect"}
+        ],
+        "alerts": [
+            {"device_id": device, "alert_id": f"{device}-a", "rule_id": "r", "status": "raised"}
+            | {"metric": "t", "value": 9.0, "threshold": 5.0, "severity": "warning"}
+            | {"seq": 1, "ts": ts}
+        ],
+        "twin_history": [
+            {"device_id": device, "version": 1, "updated_at": ts, "desired": "{}"}
+            | {"reported": "{}", "delta": "{}", "delta_keys": 0, "last_reported_seq": 1}
+        ],
+        "ota_events": [
+            {"rollout_id": f"{device}-r", "updated_at": ts, "state": "running", "version": "2"}
+            | {"target": f"org/{org}", "current_cohort": 0, "cohort": 0, "devices": 1}
+            | counts
+            | tenant
+        ],
+    }
+
+
+def test_an_analyst_sees_only_the_rows_of_its_grants_in_every_tenant_table(
+    sink: ClickHouseSink, state_dir: Path, prefix: str
+) -> None:
+    org_a, org_b = f"{prefix}a".replace("-", ""), f"{prefix}b".replace("-", "")
+    now = datetime.now(UTC)
+    for org in (org_a, org_b):
+        device = f"{prefix}{org}"
+        rows_of = tenant_rows(device, org, now)
+        tenants = {"org": [org], "project": ["p"], "group": ["g"]}
+        sink.write_telemetry(rows_of["telemetry"], tenants)
+        sink.write_events(rows_of["device_events"], tenants)
+        sink.write_alerts(rows_of["alerts"], tenants)
+        sink.write_twin_history(rows_of["twin_history"], tenants)
+        sink.write_ota_events(rows_of["ota_events"])  # its tenant is in its rows (the target's)
+    tables = ("telemetry", "device_events", "alerts", "twin_history", "ota_events", "telemetry_1m")
+    union = " UNION ALL ".join(
+        f"SELECT '{t}' AS t, org, count() AS n FROM {t} "
+        f"WHERE org IN ('{org_a}', '{org_b}') GROUP BY org"
+        for t in tables
+    )
+
+    # An analyst of organization A, through the port, with clickhouse-connect.
+    tokens = TokenAuthority.load_or_create(state_dir / "pki" / "tenants")
+    analyst = Principal.user(f"analyst-{uuid.uuid4().hex[:6]}")
+    grants: dict[str, GrantSet] = {}
+    access = TokenAccess(tokens, lambda: dict(grants))
+    token = tokens.issue(analyst, ttl_s=600)
+    with start_query_server(sink, "127.0.0.1", 0, access) as server:
+        host, port = server.address
+
+        def seen() -> set[tuple[str, str, int]]:
+            client = clickhouse_connect.get_client(
+                host=host, port=port, username="analyst", password=token
+            )
+            try:
+                return {tuple(row) for row in client.query(union).result_rows}  # type: ignore[misc]
+            finally:
+                client.close()
+
+        grants[analyst.key] = GrantSet.of(analyst, (Role.viewer, Resource(org_a)))
+        assert seen() == {(t, org_a, 1) for t in tables}
+        # Another grant applies at the next request: B only (a project-level grant).
+        grants[analyst.key] = GrantSet.of(analyst, (Role.viewer, Resource(org_b, "p")))
+        assert seen() == {(t, org_b, 1) for t in tables}
+        # The rollup's materialized view reads as its table: filtered too.
+        client = clickhouse_connect.get_client(
+            host=host, port=port, username="analyst", password=token
+        )
+        try:
+            sql = f"SELECT DISTINCT org FROM telemetry_1m_mv WHERE org IN ('{org_a}', '{org_b}')"
+            assert client.query(sql).result_rows == [(org_b,)]
+        finally:
+            client.close()
+        # A grant revoked: refused at the next request.
+        grants.pop(analyst.key)
+        with pytest.raises(DatabaseError, match=r"telemetry\.read"):
+            seen()
+    # The platform's own reads and a caller with no scope.
+    assert len(sink.query(union).rows) == 2 * len(tables)
+    assert sink.query(union, scope=ReadScope(())).rows == ()
+
+
+def test_row_filters_cannot_be_lifted_and_final_can_be_opted_out(
+    sink: ClickHouseSink, raw: Client, prefix: str
+) -> None:
+    org = prefix.replace("-", "")
+    device, t0 = f"{prefix}f", now_ms()
+    scope = ReadScope((Scope(org),))
+    lifted = "SELECT count() FROM telemetry SETTINGS additional_table_filters={}"
+    with pytest.raises(Refused, match="SETTINGS"):
+        sink.query(lifted, None, scope)
+    count = "SELECT count() FROM telemetry WHERE device_id = {d:String}"
+    raw.command("SYSTEM STOP MERGES telemetry")
+    try:
+        for seqs in (range(2), range(1, 2)):  # seq 1 twice, in two batches
+            tenant = {"org": [org] * len(seqs), "project": ["p"] * len(seqs)}
+            sink.write_telemetry([reading(device, s, t0 + s) for s in seqs], tenant)
+        assert sink.query(count, {"d": device}, scope).rows == ((2,),)  # FINAL: once each
+        unfinal = ReadScope((Scope(org),), final=False)  # opted out: the parts as they are
+        assert sink.query(count, {"d": device}, unfinal).rows == ((3,),)
+        assert sink.query(count, {"d": device}, ReadScope((Scope("other"),))).rows == ((0,),)
+    finally:
+        raw.command("SYSTEM START MERGES telemetry")

@@ -259,12 +259,15 @@ def test_the_ddl_files_are_ordered_unique_versions() -> None:
 def test_every_ddl_statement_is_idempotent_and_the_tables_are_the_contract() -> None:
     text = " ".join(s for m in load_migrations() for s in m.statements)
     for statement in (s for m in load_migrations() for s in m.statements):
-        assert "IF NOT EXISTS" in statement
-    for table in ("telemetry", "device_events", "telemetry_1m", "quarantine"):
+        assert "IF NOT EXISTS" in statement or "IF EXISTS" in statement, statement
+    for table in ("telemetry", "device_events", "telemetry_1m", "alerts", "quarantine"):
         assert f"CREATE TABLE IF NOT EXISTS {table}\n" in text
     # telemetry, device_events and quarantine are keyed on the message
     assert text.count("ORDER BY (device_id, seq)") == 3
-    assert text.count("non_replicated_deduplication_window") == 6
+    assert text.count("non_replicated_deduplication_window") == 7
+    # Every table an analyst reads gets the tenant columns, and the rollup keeps them.
+    for table in ("telemetry", "device_events", "twin_history", "ota_events", "telemetry_1m"):
+        assert f"ALTER TABLE {table}\n    ADD COLUMN IF NOT EXISTS org " in text
 
 
 def write(folder: Path, name: str, sql: str = "CREATE TABLE IF NOT EXISTS x (a UInt8)") -> None:

@@ -24,13 +24,16 @@ from queries.sqltext import check_read_only
 from sinks.clickhouse import (
     EVENT_SCHEMA,
     TELEMETRY_SCHEMA,
+    TENANT_COLUMNS,
     InvalidBatch,
     QueryFailed,
     SinkUnavailable,
+    alerts_to_arrow,
     dedup_token,
     events_to_arrow,
     normalize_dsn,
     telemetry_to_arrow,
+    twin_history_to_arrow,
 )
 from sinks.query_server import (
     AccessDenied,
@@ -94,6 +97,19 @@ def test_telemetry_becomes_the_table_columns() -> None:
     ts = table.column("ts").to_pylist()
     assert ts[0] == datetime(2026, 1, 1, 0, 0, 1, tzinfo=UTC)
     assert table.column("received_at").type == pa.timestamp("ms", tz="UTC")
+
+
+def test_tenant_columns_come_with_the_batch_or_are_empty() -> None:
+    records = [reading(seq=1), reading(seq=2)]
+    tenants = {"org": ["acme", ""], "project": ["plant", ""], "group": ["line-1", ""]}
+    table = telemetry_to_arrow(records, tenants)
+    assert {name: table.column(name).to_pylist() for name in TENANT_COLUMNS} == tenants
+    untold = telemetry_to_arrow(records)
+    assert untold.column("org").to_pylist() == ["", ""]
+    for to_arrow in (events_to_arrow, alerts_to_arrow, twin_history_to_arrow):
+        assert {*TENANT_COLUMNS} <= set(to_arrow([]).schema.names)
+    with pytest.raises(InvalidBatch, match="column org: 1 values for 2 rows"):
+        telemetry_to_arrow(records, {"org": ["acme"]})
 
 
 def test_optional_telemetry_keys_may_be_missing() -> None:
@@ -252,7 +268,9 @@ class FakeBackend:
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
 
-    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> QueryResult:
+    def query(
+        self, sql: str, params: Mapping[str, Any] | None = None, scope: Any = None
+    ) -> QueryResult:
         statement = check_read_only(sql)
         self.calls.append((statement, dict(params or {})))
         if "boom" in statement:

@@ -39,6 +39,10 @@ def test_a_rollout_without_cohorts_is_one_row_of_zeros() -> None:
     (row,) = rollout_rows(h.r)
     assert row == {
         "rollout_id": "ro-1",
+        # The rows' tenant is the target's (a group here).
+        "org": TARGET.org,
+        "project": TARGET.project,
+        "group": TARGET.group,
         "updated_at": T0,
         "state": "pending_approval",
         "version": NEW,

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from sinks.query_server import AccessDenied
-from streams.registry.query_access import TokenAccess, may_read_telemetry
+from sinks.row_filters import EVERY_ROW, ReadScope, Scope
+from streams.registry.query_access import TokenAccess, may_read_telemetry, telemetry_scopes
 from streams.registry.rbac import GrantSet, Principal, Resource, Role
 from streams.registry.tokens import TokenAuthority
 
@@ -66,3 +67,24 @@ def test_until_the_grants_are_read_token_holders_wait(tokens: TokenAuthority) ->
     with pytest.raises(AccessDenied) as denied:
         access.authenticate(tokens.issue(ALICE))
     assert denied.value.status == HTTPStatus.SERVICE_UNAVAILABLE
+
+
+def test_a_caller_reads_the_rows_of_its_granted_scopes_only(tokens: TokenAuthority) -> None:
+    held = {
+        str(ALICE): GrantSet.of(
+            ALICE,
+            (Role.viewer, Resource("acme", "plant-1")),
+            (Role.viewer, Resource("globex", "p", "line-2")),
+        ),
+        str(BOB): GrantSet(BOB),
+    }
+    assert telemetry_scopes(ALICE, held) == (
+        Scope("acme", "plant-1"),
+        Scope("globex", "p", "line-2"),
+    )
+    assert telemetry_scopes(BOB, held) == ()
+    access = TokenAccess(tokens, lambda: held, platform_secret="s" * 43)
+    assert access.authenticate(tokens.issue(ALICE)).scope == ReadScope(
+        (Scope("acme", "plant-1"), Scope("globex", "p", "line-2"))
+    )
+    assert access.authenticate("s" * 43).scope == EVERY_ROW

@@ -1,0 +1,18 @@
+-- answers: messages per minute per project and device group over the last N minutes, and how
+--          many devices sent them, by the tenant columns every row carries (no join).
+-- params: minutes UInt32 60
+-- params: device_prefix String ''
+-- Doris dialect (queries/messages_per_project_group.sql is ClickHouse's, from its rollup):
+-- straight from telemetry, one row per message under UNIQUE KEY (device_id, seq).
+SELECT
+    minute_floor(ts) AS minute,
+    org,
+    project,
+    `group`,
+    count(*) AS messages,
+    count(DISTINCT device_id) AS devices
+FROM telemetry
+WHERE ts >= minute_floor(minutes_sub(now(3), {minutes:UInt32}))
+  AND starts_with(device_id, {device_prefix:String})
+GROUP BY minute_floor(ts), org, project, `group`
+ORDER BY minute, org, project, `group`
