@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     # its scrape and rule-evaluation intervals, how long a platform alert's condition must hold
     # before it fires, and how long it keeps samples.
     prometheus: bool = True
-    prometheus_port: int = 9090
+    prometheus_port: int = 9390  # not 9090: a Prometheus of the Debian package may run there
     prometheus_scrape_interval_s: float = Field(default=5.0, gt=0)
     prometheus_evaluation_interval_s: float = Field(default=5.0, gt=0)
     prometheus_alert_for_s: float = Field(default=60.0, ge=0)
