@@ -6,15 +6,19 @@ PYTHON ?= python3
 VENV := .venv
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint unit integration bench bench-faust up down status system-deps clean
+.PHONY: demo test lint unit integration bench bench-faust up down status system-deps clean vendor-echarts
 
 # The main job on the embedded default: a simulated fleet through the whole pipeline; the stack
 # stays up afterwards (`fleet sql`, `fleet status`; `fleet down` stops it).
 DEMO_DEVICES ?= 500
 DEMO_DURATION ?= 60
+DEMO_REPORT ?= .state/demo-report.html
 demo: $(VENV)/.installed system-deps
-	$(VENV)/bin/fleet demo --devices $(DEMO_DEVICES) --duration $(DEMO_DURATION) --json
+	$(VENV)/bin/fleet demo --devices $(DEMO_DEVICES) --duration $(DEMO_DURATION) --json \
+	  --report $(DEMO_REPORT)
 	$(VENV)/bin/fleet status
+	@# The stack stays up: where to look (the dashboard; Prometheus too once it runs).
+	$(VENV)/bin/fleet dashboard
 
 test: $(VENV)/.installed system-deps lint unit integration
 
@@ -52,6 +56,9 @@ system-deps:
 	  ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq prometheus)
 	@command -v mvn >/dev/null || \
 	  ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq maven)
+	@# Headless Chromium: the e2e test loads the fleet dashboard in it (tests/e2e/test_dashboard.py).
+	@command -v chromium >/dev/null || \
+	  ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium)
 
 # pip's cache (~/.cache/pip) keeps wheels for the next clone.
 $(VENV)/.installed: pyproject.toml
@@ -73,3 +80,17 @@ bench: $(VENV)/.installed system-deps
 bench-faust: $(VENV)/.installed system-deps
 	$(VENV)/bin/pip install -q -e '.[faust-probe]'
 	$(VENV)/bin/python -m bench faust
+
+# The dashboard's chart library, vendored (no CDN: the machines have no internet): the built,
+# minified Apache ECharts from npm at a pinned version, with its licence and notice beside it.
+ECHARTS_VERSION := 6.1.0
+DASHBOARD_STATIC := infra/api/dashboard/static
+vendor-echarts:
+	@tmp=$$(mktemp -d) && cd $$tmp && npm pack --silent echarts@$(ECHARTS_VERSION) >/dev/null && \
+	  tar xzf echarts-$(ECHARTS_VERSION).tgz && cd - >/dev/null && \
+	  cp $$tmp/package/dist/echarts.common.min.js $(DASHBOARD_STATIC)/echarts.min.js && \
+	  { echo "Apache ECharts $(ECHARTS_VERSION) (npm package echarts@$(ECHARTS_VERSION)," \
+	         "dist/echarts.common.min.js), $$(node -p "require('$$tmp/package/package.json').license")"; \
+	    echo; cat $$tmp/package/NOTICE; echo; echo; cat $$tmp/package/LICENSE; } \
+	    > $(DASHBOARD_STATIC)/ECHARTS-LICENSE.txt && \
+	  rm -rf $$tmp && echo "vendored echarts $(ECHARTS_VERSION) into $(DASHBOARD_STATIC)"

@@ -37,6 +37,7 @@ from infra.simulator.stats import FleetStats
 from infra.stack import Stack
 from infra.warehouse import fetch, warehouse_counts
 from queries.runner import QueryError, render
+from sinks.doris import is_doris_dsn
 from streams.hot.alerts import AlertRule, AlertStatus, RuleKind, ScopeType, Severity
 from streams.hot.twin import delta
 from streams.ota.plan import RolloutPlan
@@ -101,6 +102,14 @@ SELECT
     quantileExact(0.99)(dateDiff('millisecond', ts, stored_at)) AS p99
 FROM telemetry FINAL
 WHERE startsWith(device_id, {prefix:String})
+"""
+# The same for Apache Doris (UNIQUE KEY tables hold one row per message: no FINAL).
+DORIS_LATENCY_SQL = """
+SELECT
+    percentile(milliseconds_diff(stored_at, ts), 0.5) AS p50,
+    percentile(milliseconds_diff(stored_at, ts), 0.99) AS p99
+FROM telemetry
+WHERE starts_with(device_id, {prefix:String})
 """
 
 
@@ -320,7 +329,8 @@ def run_demo(settings: Settings, plan: DemoPlan, console: Console) -> dict[str, 
         if a.device_id.startswith(prefix) and a.status is AlertStatus.raised
     ]
     counts = warehouse_counts(settings, device_prefix=prefix)
-    latency = fetch(settings, LATENCY_SQL, {"prefix": prefix}).rows[0]
+    latency_sql = DORIS_LATENCY_SQL if is_doris_dsn(settings.warehouse_dsn) else LATENCY_SQL
+    latency = fetch(settings, latency_sql, {"prefix": prefix}).rows[0]
     return {
         "devices": plan.devices,
         "published": stats.published,

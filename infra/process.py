@@ -71,7 +71,15 @@ def hot_worker(settings: Settings) -> Runnable:
     return TransactionalJob(HOT_JOB, kafka_config(settings, HOT_JOB.name), options)
 
 
+class NoQueryPort:
+    """The query port of a warehouse that is a server itself (Doris): nothing to serve."""
+
+    def close(self) -> None:
+        return None
+
+
 def cold_worker_main() -> None:
+    from sinks.doris import is_doris_dsn, parse_doris_dsn
     from streams.cold.loader import COLD_JOB, Closeable, serve
     from streams.runtime.loader import LoaderOptions
 
@@ -90,6 +98,10 @@ def cold_worker_main() -> None:
         return serve_warehouse_queries(query_port_config(settings))
 
     where = f"{settings.host}:{settings.query_port}"
+    if is_doris_dsn(settings.warehouse_dsn):
+        # Doris is a server: analysts and `fleet sql` reach it over its MySQL protocol; the
+        # ClickHouse-protocol query port serves an embedded chDB folder only.
+        serve_queries, where = NoQueryPort, parse_doris_dsn(settings.warehouse_dsn).dsn
     kafka = kafka_config(settings, COLD_JOB.name)
     asyncio.run(
         serve(

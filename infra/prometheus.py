@@ -2,7 +2,7 @@
 
 Pure functions of the settings and the stack's scrape targets (infra/metrics.py), written by
 the Prometheus service (infra/services/prometheus.py) before each start; `promtool check
-config` accepts them (tests/unit/test_prometheus_config.py).
+config` accepts them (tests/unit/infra/test_metrics.py).
 
 Recording rules turn the counters into per-second rates (``fleetstream:<what>:rate1m``), which
 the alerts and the dashboard read. Alerting rules watch the platform itself:

@@ -44,8 +44,11 @@ class Settings(BaseSettings):
     ts_max_age_s: int = Field(default=30 * 86_400, ge=0)
     ts_max_ahead_s: int = Field(default=300, ge=0)
 
-    # Warehouse: empty means embedded chDB in <state_dir>/warehouse; else http(s)://host:port
-    # of a ClickHouse server (same sink code through clickhouse-connect).
+    # Warehouse: empty means embedded chDB in <state_dir>/warehouse; http(s)://host:port is a
+    # ClickHouse server (same sink code through clickhouse-connect);
+    # doris://user:pass@host:9030/db?http_port=8030 is Apache Doris (sinks/doris.py: MySQL
+    # protocol on 9030, Stream Load on the FE's http_port). The cold path, `fleet sql`, the
+    # analyst queries (queries/doris/) and the demo summary follow it.
     warehouse_url: str = ""
     # The process owning the embedded chDB answers `fleet sql` here while it runs.
     query_port: int = 8124

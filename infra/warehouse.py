@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
@@ -29,6 +30,7 @@ from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 from infra.settings import Settings
 from queries.result import QueryResult
 from queries.runner import (
+    CHECKOUT,
     Format,
     Prepared,
     QueryError,
@@ -46,6 +48,7 @@ from sinks.clickhouse import (
     SinkUnavailable,
     normalize_dsn,
 )
+from sinks.doris import DorisSink, is_doris_dsn
 from sinks.query_server import read_platform_secret
 
 __all__ = ["QUERY_TIMEOUT_S", "WarehouseCounts", "fetch", "run_sql", "warehouse_counts"]
@@ -132,6 +135,31 @@ def _direct(settings: Settings, prepared: Prepared, timeout_s: float) -> QueryRe
         raise QueryError(str(exc)) from exc
 
 
+def _dialect_file(sql_or_file: str, dialect: str) -> str:
+    """``queries/<name>.sql`` as ``queries/<dialect>/<name>.sql`` when that exists: the
+    analyst queries whose text differs by warehouse live side by side (queries/README.md)."""
+    path = Path(sql_or_file.strip())
+    if path.suffix != ".sql" or any(c.isspace() for c in sql_or_file.strip()):
+        return sql_or_file
+    for base in (Path(), CHECKOUT):
+        candidate = base / path.parent / dialect / path.name
+        if candidate.is_file():
+            return str(candidate)
+    return sql_or_file
+
+
+def _doris(settings: Settings, prepared: Prepared, timeout_s: float) -> QueryResult:
+    """A read of a Doris warehouse: straight to it over the MySQL protocol (it is a server;
+    there is no folder to own and no query port in between)."""
+    try:
+        with DorisSink(settings.warehouse_dsn, query_timeout_s=timeout_s) as sink:
+            return sink.query(prepared.sql, prepared.params)
+    except SinkUnavailable as exc:
+        raise WarehouseUnavailable(str(exc)) from exc
+    except (QueryFailed, NotReadOnly) as exc:
+        raise QueryError(str(exc)) from exc
+
+
 def fetch(
     settings: Settings,
     sql_or_file: str,
@@ -142,6 +170,9 @@ def fetch(
 ) -> QueryResult:
     """Run one read (a statement, or a path to a ``.sql`` file); values come back JSON-safe.
     ``token``: the bearer token for the query server (default: the platform's secret)."""
+    if is_doris_dsn(settings.warehouse_dsn):
+        prepared = prepare(_dialect_file(sql_or_file, "doris"), params)
+        return _doris(settings, prepared, timeout_s).json_safe()
     prepared = prepare(sql_or_file, params)
     result = _via_server(settings, prepared, timeout_s, token)
     if result is None:
@@ -175,6 +206,15 @@ def warehouse_counts(
 ) -> WarehouseCounts:
     """``stored`` (distinct (device_id, seq)) and ``duplicates`` (pairs seen more than once
     reading FINAL), counted with SQL through the same path as ``fleet sql``."""
+    if is_doris_dsn(settings.warehouse_dsn):
+        try:
+            with DorisSink(settings.warehouse_dsn) as sink:
+                return WarehouseCounts(
+                    sink.count_stored(table, device_prefix),
+                    sink.count_duplicates(table, device_prefix),
+                )
+        except SinkUnavailable as exc:
+            raise WarehouseUnavailable(str(exc)) from exc
     params = {"table": table, "device_prefix": device_prefix}
     stored = fetch(settings, STORED_SQL, params).rows[0][0]
     duplicates = fetch(settings, DUPLICATES_SQL, params).rows[0][0]

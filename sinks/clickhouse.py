@@ -50,6 +50,19 @@ from queries.migrations import (
 )
 from queries.result import OUTPUT_FORMATS, QueryResult, RawResult
 from queries.sqltext import NotReadOnly
+from sinks.base import (
+    EVENTS_TABLE,
+    OTA_EVENTS_TABLE,
+    TELEMETRY_TABLE,
+    TWIN_HISTORY_TABLE,
+    BatchOrigin,
+    InvalidBatch,
+    QueryFailed,
+    QueryLimitExceeded,
+    SinkError,
+    SinkUnavailable,
+    WriteResult,
+)
 from sinks.sql_guard import Checked, Refused, check_query, format_query_sql
 
 __all__ = [
@@ -80,10 +93,6 @@ __all__ = [
 Record: TypeAlias = Mapping[str, Any]
 Role: TypeAlias = Literal["read", "write"]
 
-TELEMETRY_TABLE: Final = "telemetry"
-EVENTS_TABLE: Final = "device_events"
-TWIN_HISTORY_TABLE: Final = "twin_history"
-OTA_EVENTS_TABLE: Final = "ota_events"
 # The tables keyed on (device_id, seq): what the count helpers (STORED_SQL, DUPLICATES_SQL)
 # and `fleet demo` count. twin_history is keyed on (device_id, version), so it is not here.
 DEDUPLICATED_TABLES: Final = frozenset({TELEMETRY_TABLE, EVENTS_TABLE})
@@ -236,30 +245,6 @@ DUPLICATES_SQL: Final = (
 )
 
 
-class SinkError(Exception):
-    """The warehouse refused or failed an operation."""
-
-
-class SinkUnavailable(SinkError):
-    """The warehouse cannot be reached or written now; retry the same batch after a pause.
-
-    Nothing is lost by retrying: either the batch was not stored, or its insert token makes
-    the retry a no-op.
-    """
-
-
-class InvalidBatch(SinkError, ValueError):
-    """Records that cannot become the table's columns (a missing key, a wrong type)."""
-
-
-class QueryFailed(SinkError):
-    """A read the warehouse rejected (SQL error, unknown table, bad parameter)."""
-
-
-class QueryLimitExceeded(QueryFailed):
-    """A read stopped at one of its limits (time, memory, result size)."""
-
-
 @dataclass(frozen=True, slots=True)
 class ReadLimits:
     """What one read may use. Set on each read connection, then ``readonly=1`` (embedded) so
@@ -384,13 +369,6 @@ def dedup_token(table: str, batch: pa.Table) -> str:
 
 
 # --- results (pure) ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class WriteResult:
-    table: str
-    rows: int
-    token: str
 
 
 # --- the sink ------------------------------------------------------------------------------
@@ -634,19 +612,27 @@ class ClickHouseSink:
 
     # --- writes ---
 
-    def write_telemetry(self, records: Sequence[Record]) -> WriteResult:
+    def write_telemetry(
+        self, records: Sequence[Record], origin: BatchOrigin | None = None
+    ) -> WriteResult:
         """Store decoded ``Telemetry`` records (exactly once; see the module doc)."""
         return self.write_arrow(TELEMETRY_TABLE, telemetry_to_arrow(records))
 
-    def write_events(self, records: Sequence[Record]) -> WriteResult:
+    def write_events(
+        self, records: Sequence[Record], origin: BatchOrigin | None = None
+    ) -> WriteResult:
         """Store decoded ``DeviceEvent`` records (exactly once)."""
         return self.write_arrow(EVENTS_TABLE, events_to_arrow(records))
 
-    def write_twin_history(self, rows: Sequence[Record]) -> WriteResult:
+    def write_twin_history(
+        self, rows: Sequence[Record], origin: BatchOrigin | None = None
+    ) -> WriteResult:
         """Store ``twin_history`` rows (see :func:`twin_history_to_arrow`; exactly once)."""
         return self.write_arrow(TWIN_HISTORY_TABLE, twin_history_to_arrow(rows))
 
-    def write_ota_events(self, rows: Sequence[Record]) -> WriteResult:
+    def write_ota_events(
+        self, rows: Sequence[Record], origin: BatchOrigin | None = None
+    ) -> WriteResult:
         """Store ``ota_events`` rows (see :func:`ota_events_to_arrow`; exactly once)."""
         return self.write_arrow(OTA_EVENTS_TABLE, ota_events_to_arrow(rows))
 

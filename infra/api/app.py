@@ -43,6 +43,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from infra.api.backend import Backend, KafkaBackend
+from infra.api.dashboard.routes import DASHBOARD_PUBLIC_PATHS, add_dashboard, dashboard_source
 from infra.api.metrics import ApiMetrics
 from infra.api.openapi import openapi_document
 from infra.api.routes import ROUTES
@@ -64,7 +65,7 @@ __all__ = ["API_KEY", "FleetApi", "create_app", "main", "serve"]
 log = logging.getLogger("fleetstream.api")
 
 STATUS_FILE = "api.json"
-PUBLIC_PATHS = frozenset({"/openapi.json", "/healthz"})
+PUBLIC_PATHS = frozenset({"/openapi.json", "/healthz", *DASHBOARD_PUBLIC_PATHS})
 MAX_BODY_BYTES = 256 * 1024
 _STATUS_EVERY_S = 1.0
 
@@ -164,7 +165,9 @@ async def _report(settings: Settings, api: FleetApi, stopping: asyncio.Event) ->
 async def serve(settings: Settings) -> None:
     """Serve on ``settings.host:settings.api_port`` until SIGTERM or SIGINT."""
     tokens = token_authority(settings)
-    app = create_app(KafkaBackend(settings), tokens)
+    backend = KafkaBackend(settings)
+    app = create_app(backend, tokens)
+    add_dashboard(app, backend, dashboard_source(settings, backend))  # GET /dashboard
     runner = web.AppRunner(app, access_log=log)
     await runner.setup()  # the backend starts here: tables read to their end
     site = web.TCPSite(runner, settings.host, settings.api_port)

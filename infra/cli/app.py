@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from infra.cli import access, alerts, demo, devices, jobs, ota, sql, stack, twin
+from infra.cli import access, alerts, dashboard, demo, devices, jobs, ota, sql, stack, twin
 
 app = typer.Typer(help="fleetstream: IoT fleet telemetry on Kafka.", no_args_is_help=True)
 
@@ -22,6 +22,7 @@ for command in (
     demo.demo,
     access.token,
     access.grant,
+    dashboard.dashboard,
 ):
     app.command()(command)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import typer
 
@@ -53,6 +54,12 @@ def demo(
     ota_fail_rate: float = typer.Option(
         0.0, min=0.0, max=1.0, help="Share of devices whose install fails (--ota)."
     ),
+    report: Path | None = typer.Option(
+        None,
+        "--report",
+        help="Also write a self-contained HTML report of the run (charts included) to this file.",
+        dir_okay=False,
+    ),
 ) -> None:
     """The whole pipeline against a simulated fleet; the summary is counted with SQL."""
     from infra.demo import DemoPlan, run_demo
@@ -60,10 +67,16 @@ def demo(
     plan = DemoPlan(
         devices, duration, rate, ota=ota or ota_fail_rate > 0, ota_fail_rate=ota_fail_rate
     )
+    settings = cli_settings()
     try:
-        summary = run_demo(cli_settings(), plan, console)
+        summary = run_demo(settings, plan, console)
     except ServiceError as exc:
         raise fail(exc) from exc
+    if report is not None:
+        from infra.api.dashboard.report import write_report
+
+        written = write_report(settings, summary, report)
+        console.print(f"report: {written.resolve()}")  # before the JSON line, which stays last
     if as_json:
         sys.stdout.write(json.dumps(summary) + "\n")
     else:

@@ -21,23 +21,32 @@ import asyncio
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from schemas.topics import TOPICS_BY_NAME, schema_of
-from sinks.clickhouse import (
+from sinks.base import (
     EVENTS_TABLE,
     OTA_EVENTS_TABLE,
     TELEMETRY_TABLE,
     TWIN_HISTORY_TABLE,
-    ClickHouseSink,
+    BatchOrigin,
     InvalidBatch,
     SinkUnavailable,
+    WarehouseSink,
     WriteResult,
 )
+from sinks.factory import open_sink
 from streams.cold.rows import ota_events_rows, twin_history_rows
 from streams.runtime.clients import KafkaConfig
-from streams.runtime.loader import LoaderLoop, LoaderOptions, LoaderSpec, LoadSource, Write
+from streams.runtime.loader import (
+    LoaderLoop,
+    LoaderOptions,
+    LoaderSpec,
+    LoadSource,
+    SourcedWrite,
+)
+from streams.runtime.records import SourceRecord
 from streams.runtime.transactions import Backoff
 
 log = logging.getLogger("fleetstream.streams")
@@ -75,36 +84,53 @@ class Closeable(Protocol):
     def close(self) -> None: ...
 
 
+def origin_of(sources: Sequence[SourceRecord]) -> BatchOrigin:
+    """Where a batch of one topic was read: what the Doris sink names its load by."""
+    topic = sources[0].topic if sources else ""
+    return BatchOrigin.of(topic, ((s.partition, s.offset) for s in sources))
+
+
+def cold_writers(sink: WarehouseSink) -> dict[str, SourcedWrite]:
+    """Per table, what stores a batch of its decoded records into ``sink`` (in the loader's
+    writer thread), told where they were read (:func:`origin_of`)."""
+    Records = list[dict[str, Any]]
+
+    def write_telemetry(records: Records, sources: list[SourceRecord]) -> WriteResult:
+        return sink.write_telemetry(records, origin_of(sources))
+
+    def write_events(records: Records, sources: list[SourceRecord]) -> WriteResult:
+        return sink.write_events(records, origin_of(sources))
+
+    def write_twin_history(records: Records, sources: list[SourceRecord]) -> WriteResult:
+        return sink.write_twin_history(twin_history_rows(records), origin_of(sources))
+
+    def write_ota_events(records: Records, sources: list[SourceRecord]) -> WriteResult:
+        return sink.write_ota_events(ota_events_rows(records), origin_of(sources))
+
+    return {
+        TELEMETRY_TABLE: write_telemetry,
+        EVENTS_TABLE: write_events,
+        TWIN_HISTORY_TABLE: write_twin_history,
+        OTA_EVENTS_TABLE: write_ota_events,
+    }
+
+
 class ColdWorker:
-    """The cold path's loader and the sink it writes; one process owns the chDB folder."""
+    """The cold path's loader and the sink it writes (any :class:`sinks.base.WarehouseSink`:
+    ClickHouse/chDB or Doris, as the warehouse URL says); one process owns a chDB folder."""
 
     def __init__(self, kafka: KafkaConfig, options: LoaderOptions, warehouse_dsn: str) -> None:
-        self.sink = ClickHouseSink(warehouse_dsn)
+        self.sink: WarehouseSink = open_sink(warehouse_dsn)
         self.loader = LoaderLoop(
             COLD_JOB,
             kafka,
             options,
-            self._writers(),
+            {},
             retryable=(SinkUnavailable,),
             rejected=(InvalidBatch,),
+            sourced_writers=cold_writers(self.sink),
         )
         self.counters = self.loader.counters
-
-    def _writers(self) -> dict[str, Write]:
-        """Per table, what stores a batch of its decoded records (in the writer thread)."""
-
-        def write_twin_history(records: list[dict[str, Any]]) -> WriteResult:
-            return self.sink.write_twin_history(twin_history_rows(records))
-
-        def write_ota_events(records: list[dict[str, Any]]) -> WriteResult:
-            return self.sink.write_ota_events(ota_events_rows(records))
-
-        return {
-            TELEMETRY_TABLE: self.sink.write_telemetry,
-            EVENTS_TABLE: self.sink.write_events,
-            TWIN_HISTORY_TABLE: write_twin_history,
-            OTA_EVENTS_TABLE: write_ota_events,
-        }
 
     async def run(self, stopping: asyncio.Event) -> None:
         await self.loader.run(stopping)

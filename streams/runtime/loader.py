@@ -76,6 +76,10 @@ class LoaderOptions:
 
 # Stores a batch of decoded records of one table (called in the loader's one writer thread).
 Write = Callable[[list[dict[str, Any]]], object]
+# The same, told where each record was read (records[i] from sources[i]): for a writer that
+# routes some records elsewhere with where they came from (the cold path's quality gate), or
+# names the batch by its offsets (the Doris sink's Stream Load label).
+SourcedWrite = Callable[[list[dict[str, Any]], list[SourceRecord]], object]
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,7 @@ class DecodedBatch:
     records: list[dict[str, Any]]
     dead: list[DeadLetter]
     tombstones: int = 0
+    sources: list[SourceRecord] = field(default_factory=list)  # where records[i] was read
 
 
 def decode_batch(
@@ -91,6 +96,7 @@ def decode_batch(
     """Pure: the ok/error split of a batch. On a compacted topic a record without a value is a
     deletion (counted, nothing to load); anywhere else it is bad input."""
     records: list[dict[str, Any]] = []
+    sources: list[SourceRecord] = []
     dead: list[DeadLetter] = []
     tombstones = 0
     for rec in batch:
@@ -103,9 +109,10 @@ def decode_batch(
         result = codec.decode(rec.value)
         if isinstance(result, Decoded):
             records.append(result.record)
+            sources.append(rec)
         else:
             dead.append(DeadLetter(rec, str(result.reason), result.detail))
-    return DecodedBatch(records, dead, tombstones)
+    return DecodedBatch(records, dead, tombstones, sources)
 
 
 @dataclass
@@ -168,6 +175,10 @@ class LoadPath:
     rejected: tuple[type[BaseException], ...] = ()
     backoff: Backoff = LOAD_BACKOFF
     compacted: bool = False  # the source is a compacted state topic (tombstones are deletions)
+    # Set: called instead of `write`, with where each record was read (see SourcedWrite).
+    write_sourced: Callable[[list[dict[str, Any]], list[SourceRecord]], Awaitable[None]] | None = (
+        None
+    )
 
     async def store_batch(self, batch: Sequence[SourceRecord]) -> None:
         decoded = decode_batch(batch, self.codec, compacted=self.compacted)
@@ -196,9 +207,9 @@ class LoadPath:
             for d in dead:
                 reasons[d.reason] = reasons.get(d.reason, 0) + 1
         if decoded.records:
-            records = decoded.records
+            records, sources, sourced = decoded.records, decoded.sources, self.write_sourced
             await until_done(
-                lambda: self.write(records),
+                lambda: sourced(records, sources) if sourced else self.write(records),
                 self.retryable,
                 self.counters,
                 f"writing {len(records)} rows to {self.table}",
@@ -230,6 +241,10 @@ class DeadLetterProducer:
             raise KafkaException(f"dead letters not delivered: {failures[:3]}")
 
 
+def _no_writer(records: list[dict[str, Any]]) -> object:
+    raise TypeError("this table is written by its sourced writer")
+
+
 class LoaderLoop:
     """A loader job on Kafka: take a batch, store it (retrying while the store is away), then
     commit it; transient Kafka errors rewind to the last commit and go on."""
@@ -243,6 +258,7 @@ class LoaderLoop:
         retryable: tuple[type[BaseException], ...],
         rejected: tuple[type[BaseException], ...] = (),
         codecs: Mapping[str, AvroCodec] | None = None,
+        sourced_writers: Mapping[str, SourcedWrite] | None = None,
     ) -> None:
         self.spec = spec
         self.kafka = kafka
@@ -256,11 +272,20 @@ class LoaderLoop:
         self.last_transient_error = ""
         codecs = codecs or registered_codecs(kafka, spec.schemas())
         self.paths: dict[str, LoadPath] = {}
+        sourced_writers = sourced_writers or {}
         for src in spec.sources:
-            writer = writers[src.table]
+            sourced_writer = sourced_writers.get(src.table)
+            writer = writers[src.table] if sourced_writer is None else _no_writer
 
             async def write(records: list[dict[str, Any]], writer: Write = writer) -> None:
                 await self._in_writer_thread(writer, records)
+
+            async def write_sourced(
+                records: list[dict[str, Any]],
+                sources: list[SourceRecord],
+                writer: SourcedWrite | None = sourced_writer,
+            ) -> None:
+                await self._in_writer_thread(writer, records, sources)
 
             async def dead_letter(dead: list[DeadLetter]) -> None:
                 await self._in_writer_thread(self.dlq.send, dead)
@@ -274,6 +299,7 @@ class LoaderLoop:
                 self.counters,
                 rejected=rejected,
                 compacted=src.compacted,
+                write_sourced=write_sourced if sourced_writer is not None else None,
             )
 
     async def _in_writer_thread(self, fn: Any, *args: Any) -> Any:

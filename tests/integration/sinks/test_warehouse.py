@@ -601,7 +601,7 @@ def test_twin_history_query_at_a_time_and_latest(
 def ota_rollout_versions(rollout_id: str) -> list[dict[str, Any]]:
     """``Rollout`` records of one rollout on 10 devices (cohorts of 2, 3 and 5): created,
     running with a canary half done, then the canary passed and cohort 1 2/3 done."""
-    from tests.unit.test_ota import Harness, fleet
+    from tests.unit.streams.ota.test_ota import Harness, fleet
 
     h = Harness(fleet(10, prefix=rollout_id))
     versions = []

@@ -23,7 +23,7 @@ from infra.services.base import wait_until
 from infra.settings import PROJECT_ROOT, Settings
 from infra.stack import Stack
 from streams.registry.rbac import GrantSet, Principal, Resource, Role
-from tests.integration.test_api import Http
+from tests.integration.infra.test_api import Http
 
 pytestmark = pytest.mark.integration
 

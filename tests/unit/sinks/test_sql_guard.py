@@ -23,7 +23,7 @@ from sinks.sql_guard import (
     sql_string,
 )
 
-QUERIES = Path(__file__).resolve().parents[2] / "queries"
+QUERIES = Path(__file__).resolve().parents[3] / "queries"
 
 
 @pytest.fixture(scope="module")

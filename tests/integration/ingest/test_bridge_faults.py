@@ -41,7 +41,7 @@ def _bridge_up(stack: Stack) -> bool:
 
 
 def _telemetry_seqs(settings: Settings, device_id: str, count: int) -> list[int]:
-    from tests.integration.test_ingest import _decode
+    from tests.integration.ingest.test_ingest import _decode
 
     mine = device_id.encode()
     got = collect(

@@ -113,7 +113,7 @@ MALFORMED = {
     "bad_seq": json.dumps({"seq": -5, "ts": TS}).encode(),
 }
 # Oversize (> 64 KiB) never reaches the bridge: the broker refuses it with PUBACK 0x95
-# (message_size_limit; tests/integration/test_mosquitto.py).
+# (message_size_limit; tests/integration/ingest/test_mosquitto.py).
 
 
 def test_each_malformed_kind_lands_in_the_dlq_with_its_reason(

@@ -41,7 +41,7 @@ from streams.registry.devices import (
 )
 from streams.registry.rbac import Grant, GrantSet, Principal, Resource, Role
 from streams.registry.tokens import TokenAuthority
-from tests.unit.test_ota import ARTIFACT
+from tests.unit.streams.ota.test_ota import ARTIFACT
 
 ACME = Resource("acme")
 PA, PB = Resource("acme", "pA"), Resource("acme", "pB")

@@ -16,7 +16,7 @@ from sinks.clickhouse import (
 from streams.cold.loader import SOURCES
 from streams.cold.rows import OTA_COUNT_COLUMNS, ota_events_rows, rollout_rows
 from streams.ota.model import OtaStatus, Progress, RolloutState, to_record
-from tests.unit.test_ota import NEW, T0, TARGET, Harness, fleet
+from tests.unit.streams.ota.test_ota import NEW, T0, TARGET, Harness, fleet
 
 COUNTS = list(OTA_COUNT_COLUMNS)
 

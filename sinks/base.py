@@ -1,0 +1,178 @@
+"""What every warehouse sink is: the interface the cold path, ``fleet sql`` and the demo use,
+whichever warehouse is configured (ClickHouse/chDB in sinks/clickhouse.py, Apache Doris in
+sinks/doris.py), the errors on its explicit channel, and where a batch came from.
+
+A sink stores each batch exactly once (see ``queries/README.md``): ClickHouse with a content
+token per insert plus ReplacingMergeTree, Doris with a Stream Load label derived from the
+batch's Kafka offsets, two-phase commit, and the UNIQUE KEY model. The loader commits the
+batch's Kafka offsets only after a write method returned, so a write method returns only once
+its rows are committed in the warehouse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol, TypeAlias
+
+from queries.migrations import Migration
+from queries.result import QueryResult
+
+__all__ = [
+    "ALERTS_TABLE",
+    "EVENTS_TABLE",
+    "OTA_EVENTS_TABLE",
+    "QUARANTINE_TABLE",
+    "TELEMETRY_TABLE",
+    "TWIN_HISTORY_TABLE",
+    "BatchOrigin",
+    "InvalidBatch",
+    "OffsetRange",
+    "QueryFailed",
+    "QueryLimitExceeded",
+    "Record",
+    "SinkError",
+    "SinkUnavailable",
+    "TenantTablesSink",
+    "WarehouseSink",
+    "WriteResult",
+]
+
+Record: TypeAlias = Mapping[str, Any]
+
+TELEMETRY_TABLE: Final = "telemetry"
+EVENTS_TABLE: Final = "device_events"
+TWIN_HISTORY_TABLE: Final = "twin_history"
+OTA_EVENTS_TABLE: Final = "ota_events"
+ALERTS_TABLE: Final = "alerts"
+QUARANTINE_TABLE: Final = "quarantine"
+
+
+class SinkError(Exception):
+    """The warehouse refused or failed an operation."""
+
+
+class SinkUnavailable(SinkError):
+    """The warehouse cannot be reached or written now; retry the same batch after a pause.
+
+    Nothing is lost by retrying: either the batch was not stored, or its insert token (its
+    Stream Load label, for Doris) makes the retry a no-op.
+    """
+
+
+class InvalidBatch(SinkError, ValueError):
+    """Records that cannot become the table's columns (a missing key, a wrong type), or that
+    the warehouse refuses as data (retrying will not help: the batch is dead-lettered)."""
+
+
+class QueryFailed(SinkError):
+    """A read the warehouse rejected (SQL error, unknown table, bad parameter)."""
+
+
+class QueryLimitExceeded(QueryFailed):
+    """A read stopped at one of its limits (time, memory, result size)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    table: str
+    rows: int
+    token: str  # ClickHouse: the insert deduplication token; Doris: the Stream Load label
+
+
+@dataclass(frozen=True, slots=True)
+class OffsetRange:
+    partition: int
+    first: int
+    last: int
+
+
+_LABEL_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+# Doris labels: at most 128 characters of [A-Za-z0-9_-] (and ':'); unique per database.
+LABEL_MAX: Final = 128
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOrigin:
+    """Where a batch of one topic was read: per partition, the first and last offset of the
+    records handed to the sink. The same Kafka batch re-read after a crash has the same origin,
+    so a label derived from it names the batch whatever its content's order."""
+
+    topic: str
+    ranges: tuple[OffsetRange, ...]
+
+    @classmethod
+    def of(cls, topic: str, offsets: Iterable[tuple[int, int]]) -> BatchOrigin:
+        """From (partition, offset) pairs (in any order)."""
+        spans: dict[int, tuple[int, int]] = {}
+        for partition, offset in offsets:
+            first, last = spans.get(partition, (offset, offset))
+            spans[partition] = (min(first, offset), max(last, offset))
+        ranges = tuple(OffsetRange(p, f, la) for p, (f, la) in sorted(spans.items()))
+        return cls(topic, ranges)
+
+    def label(self, table: str) -> str:
+        """The Stream Load label of this batch's load into ``table``: readable
+        (``fleet_<table>_<topic>_p<partition>_<first>_<last>``) when it fits in
+        :data:`LABEL_MAX`, else its readable head and a sha256 of the whole origin."""
+        topic = _LABEL_UNSAFE.sub("_", self.topic)
+        spans = "_".join(f"p{r.partition}_{r.first}_{r.last}" for r in self.ranges)
+        label = f"fleet_{table}_{topic}_{spans}"
+        if len(label) <= LABEL_MAX:
+            return label
+        digest = hashlib.sha256(f"{table}\0{self.topic}\0{spans}".encode()).hexdigest()[:40]
+        return f"{label[: LABEL_MAX - len(digest) - 1]}_{digest}"
+
+
+class WarehouseSink(Protocol):
+    """The sink interface: what the cold path, ``fleet sql``, the demo summary and the
+    migrations use, implemented by :class:`sinks.clickhouse.ClickHouseSink` and
+    :class:`sinks.doris.DorisSink`. ``origin`` is where the batch was read in Kafka (the
+    Doris sink derives its Stream Load label from it; ClickHouse hashes the content instead)."""
+
+    @property
+    def dsn(self) -> str: ...
+
+    def ensure_schema(self) -> tuple[Migration, ...]: ...
+
+    def write_telemetry(
+        self, records: Sequence[Record], origin: BatchOrigin | None = None
+    ) -> WriteResult: ...
+
+    def write_events(
+        self, records: Sequence[Record], origin: BatchOrigin | None = None
+    ) -> WriteResult: ...
+
+    def write_twin_history(
+        self, rows: Sequence[Record], origin: BatchOrigin | None = None
+    ) -> WriteResult: ...
+
+    def write_ota_events(
+        self, rows: Sequence[Record], origin: BatchOrigin | None = None
+    ) -> WriteResult: ...
+
+    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> QueryResult: ...
+
+    def count_stored(self, table: str = TELEMETRY_TABLE, device_prefix: str = "") -> int: ...
+
+    def count_duplicates(self, table: str = TELEMETRY_TABLE, device_prefix: str = "") -> int: ...
+
+    def ping(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class TenantTablesSink(WarehouseSink, Protocol):
+    """The interface with the tables arriving beside it: ``alerts`` (the tenant work) and
+    ``quarantine`` (the quality gate). The Doris sink has them; the ClickHouse sink gets them
+    with those branches, and then the two protocols fold into one."""
+
+    def write_alerts(
+        self, records: Sequence[Record], origin: BatchOrigin | None = None
+    ) -> WriteResult: ...
+
+    def write_quarantine(
+        self, rows: Sequence[Record], origin: BatchOrigin | None = None
+    ) -> WriteResult: ...
