@@ -31,7 +31,7 @@ from streams.ota.plan import RolloutPlan
 from streams.registry.devices import AuditDecision
 from streams.registry.rbac import GrantSet, Principal, Resource, Role
 from streams.registry.tokens import TokenAuthority
-from tests.unit import test_api_routes as api_tests
+from tests.unit.infra import test_api_routes as api_tests
 from tests.unit.infra.test_api_routes import ADMIN, VIEWER, FakeBackend, bearer
 from tests.unit.streams.ota.test_ota import ARTIFACT
 
