@@ -1,5 +1,5 @@
 # Two commands: `make demo` and `make test`. Each installs what it needs on a fresh Debian 12
-# machine (apt: mosquitto; pip: a venv at .venv; Maven: the Kafka and Apicurio jars, cached in
+# machine (apt: mosquitto, prometheus; pip: a venv at .venv; Maven: the Kafka and Apicurio jars, cached in
 # ~/.m2) and starts what it needs.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -51,6 +51,10 @@ system-deps:
 	@[ -f /usr/include/mosquitto_plugin.h ] && [ -f /usr/include/mosquitto.h ] && command -v cc >/dev/null || \
 	  ($(SUDO) apt-get update -qq && \
 	   DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mosquitto-dev libmosquitto-dev gcc)
+	@# Prometheus scrapes the platform's processes (infra/services/prometheus.py); promtool
+	@# (same package) checks the generated config and rules in the unit tests.
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+	  ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq prometheus)
 	@command -v mvn >/dev/null || \
 	  ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq maven)
 	@# Headless Chromium: the e2e test loads the fleet dashboard in it (tests/e2e/test_dashboard.py).

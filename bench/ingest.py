@@ -206,5 +206,7 @@ def bench_settings(root: Path) -> Settings:
         mqtt_port=38883,
         query_port=38124,
         jobs_web_port=36066,
+        metrics_port=39400,
+        prometheus_port=39390,
         mqtt_max_queued=1_000_000,  # each offline consumer queues the whole run
     )

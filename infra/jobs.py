@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from infra.metrics import serve_process_metrics
 from infra.settings import Settings
 from infra.topics import consumer_lag
 from schemas.codec import SCHEMA_DIR
@@ -102,6 +103,7 @@ def run_job(settings: Settings, path: Path, web_port: int | None, loglevel: str)
     import faust
 
     from streams.jobs import app
+    from streams.jobs.metrics import faust_metrics
 
     path = path.resolve()
     name = job_name(path)
@@ -115,6 +117,7 @@ def run_job(settings: Settings, path: Path, web_port: int | None, loglevel: str)
         {t for agent in app.agents.values() for t in getattr(agent.channel, "topics", ())}
     )
     JobRecord(name, str(path), os.getpid(), inputs).write(config.state_dir)
+    serve_process_metrics(settings, lambda: faust_metrics(app))
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from infra.keys import token_dir
+from infra.metrics import serve_process_metrics
 from infra.settings import Settings, load_settings
 from streams.runtime.clients import KafkaConfig
 from streams.runtime.process import Runnable, configure_logging, run_until_stopped
@@ -48,7 +49,13 @@ def process_main(name: str, build: Callable[[Settings], Runnable]) -> None:
     configure_logging()
     settings = load_settings()
     settings.run_dir.mkdir(parents=True, exist_ok=True)
-    run_until_stopped(name, lambda: build(settings))
+
+    def built() -> Runnable:
+        worker = build(settings)
+        serve_process_metrics(settings, worker.metrics)
+        return worker
+
+    run_until_stopped(name, built)
 
 
 def hot_worker(settings: Settings) -> Runnable:
@@ -96,7 +103,16 @@ def cold_worker_main() -> None:
         # ClickHouse-protocol query port serves an embedded chDB folder only.
         serve_queries, where = NoQueryPort, parse_doris_dsn(settings.warehouse_dsn).dsn
     kafka = kafka_config(settings, COLD_JOB.name)
-    asyncio.run(serve(kafka, options, settings.warehouse_dsn, serve_queries, where))
+    asyncio.run(
+        serve(
+            kafka,
+            options,
+            settings.warehouse_dsn,
+            serve_queries,
+            where,
+            expose=lambda worker: serve_process_metrics(settings, worker.loader.metrics),
+        )
+    )
 
 
 # The platform's stream jobs, one line each: `python -m infra.process <name>` runs it.

@@ -71,6 +71,21 @@ class Settings(BaseSettings):
     # jobs_web_port and the next port.
     jobs_web_port: int = 6066
 
+    # Prometheus metrics: the stack's processes serve /metrics on metrics_port + their slot
+    # (infra/metrics.py; 0 turns them off); process_metrics_port is the one a process serves
+    # on, set by `fleet up` for each process it starts (0: none).
+    metrics_port: int = Field(default=9400, ge=0)
+    process_metrics_port: int = Field(default=0, ge=0)
+    # The Prometheus server `fleet up` runs (Debian's prometheus; off: FLEET_PROMETHEUS=false),
+    # its scrape and rule-evaluation intervals, how long a platform alert's condition must hold
+    # before it fires, and how long it keeps samples.
+    prometheus: bool = True
+    prometheus_port: int = 9390  # not 9090: a Prometheus of the Debian package may run there
+    prometheus_scrape_interval_s: float = Field(default=5.0, gt=0)
+    prometheus_evaluation_interval_s: float = Field(default=5.0, gt=0)
+    prometheus_alert_for_s: float = Field(default=60.0, ge=0)
+    prometheus_retention: str = "7d"
+
     java_home: Path | None = None
     registry_java_home: Path | None = None
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from confluent_kafka import KafkaException
 
+from infra.metrics import ScrapeTarget, assign_metrics_ports, scrape_targets
 from infra.services.api import ApiService
 from infra.services.base import Service, ServiceError, ServiceStatus
 from infra.services.bridge import BridgeService
@@ -18,6 +19,7 @@ from infra.services.jobs import SHIPPED_JOBS, shipped_jobs
 from infra.services.kafka import KafkaBroker
 from infra.services.mosquitto import Mosquitto
 from infra.services.ota import OtaControllerService
+from infra.services.prometheus import PrometheusService
 from infra.services.registry import SchemaRegistry
 from infra.services.worker import ColdWorkerService
 from infra.settings import Settings
@@ -35,6 +37,8 @@ class StackStatus:
     services: list[ServiceStatus]
     topics: dict[str, int] = field(default_factory=dict)
     consumer_lag: dict[str, int] = field(default_factory=dict)
+    # Platform alerts pending or firing in Prometheus (none if it is off or not answering).
+    alerts: list[dict[str, object]] = field(default_factory=list)
 
     @property
     def all_up(self) -> bool:
@@ -45,6 +49,7 @@ class StackStatus:
             "services": [s.to_dict() for s in self.services],
             "topics": [{"name": n, "partitions": p} for n, p in self.topics.items()],
             "consumer_lag": self.consumer_lag,
+            "alerts": self.alerts,
         }
 
 
@@ -100,6 +105,29 @@ class Stack:
         self.api = ApiService(settings)
         self.jobs = shipped_jobs(settings)
         self.supervisor = SupervisorService(settings)
+        # A metrics port per platform process, in this fixed order (infra/metrics.py).
+        assign_metrics_ports(
+            settings,
+            [
+                *self.bridges,
+                *self.spare_bridges,
+                self.enforcer,
+                self.hot_worker,
+                self.cold_worker,
+                self.ota,
+                self.api,
+                self.supervisor,
+                *self.jobs,
+            ],
+        )
+        self.prometheus = (
+            PrometheusService(settings, self.scrape_targets) if settings.prometheus else None
+        )
+
+    def scrape_targets(self) -> list[ScrapeTarget]:
+        """What Prometheus scrapes: every process of the stack that serves metrics (one
+        function, over the stack's process list, so another list is an easy switch)."""
+        return scrape_targets(self.settings.host, self.services)
 
     @property
     def services(self) -> Sequence[Service]:
@@ -119,6 +147,7 @@ class Stack:
             self.ota,
             self.api,
             *self.jobs,
+            *([self.prometheus] if self.prometheus else []),
         ]
 
     def up(self) -> StackStatus:
@@ -153,6 +182,8 @@ class Stack:
         self.enforcer.wait_ready(timeout)
         for job in self.jobs:
             job.wait_ready(timeout)
+        if self.prometheus:
+            self.prometheus.start(timeout)
         # Last: from here on, whatever dies is started again (also a broker or Mosquitto).
         watching = set(self.supervisor.restarts()) if self.supervisor.report() else set()
         if watching and watching != {s.name for s in self.supervised}:
@@ -165,6 +196,8 @@ class Stack:
         goes first, so nothing is started again behind this."""
         stopped = [self.supervisor.name] if self.supervisor.stop() else []
         platform = (
+            # Also when turned off since it started: nothing of `up` outlives `down`.
+            self.prometheus or PrometheusService(self.settings, self.scrape_targets),
             *self.jobs,
             self.api,
             *self.bridges,
@@ -198,7 +231,8 @@ class Stack:
                     lag[group] = consumer_lag(self.settings, group, sources)
             except KafkaException as exc:
                 log.warning("Kafka's topics or lag not readable yet: %s", exc)
-        return StackStatus(services=services, topics=topics, consumer_lag=lag)
+        alerts = [a.to_dict() for a in self.prometheus.alerts()] if self.prometheus else []
+        return StackStatus(services=services, topics=topics, consumer_lag=lag, alerts=alerts)
 
     def _with_restarts(self, services: list[ServiceStatus]) -> list[ServiceStatus]:
         """Each service's restart count, and "backoff" for one the supervisor waits to start

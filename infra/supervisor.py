@@ -28,14 +28,18 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.core import Metric
+
+from infra.metrics import serve_process_metrics
 from infra.services.base import PidRecord, Service, ServiceError
 from infra.settings import Settings, load_settings, settings_env
+from streams.runtime.metrics import labelled_counter
 from streams.runtime.status import read_status, write_status
 
 log = logging.getLogger("fleetstream.supervisor")
@@ -192,10 +196,26 @@ class SupervisorService(Service):
         return services if isinstance(services, dict) else {}
 
 
+def supervisor_metrics(supervisor: Supervisor) -> Iterator[Metric]:
+    restarts = {name: watch.restarts for name, watch in dict(supervisor.watches).items()}
+    yield labelled_counter(
+        "fleetstream_supervisor_restarts",
+        "Processes started again after dying",
+        "service",
+        restarts,
+    )
+
+
 def watch_forever(settings: Settings, stopping: threading.Event) -> None:
-    from infra.stack import Stack  # the stack imports this module for SupervisorService
+    from infra.lag import LagProbe
+    from infra.stack import LAG_GROUPS, Stack  # the stack imports this module
 
     supervisor = Supervisor(Stack(settings).supervised)
+    # The stack's consumer lag, for the metrics (one probe per stack: here).
+    lag = LagProbe(settings.bootstrap_servers, LAG_GROUPS)
+    if settings.process_metrics_port:
+        lag.start(stopping)
+    serve_process_metrics(settings, lambda: supervisor_metrics(supervisor), lag.metrics)
     path = status_path(settings.run_dir)
     # Restart counts are the stack's, not this process's: carry them over a supervisor restart.
     before = read_status(path).get("services")

@@ -41,7 +41,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -51,7 +51,9 @@ import gmqtt
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from gmqtt.mqtt.constants import MQTTv50
+from prometheus_client.core import Metric
 
+from ingest.bridge_metrics import BridgeTimings, bridge_metrics
 from ingest.downlink import DOWNLINK_TOPIC, DownlinkCounters, DownlinkRelay, MqttOut
 from ingest.envelope import (
     DEFAULT_TS_WINDOW,
@@ -292,6 +294,7 @@ class Bridge:
         # sharing one identity would take each other's connection over.
         self.client_id = bridge_identity(replica)
         self.counters = BridgeCounters()
+        self.timings = BridgeTimings()
         self.ts_window = TimestampWindow(config.ts_max_age_s * 1000, config.ts_max_ahead_s * 1000)
         self.canary = CanaryStats()
         self.stopping = asyncio.Event()
@@ -315,6 +318,17 @@ class Bridge:
     @property
     def status_path(self) -> Path:
         return self.config.run_dir / f"{self.client_id}.json"
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    @property
+    def last_delivery_at(self) -> float:
+        return self._ingest_ok_at
+
+    def metrics(self) -> Iterator[Metric]:
+        return bridge_metrics(self)
 
     def _register_schemas(self) -> None:
         # Once per process, never per message.
@@ -398,6 +412,7 @@ class Bridge:
         ack()
         now = time.time()
         self._ingest_ok_at = now
+        self.timings.kafka_delivery.observe(now - incoming.received_at_ms / 1000)
         if out.canary_sent_at_ms is not None or out.topic == CANARY_TOPIC:
             self._canary_stored(out, now)
         elif out.reason is None:
@@ -459,6 +474,8 @@ class Bridge:
         """
         handler = client._package_handler
         pending: list[int] = []
+        arrived: list[float] = []  # each pending PUBACK's message arrival (monotonic)
+        puback = self.timings.puback
 
         def flush_acks() -> None:
             # All PUBACKs of one batch of delivery reports in one TLS write: a write (and a
@@ -468,14 +485,19 @@ class Bridge:
             pending.clear()
             if client._connection is not None and not client._connection.is_closing():
                 client._connection.send_package(packets)
+                now = time.monotonic()
+                for t in arrived:
+                    puback.observe(now - t)
+            arrived.clear()
 
-        def queue_ack(mid: int) -> None:
+        def queue_ack(mid: int, at: float) -> None:
             if not pending:
                 asyncio.get_running_loop().call_soon(flush_acks)
             pending.append(mid)
+            arrived.append(at)
 
         def on_qos1(mid: int, payload: bytes, topic: str, props: dict[str, Any]) -> None:
-            self.accept(topic, payload, props, partial(queue_ack, mid))
+            self.accept(topic, payload, props, partial(queue_ack, mid, time.monotonic()))
 
         handler._handle_qos_1_publish_packet = on_qos1
 
@@ -709,11 +731,19 @@ class Bridge:
         return self._producer.close(timeout)
 
 
-def serve(config: BridgeConfig, replica: int = 0, retire: bool = False) -> int:
+def serve(
+    config: BridgeConfig,
+    replica: int = 0,
+    retire: bool = False,
+    expose: Callable[[Bridge], object] = lambda _bridge: None,
+) -> int:
     """Run replica ``replica``; its exit code (non-zero if it found itself deaf). With
     ``retire``, drain and end its session instead (0 once retired, 1 if it could not be
-    drained in time). The process entry point is infra/entrypoints/bridge.py."""
+    drained in time). `expose` serves its metrics. The entry point is
+    infra/entrypoints/bridge.py."""
     bridge = Bridge(config, replica)
+    if not retire:
+        expose(bridge)
     if retire:
         return 0 if asyncio.run(bridge.retire()) else 1
     return asyncio.run(bridge.run())

@@ -67,7 +67,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence, Set
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -81,7 +81,9 @@ from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from prometheus_client.core import Metric
 
+from ingest.enforcer_metrics import enforcer_metrics
 from ingest.mqtt_client import (
     DYNSEC_RESPONSE_TOPIC,
     DYNSEC_TOPIC,
@@ -747,6 +749,9 @@ class Enforcer:
     @property
     def status_path(self) -> Path:
         return self.config.run_dir / f"{ENFORCER}.json"
+
+    def metrics(self) -> Iterator[Metric]:
+        return enforcer_metrics(self.counters)
 
     def write_status(self) -> None:
         crl = self.ca.revocation_states()

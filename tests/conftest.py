@@ -30,6 +30,12 @@ TEST_SETTINGS = {
     "query_timeout_s": 5.0,  # short, so the query port's time-limit test ends quickly
     "api_port": 8090 + PORT_OFFSET,
     "jobs_web_port": 6066 + PORT_OFFSET,
+    "metrics_port": 9400 + PORT_OFFSET,
+    "prometheus_port": 9390 + PORT_OFFSET,
+    # Short, so a test sees a scrape, a rule evaluation and an alert firing within seconds.
+    "prometheus_scrape_interval_s": 1.0,
+    "prometheus_evaluation_interval_s": 1.0,
+    "prometheus_alert_for_s": 2.0,
     "default_partitions": 3,
 }
 

@@ -36,6 +36,7 @@ import logging
 import os
 import re
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
@@ -43,6 +44,7 @@ from aiohttp.typedefs import Handler
 
 from infra.api.backend import Backend, KafkaBackend
 from infra.api.dashboard.routes import DASHBOARD_PUBLIC_PATHS, add_dashboard, dashboard_source
+from infra.api.metrics import ApiMetrics
 from infra.api.openapi import openapi_document
 from infra.api.routes import ROUTES
 from infra.api.routes.alert_rules import AlertRuleRoutes
@@ -53,6 +55,7 @@ from infra.api.routes.ota import OtaRoutes
 from infra.api.routes.public import PublicRoutes
 from infra.api.routes.twins import TwinRoutes
 from infra.keys import token_authority
+from infra.metrics import serve_process_metrics
 from infra.settings import Settings, load_settings
 from streams.registry.tokens import TokenAuthority, TokenError
 from streams.runtime.status import write_status
@@ -74,12 +77,14 @@ class FleetApi(PublicRoutes, DeviceRoutes, TwinRoutes, GrantRoutes, AlertRuleRou
     def __init__(self, backend: Backend, tokens: TokenAuthority) -> None:
         super().__init__(backend, tokens, ROUTES)
         self.document = openapi_document()
+        self.metrics = ApiMetrics()
 
     # ------------------------------------------------------------------ middleware
 
     @web.middleware
     async def errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """JSON bodies for every error, and a count of answers by status."""
+        started = time.perf_counter()
         try:
             response = await handler(request)
         except ApiError as error:
@@ -94,6 +99,7 @@ class FleetApi(PublicRoutes, DeviceRoutes, TwinRoutes, GrantRoutes, AlertRuleRou
             log.exception("%s %s failed", request.method, request.path)
             response = ApiError(500, "internal", "internal error (see the API's log)").response()
         self.responses[response.status] += 1
+        self.metrics.observe(request, response.status, time.perf_counter() - started)
         return response
 
     @web.middleware
@@ -166,6 +172,7 @@ async def serve(settings: Settings) -> None:
     await runner.setup()  # the backend starts here: tables read to their end
     site = web.TCPSite(runner, settings.host, settings.api_port)
     await site.start()
+    serve_process_metrics(settings, app[API_KEY].metrics.metrics)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

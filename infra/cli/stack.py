@@ -6,6 +6,7 @@ import json
 import sys
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from infra.cli.common import cli_settings, console, fail
@@ -15,7 +16,7 @@ from infra.stack import Stack, StackStatus
 
 def _print_status(status: StackStatus) -> None:
     table = Table(title="services")
-    for column in ("service", "state", "address", "pid", "version", "restarts"):
+    for column in ("service", "state", "address", "metrics", "pid", "version", "restarts"):
         table.add_column(column)
     colours = {"up": "green", "starting": "yellow", "down": "red", "backoff": "red"}
     for s in status.services:
@@ -23,6 +24,7 @@ def _print_status(status: StackStatus) -> None:
             s.name,
             f"[{colours.get(s.state, 'white')}]{s.state}[/]",
             f"{s.host}:{s.port}",
+            str(s.metrics_port or "-"),
             str(s.pid or "-"),
             s.version or "-",
             str(s.restarts),
@@ -37,6 +39,20 @@ def _print_status(status: StackStatus) -> None:
         console.print(topics)
     for group, lag in status.consumer_lag.items():
         console.print(f"consumer group [bold]{group}[/]: lag {lag}")
+    prometheus = next((s for s in status.services if s.name == "prometheus"), None)
+    if prometheus is not None and prometheus.state == "up":
+        console.print(f"prometheus: http://{prometheus.host}:{prometheus.port}")
+        if not status.alerts:
+            console.print("alerts: [green]none firing[/]")
+    for alert in status.alerts:
+        colour = "red" if alert["state"] == "firing" else "yellow"
+        labels = alert["labels"] if isinstance(alert["labels"], dict) else {}
+        where = ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))
+        console.print(
+            f"[{colour}]{alert['state']}[/] "
+            + escape(f"{alert['name']} ({alert['severity']}): ")
+            + escape(f"{alert['summary']} ({where})")
+        )
 
 
 def up(

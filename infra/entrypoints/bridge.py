@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from infra.metrics import serve_process_metrics
 from infra.services.mosquitto import BrokerFiles
 from infra.settings import Settings, load_settings
 from ingest.bridge import BridgeConfig, serve
@@ -29,7 +30,15 @@ def main(replica: int = 0, retire: bool = False) -> None:
     """Run replica ``replica`` (exit non-zero if it found itself deaf); with ``retire``, drain
     and end its session instead (exit 0 once retired, 1 if it could not be drained in time)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    raise SystemExit(serve(bridge_config(load_settings()), replica, retire))
+    settings = load_settings()
+    raise SystemExit(
+        serve(
+            bridge_config(settings),
+            replica,
+            retire,
+            expose=lambda bridge: serve_process_metrics(settings, bridge.metrics),
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ class ServiceStatus:
     pid: int | None
     version: str | None
     restarts: int = 0  # by the supervisor, since it started
+    metrics_port: int | None = None  # where it serves Prometheus metrics (infra/metrics.py)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -122,6 +123,9 @@ class Service(ABC):
     name: str
     host: str
     port: int
+    # Where the process serves /metrics (0: it does not); the stack assigns it
+    # (infra/metrics.py) and hands it to the process as FLEET_PROCESS_METRICS_PORT.
+    metrics_port: int = 0
 
     def __init__(self, name: str, host: str, port: int, run_dir: Path) -> None:
         self.name = name
@@ -176,6 +180,7 @@ class Service(ABC):
             port=self.port,
             pid=proc.pid if proc else None,
             version=self.version(),
+            metrics_port=self.metrics_port or None,
         )
 
     def start(self, timeout: float) -> None:
@@ -230,7 +235,12 @@ class Service(ABC):
                 )
 
     def _spawn(self) -> None:
-        env = {**os.environ, **self.environment()}
+        env = {
+            **os.environ,
+            **self.environment(),
+            # Always set: a process started by one that serves metrics must not take its port.
+            "FLEET_PROCESS_METRICS_PORT": str(self.metrics_port),
+        }
         with self.log_path.open("ab") as log:
             try:
                 popen = subprocess.Popen(

@@ -272,10 +272,13 @@ async def serve(
     warehouse_dsn: str,
     serve_queries: Callable[[], Closeable],
     where: str,
+    expose: Callable[[ColdWorker], object] = lambda _worker: None,
 ) -> None:
     """The cold-path process: the schema applied, the query port served (`serve_queries`,
-    given by the composition root), batches loaded until SIGTERM or SIGINT."""
+    given by the composition root), batches loaded until SIGTERM or SIGINT. `expose` serves
+    the worker's metrics (the composition root knows where)."""
     worker = ColdWorker(kafka, options, warehouse_dsn)
+    expose(worker)
     halt = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: halt.set())

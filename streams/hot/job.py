@@ -20,6 +20,7 @@ from typing import Any
 
 from schemas.topics import schema_of
 from streams.hot.alerts import alert_to_record, rule_from_record
+from streams.hot.metrics import hot_metrics
 from streams.hot.processor import (
     STAGE,
     Emitted,
@@ -191,4 +192,5 @@ HOT_JOB: JobSpec[HotState] = JobSpec(
     state=HotState,
     process=process,
     tables=TABLES,
+    metrics=hot_metrics,
 )

@@ -35,11 +35,13 @@ import logging
 import os
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
+from prometheus_client.core import Metric
 
 from schemas.codec import AvroCodec, CodecRegistry, Decoded, load_schema
 from streams.hot.alerts import alert_from_record
@@ -57,6 +59,7 @@ from streams.ota.events import (
     Tick,
     report_from_event,
 )
+from streams.ota.metrics import ota_metrics
 from streams.ota.model import ApprovalDecision, Rollout, from_record, to_record
 from streams.ota.plan import RolloutPlan, in_target
 from streams.ota.rollout import run
@@ -526,6 +529,9 @@ class OtaWorker(BatchLoop):
                 "last_transient_error": self.last_transient_error,
             },
         )
+
+    def metrics(self) -> Iterator[Metric]:
+        return ota_metrics(self.counters, self.rollouts, self.transient_errors)
 
     def close(self) -> None:
         self.write_status()

@@ -20,17 +20,19 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Generic
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from prometheus_client.core import Metric
 
 from schemas.codec import AvroCodec
 from streams.runtime.clients import KafkaConfig, consumer_config, registered_codecs
 from streams.runtime.core import JobCore
 from streams.runtime.loop import BatchLoop
+from streams.runtime.metrics import BATCH_BOUNDS, Buckets, counter, gauge
 from streams.runtime.records import DeadLetter
 from streams.runtime.spec import Batch, JobSpec, Output, S, TableSpec
 from streams.runtime.status import write_status
@@ -66,6 +68,15 @@ class LoopCounters:
     transient_errors: int = 0  # recovered from: broker restarts, timeouts
     last_transient_error: str = ""
     table_dead_lettered: int = 0  # table records that could not be used (error channel)
+    records: int = 0  # input records consumed (and committed or being committed)
+
+
+@dataclass
+class LoopTimings:
+    """Distributions behind the totals, for the metrics (not the status file)."""
+
+    batch_records: Buckets = field(default_factory=lambda: Buckets(BATCH_BOUNDS))
+    commit_seconds: Buckets = field(default_factory=Buckets)
 
 
 def now_ms() -> int:
@@ -85,6 +96,7 @@ class TransactionalJob(BatchLoop, Generic[S]):
         self.options = options
         self.core = JobCore(spec, codecs or registered_codecs(kafka, spec.schemas()))
         self.counters = LoopCounters()
+        self.timings = LoopTimings()
         self.member = f"{spec.group}-{options.instance}"
         self.globals = [
             GlobalTable(kafka, t.topic, self._applier(t)) for t in spec.tables if not t.changelog
@@ -164,7 +176,11 @@ class TransactionalJob(BatchLoop, Generic[S]):
         self.counters.process_s += processed - started
         if inputs or outputs or self.core.table_errors:
             self._commit(outputs, self.core.table_errors.take(), consumed=bool(inputs))
-            self.counters.commit_s += time.perf_counter() - processed
+            commit_s = time.perf_counter() - processed
+            self.counters.commit_s += commit_s
+            self.counters.records += len(inputs)
+            self.timings.commit_seconds.observe(commit_s)
+            self.timings.batch_records.observe(len(inputs))
 
     def _produce_all(
         self, outputs: Sequence[Output], dead: Sequence[DeadLetter], producer: Producer
@@ -239,6 +255,37 @@ class TransactionalJob(BatchLoop, Generic[S]):
 
     def write_status(self) -> None:
         write_status(self.options.status_path, self.status())
+
+    def metrics(self) -> Iterator[Metric]:
+        """The loop's counters as Prometheus metrics (streams/runtime/metrics.py), then the
+        job's own (its spec's `metrics`, from its state)."""
+        c = self.counters
+        yield counter("fleetstream_job_records", "Input records consumed", c.records)
+        yield counter(
+            "fleetstream_job_transactions", "Kafka transactions committed", c.transactions
+        )
+        yield self.timings.batch_records.family(
+            "fleetstream_job_batch_records", "Input records per committed batch"
+        )
+        yield self.timings.commit_seconds.family(
+            "fleetstream_job_commit_seconds", "Time to write and commit a batch's transaction"
+        )
+        yield counter(
+            "fleetstream_job_process_seconds", "Time spent decoding and processing", c.process_s
+        )
+        yield counter(
+            "fleetstream_job_transient_errors",
+            "Transient Kafka errors recovered from",
+            c.transient_errors,
+        )
+        yield counter(
+            "fleetstream_job_table_dead_lettered",
+            "Table records that could not be used (sent to the dead-letter topic)",
+            self.core.table_errors.count,
+        )
+        yield gauge("fleetstream_job_partitions", "Input partitions owned", len(self._owned))
+        if self.spec.metrics is not None:
+            yield from self.spec.metrics(self.state)
 
     def close(self) -> None:
         self.write_status()

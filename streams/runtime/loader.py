@@ -20,17 +20,25 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import KafkaException, Producer
+from prometheus_client.core import Metric
 
 from schemas.codec import AvroCodec, Decoded
 from streams.runtime.clients import KafkaConfig, producer_config, registered_codecs
 from streams.runtime.loop import FailureStreak
+from streams.runtime.metrics import (
+    BATCH_BOUNDS,
+    Buckets,
+    counter,
+    gauge,
+    labelled_counter,
+)
 from streams.runtime.records import DeadLetter, SourceRecord
 from streams.runtime.source import BatchSource
 from streams.runtime.status import write_status
@@ -116,6 +124,16 @@ class LoaderCounters:
     retries: int = 0
     last_batch_at: float = 0.0
     by_table: dict[str, int] = field(default_factory=dict)
+    dead_letter_reasons: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class LoaderTimings:
+    """Distributions behind the totals, for the metrics (not the status file)."""
+
+    batch_records: Buckets = field(default_factory=lambda: Buckets(BATCH_BOUNDS))
+    store_seconds: Buckets = field(default_factory=Buckets)
+    commit_seconds: Buckets = field(default_factory=Buckets)
 
 
 # A loader waits longer between tries than a transactional job: a warehouse away is usually
@@ -185,6 +203,9 @@ class LoadPath:
                 f"dead-lettering {len(dead)} from {self.table}",
             )
             self.counters.dead_lettered += len(dead)
+            reasons = self.counters.dead_letter_reasons
+            for d in dead:
+                reasons[d.reason] = reasons.get(d.reason, 0) + 1
         if decoded.records:
             records, sources, sourced = decoded.records, decoded.sources, self.write_sourced
             await until_done(
@@ -245,6 +266,7 @@ class LoaderLoop:
         self.options = options
         self.counters = LoaderCounters()
         self.status_extra = status_extra  # more of the job's counters for its status file
+        self.timings = LoaderTimings()
         # One writer thread: batches reach the store in order, one at a time.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sink")
         self.dlq = DeadLetterProducer(kafka, spec.dead_letters)
@@ -313,9 +335,15 @@ class LoaderLoop:
                     by_topic: dict[str, list[SourceRecord]] = {}
                     for rec in batch:
                         by_topic.setdefault(rec.topic, []).append(rec)
+                    started = time.perf_counter()
                     for topic, records in by_topic.items():
                         await self.paths[topic].store_batch(records)
+                    stored = time.perf_counter()
                     await loop.run_in_executor(consumer_thread, source.commit, batch)
+                    if batch:
+                        self.timings.batch_records.observe(len(batch))
+                        self.timings.store_seconds.observe(stored - started)
+                        self.timings.commit_seconds.observe(time.perf_counter() - stored)
                     failures.reset()
                 except Exception as exc:
                     if not is_transient(exc):
@@ -385,6 +413,41 @@ class LoaderLoop:
             **extra,
         }
         write_status(self.options.status_path, status)
+
+    def metrics(self) -> Iterator[Metric]:
+        """The loop's counters as Prometheus metrics (streams/runtime/metrics.py)."""
+        c, t = self.counters, self.timings
+        yield labelled_counter(
+            "fleetstream_loader_rows", "Rows stored in the warehouse", "table", c.by_table
+        )
+        yield labelled_counter(
+            "fleetstream_loader_dead_lettered",
+            "Records sent to the dead-letter topic, by reason",
+            "reason",
+            c.dead_letter_reasons,
+        )
+        yield counter("fleetstream_loader_batches", "Batches stored (one per source)", c.batches)
+        yield counter(
+            "fleetstream_loader_tombstones", "Deletions read on state topics", c.tombstones
+        )
+        yield counter("fleetstream_loader_retries", "Store or Kafka attempts retried", c.retries)
+        yield counter(
+            "fleetstream_loader_transient_errors",
+            "Transient Kafka errors recovered from",
+            self.transient_errors,
+        )
+        yield t.batch_records.family("fleetstream_loader_batch_records", "Records per batch taken")
+        yield t.store_seconds.family(
+            "fleetstream_loader_store_seconds", "Time to store a batch (all its tables)"
+        )
+        yield t.commit_seconds.family(
+            "fleetstream_loader_commit_seconds", "Time to commit a stored batch's offsets"
+        )
+        yield gauge(
+            "fleetstream_loader_last_batch_timestamp_seconds",
+            "When the last batch was stored (epoch seconds)",
+            c.last_batch_at,
+        )
 
     async def _report_forever(self) -> None:
         while True:

@@ -7,14 +7,20 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
+
+from prometheus_client.core import Metric
 
 
 class Runnable(Protocol):
     counters: Any
 
     def run(self, stopping: threading.Event) -> None: ...
+
+    def metrics(self) -> Iterable[Metric]:
+        """Its counters as Prometheus metric families (streams/runtime/metrics.py)."""
+        ...
 
 
 def configure_logging() -> None:

@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
+from prometheus_client.core import Metric
+
 from streams.runtime.records import DeadLetter, SourceRecord
 
 Headers = list[tuple[str, str | bytes | None]]
@@ -114,6 +116,9 @@ class JobSpec(Generic[S]):
     state: Callable[[], S]
     process: Callable[[S, Batch], Iterable[Output]]
     tables: Sequence[TableSpec[S]] = field(default_factory=tuple)
+    # The job's own Prometheus metrics, read from its state at each scrape (from another
+    # thread: read, never change). The loop's own (records, transactions, ...) come anyway.
+    metrics: Callable[[S], Iterable[Metric]] | None = None
 
     def schemas(self) -> dict[str, str]:
         """Every topic with an Avro schema this job reads or writes, with that schema."""

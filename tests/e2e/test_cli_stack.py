@@ -40,6 +40,7 @@ def test_status_json_lists_every_service_and_topic(stack: Stack, settings: Setti
         "job-fleet-health",
         "job-alert-webhooks",
         "supervisor",
+        "prometheus",
     }
     for name, service in services.items():
         assert service["state"] == "up", name
@@ -48,6 +49,12 @@ def test_status_json_lists_every_service_and_topic(stack: Stack, settings: Setti
         assert isinstance(service["pid"], int)
         assert service["version"]
     assert services["mosquitto"]["port"] == settings.mqtt_port
+    assert services["prometheus"]["port"] == settings.prometheus_port
+    # Every platform process serves Prometheus metrics on a port of its own.
+    metered = {n: s["metrics_port"] for n, s in services.items() if s["metrics_port"]}
+    assert set(metered) == set(services) - {"kafka-0", "registry", "mosquitto"}
+    assert len(set(metered.values())) == len(metered)
+    assert isinstance(status["alerts"], list)  # Prometheus' pending and firing alerts
     assert "telemetry.raw" in {t["name"] for t in status["topics"]}
 
 

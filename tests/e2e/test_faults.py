@@ -115,6 +115,8 @@ def _offset_settings(offset: int, brokers: int) -> Settings:
         query_port=8124 + offset,
         api_port=8090 + offset,
         jobs_web_port=6066 + offset,
+        metrics_port=9400 + offset,
+        prometheus_port=9390 + offset,
         default_partitions=3,
         brokers=brokers,
     )

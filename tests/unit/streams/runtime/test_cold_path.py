@@ -76,6 +76,7 @@ def test_a_refused_batch_goes_whole_to_the_dead_letters() -> None:
     assert [d.source.offset for d in dead] == [1, 2]
     assert {d.reason for d in dead} == {"sink_rejected"}
     assert path.counters.dead_lettered == 2
+    assert path.counters.dead_letter_reasons == {"sink_rejected": 2}  # the metric's labels
     assert path.counters.stored_rows == 0
 
 
