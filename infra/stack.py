@@ -24,8 +24,8 @@ from infra.settings import Settings
 from infra.supervisor import SupervisorService
 from infra.topics import consumer_lag, ensure_topics, list_topics
 from schemas.identity import MAX_BRIDGE_REPLICAS
-from streams.ota.worker import INPUTS as OTA_INPUTS
-from streams.ota.worker import OTA_GROUP
+from streams.ota.job import INPUTS as OTA_INPUTS
+from streams.ota.job import OTA_GROUP
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class StackStatus:
 LAG_GROUPS = (
     ("fleetstream-cold", ("telemetry.raw", "device.events", "twin.state", "ota.rollouts")),
     ("fleetstream-hot", ("telemetry.raw", "twin.reported", "twin.desired", "registry.commands")),
-    (OTA_GROUP, OTA_INPUTS),
+    (OTA_GROUP, tuple(OTA_INPUTS)),
     ("bridge-downlink", ("mqtt.downlink",)),
     # The shipped Faust jobs (streams/jobs/shipped/): consumer group = job name.
     *SHIPPED_JOBS,

@@ -1,25 +1,28 @@
-"""The OTA rollout controller (streams/ota/worker.py) as a service of `fleet up`, and its process
-entry point: `python -m infra.services.ota` reads the settings and runs the controller with the
-small config it needs."""
+"""The OTA rollout controller (streams/ota/job.py) as a service of `fleet up`, and its process
+entry point: `python -m infra.services.ota` reads the settings and runs the controller's job
+spec on the kit's transactional loop."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from infra.process import process_main
+from infra.process import kafka_config, process_main
 from infra.services.platform import PlatformProcess
 from infra.settings import Settings
-from streams.ota.worker import OtaConfig, OtaWorker
+from streams.ota.job import OTA_JOB, OtaState
+from streams.runtime.job import JobOptions, TransactionalJob
 
 MODULE = "infra.services.ota"
 
 
-def ota_config(settings: Settings) -> OtaConfig:
-    return OtaConfig(
-        bootstrap_servers=settings.bootstrap_servers,
-        registry_url=settings.registry_url,
-        run_dir=settings.run_dir,
+def ota_controller(settings: Settings) -> TransactionalJob[OtaState]:
+    options = JobOptions(
+        status_path=settings.run_dir / f"{OTA_JOB.name}.json",
+        max_batch=5000,
+        poll_ms=50,
+        tick_s=1.0,  # how often rollouts check their timers (bake time, silent devices)
     )
+    return TransactionalJob(OTA_JOB, kafka_config(settings, OTA_JOB.name), options)
 
 
 class OtaControllerService(PlatformProcess):
@@ -35,7 +38,7 @@ class OtaControllerService(PlatformProcess):
 
 
 def main() -> None:
-    process_main("OTA controller", lambda settings: OtaWorker(ota_config(settings)))
+    process_main("OTA controller", ota_controller)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,7 @@ class TransactionalJob(BatchLoop, Generic[S]):
             kafka,
             {t.topic: self._applier(t) for t in spec.tables if t.changelog},
             name=f"{spec.group}-restore",
+            whole=frozenset(t.topic for t in spec.tables if t.changelog and t.whole),
         )
         self.transactions = Transactions(kafka, self.member)
         self.consumer = self._new_consumer()
@@ -140,6 +141,8 @@ class TransactionalJob(BatchLoop, Generic[S]):
         self.transactions.start()
         for table in self.globals:
             table.catch_up()
+        if self.spec.on_start is not None:
+            self.spec.on_start(self.state)
         self._subscribe()
 
     def _subscribe(self) -> None:
