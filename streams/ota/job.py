@@ -1,5 +1,5 @@
 """The OTA rollout controller as a spec for the kit's transactional loop (streams/runtime/job.py),
-run by `fleet up` (`python -m infra.services.ota`, which reads the settings).
+run by `fleet up` (`python -m infra.process ota-controller`, which reads the settings).
 
 A thin job around the pure state machine of streams/ota/rollout.py. It consumes operators' requests
 (`ota.requests`), devices' status reports (`device.events`, type `ota_status`), raised alerts
