@@ -137,7 +137,7 @@ class TransactionalJob(BatchLoop, Generic[S]):
         if error.fatal() or error.code() == KafkaError._FATAL:
             self._consumer_error = str(error)
         else:
-            log.warning("consumer: %s", error)
+            log.debug("consumer: %s", error)
 
     # ------------------------------------------------------------------ partitions
 
