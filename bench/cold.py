@@ -35,6 +35,7 @@ from infra.settings import Settings
 from infra.stack import Stack
 from infra.warehouse import fetch, warehouse_counts
 from schemas.codec import CodecRegistry, load_schema
+from schemas.topics import schema_of
 from sinks.clickhouse import ClickHouseSink, telemetry_to_arrow
 
 BENCH_TABLE = "telemetry_bench_raw"
@@ -43,7 +44,7 @@ BENCH_TABLE = "telemetry_bench_raw"
 def _produce(settings: Settings, prefix: str, rows: int) -> dict[int, int]:
     """N telemetry records; returns each partition's end offset before producing."""
     codec = CodecRegistry(SchemaRegistryClient({"url": settings.registry_url})).codec(
-        "telemetry.raw", load_schema("Telemetry")
+        "telemetry.raw", load_schema(schema_of("telemetry.raw"))
     )
     consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": "bench"})
     meta = consumer.list_topics("telemetry.raw", timeout=10).topics["telemetry.raw"]

@@ -45,6 +45,7 @@ from infra.settings import Settings
 from infra.stack import Stack
 from ingest.mqtt_client import client_tls_context
 from schemas.codec import CodecRegistry, Decoded, load_schema
+from schemas.topics import schema_of
 from streams.hot.alerts import AlertRule, RuleKind, ScopeType
 from streams.registry.rbac import Resource
 
@@ -192,8 +193,8 @@ def _latencies(
     records: list[tuple[float, str, bytes]], settings: Settings, prefix: str
 ) -> Latencies:
     registry = CodecRegistry(SchemaRegistryClient({"url": settings.registry_url}))
-    alerts = registry.codec("alerts", load_schema("Alert"))
-    telemetry = registry.codec("telemetry.raw", load_schema("Telemetry"))
+    alerts = registry.codec("alerts", load_schema(schema_of("alerts")))
+    telemetry = registry.codec("telemetry.raw", load_schema(schema_of("telemetry.raw")))
     out = Latencies()
     seen: dict[tuple[str, int], float] = {}  # (device, seq) -> telemetry record's arrival
     raised: list[tuple[float, tuple[str, int]]] = []

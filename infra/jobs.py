@@ -20,8 +20,7 @@ from pathlib import Path
 from infra.metrics import serve_process_metrics
 from infra.settings import Settings
 from infra.topics import consumer_lag
-from schemas.codec import SCHEMA_DIR
-from schemas.topics import TOPICS, TopicSpec
+from schemas.topics import TOPICS
 from streams.jobs.config import JobsConfig, TopicDecl
 
 _JOB_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -41,17 +40,9 @@ def jobs_dir(settings: Settings) -> Path:
     return settings.state_dir / "jobs"
 
 
-def _schema_of(spec: TopicSpec) -> str | None:
-    """The .avsc stem of an Avro topic of the catalogue (its value reads `Avro <Schema> ...`)."""
-    words = spec.value.split()
-    if len(words) >= 2 and words[0] == "Avro" and (SCHEMA_DIR / f"{words[1]}.avsc").is_file():
-        return words[1]
-    return None
-
-
 def topic_decls(settings: Settings) -> tuple[TopicDecl, ...]:
     return tuple(
-        TopicDecl(spec.name, spec.partitions or settings.default_partitions, _schema_of(spec))
+        TopicDecl(spec.name, spec.partitions or settings.default_partitions, spec.schema)
         for spec in TOPICS
         if not spec.name.startswith("_")
     )

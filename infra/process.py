@@ -1,8 +1,11 @@
-"""The platform's stream processes, as `fleet up` starts them: `python -m infra.process <name>`.
+"""The platform's stream processes, as `fleet up` starts them: `python -m infra.process <name>`,
+one for every kit job of the job registry (streams/job_registry.py).
 
 The composition root's half of a process entry: read the settings, build the small config the
 worker takes (Kafka endpoints, options, paths) and hand it to the kit
 (streams/runtime/process.py: logging, SIGTERM/SIGINT as a stop request, the worker's run).
+A transactional job runs with the kit's default options unless `JOB_OPTIONS` takes some from
+the settings; a loader needs its own main here (the cold loader serves the query port too).
 """
 
 from __future__ import annotations
@@ -10,13 +13,17 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from infra.keys import token_dir
 from infra.metrics import serve_process_metrics
 from infra.settings import Settings, load_settings
+from streams.job_registry import JOBS as REGISTRY
+from streams.job_registry import JobEntry, JobKind
 from streams.runtime.clients import KafkaConfig
+from streams.runtime.job import JobOptions, TransactionalJob
 from streams.runtime.process import Runnable, configure_logging, run_until_stopped
+from streams.runtime.spec import JobSpec
 
 if TYPE_CHECKING:
     from streams.registry.query_access import QueryPortConfig
@@ -58,17 +65,25 @@ def process_main(name: str, build: Callable[[Settings], Runnable]) -> None:
     run_until_stopped(name, built)
 
 
-def hot_worker(settings: Settings) -> Runnable:
-    from streams.hot.job import HOT_JOB
-    from streams.runtime.job import JobOptions, TransactionalJob
+# What a transactional job takes from the settings beyond the kit's defaults (JobOptions).
+JOB_OPTIONS: dict[str, Callable[[Settings], dict[str, Any]]] = {
+    "hot-worker": lambda s: {
+        "instance": s.hot_instance,
+        "max_batch": s.hot_max_batch,
+        "poll_ms": s.hot_poll_ms,
+    },
+    # How often rollouts check their timers (bake time, silent devices): once a second.
+    "ota-controller": lambda _s: {"max_batch": 5000, "poll_ms": 50, "tick_s": 1.0},
+}
 
-    options = JobOptions(
-        status_path=settings.run_dir / f"{HOT_JOB.name}.json",
-        instance=settings.hot_instance,
-        max_batch=settings.hot_max_batch,
-        poll_ms=settings.hot_poll_ms,
-    )
-    return TransactionalJob(HOT_JOB, kafka_config(settings, HOT_JOB.name), options)
+
+def transactional_job(settings: Settings, job: JobEntry) -> TransactionalJob[Any]:
+    """A transactional job of the registry on the kit's loop, with its options."""
+    if not isinstance(job.spec, JobSpec):
+        raise TypeError(f"{job.name} is not a transactional job")
+    taken = JOB_OPTIONS[job.name](settings) if job.name in JOB_OPTIONS else {}
+    options = JobOptions(status_path=settings.run_dir / f"{job.name}.json", **taken)
+    return TransactionalJob(job.spec, kafka_config(settings, job.name), options)
 
 
 class NoQueryPort:
@@ -115,10 +130,19 @@ def cold_worker_main() -> None:
     )
 
 
-# The platform's stream jobs, one line each: `python -m infra.process <name>` runs it.
+# The loaders' mains (a loader serves more than its loop: the cold one, the query port).
+LOADER_MAINS: dict[str, Callable[[], None]] = {"cold-worker": cold_worker_main}
+
+
+def job_main(job: JobEntry) -> Callable[[], None]:
+    if job.kind is JobKind.LOADER:
+        return LOADER_MAINS[job.name]
+    return lambda: process_main(job.name, lambda settings: transactional_job(settings, job))
+
+
+# Every kit job of the registry: `python -m infra.process <name>` runs it.
 JOBS: dict[str, Callable[[], None]] = {
-    "hot-worker": lambda: process_main("hot worker", hot_worker),
-    "cold-worker": cold_worker_main,
+    job.name: job_main(job) for job in REGISTRY if job.kind is not JobKind.FAUST
 }
 
 

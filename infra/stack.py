@@ -14,20 +14,16 @@ from infra.services.api import ApiService
 from infra.services.base import Service, ServiceError, ServiceStatus
 from infra.services.bridge import BridgeService
 from infra.services.enforcer import EnforcerService
-from infra.services.hot_worker import HotWorkerService
-from infra.services.jobs import SHIPPED_JOBS, shipped_jobs
+from infra.services.job import JobService, job_services
 from infra.services.kafka import KafkaBroker
 from infra.services.mosquitto import Mosquitto
-from infra.services.ota import OtaControllerService
 from infra.services.prometheus import PrometheusService
 from infra.services.registry import SchemaRegistry
-from infra.services.worker import ColdWorkerService
 from infra.settings import Settings
 from infra.supervisor import SupervisorService
 from infra.topics import consumer_lag, ensure_topics, list_topics
 from schemas.identity import MAX_BRIDGE_REPLICAS
-from streams.ota.worker import INPUTS as OTA_INPUTS
-from streams.ota.worker import OTA_GROUP
+from streams.job_registry import JOBS, JobKind
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +49,12 @@ class StackStatus:
         }
 
 
-# Consumer groups whose lag `fleet status` shows: the cold and hot paths', the bridge's downlink.
-LAG_GROUPS = (
-    ("fleetstream-cold", ("telemetry.raw", "device.events", "twin.state", "ota.rollouts")),
-    ("fleetstream-hot", ("telemetry.raw", "twin.reported", "twin.desired", "registry.commands")),
-    (OTA_GROUP, OTA_INPUTS),
+# Consumer groups whose lag `fleet status` shows: every stream job's (its group and inputs, from
+# the job registry: the kit's jobs, then the shipped Faust jobs) and the bridge's downlink.
+LAG_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    *((job.group, job.inputs) for job in JOBS if job.kind is not JobKind.FAUST),
     ("bridge-downlink", ("mqtt.downlink",)),
-    # The shipped Faust jobs (streams/jobs/shipped/): consumer group = job name.
-    *SHIPPED_JOBS,
+    *((job.group, job.inputs) for job in JOBS if job.kind is JobKind.FAUST),
 )
 
 
@@ -99,11 +93,16 @@ class Stack:
             BridgeService(settings, i) for i in range(settings.bridge_replicas, MAX_BRIDGE_REPLICAS)
         ]
         self.bridge = self.bridges[0]
-        self.cold_worker = ColdWorkerService(settings)
-        self.hot_worker = HotWorkerService(settings)
-        self.ota = OtaControllerService(settings)
+        # The stream jobs, one service each, from the job registry (streams/job_registry.py).
+        self.job_services = job_services(settings)
+        self.cold_worker = self.job_services["cold-worker"]
+        self.hot_worker = self.job_services["hot-worker"]
+        self.ota = self.job_services["ota-controller"]
+        services = list(self.job_services.values())
+        self.kit_jobs = [s for s in services if s.job.kind is not JobKind.FAUST]
+        # The shipped Faust jobs (`fleet jobs list` lists them too).
+        self.jobs: list[JobService] = [s for s in services if s.job.kind is JobKind.FAUST]
         self.api = ApiService(settings)
-        self.jobs = shipped_jobs(settings)
         self.supervisor = SupervisorService(settings)
         # A metrics port per platform process, in this fixed order (infra/metrics.py).
         assign_metrics_ports(
@@ -142,9 +141,7 @@ class Stack:
             self.mosquitto,
             self.enforcer,
             *self.bridges,
-            self.cold_worker,
-            self.hot_worker,
-            self.ota,
+            *self.kit_jobs,
             self.api,
             *self.jobs,
             *([self.prometheus] if self.prometheus else []),
@@ -168,19 +165,14 @@ class Stack:
         self.enforcer.launch()
         for bridge in self.bridges:
             bridge.launch()
-        self.hot_worker.launch()
-        self.ota.launch()
         self.api.launch()
-        for job in self.jobs:
+        for job in self.job_services.values():
             job.launch()
-        self.cold_worker.start(timeout)
         for bridge in self.bridges:
             bridge.wait_ready(timeout)
-        self.hot_worker.wait_ready(timeout)
-        self.ota.wait_ready(timeout)
         self.api.wait_ready(timeout)
         self.enforcer.wait_ready(timeout)
-        for job in self.jobs:
+        for job in self.job_services.values():
             job.wait_ready(timeout)
         if self.prometheus:
             self.prometheus.start(timeout)
@@ -202,9 +194,7 @@ class Stack:
             self.api,
             *self.bridges,
             *self.spare_bridges,  # one still running from a larger scale
-            self.hot_worker,
-            self.ota,
-            self.cold_worker,
+            *self.kit_jobs,
             self.enforcer,
             self.mosquitto,
             self.registry,

@@ -21,6 +21,7 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from infra.api.answers import AnswerListener
 from infra.settings import Settings
 from schemas.codec import AvroCodec, CodecRegistry, Decoded, load_schema
+from schemas.topics import schema_of
 from streams.hot.alerts import (
     AlertEvent,
     AlertRule,
@@ -40,20 +41,6 @@ TWIN_STATE, DESIRED, RESPONSES = "twin.state", "twin.desired", "twin.responses"
 RULES, ALERTS, DEVICES = "alerts.rules", "alerts", "registry.devices"
 COMMANDS, AUDIT, GRANTS = "registry.commands", "audit.log", "rbac.grants"
 OTA_REQUESTS, ROLLOUTS, ARTIFACTS = "ota.requests", "ota.rollouts", "ota.artifacts"
-_SCHEMAS = {
-    TWIN_STATE: "TwinState",
-    DESIRED: "TwinDesired",
-    RESPONSES: "TwinResponse",
-    RULES: "AlertRule",
-    ALERTS: "Alert",
-    DEVICES: "Device",
-    COMMANDS: "RegistryCommand",
-    AUDIT: "AuditRecord",
-    GRANTS: "GrantSet",
-    OTA_REQUESTS: "OtaRequest",
-    ROLLOUTS: "Rollout",
-    ARTIFACTS: "OtaArtifact",
-}
 
 
 class HotPathError(Exception):
@@ -86,7 +73,7 @@ class HotPathClient:
 
     def codec(self, topic: str) -> AvroCodec:
         if topic not in self._codecs:
-            self._codecs[topic] = self._registry.codec(topic, load_schema(_SCHEMAS[topic]))
+            self._codecs[topic] = self._registry.codec(topic, load_schema(schema_of(topic)))
         return self._codecs[topic]
 
     def _consumer(self) -> Consumer:

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import sys
-
 import typer
-from rich.table import Table
 
-from infra.cli.common import console, fail, hot_client
+from infra.cli.common import console, fail, hot_client, print_records
 
 app = typer.Typer(help="Alert rules (data on alerts.rules) and the alerts they raise.")
 
@@ -21,16 +17,8 @@ def alerts_rules(
     from streams.hot.alerts import rule_to_record
 
     rules = [rule_to_record(r) for r in hot_client().rules().values()]
-    if as_json:
-        sys.stdout.write(json.dumps(rules) + "\n")
-        return
-    table = Table(title="alert rules")
     columns = ("rule_id", "scope_type", "scope", "metric", "kind", "threshold", "clear_threshold")
-    for column in (*columns, "severity"):
-        table.add_column(column)
-    for rule in rules:
-        table.add_row(*(str(rule[c]) for c in (*columns, "severity")))
-    console.print(table)
+    print_records("alert rules", (*columns, "severity"), rules, as_json)
 
 
 @app.command("add")
@@ -96,13 +84,5 @@ def alerts_list(
 
     since = int((time.time() - since_minutes * 60) * 1000)
     events = [alert_to_record(e) for e in hot_client().alerts(since)]
-    if as_json:
-        sys.stdout.write(json.dumps(events) + "\n")
-        return
-    table = Table(title="alerts")
     columns = ("ts", "device_id", "rule_id", "status", "metric", "value", "severity")
-    for column in columns:
-        table.add_column(column)
-    for event in events:
-        table.add_row(*(str(event[c]) for c in columns))
-    console.print(table)
+    print_records("alerts", columns, events, as_json)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from infra.settings import Settings, load_settings
 
@@ -20,6 +22,21 @@ err_console = Console(stderr=True)
 # Requests judged by an agent (`fleet ota`, `fleet device`): 0 applied or unchanged, 6 denied
 # (HTTP 403), 7 refused (HTTP 409).
 EXIT_DENIED, EXIT_REFUSED = 6, 7
+
+
+def print_records(
+    title: str, columns: Sequence[str], records: Sequence[Mapping[str, Any]], as_json: bool
+) -> None:
+    """Records as one JSON line (``--json``) or as a table of ``columns``."""
+    if as_json:
+        sys.stdout.write(json.dumps(list(records)) + "\n")
+        return
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for record in records:
+        table.add_row(*(str(record[c]) for c in columns))
+    console.print(table)
 
 
 def cli_settings(brokers: int | None = None) -> Settings:

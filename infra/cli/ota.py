@@ -8,9 +8,14 @@ import uuid
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
-from infra.cli.common import audit_answer, cli_settings, console, fail, hot_client
+from infra.cli.common import (
+    audit_answer,
+    cli_settings,
+    fail,
+    hot_client,
+    print_records,
+)
 from infra.keys import key_passphrase
 
 app = typer.Typer(help="Governed OTA rollouts: artifacts, approval, cohorts, rollback.")
@@ -149,13 +154,5 @@ def ota_status(
     if rollout_id is not None and rollout_id not in rollouts:
         raise fail(ValueError(f"no rollout {rollout_id!r}"))
     summaries = [rollout_summary(r) for r in chosen]
-    if as_json:
-        sys.stdout.write(json.dumps(summaries) + "\n")
-        return
-    table = Table(title="rollouts")
     columns = ("rollout_id", "state", "version", "target", "cohort", "updated", "failed")
-    for column in (*columns, "rolled_back"):
-        table.add_column(column)
-    for summary in summaries:
-        table.add_row(*(str(summary[c]) for c in (*columns, "rolled_back")))
-    console.print(table)
+    print_records("rollouts", (*columns, "rolled_back"), summaries, as_json)

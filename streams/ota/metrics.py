@@ -13,7 +13,7 @@ from streams.ota.model import Progress, Rollout, RolloutState
 from streams.runtime.metrics import counter, labelled_counter, labelled_gauge
 
 if TYPE_CHECKING:
-    from streams.ota.worker import OtaCounters
+    from streams.ota.job import OtaState
 
 
 def by_state(rollouts: Mapping[str, Rollout]) -> tuple[dict[str, int], dict[str, int]]:
@@ -27,11 +27,11 @@ def by_state(rollouts: Mapping[str, Rollout]) -> tuple[dict[str, int], dict[str,
     return states, progress
 
 
-def ota_metrics(
-    counters: OtaCounters, rollouts: Mapping[str, Rollout], transient_errors: int
-) -> Iterator[Metric]:
-    c = counters
-    states, progress = by_state(rollouts)
+def ota_metrics(state: OtaState) -> Iterator[Metric]:
+    """The OTA job's own series (its spec's ``metrics``; the loop adds transactions and
+    transient errors)."""
+    c = state.counters
+    states, progress = by_state(state.rollouts)
     yield labelled_gauge("fleetstream_ota_rollouts", "Rollouts by state", "state", states)
     yield labelled_gauge(
         "fleetstream_ota_devices", "Devices of the rollouts by progress", "progress", progress
@@ -41,7 +41,6 @@ def ota_metrics(
         ("reports", "Device OTA status reports read"),
         ("commands", "OTA commands sent to devices"),
         ("joins", "Devices that joined a running rollout"),
-        ("transactions", "Kafka transactions committed"),
     ):
         yield counter(f"fleetstream_ota_{name}", doc, getattr(c, name))
     yield labelled_counter(
@@ -49,9 +48,4 @@ def ota_metrics(
         "Records sent to dlq.ota, by reason",
         "reason",
         c.dead_letter_reasons,
-    )
-    yield counter(
-        "fleetstream_ota_transient_errors",
-        "Transient Kafka errors recovered from",
-        transient_errors,
     )

@@ -26,6 +26,8 @@ class JobCore(Generic[S]):
         self.table_errors = TableErrors(spec.stage)
 
     def decode_input(self, source: SourceRecord) -> Input:
+        if self.spec.inputs[source.topic] is None:
+            return Input(source, {})  # not decoded: the job reads its key and timestamp
         # No input is compacted: a record without a value is bad input, like one that does
         # not decode.
         decoded = self.codecs[source.topic].decode(source.value or b"")

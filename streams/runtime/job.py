@@ -13,6 +13,14 @@ co-partitioned with the inputs: same key, same partition count; range assignment
 instance the same partition numbers of every input); global tables are read whole and followed
 between batches. Instances scale by partition: each has its own `instance` number, hence its
 own transactional id and static group membership.
+
+Nothing that can fail runs inside the consumer's rebalance callbacks: they only note what was
+given or taken. A Python exception out of a callback makes `consume()` raise and drop what that
+call fetched, which may hold the consumer's fatal error (a static member fenced after a broker
+restart): the job would then poll a dead consumer forever. A given partition's state is
+restored by the next `step`, before its records are processed (or by `recover`, which restores
+every owned or given partition); a fatal consumer error is also taken from the consumer's error
+callback, so it is never missed.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Generic
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from prometheus_client.core import Metric
 
 from schemas.codec import AvroCodec
@@ -105,11 +113,14 @@ class TransactionalJob(BatchLoop, Generic[S]):
             kafka,
             {t.topic: self._applier(t) for t in spec.tables if t.changelog},
             name=f"{spec.group}-restore",
+            whole=frozenset(t.topic for t in spec.tables if t.changelog and t.whole),
         )
         self.transactions = Transactions(kafka, self.member)
         self.consumer = self._new_consumer()
         self._fenced = False  # the consumer hit a fatal error: recover() replaces it
-        self._owned: set[int] = set()
+        self._consumer_error: str | None = None  # a fatal error its error callback reported
+        self._owned: set[int] = set()  # partitions whose state is restored
+        self._given: set[int] = set()  # partitions assigned, state not restored yet
         self._last_tick = 0.0
 
     @property
@@ -120,31 +131,55 @@ class TransactionalJob(BatchLoop, Generic[S]):
         return lambda msg: self.core.apply_table(table, source_of(msg))
 
     def _new_consumer(self) -> Consumer:
-        return Consumer(
-            consumer_config(
-                self.kafka,
-                self.spec.group,
-                # Static membership: a restarted instance takes its partitions back at once.
-                instance=self.member,
-                # Range assignment gives one instance the same partition numbers of every
-                # input, which is what co-partitioned state needs.
-                partition_assignment_strategy="range",
-            )
+        self._consumer_error = None
+        config = consumer_config(
+            self.kafka,
+            self.spec.group,
+            # Static membership: a restarted instance takes its partitions back at once.
+            instance=self.member,
+            # Range assignment gives one instance the same partition numbers of every
+            # input, which is what co-partitioned state needs.
+            partition_assignment_strategy="range",
         )
+        return Consumer({**config, "error_cb": self._on_consumer_error})
+
+    def _on_consumer_error(self, error: KafkaError) -> None:
+        """The consumer's error callback: a fatal error is kept for the next step (it raises
+        ConsumerFenced); the others are librdkafka's to retry."""
+        if error.fatal() or error.code() == KafkaError._FATAL:
+            self._consumer_error = str(error)
+        else:
+            log.debug("consumer: %s", error)
 
     # ------------------------------------------------------------------ partitions
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        new = {tp.partition for tp in partitions} - self._owned
-        restored = self.changelogs.restore(sorted(new))
-        self._owned |= new
-        log.info("given partitions %s; %d changelog records restored", sorted(new), restored)
+        """Note the partitions given; their state is restored by the next step (see the
+        module's docstring: nothing here may raise)."""
+        self._given |= {tp.partition for tp in partitions} - self._owned
+        log.info("given partitions %s", sorted(self._given))
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = {tp.partition for tp in partitions}
         self.state.drop_partitions(gone)
         self._owned -= gone
+        self._given -= gone
         log.info("partitions %s moved away", sorted(gone))
+
+    def _restore_given(self) -> None:
+        """Restore the state of the partitions given since the last step (a failure goes to
+        the loop, whose recovery restores them and rewinds what was consumed)."""
+        if not self._given:
+            return
+        given = sorted(self._given)
+        restored = self.changelogs.restore(given)
+        self._owned |= self._given
+        self._given = set()
+        log.info("partitions %s restored: %d changelog records", given, restored)
+
+    def _check_consumer(self) -> None:
+        if self._consumer_error is not None:
+            raise ConsumerFenced(self._consumer_error)
 
     # ------------------------------------------------------------------ the loop
 
@@ -152,6 +187,8 @@ class TransactionalJob(BatchLoop, Generic[S]):
         self.transactions.start()
         for table in self.globals:
             table.catch_up()
+        if self.spec.on_start is not None:
+            self.spec.on_start(self.state)
         self._subscribe()
 
     def _subscribe(self) -> None:
@@ -166,6 +203,8 @@ class TransactionalJob(BatchLoop, Generic[S]):
             table.poll()
         messages = self.consumer.consume(self.options.max_batch, self.options.poll_ms / 1000)
         check_consumed(messages)
+        self._check_consumer()
+        self._restore_given()
         started = time.perf_counter()
         inputs = [self.core.decode_input(source_of(m)) for m in messages if m.error() is None]
         tick = time.monotonic() - self._last_tick >= self.options.tick_s
@@ -216,18 +255,19 @@ class TransactionalJob(BatchLoop, Generic[S]):
         to what the last commit holds (the changelogs and the committed offsets). Safe to
         call again if it fails half-way: it drops and restores the whole owned state."""
         self.transactions.abort()
-        owned = sorted(self._owned)
+        owned = sorted(self._owned | self._given)
         self.state.drop_partitions(set(owned))
         if self._fenced:
             self._replace_consumer()
             return
-        self.changelogs.restore(owned)
+        self._owned, self._given = set(), set(owned)
+        self._restore_given()
         rewind_to_committed(self.consumer)
 
     def _replace_consumer(self) -> None:
         """A new consumer for the dead one: it owns nothing until the group assigns it
-        partitions (whose state `_on_assign` restores) and starts at the committed offsets."""
-        self._owned = set()
+        partitions (whose state the next step restores) and starts at the committed offsets."""
+        self._owned, self._given = set(), set()
         try:
             self.consumer.close()
         except (KafkaException, RuntimeError) as exc:
@@ -238,6 +278,7 @@ class TransactionalJob(BatchLoop, Generic[S]):
 
     def on_transient(self, exc: BaseException) -> None:
         self._fenced = self._fenced or isinstance(exc, ConsumerFenced)
+        self._fenced = self._fenced or self._consumer_error is not None
         self.counters.transient_errors += 1
         self.counters.last_transient_error = str(exc)
 

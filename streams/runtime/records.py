@@ -20,6 +20,7 @@ class SourceRecord:
     offset: int
     key: bytes | None
     value: bytes | None  # None: a tombstone
+    timestamp_ms: int = 0  # the record's Kafka timestamp
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ The kit does all the Kafka around it (streams/runtime/job.py runs a spec on Kafk
 transaction per batch; streams/runtime/testing.py runs it on in-memory records):
 
 - every input record is decoded with its topic's Avro schema; one that does not decode reaches
-  `process` with `dead` set (a dead letter ready for the job's dead-letter topic);
+  `process` with `dead` set (a dead letter ready for the job's dead-letter topic); an input
+  without schema is not decoded (`process` gets its key, bytes and timestamp in `source`);
 - every table record is decoded with its table's schema and handed to the table's `apply`; a
   record that does not decode, or that `apply` refuses (raising ``UnreadableRecord`` or
   ``ValueError``), goes to the job's dead-letter topic with its topic, partition and offset,
@@ -100,6 +101,9 @@ class TableSpec(Generic[S]):
     schema: str | None  # the Avro schema of its values; None: raw bytes (record stays None)
     apply: Callable[[S, TableRecord], None]
     changelog: bool = False  # per partition, restored on assignment; else global
+    # A changelog of state not partitioned like the inputs (a single-instance job's own
+    # output, read back): restored whole, not per partition (only with changelog=True).
+    whole: bool = False
     # What an unreadable record means to the table: nothing (False: state stays as it was)
     # or a deletion of its key (True: apply gets a tombstone after it is dead-lettered).
     unreadable_deletes: bool = False
@@ -109,7 +113,7 @@ class TableSpec(Generic[S]):
 class JobSpec(Generic[S]):
     name: str  # the job's name: its status file is `<name>.json`
     group: str  # consumer group; `<group>-<instance>` is the transactional id
-    inputs: Mapping[str, str]  # topic -> Avro schema name
+    inputs: Mapping[str, str | None]  # topic -> Avro schema name (None: not decoded)
     outputs: Mapping[str, str | None]  # topic -> Avro schema name (None: raw bytes)
     dead_letters: str  # the dead-letter topic (`dlq.<source>`)
     stage: str  # header `source` of its dead letters
@@ -119,9 +123,13 @@ class JobSpec(Generic[S]):
     # The job's own Prometheus metrics, read from its state at each scrape (from another
     # thread: read, never change). The loop's own (records, transactions, ...) come anyway.
     metrics: Callable[[S], Iterable[Metric]] | None = None
+    # Called once the global tables are read, before the first batch (then every table
+    # record applied is news to the job).
+    on_start: Callable[[S], None] | None = None
 
     def schemas(self) -> dict[str, str]:
         """Every topic with an Avro schema this job reads or writes, with that schema."""
         named = {t.topic: t.schema for t in self.tables if t.schema is not None}
         writes = {topic: schema for topic, schema in self.outputs.items() if schema is not None}
-        return {**named, **self.inputs, **writes}
+        reads = {topic: schema for topic, schema in self.inputs.items() if schema is not None}
+        return {**named, **reads, **writes}

@@ -76,7 +76,12 @@ class TableErrors:
 
 def source_of(msg: Message) -> SourceRecord:
     return SourceRecord(
-        msg.topic() or "", msg.partition() or 0, msg.offset() or 0, msg.key(), msg.value()
+        msg.topic() or "",
+        msg.partition() or 0,
+        msg.offset() or 0,
+        msg.key(),
+        msg.value(),
+        msg.timestamp()[1],
     )
 
 
@@ -179,7 +184,8 @@ class GlobalTable:
 
 
 class ChangelogReader:
-    """Rebuilds per-partition state from changelog topics co-partitioned with the inputs."""
+    """Rebuilds per-partition state from changelog topics co-partitioned with the inputs; the
+    `whole` ones (state not partitioned like the inputs) are read whole on every restore."""
 
     def __init__(
         self,
@@ -188,18 +194,26 @@ class ChangelogReader:
         timeout: float = 60.0,
         errors: TableErrors | None = None,
         name: str = "fleetstream-hot-restore",
+        whole: frozenset[str] = frozenset(),
     ):
         self._kafka = kafka
         self._appliers = {topic: guarded(apply, errors) for topic, apply in appliers.items()}
         self._timeout = timeout
         self._name = name
+        self._whole = whole
 
     def restore(self, partitions: Sequence[int]) -> int:
         if not partitions:
             return 0
         consumer = _reader(self._kafka, self._name)
         try:
-            tps = [TopicPartition(t, p) for t in self._appliers for p in partitions]
+            tps = [
+                TopicPartition(t, p)
+                for t in self._appliers
+                for p in (
+                    _partitions(consumer, t, self._timeout) if t in self._whole else partitions
+                )
+            ]
 
             def apply(msg: Message) -> None:
                 self._appliers[msg.topic() or ""](msg)

@@ -63,8 +63,18 @@ class JobHarness(Generic[S]):
     def table_dead_lettered(self) -> int:
         return self.core.table_errors.count
 
+    def start(self) -> None:
+        """What the loop does once the global tables are read (the spec's `on_start`)."""
+        if self.spec.on_start is not None:
+            self.spec.on_start(self.core.state)
+
     def record(
-        self, topic: str, key: str | bytes | None, value: Value, partition: int = 0
+        self,
+        topic: str,
+        key: str | bytes | None,
+        value: Value,
+        partition: int = 0,
+        timestamp_ms: int = 0,
     ) -> SourceRecord:
         """A record as read from `topic`, at the partition's next offset."""
         offset = self._offsets.get((topic, partition), 0)
@@ -72,7 +82,7 @@ class JobHarness(Generic[S]):
         raw_key = key.encode() if isinstance(key, str) else key
         if isinstance(value, Mapping):
             value = self.core.codecs[topic].encode(value)
-        return SourceRecord(topic, partition, offset, raw_key, value)
+        return SourceRecord(topic, partition, offset, raw_key, value, timestamp_ms)
 
     def table(
         self, topic: str, key: str | bytes | None, value: Value, partition: int = 0

@@ -27,9 +27,9 @@ from infra.api.routes import ROUTES
 from infra.pki import CertificateAuthority, generate_private_key, make_csr
 from streams.hot.alerts import AlertRule, RuleKind, ScopeType
 from streams.hot.twin import Accepted, Twin, TwinDocumentError, apply_desired
+from streams.ota.job import request_event
 from streams.ota.model import Rollout
 from streams.ota.rollout import step
-from streams.ota.worker import request_event
 from streams.registry.devices import (
     Applied,
     AuditRecord,

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from infra.jobs import jobs_config
-from infra.services.jobs import SHIPPED_DIR, SHIPPED_JOBS, shipped_jobs
 from infra.settings import Settings
+from infra.stack import Stack
+from streams.job_registry import JOBS, SHIPPED_DIR, JobKind
 from streams.jobs import JobsApp, Telemetry
 from streams.jobs.health import (
     RETAIN_MS,
@@ -210,18 +211,21 @@ def test_what_an_answer_means(status: int, expected: str) -> None:
 # --- the shipped jobs as services -------------------------------------------------------------
 
 
+SHIPPED = [job.group for job in JOBS if job.kind is JobKind.FAUST]  # group = file stem
+
+
 def test_fleet_up_runs_each_shipped_job_file_on_its_web_port(tmp_path: Path) -> None:
     settings = Settings(state_dir=tmp_path, jobs_web_port=7100)  # type: ignore[call-arg]
-    services = shipped_jobs(settings)
+    services = Stack(settings).jobs
     assert [s.name for s in services] == ["job-fleet-health", "job-alert-webhooks"]
     assert [s.port for s in services] == [7100, 7101]
-    for service, (job, _inputs) in zip(services, SHIPPED_JOBS, strict=True):
+    for service, job in zip(services, SHIPPED, strict=True):
         command = list(service.command())
         assert command[1:4] == ["-m", "infra.jobs", str(SHIPPED_DIR / f"{job}.py")]
         assert command[-2:] == ["--web-port", str(service.port)]
 
 
-@pytest.mark.parametrize("job", [job for job, _ in SHIPPED_JOBS])
+@pytest.mark.parametrize("job", SHIPPED)
 def test_a_shipped_job_file_imports_on_a_configured_app(job: str, tmp_path: Path) -> None:
     # In a process of its own: a job file declares its agents on the one app at import.
     path = SHIPPED_DIR / f"{job}.py"

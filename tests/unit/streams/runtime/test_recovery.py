@@ -352,7 +352,9 @@ def hot_worker(changelogs: FakeChangelogs, consumer: FakeConsumer) -> Transactio
     worker.transactions = FakeTransactions()  # type: ignore[assignment]
     worker.consumer = consumer  # type: ignore[assignment]
     worker._owned = {0, 1}
+    worker._given = set()
     worker._fenced = False
+    worker._consumer_error = None
     return worker
 
 
@@ -384,6 +386,51 @@ def test_a_hot_transaction_that_is_aborted_goes_to_the_loop_to_rewind() -> None:
     worker.transactions = type("T", (), {"commit": staticmethod(aborting)})()  # type: ignore[assignment]
     with pytest.raises(Aborted):
         worker._commit([], [], consumed=True)
+
+
+@dataclass
+class FailingChangelogs(FakeChangelogs):
+    """A changelog read that fails `failures` times first (a broker still loading)."""
+
+    failures: int = 1
+
+    def restore(self, partitions: list[int]) -> int:
+        if self.failures:
+            self.failures -= 1
+            raise TimeoutError("changelog not read to its end")
+        return super().restore(partitions)
+
+
+def test_a_rebalance_callback_does_no_io_and_a_failed_restore_is_retried_by_recovery() -> None:
+    """An exception out of on_assign made consume() raise and drop what it fetched, the
+    consumer's fatal error with it (the OTA controller then polled a dead consumer for 13
+    minutes), and left the partitions assigned but never restored."""
+    twin = Twin(device_id="d1", version=3)
+    changelogs = FailingChangelogs({2: [twin]})
+    worker = hot_worker(changelogs, FakeConsumer({("telemetry.raw", 2): 5}))
+    worker._owned = set()
+    worker._on_assign(worker.consumer, [TopicPartition("telemetry.raw", 2)])  # never raises
+    assert changelogs.restored == []  # nothing read inside the callback
+    with pytest.raises(TimeoutError):
+        worker._restore_given()  # the next step restores, before processing: it fails
+    assert worker._given == {2}
+    worker.recover()  # the loop's recovery restores what was given and rewinds
+    assert changelogs.restored == [[2]]
+    assert worker._owned == {2}
+    assert worker._given == set()
+    assert worker.state.processor.twins == {"d1": twin}
+
+
+def test_a_fatal_consumer_error_from_the_error_callback_replaces_the_consumer() -> None:
+    worker = hot_worker(FakeChangelogs({}), FakeConsumer())
+    worker._on_consumer_error(KafkaError(KafkaError._TRANSPORT, "broker down"))
+    worker._check_consumer()  # not fatal: librdkafka retries
+    fenced = KafkaError(KafkaError._FATAL, "static consumer fenced", fatal=True)
+    worker._on_consumer_error(fenced)
+    with pytest.raises(ConsumerFenced) as raised:
+        worker._check_consumer()
+    worker.on_transient(raised.value)
+    assert worker._fenced
 
 
 @dataclass
