@@ -16,14 +16,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bench import cold, faust_probe, hot, ingest
+from bench import cold, faust_probe, hot, ingest, ledger
 from infra.settings import PROJECT_ROOT
 from infra.stack import Stack
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
-STAGES = ("ingest", "cold", "pipeline", "hot")
+STAGES = ("ledger", "ingest", "cold", "pipeline", "hot")
 EXTRA_STAGES = ("faust",)  # not in the default run: only when named
 
 
@@ -45,6 +45,8 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
     try:
         results = []
+        if "ledger" in chosen:  # first: a fresh stack, one bridge, nothing queued
+            results += ledger.run_ledger(settings)
         if "ingest" in chosen:
             results += ingest.run(settings)
         if "cold" in chosen:

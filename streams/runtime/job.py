@@ -32,6 +32,7 @@ from streams.runtime.clients import KafkaConfig, consumer_config, registered_cod
 from streams.runtime.core import JobCore
 from streams.runtime.loop import BatchLoop
 from streams.runtime.records import DeadLetter
+from streams.runtime.source import gather
 from streams.runtime.spec import Batch, JobSpec, Output, S, TableSpec
 from streams.runtime.status import write_status
 from streams.runtime.tables import Apply, ChangelogReader, GlobalTable, source_of
@@ -53,7 +54,7 @@ class JobOptions:
     status_path: Path
     instance: int = 0
     max_batch: int = 5_000  # records per batch (per transaction), at most
-    poll_ms: int = 20  # how long a batch waits for records
+    poll_ms: int = 20  # how long a batch waits for more records after its first
     tick_s: float = 1.0  # how often `process` gets a batch with `tick` set
 
 
@@ -152,7 +153,12 @@ class TransactionalJob(BatchLoop, Generic[S]):
         transaction."""
         for table in self.globals:
             table.poll()
-        messages = self.consumer.consume(self.options.max_batch, self.options.poll_ms / 1000)
+        # Idle, the wait for a first record lasts until the next tick (one wake-up a second,
+        # not one per poll_ms); once one is there, what arrives within poll_ms joins it.
+        until_tick = self.options.tick_s - (time.monotonic() - self._last_tick)
+        messages = gather(
+            self.consumer, self.options.max_batch, until_tick, self.options.poll_ms / 1000
+        )
         check_consumed(messages)
         started = time.perf_counter()
         inputs = [self.core.decode_input(source_of(m)) for m in messages if m.error() is None]
