@@ -23,8 +23,8 @@ class KafkaConfig:
 
 
 # A consumer's fetch: held by the broker until this many bytes or this long (see consumer_config).
-FETCH_MIN_BYTES = 64 * 1024
-FETCH_WAIT_MS = 50
+FETCH_MIN_BYTES = 32 * 1024
+FETCH_WAIT_MS = 100
 
 
 def _base(kafka: KafkaConfig) -> dict[str, Any]:
