@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bench import cold, faust_probe, hot, ingest, quality
+from bench import cold, faust_probe, hot, ingest, ledger, quality
 from infra.settings import PROJECT_ROOT
 from infra.stack import Stack
 
@@ -23,6 +23,8 @@ RESULTS = Path(__file__).resolve().parent / "results.json"
 
 
 STAGES = {
+    "ledger": "CPU per message by process at a fixed load (load generator apart), idle CPU, "
+    "publish->alert latency by stage",
     "ingest": "bridge msgs/s (1 and 2 replicas) beside a bare MQTT subscriber; Avro vs JSON",
     "cold": "Kafka -> warehouse rows/s beside a bare consume + decode + Arrow insert loop",
     "quality": "cold path with the quality gate beside the same path without it (rows/CPU-s)",
@@ -59,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     shutil.rmtree(root, ignore_errors=True)
     try:
         results = []
+        if "ledger" in chosen:  # first: a fresh stack, one bridge, nothing queued
+            results += ledger.run_ledger(settings)
         if "ingest" in chosen:
             results += ingest.run(settings)
         if "cold" in chosen:

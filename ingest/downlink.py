@@ -19,6 +19,7 @@ from typing import Any
 from confluent_kafka import Consumer, Message
 
 from schemas.codec import AvroCodec, Decoded
+from streams.runtime.source import gather
 
 log = logging.getLogger("fleetstream.downlink")
 
@@ -87,10 +88,10 @@ class DownlinkRelay:
         self._consumer.subscribe([DOWNLINK_TOPIC])
         try:
             while not stopping.is_set():
-                # consume() waits for a full batch or the timeout: keep the wait short, a
-                # twin delta or OTA command should not sit here for half a second.
+                # A twin delta or OTA command goes out the moment it is here (no batch wait
+                # after the first record); idle, one wake-up every half second.
                 batch: list[Message] = await loop.run_in_executor(
-                    None, lambda: self._consumer.consume(num_messages=500, timeout=0.02)
+                    None, lambda: gather(self._consumer, 500, idle_s=0.5, linger_s=0.0)
                 )
                 if self._relay(batch):
                     await loop.run_in_executor(

@@ -21,7 +21,9 @@ Delivered = Callable[[KafkaError | None], None]
 
 @dataclass(frozen=True)
 class ProducerTuning:
-    linger_ms: int = 5
+    # A produce request every 20 ms, not every 5: a quarter of the requests (Kafka spends per
+    # request, not per record) for 15 ms more before the PUBACK.
+    linger_ms: int = 20
     batch_size: int = 512 * 1024
     compression: str = "lz4"
     message_timeout_ms: int = 30_000

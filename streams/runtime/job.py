@@ -42,6 +42,7 @@ from streams.runtime.core import JobCore
 from streams.runtime.loop import BatchLoop
 from streams.runtime.metrics import BATCH_BOUNDS, Buckets, counter, gauge
 from streams.runtime.records import DeadLetter
+from streams.runtime.source import gather
 from streams.runtime.spec import Batch, JobSpec, Output, S, TableSpec
 from streams.runtime.status import write_status
 from streams.runtime.tables import Apply, ChangelogReader, GlobalTable, source_of
@@ -63,7 +64,7 @@ class JobOptions:
     status_path: Path
     instance: int = 0
     max_batch: int = 5_000  # records per batch (per transaction), at most
-    poll_ms: int = 20  # how long a batch waits for records
+    poll_ms: int = 20  # how long a batch waits for more records after its first
     tick_s: float = 1.0  # how often `process` gets a batch with `tick` set
 
 
@@ -201,7 +202,12 @@ class TransactionalJob(BatchLoop, Generic[S]):
         transaction."""
         for table in self.globals:
             table.poll()
-        messages = self.consumer.consume(self.options.max_batch, self.options.poll_ms / 1000)
+        # Idle, the wait for a first record lasts until the next tick (one wake-up a second,
+        # not one per poll_ms); once one is there, what arrives within poll_ms joins it.
+        until_tick = self.options.tick_s - (time.monotonic() - self._last_tick)
+        messages = gather(
+            self.consumer, self.options.max_batch, until_tick, self.options.poll_ms / 1000
+        )
         check_consumed(messages)
         self._check_consumer()
         self._restore_given()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Protocol
 
 from confluent_kafka import Consumer, Message, TopicPartition
 
@@ -40,6 +41,9 @@ class BatchSource:
                 read_committed=True,
                 partition_assignment_strategy="cooperative-sticky",
                 fetch_max_bytes=64 * 1024 * 1024,
+                # Batches of N records or T seconds: a fetch may wait for 1 MB or half a second.
+                fetch_min_bytes=1024 * 1024,
+                fetch_wait_max_ms=500,
                 queued_max_messages_kbytes=256 * 1024,
             )
         )
@@ -74,6 +78,30 @@ class BatchSource:
 
     def close(self) -> None:
         self._consumer.close()
+
+
+class Polling(Protocol):
+    """What :func:`gather` needs of a consumer (confluent-kafka's, or a test's fake)."""
+
+    def poll(self, timeout: float) -> Message | None: ...
+
+    def consume(self, num_messages: int, timeout: float) -> list[Message]: ...
+
+
+def gather(consumer: Polling, max_records: int, idle_s: float, linger_s: float) -> list[Message]:
+    """Up to `max_records`: the first within `idle_s` (the wait ends the moment one is there),
+    then what else arrives within `linger_s`, at most `max_records` in all.
+
+    `consume(n, timeout)` alone always waits out its timeout unless n records came: a loop on
+    a short timeout wakes up many times a second with nothing to do. Waiting for the first
+    record with `poll` keeps an idle consumer asleep (one wake-up per `idle_s`) and a busy one
+    batching as before (`linger_s` after the first record)."""
+    first = consumer.poll(max(idle_s, 0.0))
+    if first is None:
+        return []
+    if max_records <= 1:
+        return [first]
+    return [first, *consumer.consume(max_records - 1, linger_s)]
 
 
 def next_offsets(batch: Sequence[SourceRecord]) -> list[TopicPartition]:
