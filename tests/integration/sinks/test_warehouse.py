@@ -776,10 +776,10 @@ def test_an_analyst_sees_only_the_rows_of_its_grants_in_every_tenant_table(
         device = f"{prefix}{org}"
         rows_of = tenant_rows(device, org, now)
         tenants = {"org": [org], "project": ["p"], "group": ["g"]}
-        sink.write_telemetry(rows_of["telemetry"], tenants)
-        sink.write_events(rows_of["device_events"], tenants)
-        sink.write_alerts(rows_of["alerts"], tenants)
-        sink.write_twin_history(rows_of["twin_history"], tenants)
+        sink.write_telemetry(rows_of["telemetry"], tenants=tenants)
+        sink.write_events(rows_of["device_events"], tenants=tenants)
+        sink.write_alerts(rows_of["alerts"], tenants=tenants)
+        sink.write_twin_history(rows_of["twin_history"], tenants=tenants)
         sink.write_ota_events(rows_of["ota_events"])  # its tenant is in its rows (the target's)
     tables = ("telemetry", "device_events", "alerts", "twin_history", "ota_events", "telemetry_1m")
     union = " UNION ALL ".join(
@@ -843,7 +843,7 @@ def test_row_filters_cannot_be_lifted_and_final_can_be_opted_out(
     try:
         for seqs in (range(2), range(1, 2)):  # seq 1 twice, in two batches
             tenant = {"org": [org] * len(seqs), "project": ["p"] * len(seqs)}
-            sink.write_telemetry([reading(device, s, t0 + s) for s in seqs], tenant)
+            sink.write_telemetry([reading(device, s, t0 + s) for s in seqs], tenants=tenant)
         assert sink.query(count, {"d": device}, scope).rows == ((2,),)  # FINAL: once each
         unfinal = ReadScope((Scope(org),), final=False)  # opted out: the parts as they are
         assert sink.query(count, {"d": device}, unfinal).rows == ((3,),)
