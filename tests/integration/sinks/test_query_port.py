@@ -343,7 +343,7 @@ def test_heavy_queries_stop_at_their_limits_and_the_cold_path_keeps_storing(
     heavy = HeavyLoad(settings, analyst)
     thread = threading.Thread(target=heavy.run, name="heavy-queries")
     thread.start()
-    fleet = start_fleet(settings, creds, rate=5, duration=60, max_messages=150)
+    fleet = start_fleet(settings, creds, rate=5, duration=60, max_messages=100)
     try:
         rises: list[tuple[int, int, int]] = []  # (heavy query, count before, count after)
 
@@ -365,13 +365,14 @@ def test_heavy_queries_stop_at_their_limits_and_the_cold_path_keeps_storing(
         thread.join(timeout=settings.query_timeout_s + 60)
     assert not thread.is_alive()
     assert heavy.answers
+    print(f"stored rose during heavy query #{rises[0][0]}: {rises[0][1]} -> {rises[0][2]}")
     for answer in heavy.answers:  # every one stopped at its time limit, with the engine's error
         assert answer.status == 400, answer
         assert "TIMEOUT_EXCEEDED" in answer.error or "Timeout" in answer.error, answer.error
         assert answer.code == "159", answer.body
     # Ingestion continues: everything the fleet published is stored, once.
     published = telemetry_sent(fleet.wait()[1])
-    assert len(published) == 3 * 150
+    assert len(published) == 3 * 100
     assert wait_until(lambda: stored(settings, prefix) == len(published), 120), (
         stored(settings, prefix),
         len(published),
