@@ -4,21 +4,20 @@ The process that owns the embedded warehouse (the cold-path sink) runs this smal
 HTTP server on ``settings.host:settings.query_port``; ``fleet sql`` sends its query here and
 only opens the folder itself when nothing listens.
 
-``GET``/``POST /`` and ``GET /ping`` speak the ClickHouse HTTP protocol
-(:mod:`sinks.clickhouse_http`): ClickHouse clients connect unchanged, the token as password;
-``fleet sql`` is one of them (clickhouse-connect). The project's JSON endpoint remains for now:
-``POST /query`` with ``{"sql": "...", "params": {"name": "value"}, "warehouse": "<dsn>"}``
-answers ``{"columns": [...], "types": [...], "rows": [[...]]}`` (datetimes as ISO 8601
-strings). Errors are JSON too: ``{"error": "...", "kind": "..."}`` with 400 for a refused or
-failed statement, 409 when ``warehouse`` names another warehouse than the one served, 503
-when the warehouse is unavailable. ``GET /health`` answers ``{"status": "ok", "warehouse"}``.
-Every query needs a platform token (``Authorization: Bearer <token>``; 401 without a valid one, 403
-when its principal may not read telemetry): an :class:`Authenticator` decides, built by the
-process that serves (``streams.registry.query_access``: platform tokens and the ``rbac.grants``
-table).
-Denied calls are logged with the principal and reason, never the token. Only reads are served:
-the statement guard (:mod:`sinks.sql_guard`) refuses anything else (400, kind ``refused``), a
-query stopped at one of its limits answers 400 kind ``limit``; each query runs on a read
+The port speaks the ClickHouse HTTP protocol (:mod:`sinks.clickhouse_http`) and nothing else
+for queries: ``GET``/``POST /`` with the query in the body or the ``query`` parameter, and
+``GET /ping``. ClickHouse clients connect unchanged, the platform token as password (or
+``Authorization: Bearer``); ``fleet sql`` is one of them (clickhouse-connect). Errors are
+written as ClickHouse writes them (text, ``X-ClickHouse-Exception-Code``): 401 without a valid
+token, 403 when its principal may not read telemetry or the statement is refused, 400 for a
+failed statement or one stopped at a limit, 503 when the warehouse is unavailable. ``GET
+/health`` answers ``{"status": "ok", "warehouse": "<dsn>"}`` (which warehouse is served:
+``fleet sql`` and the dashboard check it before reading through the port).
+
+An :class:`Authenticator` decides who may query, built by the process that serves
+(``streams.registry.query_access``: platform tokens and the ``rbac.grants`` table). Denied
+calls are logged with the principal and reason, never the token. Only reads are served: the
+statement guard (:mod:`sinks.sql_guard`) refuses anything else; each query runs on a read
 connection of its own (side by side, the slowest holds no one else up) whose limits and
 ``readonly=1`` it cannot change.
 """
@@ -28,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import tempfile
 import threading
@@ -39,14 +39,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
 
-from queries.result import QueryResult, RawResult
+from queries.result import RawResult
 from queries.sqltext import NotReadOnly
-from sinks.clickhouse import (
-    QueryFailed,
-    QueryLimitExceeded,
-    SinkUnavailable,
-    normalize_dsn,
-)
+from sinks.clickhouse import QueryFailed, SinkUnavailable
 from sinks.clickhouse_http import (
     PROBE_SQL,
     ChRequest,
@@ -68,8 +63,6 @@ __all__ = [
     "Caller",
     "QueryBackend",
     "QueryServer",
-    "answer",
-    "bearer_token",
     "read_platform_secret",
     "start_query_server",
     "write_platform_secret",
@@ -85,10 +78,6 @@ class QueryBackend(Protocol):
 
     @property
     def dsn(self) -> str: ...
-
-    def query(
-        self, sql: str, params: Mapping[str, Any] | None = None, scope: ReadScope = ...
-    ) -> QueryResult: ...
 
     def query_raw(
         self, sql: str, params: Mapping[str, str], default_format: str, scope: ReadScope = ...
@@ -130,13 +119,6 @@ class Authenticator(Protocol):
     def authenticate(self, token: str | None) -> Caller: ...
 
 
-def bearer_token(header: str | None) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header, or None."""
-    scheme, _, token = (header or "").partition(" ")
-    token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
-
-
 def write_platform_secret(run_dir: Path) -> str:
     """A new platform secret in ``run_dir`` (atomically, mode 0600); returns it."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -160,74 +142,12 @@ def read_platform_secret(run_dir: Path) -> str | None:
         return None
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
-    status: HTTPStatus
-    body: dict[str, Any]
-
-
-def _error(status: HTTPStatus, kind: str, message: str) -> Reply:
-    return Reply(status, {"error": message, "kind": kind})
-
-
-def parse_request(raw: bytes) -> tuple[str, dict[str, str], str | None]:
-    """The (sql, params, warehouse) of a request body; ValueError when malformed."""
-    payload = json.loads(raw)
-    if not isinstance(payload, dict):
-        raise ValueError("the body is a JSON object")
-    sql, params, warehouse = (
-        payload.get("sql"),
-        payload.get("params") or {},
-        payload.get("warehouse"),
-    )
-    if not isinstance(sql, str):
-        raise ValueError('"sql" must be a string')
-    if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
-        raise ValueError('"params" must be an object')
-    if warehouse is not None and not isinstance(warehouse, str):
-        raise ValueError('"warehouse" must be a string')
-    return sql, {k: str(v) for k, v in params.items()}, warehouse
-
-
-def answer(backend: QueryBackend, raw: bytes, scope: ReadScope = NO_ROW) -> Reply:
-    """The reply to one ``POST /query`` body (no I/O besides the query: unit-testable), on the
-    rows ``scope`` allows."""
-    try:
-        sql, params, warehouse = parse_request(raw)
-    except ValueError as exc:
-        return _error(HTTPStatus.BAD_REQUEST, "bad_request", str(exc))
-    if warehouse is not None and normalize_dsn(warehouse) != backend.dsn:
-        return _error(
-            HTTPStatus.CONFLICT, "other_warehouse", f"this server answers for {backend.dsn}"
-        )
-    try:
-        return Reply(HTTPStatus.OK, backend.query(sql, params, scope).to_json())
-    except NotReadOnly as exc:
-        return _error(HTTPStatus.BAD_REQUEST, "refused", str(exc))
-    except QueryLimitExceeded as exc:
-        return _error(HTTPStatus.BAD_REQUEST, "limit", str(exc))
-    except QueryFailed as exc:
-        return _error(HTTPStatus.BAD_REQUEST, "sql", str(exc))
-    except SinkUnavailable as exc:
-        return _error(HTTPStatus.SERVICE_UNAVAILABLE, "unavailable", str(exc))
-    except Exception as exc:  # a bug: the client still gets an answer, the log the trace
-        log.exception("query server: unexpected failure")
-        return _error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal", repr(exc))
-
-
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
 
-    def _send(self, reply: Reply) -> None:
-        body = json.dumps(reply.body, ensure_ascii=False).encode()
-        self.send_response(reply.status)
-        if reply.status == HTTPStatus.UNAUTHORIZED:
-            self.send_header("WWW-Authenticate", 'Bearer realm="fleetstream"')
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+    def _send_json(self, status: HTTPStatus, body: Mapping[str, str]) -> None:
+        self._send_bytes(status, json.dumps(body).encode(), "application/json; charset=utf-8")
 
     # --- the ClickHouse HTTP protocol: GET or POST on "/", GET /ping ---
 
@@ -290,8 +210,11 @@ class _Handler(BaseHTTPRequestHandler):
         except NotReadOnly as exc:
             self._ch_error(HTTPStatus.FORBIDDEN, 497, "ACCESS_DENIED", str(exc))
             return
-        except QueryFailed as exc:
-            self._ch_error(HTTPStatus.BAD_REQUEST, 1, "QUERY_FAILED", str(exc))
+        except QueryFailed as exc:  # the engine's own code when it gave one (159: timeout...)
+            code = re.match(r"Code: (\d+)\.", str(exc))
+            self._ch_error(
+                HTTPStatus.BAD_REQUEST, int(code.group(1)) if code else 1, "QUERY_FAILED", str(exc)
+            )
             return
         except SinkUnavailable as exc:
             self._ch_error(HTTPStatus.SERVICE_UNAVAILABLE, 210, "NETWORK_ERROR", str(exc))
@@ -334,41 +257,30 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/":
             self._clickhouse(b"")
             return
-        if self.path.rstrip("/") == "/health":
-            self._send(Reply(HTTPStatus.OK, {"status": "ok", "warehouse": self.server.backend.dsn}))
+        if path.rstrip("/") == "/health":
+            self._send_json(HTTPStatus.OK, {"status": "ok", "warehouse": self.server.backend.dsn})
         else:
-            self._send(_error(HTTPStatus.NOT_FOUND, "not_found", f"no {self.path}"))
+            self._not_found(path)
 
     def do_POST(self) -> None:
-        if urllib.parse.urlsplit(self.path).path == "/":
-            body = self._read_body()
-            if body is None:
-                self._ch_error(HTTPStatus.BAD_REQUEST, 62, "SYNTAX_ERROR", "bad Content-Length")
-            else:
-                self._clickhouse(body)
+        path = urllib.parse.urlsplit(self.path).path
+        if path != "/":
+            self._not_found(path)  # no other protocol here (the JSON `POST /query` is retired)
             return
-        if self.path.rstrip("/") != "/query":
-            self._send(_error(HTTPStatus.NOT_FOUND, "not_found", f"no {self.path}"))
-            return
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            length = -1
-        if not 0 <= length <= MAX_REQUEST_BYTES:
-            self.close_connection = True
-            self._send(_error(HTTPStatus.BAD_REQUEST, "bad_request", "bad Content-Length"))
-            return
-        raw = self.rfile.read(length)
-        token = bearer_token(self.headers.get("Authorization"))
-        try:
-            caller = self.server.access.authenticate(token)
-        except AccessDenied as denied:
-            self._log_denied(denied)
-            kind = "unauthorized" if denied.status == HTTPStatus.UNAUTHORIZED else "forbidden"
-            self._send(_error(denied.status, kind, denied.reason))
-            return
-        log.debug("query port: query by %s (%s)", caller.principal, caller.reason)
-        self._send(answer(self.server.backend, raw, caller.scope))
+        body = self._read_body()
+        if body is None:
+            self._ch_error(HTTPStatus.BAD_REQUEST, 62, "SYNTAX_ERROR", "bad Content-Length")
+        else:
+            self._clickhouse(body)
+
+    def _not_found(self, path: str) -> None:
+        self.close_connection = True  # the body of an unknown POST may be left unread
+        self._send_bytes(
+            HTTPStatus.NOT_FOUND,
+            f"There is no handle {path}: this port speaks the ClickHouse HTTP protocol "
+            "(GET or POST /, GET /ping, GET /health)\n".encode(),
+            "text/plain; charset=UTF-8",
+        )
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("query server: " + format, *args)

@@ -18,21 +18,27 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import clickhouse_connect
+import pyarrow as pa
 import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError
 
 from infra.api.client import HotPathClient
 from infra.keys import token_authority
+from infra.pki import CertificateAuthority
+from infra.provision import load_or_provision
 from infra.services.base import wait_until
 from infra.settings import PROJECT_ROOT, Settings
 from infra.stack import Stack
 from streams.registry.rbac import GrantSet, Principal, Resource, Role
 from streams.registry.tokens import TokenAuthority
 from tests.conftest import settings_env
+from tests.support.faults import query as faults_query
+from tests.support.fleet import BackgroundFleet, start_fleet, telemetry_sent
 
 pytestmark = pytest.mark.integration
 
@@ -43,20 +49,32 @@ FLEET = str(PROJECT_ROOT / ".venv" / "bin" / "fleet")
 @dataclass(frozen=True)
 class Answer:
     status: int
-    body: dict[str, Any]
+    body: dict[str, Any]  # JSONCompact's answer, or {"error": text, "code": exception code}
     seconds: float
 
     @property
     def text(self) -> str:
         return json.dumps(self.body)
 
+    @property
+    def error(self) -> str:
+        return str(self.body.get("error", ""))
+
+    @property
+    def code(self) -> str:
+        return str(self.body.get("code", ""))
+
+    @property
+    def rows(self) -> list[list[Any]]:
+        return list(self.body["data"])
+
 
 def ask(settings: Settings, sql: str, token: str | None, timeout: float = 60.0) -> Answer:
-    """POST /query on the stack's query port, as any HTTP client would."""
+    """POST the query on the stack's query port in the ClickHouse HTTP protocol (JSONCompact),
+    the token as a bearer, as any HTTP client would."""
     request = urllib.request.Request(
-        f"http://{settings.host}:{settings.query_port}/query",
-        data=json.dumps({"sql": sql}).encode(),
-        headers={"Content-Type": "application/json"},
+        f"http://{settings.host}:{settings.query_port}/?default_format=JSONCompact",
+        data=sql.encode(),
     )
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
@@ -65,11 +83,10 @@ def ask(settings: Settings, sql: str, token: str | None, timeout: float = 60.0) 
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return Answer(response.status, json.load(response), time.monotonic() - started)
     except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            body = {"raw": raw.decode(errors="replace")}
+        body = {
+            "error": exc.read().decode(errors="replace"),
+            "code": exc.headers.get("X-ClickHouse-Exception-Code", ""),
+        }
         return Answer(exc.code, body, time.monotonic() - started)
 
 
@@ -131,7 +148,8 @@ def listener() -> Iterator[tuple[int, list[bytes]]]:
 def test_no_token_is_401(settings: Settings, stack: Stack) -> None:
     answer = ask(settings, "SELECT count() FROM telemetry", None)
     assert answer.status == 401, answer
-    assert "rows" not in answer.body
+    assert answer.code == "516"  # AUTHENTICATION_FAILED
+    assert "data" not in answer.body
 
 
 def test_a_bad_token_is_401_and_a_token_without_grant_is_403(
@@ -146,7 +164,7 @@ def test_a_bad_token_is_401_and_a_token_without_grant_is_403(
     nobody = tokens.issue(Principal.user(who))
     answer = ask(settings, "SELECT 1", nobody)
     assert answer.status == 403, answer
-    assert "telemetry.read" in answer.body["error"]
+    assert "telemetry.read" in answer.error
     # The denial is logged with who and why, never the token.
     log = settings.run_dir / "cold-worker.log"
     assert wait_until(lambda: f"query port: 403 for user:{who}" in log.read_text(), 10)
@@ -200,10 +218,10 @@ def test_filesystem_of_the_pki_folder_is_refused_and_no_key_leaks(
         f"SELECT file('{settings.pki_dir}/ca.key')",
     ):
         answer = ask(settings, sql, analyst)
-        assert answer.status == 400, (sql, answer.status)
-        assert answer.body["kind"] == "refused", answer.body
+        assert answer.status == 403, (sql, answer.status)
+        assert answer.code == "497", answer.body  # ACCESS_DENIED
         assert "PRIVATE KEY" not in answer.text
-        assert "refused" in answer.body["error"]
+        assert "refused" in answer.error
 
 
 @pytest.mark.parametrize(
@@ -222,8 +240,8 @@ def test_table_functions_that_reach_out_are_refused(
 ) -> None:
     port, seen = listener
     answer = ask(settings, template.format(port=port), analyst)
-    assert answer.status == 400, answer
-    assert answer.body["kind"] == "refused", answer.body
+    assert answer.status == 403, answer
+    assert "refused" in answer.error, answer.body
     assert seen == [], "the query server connected out"
 
 
@@ -235,9 +253,9 @@ def test_settings_that_lift_limits_are_refused(settings: Settings, analyst: str)
         "SELECT 1 SETTINGS readonly = 0",
     ):
         answer = ask(settings, sql, analyst)
-        assert answer.status == 400, (sql, answer)
-        assert answer.body["kind"] == "refused", answer.body
-        assert "SETTINGS" in answer.body["error"]
+        assert answer.status == 403, (sql, answer)
+        assert "refused" in answer.error, answer.body
+        assert "SETTINGS" in answer.error
 
 
 def test_system_tables_and_writes_are_refused(settings: Settings, analyst: str) -> None:
@@ -250,8 +268,8 @@ def test_system_tables_and_writes_are_refused(settings: Settings, analyst: str) 
         "SYSTEM SHUTDOWN",
     ):
         answer = ask(settings, sql, analyst)
-        assert answer.status == 400, (sql, answer)
-        assert answer.body["kind"] == "refused", (sql, answer.body)
+        assert answer.status == 403, (sql, answer)
+        assert "refused" in answer.error, (sql, answer.body)
     assert ask(settings, "SELECT count() FROM telemetry", analyst).status == 200
 
 
@@ -274,7 +292,7 @@ def test_a_slow_query_does_not_block_a_fast_one(settings: Settings, analyst: str
     thread.join(timeout=60)
     finished = slow[0].seconds
     assert slow[0].status == 200, slow[0]
-    assert slow[0].body["rows"] == [[20]]
+    assert [[int(n) for n in row] for row in slow[0].rows] == [[20]]  # UInt64 comes quoted
     assert finished >= 1.9
     # A fast query sent well after the slow one started answered before it finished, quickly.
     during = [
@@ -284,23 +302,88 @@ def test_a_slow_query_does_not_block_a_fast_one(settings: Settings, analyst: str
     assert all(answer.status == 200 and answer.seconds < 1.0 for _, answer in during)
 
 
-def test_after_a_query_hits_its_time_limit_the_next_one_works(
-    settings: Settings, analyst: str
+# CPU-bound with no end of its own: it runs on the port's threads until its time limit stops it.
+HEAVY_SQL = "SELECT count() FROM numbers(100000000000) WHERE NOT ignore(sipHash64(number))"
+STORED_SQL = "SELECT count() FROM telemetry WHERE startsWith(device_id, {p:String})"
+
+
+@dataclass
+class HeavyLoad:
+    """Heavy queries one after another from a thread, until stopped; which one is running."""
+
+    settings: Settings
+    token: str
+    answers: list[Answer] = field(default_factory=list)
+    running: int | None = None  # index of the query in flight, if any
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.running = len(self.answers)
+            answer = ask(self.settings, HEAVY_SQL, self.token, timeout=120)
+            self.running = None
+            self.answers.append(answer)
+
+
+def stored(settings: Settings, prefix: str) -> int:
+    return int(faults_query(settings, STORED_SQL, {"p": prefix})[0][0])
+
+
+def test_heavy_queries_stop_at_their_limits_and_the_cold_path_keeps_storing(
+    settings: Settings, analyst: str, ca: CertificateAuthority, tmp_path: Path
 ) -> None:
-    # About 40 s of sleeping, 2.6 s per block (little CPU): far over the stack's time limit.
-    heavy = "SELECT count() FROM numbers(1000000) WHERE NOT ignore(sleepEachRow(0.00004))"
-    results: list[Answer] = []
-    thread = threading.Thread(target=lambda: results.append(ask(settings, heavy, analyst)))
+    """Issue 14, item 4: a query over its limits answers an error, ingestion continues; one
+    heavy query running does not stall loading (stored rows rise while it runs)."""
+    prefix = f"qp{uuid.uuid4().hex[:6]}"
+    creds = load_or_provision(ca, [f"{prefix}-{i}" for i in range(3)], tmp_path, "ec")
+    # Over the result-row cap: an error at once, the port and the loader unaffected.
+    capped = ask(settings, "SELECT number FROM numbers(5000000)", analyst)
+    assert capped.status == 400, capped
+    assert "TOO_MANY_ROWS" in capped.error or "Limit for result" in capped.error, capped.error
+    heavy = HeavyLoad(settings, analyst)
+    thread = threading.Thread(target=heavy.run, name="heavy-queries")
     thread.start()
-    thread.join(timeout=settings.query_timeout_s + 30)
-    assert results, "the heavy query did not end at its time limit"
-    answer = results[0]
-    assert answer.status == 400, answer
-    assert answer.body["kind"] == "limit", answer.body
-    assert "TIMEOUT_EXCEEDED" in answer.body["error"] or "Timeout" in answer.body["error"]
+    fleet = start_fleet(settings, creds, rate=5, duration=60, max_messages=100)
+    try:
+        rises: list[tuple[int, int, int]] = []  # (heavy query, count before, count after)
+
+        def rose_during_one_heavy_query() -> bool:
+            before_query, before = heavy.running, stored(settings, prefix)
+            after = stored(settings, prefix)
+            while heavy.running == before_query and after == before and not fleet_done(fleet):
+                after = stored(settings, prefix)
+            if before_query is not None and heavy.running == before_query and after > before:
+                rises.append((before_query, before, after))
+            return bool(rises)
+
+        assert wait_until(rose_during_one_heavy_query, 120), (
+            "the stored count did not rise while a heavy query ran",
+            [(a.status, round(a.seconds, 1)) for a in heavy.answers],
+        )
+    finally:
+        heavy.stop.set()
+        thread.join(timeout=settings.query_timeout_s + 60)
+    assert not thread.is_alive()
+    assert heavy.answers
+    print(f"stored rose during heavy query #{rises[0][0]}: {rises[0][1]} -> {rises[0][2]}")
+    for answer in heavy.answers:  # every one stopped at its time limit, with the engine's error
+        assert answer.status == 400, answer
+        assert "TIMEOUT_EXCEEDED" in answer.error or "Timeout" in answer.error, answer.error
+        assert answer.code == "159", answer.body
+    # Ingestion continues: everything the fleet published is stored, once.
+    published = telemetry_sent(fleet.wait()[1])
+    assert len(published) == 3 * 100
+    assert wait_until(lambda: stored(settings, prefix) == len(published), 120), (
+        stored(settings, prefix),
+        len(published),
+    )
     for _ in range(3):  # every pooled connection still answers
         after = ask(settings, "SELECT count() FROM telemetry", analyst)
         assert after.status == 200, after
+
+
+def fleet_done(fleet: BackgroundFleet) -> bool:
+    return not fleet.thread.is_alive()
 
 
 # --- the ClickHouse HTTP protocol (issue 14, item 2) ----------------------------------------
@@ -328,6 +411,54 @@ def test_clickhouse_connect_reads_with_a_platform_token(
         clickhouse_connect.get_client(
             host=settings.host, port=settings.query_port, username=who, password="not-a-token"
         )
+
+
+FORMATS_SQL = "SELECT number AS n, toString(number) AS s FROM numbers(3)"
+
+
+def test_clickhouse_connect_reads_every_format_through_the_port(
+    settings: Settings, tokens: TokenAuthority, analyst: str
+) -> None:
+    """Issue 14, item 2: the formats clients use (clickhouse-connect's query is Native,
+    query_arrow Arrow, query_df pandas) and the text/binary ones asked by name."""
+    client = clickhouse_connect.get_client(
+        host=settings.host,
+        port=settings.query_port,
+        username=tokens.verify(analyst).id,
+        password=analyst,
+    )
+    try:
+        assert client.query(FORMATS_SQL).result_rows == [(0, "0"), (1, "1"), (2, "2")]
+        table = client.query_arrow(FORMATS_SQL)
+        assert table.column_names == ["n", "s"]
+        assert table.column("n").to_pylist() == [0, 1, 2]
+        frame = client.query_df(FORMATS_SQL)
+        assert list(frame.columns) == ["n", "s"]
+        assert frame["s"].tolist() == ["0", "1", "2"]
+        raw = {
+            fmt: client.raw_query(FORMATS_SQL, fmt=fmt)
+            for fmt in (
+                "TSVWithNames",
+                "CSVWithNames",
+                "JSONEachRow",
+                "RowBinaryWithNamesAndTypes",
+                "Native",
+                "Arrow",
+            )
+        }
+    finally:
+        client.close()
+    assert raw["TSVWithNames"].decode().splitlines() == ["n\ts", "0\t0", "1\t1", "2\t2"]
+    assert raw["CSVWithNames"].decode().splitlines() == ['"n","s"', '0,"0"', '1,"1"', '2,"2"']
+    rows = [json.loads(line) for line in raw["JSONEachRow"].decode().splitlines()]
+    assert [row["s"] for row in rows] == ["0", "1", "2"]
+    # two columns, then their names and types, then 3 rows of (UInt64, String)
+    binary = raw["RowBinaryWithNamesAndTypes"]
+    assert binary.startswith(b"\x02\x01n\x01s\x06UInt64\x06String")
+    assert len(binary) == len(b"\x02\x01n\x01s\x06UInt64\x06String") + 3 * (8 + 2)
+    assert b"UInt64" in raw["Native"]
+    arrow = pa.ipc.open_file(raw["Arrow"]).read_all().column("s").to_pylist()
+    assert [v.decode() if isinstance(v, bytes) else v for v in arrow] == ["0", "1", "2"]
 
 
 def test_the_clickhouse_protocol_refuses_settings_and_other_databases(

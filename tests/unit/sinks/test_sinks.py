@@ -8,6 +8,7 @@ import random
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from http import HTTPStatus
@@ -19,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from queries.result import QueryResult, json_value
+from queries.result import QueryResult, RawResult, json_value
 from queries.sqltext import check_read_only
 from sinks.clickhouse import (
     EVENT_SCHEMA,
@@ -39,12 +40,11 @@ from sinks.query_server import (
     AccessDenied,
     Caller,
     QueryServer,
-    answer,
-    bearer_token,
     read_platform_secret,
     start_query_server,
     write_platform_secret,
 )
+from sinks.row_filters import EVERY_ROW, ReadScope
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z in epoch ms
 
@@ -259,73 +259,30 @@ def test_dsns_are_normalized(dsn: str, expected: str) -> None:
     assert normalize_dsn(dsn) == expected
 
 
-# --- the query server, against a fake backend ----------------------------------------------
+# --- the query server (the ClickHouse HTTP protocol only), against a fake backend ---------
 
 
 class FakeBackend:
     dsn = "chdb:///tmp/fleet-test-wh"
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.calls: list[tuple[str, dict[str, str], str, ReadScope]] = []
 
-    def query(
-        self, sql: str, params: Mapping[str, Any] | None = None, scope: Any = None
-    ) -> QueryResult:
+    def query_raw(
+        self, sql: str, params: Mapping[str, str], default_format: str, scope: ReadScope
+    ) -> RawResult:
         statement = check_read_only(sql)
-        self.calls.append((statement, dict(params or {})))
+        self.calls.append((statement, dict(params), default_format, scope))
         if "boom" in statement:
-            raise QueryFailed("Code: 47. Unknown identifier boom")
+            raise QueryFailed("Code: 47. DB::Exception: Unknown identifier boom")
         if "down" in statement:
             raise SinkUnavailable("warehouse down")
         if "bug" in statement:
             raise ZeroDivisionError("bug")
-        moment = datetime(2026, 1, 1, tzinfo=UTC)
-        return QueryResult(("n", "at"), ("UInt8", "DateTime('UTC')"), ((1, moment),))
+        return RawResult(b'{"n":1}\n', default_format)
 
-
-def body(**payload: Any) -> bytes:
-    return json.dumps(payload).encode()
-
-
-def test_the_server_answers_columns_and_json_safe_rows() -> None:
-    backend = FakeBackend()
-    reply = answer(backend, body(sql="SELECT {n:UInt8}", params={"n": 1}))
-    assert reply.status == HTTPStatus.OK
-    assert reply.body["columns"] == ["n", "at"]
-    assert reply.body["rows"] == [[1, "2026-01-01T00:00:00+00:00"]]
-    assert backend.calls == [("SELECT {n:UInt8}", {"n": "1"})]
-
-
-@pytest.mark.parametrize(
-    ("payload", "status", "kind"),
-    [
-        (body(sql="INSERT INTO telemetry VALUES (1)"), HTTPStatus.BAD_REQUEST, "refused"),
-        (body(sql="DROP TABLE telemetry"), HTTPStatus.BAD_REQUEST, "refused"),
-        (body(sql="SELECT boom"), HTTPStatus.BAD_REQUEST, "sql"),
-        (body(sql="SELECT down"), HTTPStatus.SERVICE_UNAVAILABLE, "unavailable"),
-        (body(sql="SELECT bug"), HTTPStatus.INTERNAL_SERVER_ERROR, "internal"),
-        (body(sql=42), HTTPStatus.BAD_REQUEST, "bad_request"),
-        (body(sql="SELECT 1", params=[1]), HTTPStatus.BAD_REQUEST, "bad_request"),
-        (b"not json", HTTPStatus.BAD_REQUEST, "bad_request"),
-        (
-            body(sql="SELECT 1", warehouse="chdb:///elsewhere"),
-            HTTPStatus.CONFLICT,
-            "other_warehouse",
-        ),
-    ],
-)
-def test_the_server_refuses_with_a_json_error(
-    payload: bytes, status: HTTPStatus, kind: str
-) -> None:
-    reply = answer(FakeBackend(), payload)
-    assert reply.status == status
-    assert reply.body["kind"] == kind
-    assert reply.body["error"]
-
-
-def test_the_server_accepts_its_own_warehouse_by_any_spelling() -> None:
-    reply = answer(FakeBackend(), body(sql="SELECT 1", warehouse="chdb:///tmp/./fleet-test-wh"))
-    assert reply.status == HTTPStatus.OK
+    def platform_raw(self, sql: str, fmt: str) -> RawResult:
+        return RawResult(b"", fmt)
 
 
 class OneToken:
@@ -333,65 +290,108 @@ class OneToken:
 
     def authenticate(self, token: str | None) -> Caller:
         if token is None:
-            raise AccessDenied(HTTPStatus.UNAUTHORIZED, "a bearer token is required")
+            raise AccessDenied(HTTPStatus.UNAUTHORIZED, "a token is required")
         if token != "good":
             raise AccessDenied(HTTPStatus.FORBIDDEN, "no grant", "user:x")
-        return Caller("user:a")
+        return Caller("user:a", scope=EVERY_ROW)
+
+
+@dataclass
+class Served:
+    server: QueryServer
+    backend: FakeBackend
 
 
 @pytest.fixture
-def server() -> Iterator[QueryServer]:
-    with start_query_server(FakeBackend(), "127.0.0.1", 0, OneToken()) as running:
-        yield running
+def served() -> Iterator[Served]:
+    backend = FakeBackend()
+    with start_query_server(backend, "127.0.0.1", 0, OneToken()) as running:
+        yield Served(running, backend)
 
 
-def post(
-    server: QueryServer, path: str, data: bytes, token: str | None = "good"
-) -> tuple[int, Any]:
-    host, port = server.address
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: bytes
+    headers: Mapping[str, str]
+
+
+def call(
+    served: Served,
+    path: str,
+    data: bytes | None,
+    token: str | None = "good",
+    headers: Mapping[str, str] | None = None,
+) -> Reply:
+    host, port = served.server.address
     request = urllib.request.Request(f"http://{host}:{port}{path}", data=data)
     if token is not None:
-        request.add_header("Authorization", f"Bearer {token}")
+        request.add_header("X-ClickHouse-Key", token)
+    for name, value in (headers or {}).items():
+        request.add_header(name, value)
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, json.load(response)
+            return Reply(response.status, response.read(), dict(response.headers))
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+        return Reply(exc.code, exc.read(), dict(exc.headers))
 
 
-def test_the_server_speaks_http(server: QueryServer) -> None:
-    assert post(server, "/query", body(sql="SELECT 1"))[0] == 200
-    status, error = post(server, "/query", body(sql="DELETE FROM telemetry WHERE 1"))
-    assert (status, error["kind"]) == (400, "refused")
-    assert post(server, "/nope", b"{}")[0] == 404
-    host, port = server.address
-    with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=5) as response:
-        assert json.load(response) == {"status": "ok", "warehouse": FakeBackend.dsn}
-
-
-def test_the_server_wants_a_token_before_anything(server: QueryServer) -> None:
-    status, error = post(server, "/query", body(sql="SELECT 1"), token=None)
-    assert (status, error["kind"]) == (401, "unauthorized")
-    status, error = post(server, "/query", body(sql="SELECT 1"), token="bad")
-    assert (status, error["kind"], error["error"]) == (403, "forbidden", "no grant")
+def test_the_server_answers_a_clickhouse_request_in_the_format_asked(served: Served) -> None:
+    reply = call(served, "/?param_n=1&default_format=JSONEachRow", b"SELECT {n:UInt8}")
+    assert (reply.status, reply.body) == (200, b'{"n":1}\n')
+    assert reply.headers["X-ClickHouse-Format"] == "JSONEachRow"
+    statement, params, fmt, scope = served.backend.calls[0]
+    assert (statement, params, fmt) == ("SELECT {n:UInt8}", {"n": "1"}, "JSONEachRow")
+    assert scope.final  # each message once unless the caller opts out
+    assert call(served, "/?final=0&query=SELECT%201", None).status == 200
+    assert not served.backend.calls[1][3].final
 
 
 @pytest.mark.parametrize(
-    ("header", "token"),
+    ("sql", "status", "code"),
     [
-        (None, None),
-        ("", None),
-        ("Bearer", None),
-        ("Bearer  ", None),
-        ("Basic dXNlcjpwYXNz", None),
-        ("Bearer abc.def", "abc.def"),
-        ("bearer  abc ", "abc"),
+        ("INSERT INTO telemetry VALUES (1)", 403, "497"),
+        ("DROP TABLE telemetry", 403, "497"),
+        ("SELECT boom", 400, "47"),
+        ("SELECT down", 503, "210"),
+        ("SELECT bug", 500, "1001"),
+        ("", 400, "62"),
     ],
 )
-def test_bearer_tokens_are_read_from_the_authorization_header(
-    header: str | None, token: str | None
+def test_the_server_refuses_as_clickhouse_does(
+    served: Served, sql: str, status: int, code: str
 ) -> None:
-    assert bearer_token(header) == token
+    reply = call(served, "/", sql.encode())
+    assert reply.status == status
+    assert reply.body.startswith(b"Code: ")
+    assert reply.headers["X-ClickHouse-Exception-Code"] == code
+
+
+def test_the_json_protocol_is_retired(served: Served) -> None:
+    body = json.dumps({"sql": "SELECT 1"}).encode()
+    reply = call(served, "/query", body, headers={"Authorization": "Bearer good"})
+    assert reply.status == 404
+    assert b"ClickHouse HTTP protocol" in reply.body
+    assert served.backend.calls == []
+    assert call(served, "/nope", None).status == 404
+
+
+def test_the_server_pings_and_names_its_warehouse(served: Served) -> None:
+    assert call(served, "/ping", None, token=None).body == b"Ok.\n"
+    health = call(served, "/health", None, token=None)
+    assert json.loads(health.body) == {"status": "ok", "warehouse": FakeBackend.dsn}
+
+
+def test_the_server_wants_a_token_before_anything(served: Served) -> None:
+    reply = call(served, "/", b"SELECT 1", token=None)
+    assert (reply.status, reply.headers["X-ClickHouse-Exception-Code"]) == (401, "516")
+    assert "WWW-Authenticate" in reply.headers
+    reply = call(served, "/", b"SELECT 1", token="bad")
+    assert (reply.status, reply.headers["X-ClickHouse-Exception-Code"]) == (403, "497")
+    assert b"no grant" in reply.body
+    bearer = call(served, "/", b"SELECT 1", token=None, headers={"Authorization": "Bearer good"})
+    assert bearer.status == 200
+    assert [c[0] for c in served.backend.calls] == ["SELECT 1"]
 
 
 def test_the_platform_secret_is_private_and_new_each_time(tmp_path: Any) -> None:
