@@ -241,16 +241,19 @@ def _quantile_row(
 
 @dataclass(frozen=True)
 class FlapFleet:
-    """Bench devices registered in one group, and the CA that issued them."""
+    """The stack, bench devices registered in one group, and the CA that issued them."""
 
+    stack: Stack
     ca: CertificateAuthority
     prefix: str
     creds: list[DeviceCredentials]
 
 
-def flap_fleet(settings: Settings, stack: Stack, tag: str, devices: int) -> FlapFleet:
-    """Provision and register ``devices`` devices in a fresh group, put a rule on the group
-    (vibration above 1.0, so readings flap) and wait until the hot job holds it."""
+def flap_fleet(settings: Settings, tag: str, devices: int) -> FlapFleet:
+    """Start the stack, provision and register ``devices`` devices in a fresh group, put a rule
+    on the group (vibration above 1.0, so readings flap) and wait until the hot job holds it."""
+    stack = Stack(settings)
+    stack.up()
     ca = CertificateAuthority.load_or_create(settings.pki_dir, passphrase=key_passphrase(settings))
     prefix = f"{tag}{uuid.uuid4().hex[:4]}-"
     group = f"{prefix}group"
@@ -270,7 +273,7 @@ def flap_fleet(settings: Settings, stack: Stack, tag: str, devices: int) -> Flap
     client.put_rule(rule)
     client.close()
     wait_until(lambda: rule.rule_id in stack.hot_worker.counters().get("rules", []), timeout=60)
-    return FlapFleet(ca, prefix, creds)
+    return FlapFleet(stack, ca, prefix, creds)
 
 
 def run_hot(
@@ -281,9 +284,7 @@ def run_hot(
     measuring_devices: int = 20,
     rounds: int = 10,
 ) -> list[Result]:
-    stack = Stack(settings)
-    stack.up()
-    fleet = flap_fleet(settings, stack, "hotb", devices)
+    fleet = flap_fleet(settings, "hotb", devices)
     prefix, creds = fleet.prefix, fleet.creds
     probes = load_or_provision(
         fleet.ca,

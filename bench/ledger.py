@@ -336,10 +336,8 @@ def run_ledger(
     idle_s: float = 20.0,
     settle_s: float = 10.0,
 ) -> list[Result]:
-    stack = Stack(settings)
-    stack.up()
-    fleet = flap_fleet(settings, stack, "ldg", devices)
-    prefix, creds = fleet.prefix, fleet.creds
+    fleet = flap_fleet(settings, "ldg", devices)
+    stack, prefix, creds = fleet.stack, fleet.prefix, fleet.creds
 
     time.sleep(settle_s)  # start-up work (restores, first fetches) ends before idle is read
     idle = measure_idle(stack, idle_s)
