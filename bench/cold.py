@@ -27,6 +27,7 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from bench.ingest import Result
 from bench.loadgen import offer_load
+from bench.telemetry import produce_readings
 from infra.keys import key_passphrase
 from infra.pki import CertificateAuthority
 from infra.provision import load_or_provision
@@ -61,27 +62,7 @@ def _produce(settings: Settings, prefix: str, rows: int) -> dict[int, int]:
             "enable.idempotence": True,
         }
     )
-    now = int(time.time() * 1000)
-    devices = 1000
-    for i in range(rows):
-        device = f"{prefix}{i % devices:04d}"
-        record = {
-            "device_id": device,
-            "seq": i // devices + 1,
-            "ts": now + i,
-            "received_at": now + i,
-            "temperature": 20.0 + (i % 50) / 10,
-            "humidity": 40.0,
-            "battery": 90.0,
-            "vibration_rms": 0.8,
-            "extra": {},
-        }
-        while True:
-            try:
-                producer.produce("telemetry.raw", key=device.encode(), value=codec.encode(record))
-                break
-            except BufferError:
-                producer.poll(0.05)
+    produce_readings(producer, "telemetry.raw", codec, rows, 1000, prefix, int(time.time() * 1000))
     producer.flush(60)
     return starts
 

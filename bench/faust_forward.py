@@ -39,6 +39,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from bench.ingest import Result, bench_settings
+from bench.telemetry import produce_readings
 from infra.settings import PROJECT_ROOT, Settings, settings_env
 from infra.stack import Stack
 from schemas.codec import CodecRegistry, load_schema
@@ -117,26 +118,7 @@ def _produce(settings: Settings, topic: str) -> None:
     producer = Producer(
         {"bootstrap.servers": settings.bootstrap_servers, "linger.ms": 20, "acks": "all"}
     )
-    now = int(time.time() * 1000)
-    for i in range(RECORDS):
-        device = f"fwd-{i % DEVICES:04d}"
-        record = {
-            "device_id": device,
-            "seq": i // DEVICES + 1,
-            "ts": now + i,
-            "received_at": now + i,
-            "temperature": 20.0 + (i % 50) / 10,
-            "humidity": 40.0,
-            "battery": 90.0,
-            "vibration_rms": 0.8,
-            "extra": {},
-        }
-        while True:
-            try:
-                producer.produce(topic, key=device.encode(), value=codec.encode(record))
-                break
-            except BufferError:
-                producer.poll(0.05)
+    produce_readings(producer, topic, codec, RECORDS, DEVICES, "fwd-", int(time.time() * 1000))
     if producer.flush(60) != 0:
         raise RuntimeError(f"could not deliver {RECORDS} records to {topic}")
 

@@ -239,23 +239,26 @@ def _quantile_row(
     )
 
 
-def run_hot(
-    settings: Settings,
-    devices: int = 100,
-    rate: float = 60.0,
-    duration: float = 30.0,
-    measuring_devices: int = 20,
-    rounds: int = 10,
-) -> list[Result]:
+@dataclass(frozen=True)
+class FlapFleet:
+    """The stack, bench devices registered in one group, and the CA that issued them."""
+
+    stack: Stack
+    ca: CertificateAuthority
+    prefix: str
+    creds: list[DeviceCredentials]
+
+
+def flap_fleet(settings: Settings, tag: str, devices: int) -> FlapFleet:
+    """Start the stack, provision and register ``devices`` devices in a fresh group, put a rule
+    on the group (vibration above 1.0, so readings flap) and wait until the hot job holds it."""
     stack = Stack(settings)
     stack.up()
     ca = CertificateAuthority.load_or_create(settings.pki_dir, passphrase=key_passphrase(settings))
-    prefix = f"hotb{uuid.uuid4().hex[:4]}-"
+    prefix = f"{tag}{uuid.uuid4().hex[:4]}-"
     group = f"{prefix}group"
-    folder = settings.state_dir / "bench-devices"
-    creds = load_or_provision(ca, [f"{prefix}{i:04d}" for i in range(devices)], folder, "ec")
-    probes = load_or_provision(
-        ca, [f"{prefix}probe{i:03d}" for i in range(measuring_devices)], folder, "ec"
+    creds = load_or_provision(
+        ca, [f"{prefix}{i:04d}" for i in range(devices)], settings.state_dir / "bench-devices", "ec"
     )
     client = HotPathClient(settings)
     register(client, creds, "bench", "bench", group)
@@ -270,6 +273,25 @@ def run_hot(
     client.put_rule(rule)
     client.close()
     wait_until(lambda: rule.rule_id in stack.hot_worker.counters().get("rules", []), timeout=60)
+    return FlapFleet(stack, ca, prefix, creds)
+
+
+def run_hot(
+    settings: Settings,
+    devices: int = 100,
+    rate: float = 60.0,
+    duration: float = 30.0,
+    measuring_devices: int = 20,
+    rounds: int = 10,
+) -> list[Result]:
+    fleet = flap_fleet(settings, "hotb", devices)
+    prefix, creds = fleet.prefix, fleet.creds
+    probes = load_or_provision(
+        fleet.ca,
+        [f"{prefix}probe{i:03d}" for i in range(measuring_devices)],
+        settings.state_dir / "bench-devices",
+        "ec",
+    )
 
     arrivals = Arrivals()
     ready, early = threading.Event(), threading.Event()

@@ -36,19 +36,14 @@ import psutil
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from bench.hot import quantile
+from bench.hot import flap_fleet, quantile
 from bench.ingest import Result
 from bench.loadgen import LoadStats, offer_load
-from infra.api.client import HotPathClient
-from infra.keys import key_passphrase
-from infra.pki import CertificateAuthority
-from infra.provision import DeviceCredentials, load_or_provision, register
+from infra.provision import DeviceCredentials
 from infra.services.base import Service, wait_until
 from infra.settings import Settings
 from infra.stack import Stack
 from schemas.codec import CodecRegistry, Decoded, load_schema
-from streams.hot.alerts import AlertRule, RuleKind, ScopeType
-from streams.registry.rbac import Resource
 
 CpuTimes = dict[str, float]  # service name -> CPU seconds (user + system, children included)
 
@@ -341,27 +336,8 @@ def run_ledger(
     idle_s: float = 20.0,
     settle_s: float = 10.0,
 ) -> list[Result]:
-    stack = Stack(settings)
-    stack.up()
-    ca = CertificateAuthority.load_or_create(settings.pki_dir, passphrase=key_passphrase(settings))
-    prefix = f"ldg{uuid.uuid4().hex[:4]}-"
-    group = f"{prefix}group"
-    creds = load_or_provision(
-        ca, [f"{prefix}{i:04d}" for i in range(devices)], settings.state_dir / "bench-devices", "ec"
-    )
-    client = HotPathClient(settings)
-    register(client, creds, "bench", "bench", group)
-    rule = AlertRule(
-        f"{prefix}flap",
-        ScopeType.group,
-        str(Resource("bench", "bench", group)),
-        "vibration_rms",
-        RuleKind.above,
-        threshold=1.0,
-    )
-    client.put_rule(rule)
-    client.close()
-    wait_until(lambda: rule.rule_id in stack.hot_worker.counters().get("rules", []), timeout=60)
+    fleet = flap_fleet(settings, "ldg", devices)
+    stack, prefix, creds = fleet.stack, fleet.prefix, fleet.creds
 
     time.sleep(settle_s)  # start-up work (restores, first fetches) ends before idle is read
     idle = measure_idle(stack, idle_s)

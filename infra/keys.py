@@ -20,16 +20,15 @@ The API's token-signing key (:mod:`streams.registry.tokens`) lives in ``<pki dir
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import secrets
 import stat
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from infra.settings import Settings
+from streams.ota.artifacts import create_once
 
 if TYPE_CHECKING:  # imported when used: the CLI imports this module at start
     from streams.registry.tokens import TokenAuthority
@@ -61,17 +60,8 @@ def _create_passphrase_file(path: Path) -> None:
     """Write a fresh random passphrase to ``path`` (0600) unless it exists; a temp file linked
     into place, so processes starting at once all end up with the same one."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="ascii") as fh:
-            fh.write(secrets.token_urlsafe(_PASSPHRASE_BYTES) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        with contextlib.suppress(FileExistsError):  # another process made it first: theirs
-            os.link(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    # created once: when another process made it first, its passphrase is kept
+    create_once(path, (secrets.token_urlsafe(_PASSPHRASE_BYTES) + "\n").encode("ascii"), 0o600)
 
 
 def _read_passphrase_file(path: Path) -> bytes:

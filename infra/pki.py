@@ -26,8 +26,6 @@ import fcntl
 import ipaddress
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal, TypeAlias, TypedDict, TypeGuard
@@ -40,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from schemas.identity import DEVICE_ID_PATTERN, RESERVED_IDENTITIES, RevocationState
+from streams.ota.artifacts import atomic_write
 
 __all__ = [
     "ENCRYPTED_KEY_PEM_HEADER",
@@ -128,21 +127,6 @@ def _check_serial(serial: int) -> int:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write via a temp file + os.replace so readers (the broker) never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _cn_name(common_name: str) -> x509.Name:
@@ -282,7 +266,7 @@ def load_encrypted_key(path: Path, passphrase: bytes) -> PrivateKeyTypes:
             "(FLEET_KEY_PASSPHRASE, or the per-user default): wrong passphrase, or not a key"
         ) from None
     if not encrypted or not data.lstrip().startswith(ENCRYPTED_KEY_PEM_HEADER):
-        _atomic_write(path, encrypted_key_pem(key, passphrase), mode=0o600)
+        atomic_write(path, encrypted_key_pem(key, passphrase), mode=0o600)
         was = "unencrypted" if not encrypted else "in a legacy encrypted format"
         _LOG.warning("%s: the private key was stored %s; now encrypted at rest", path, was)
     return key
@@ -306,9 +290,9 @@ def write_device_bundle(
     """Write ``<id>.key`` (0600), ``<id>.crt`` and ``ca.crt``: what an owner flashes on a device."""
     _check_pattern(device_id)  # the id becomes a file name: no path traversal
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / f"{device_id}.key", key_pem, mode=0o600)
-    _atomic_write(out_dir / f"{device_id}.crt", cert_pem)
-    _atomic_write(out_dir / _CA_CERT, ca_pem)
+    atomic_write(out_dir / f"{device_id}.key", key_pem, mode=0o600)
+    atomic_write(out_dir / f"{device_id}.crt", cert_pem)
+    atomic_write(out_dir / _CA_CERT, ca_pem)
 
 
 # --------------------------------------------------------------------------- CA
@@ -345,7 +329,7 @@ class CertificateAuthority:
         else:
             ca = cls._create(directory, name, passphrase)
         if not (directory / _REVOKED).exists():
-            _atomic_write(directory / _REVOKED, b"[]\n")
+            atomic_write(directory / _REVOKED, b"[]\n")
         if not (directory / _CRL).exists():
             ca.refresh_crl()
         return ca
@@ -383,8 +367,8 @@ class CertificateAuthority:
         )
         # Key first: a crash between the two writes leaves "key without cert", which
         # load_or_create refuses rather than silently minting a second CA.
-        _atomic_write(directory / _CA_KEY, encrypted_key_pem(key, passphrase), mode=0o600)
-        _atomic_write(directory / _CA_CERT, _cert_pem(cert))
+        atomic_write(directory / _CA_KEY, encrypted_key_pem(key, passphrase), mode=0o600)
+        atomic_write(directory / _CA_CERT, _cert_pem(cert))
         return cls(directory, key, cert)
 
     # ---------------------------------------------------------------- properties
@@ -608,7 +592,7 @@ class CertificateAuthority:
             order += [s for s in by_serial if s not in known]
             updated = [by_serial[s] for s in order]
             payload = json.dumps(updated, indent=2) + "\n"
-            _atomic_write(self._dir / _REVOKED, payload.encode("utf-8"))
+            atomic_write(self._dir / _REVOKED, payload.encode("utf-8"))
             self._write_crl(updated)
             return True
 
@@ -662,7 +646,7 @@ class CertificateAuthority:
                 revoked = revoked.add_extension(x509.CRLReason(flag), critical=False)
             builder = builder.add_revoked_certificate(revoked.build())
         crl = builder.sign(self._key, hashes.SHA256())
-        _atomic_write(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
+        atomic_write(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
 
     def crl(self) -> x509.CertificateRevocationList:
         return x509.load_pem_x509_crl(self.crl_path.read_bytes())

@@ -15,7 +15,8 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol, TypeAlias
+from types import TracebackType
+from typing import Any, Final, Protocol, Self, TypeAlias
 
 from queries.migrations import Migration
 from queries.result import QueryResult
@@ -37,6 +38,7 @@ __all__ = [
     "TELEMETRY_TABLE",
     "TWIN_HISTORY_TABLE",
     "BatchOrigin",
+    "ClosesOnExit",
     "InvalidBatch",
     "OffsetRange",
     "QueryFailed",
@@ -50,6 +52,24 @@ __all__ = [
 ]
 
 Record: TypeAlias = Mapping[str, Any]
+
+
+class ClosesOnExit:
+    """A resource used as ``with resource:`` that closes it on the way out."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 class SinkError(Exception):

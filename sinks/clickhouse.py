@@ -30,7 +30,6 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Final, Literal, TypeAlias
 
 import clickhouse_connect
@@ -52,6 +51,7 @@ from queries.result import OUTPUT_FORMATS, QueryResult, RawResult
 from queries.sqltext import NotReadOnly
 from sinks.base import (
     BatchOrigin,
+    ClosesOnExit,
     InvalidBatch,
     QueryFailed,
     QueryLimitExceeded,
@@ -440,7 +440,7 @@ def _parse_error(message: str) -> str:
     return re.sub(r":? In scope SELECT formatQuery\(.*", "", message, flags=re.S).strip()
 
 
-class ClickHouseSink:
+class ClickHouseSink(ClosesOnExit):
     """Writes batches into the warehouse at ``dsn`` and answers read-only queries.
 
     Connections open lazily and reopen after a failure, so one sink lives as long as its
@@ -546,17 +546,6 @@ class ClickHouseSink:
     def close(self) -> None:
         self._readers.close()
         self._drop("write")
-
-    def __enter__(self) -> ClickHouseSink:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- schema ---
 

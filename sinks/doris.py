@@ -26,7 +26,6 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -45,6 +44,7 @@ from sinks.base import (
     TELEMETRY_TABLE,
     TWIN_HISTORY_TABLE,
     BatchOrigin,
+    ClosesOnExit,
     QueryFailed,
     Record,
     SinkUnavailable,
@@ -58,6 +58,7 @@ from sinks.clickhouse import (
     records_to_arrow,
 )
 from sinks.doris_load import LoadRequest, StreamLoader, json_lines
+from sinks.warehouse_tables import ALERTS_SCHEMA as WAREHOUSE_ALERTS_SCHEMA
 from sinks.warehouse_tables import Columns
 
 __all__ = [
@@ -73,7 +74,6 @@ __all__ = [
 DORIS_DDL_DIR: Final = Path(__file__).resolve().parent.parent / "queries" / "doris" / "ddl"
 
 _TENANT = [pa.field(name, pa.string(), nullable=False) for name in ("org", "project", "group")]
-_MS_UTC = pa.timestamp("ms", tz="UTC")
 
 
 def _with_tenant(schema: pa.Schema) -> pa.Schema:
@@ -82,18 +82,22 @@ def _with_tenant(schema: pa.Schema) -> pa.Schema:
     return pa.schema([*schema, *missing])
 
 
+# The warehouse's alert columns, key columns first as the Doris table declares them.
 ALERTS_SCHEMA: Final = pa.schema(
     [
-        pa.field("alert_id", pa.string(), nullable=False),
-        pa.field("device_id", pa.string(), nullable=False),
-        pa.field("rule_id", pa.string(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),
-        pa.field("metric", pa.string(), nullable=False),
-        pa.field("value", pa.float64()),
-        pa.field("threshold", pa.float64(), nullable=False),
-        pa.field("severity", pa.string(), nullable=False),
-        pa.field("seq", pa.int64(), nullable=False),
-        pa.field("ts", _MS_UTC, nullable=False),
+        WAREHOUSE_ALERTS_SCHEMA.field(name)
+        for name in (
+            "alert_id",
+            "device_id",
+            "rule_id",
+            "status",
+            "metric",
+            "value",
+            "threshold",
+            "severity",
+            "seq",
+            "ts",
+        )
     ]
 )
 QUARANTINE_SCHEMA: Final = pa.schema(
@@ -259,7 +263,7 @@ def _tenant_filled(records: Sequence[Record], schema: pa.Schema) -> list[Record]
     return [{**{name: "" for name in tenant}, **record} for record in records]
 
 
-class DorisSink:
+class DorisSink(ClosesOnExit):
     """Writes batches into Doris with Stream Load and answers reads over the MySQL protocol.
     Thread-safe: one MySQL connection per call, one HTTP session (requests is thread-safe for
     independent requests)."""
@@ -339,17 +343,6 @@ class DorisSink:
 
     def close(self) -> None:
         self._session.close()
-
-    def __enter__(self) -> DorisSink:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- schema ---
 

@@ -41,6 +41,7 @@ from typing import Any, Protocol
 
 from queries.result import RawResult
 from queries.sqltext import NotReadOnly
+from sinks.base import ClosesOnExit
 from sinks.clickhouse import QueryFailed, SinkUnavailable
 from sinks.clickhouse_http import (
     PROBE_SQL,
@@ -297,7 +298,7 @@ class _Server(ThreadingHTTPServer):
         super().__init__(address, _Handler)
 
 
-class QueryServer:
+class QueryServer(ClosesOnExit):
     """A running query server (see :func:`start_query_server`); ``close()`` stops it."""
 
     def __init__(
@@ -318,12 +319,6 @@ class QueryServer:
         self._thread.join(timeout=5)
         if self._on_close is not None:
             self._on_close()
-
-    def __enter__(self) -> QueryServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def start_query_server(

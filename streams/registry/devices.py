@@ -162,13 +162,19 @@ class DeviceRecord:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ProvisionDevice:
-    kind: ClassVar[CommandKind] = CommandKind.provision
-    action: ClassVar[Action] = Action.device_provision
+class _DeviceCommand:
+    """What every command carries: its id, who asks, and the device it is about."""
 
     command_id: str
     principal: Principal
     device_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProvisionDevice(_DeviceCommand):
+    kind: ClassVar[CommandKind] = CommandKind.provision
+    action: ClassVar[Action] = Action.device_provision
+
     org: str
     project: str
     group: str
@@ -180,16 +186,13 @@ class ProvisionDevice:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class UpdateDevice:
+class UpdateDevice(_DeviceCommand):
     """Change what is given (None: unchanged). ``labels`` replaces all labels; ``group`` moves
     the device within its project and needs ``device.update`` on the new group too."""
 
     kind: ClassVar[CommandKind] = CommandKind.update
     action: ClassVar[Action] = Action.device_update
 
-    command_id: str
-    principal: Principal
-    device_id: str
     group: str | None = None
     region: str | None = None
     firmware_version: str | None = None
@@ -197,35 +200,26 @@ class UpdateDevice:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class SuspendDevice:
+class _CommandWithReason(_DeviceCommand):
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SuspendDevice(_CommandWithReason):
     kind: ClassVar[CommandKind] = CommandKind.suspend
     action: ClassVar[Action] = Action.device_suspend
 
-    command_id: str
-    principal: Principal
-    device_id: str
-    reason: str | None = None
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RevokeDevice:
+class RevokeDevice(_CommandWithReason):
     kind: ClassVar[CommandKind] = CommandKind.revoke
     action: ClassVar[Action] = Action.device_revoke
 
-    command_id: str
-    principal: Principal
-    device_id: str
-    reason: str | None = None
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ActivateDevice:
+class ActivateDevice(_DeviceCommand):
     kind: ClassVar[CommandKind] = CommandKind.activate
     action: ClassVar[Action] = Action.device_activate
-
-    command_id: str
-    principal: Principal
-    device_id: str
 
 
 RegistryCommand: TypeAlias = (

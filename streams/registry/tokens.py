@@ -18,8 +18,6 @@ what it may do: that is :func:`streams.registry.rbac.authorize` on the grants of
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -29,6 +27,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from streams.ota.artifacts import create_once
 from streams.registry.rbac import Principal, PrincipalKind
 
 __all__ = [
@@ -76,19 +75,8 @@ def _create_key(path: Path) -> Ed25519PrivateKey:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)  # atomic and exclusive: never replaces a key in use
-        except FileExistsError:
-            return _load_key(path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    if not create_once(path, pem, 0o600):  # exclusive: never replaces a key in use
+        return _load_key(path)
     return key
 
 

@@ -18,7 +18,7 @@ import bisect
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import (
@@ -83,22 +83,26 @@ def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)
 
 
-def labelled_counter(
-    name: str, doc: str, label: str, values: Mapping[str, float]
-) -> CounterMetricFamily:
-    family = CounterMetricFamily(name, doc, labels=[label])
+_Family = TypeVar("_Family", CounterMetricFamily, GaugeMetricFamily)
+
+
+def _labelled(family: _Family, values: Mapping[str, float]) -> _Family:
+    """``family`` with one sample per label value, in label order."""
     for key, value in sorted(dict(values).items()):
         family.add_metric([key], value)
     return family
+
+
+def labelled_counter(
+    name: str, doc: str, label: str, values: Mapping[str, float]
+) -> CounterMetricFamily:
+    return _labelled(CounterMetricFamily(name, doc, labels=[label]), values)
 
 
 def labelled_gauge(
     name: str, doc: str, label: str, values: Mapping[str, float]
 ) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(name, doc, labels=[label])
-    for key, value in sorted(dict(values).items()):
-        family.add_metric([key], value)
-    return family
+    return _labelled(GaugeMetricFamily(name, doc, labels=[label]), values)
 
 
 class Closeable(Protocol):

@@ -56,6 +56,7 @@ from streams.ota.plan import RolloutPlan
 from streams.ota.rollout import run
 from streams.registry.devices import DeviceRecord, DeviceStatus
 from streams.registry.rbac import GrantSet, Principal, Resource, Role, index_grants
+from tests.support.fakes import FakeSubscriber
 
 NOW = 1_700_000_000_000
 OLD, NEW = FIRMWARE_VERSION, "2.0.0"
@@ -832,19 +833,6 @@ def test_a_device_without_ota_state_starts_from_its_twins_firmware(tmp_path: Pat
 
 
 # --------------------------------------------------------------------------- gmqtt wiring
-
-
-class FakeSubscriber:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, Any]] = []
-
-    def subscribe(self, subscription: Any) -> int:
-        self.calls.append(("subscribe", subscription))
-        return 1
-
-    def resubscribe(self, subscription: Any) -> int:
-        self.calls.append(("resubscribe", subscription))
-        return 2
 
 
 def test_every_connect_subscribes_to_desired_state_and_ota_commands(tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ from ingest.envelope import Accepted as EnvelopeAccepted
 from ingest.envelope import parse_uplink_topic, validate_reported
 from streams.hot.twin import MAX_DEPTH, Twin, apply_reported
 from streams.hot.twin import Accepted as TwinAccepted
+from tests.support.fakes import FakeSubscriber
 
 NOW = 1_700_000_000_000
 
@@ -259,21 +260,6 @@ def test_twin_file_sits_beside_the_seq_file(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- the device
-
-
-class FakeSubscriber:
-    """Stands in for the gmqtt client in `_on_connect` (no connection to write to)."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, Any]] = []
-
-    def subscribe(self, subscription: Any) -> int:
-        self.calls.append(("subscribe", subscription))
-        return 1
-
-    def resubscribe(self, subscription: Any) -> int:
-        self.calls.append(("resubscribe", subscription))
-        return 2
 
 
 def _device(

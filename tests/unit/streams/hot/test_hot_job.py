@@ -18,25 +18,12 @@ from streams.hot.job import (
     HotState,
 )
 from streams.runtime.testing import JobHarness
+from tests.support.records import telemetry_reading as reading
 
 HOT = AlertRule("hot", ScopeType.device, "d-1", "temperature", RuleKind.above, 80, 75)
 GROUPED = AlertRule(
     "grouped", ScopeType.group, "org/o/project/p/group/g", "temperature", RuleKind.above, 80, 75
 )
-
-
-def reading(device: str, seq: int, temperature: float) -> dict[str, Any]:
-    return {
-        "device_id": device,
-        "seq": seq,
-        "ts": seq * 1000,
-        "received_at": seq * 1000 + 5,
-        "temperature": temperature,
-        "humidity": None,
-        "battery": None,
-        "vibration_rms": None,
-        "extra": {},
-    }
 
 
 def device(device_id: str, group: str = "g") -> dict[str, Any]:

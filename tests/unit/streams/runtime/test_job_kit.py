@@ -24,6 +24,7 @@ from streams.runtime.spec import (
     dead_letter_output,
 )
 from streams.runtime.testing import JobHarness, run_job
+from tests.support.records import telemetry_reading as reading
 
 # ---------------------------------------------------------------- an example job
 
@@ -81,20 +82,6 @@ EXAMPLE: JobSpec[Hottest] = JobSpec(
     process=hottest,
     tables=(TableSpec("example.thresholds", "Telemetry", set_threshold),),
 )
-
-
-def reading(device: str, seq: int, temperature: float | None) -> dict[str, Any]:
-    return {
-        "device_id": device,
-        "seq": seq,
-        "ts": seq * 1000,
-        "received_at": seq * 1000 + 5,
-        "temperature": temperature,
-        "humidity": None,
-        "battery": None,
-        "vibration_rms": None,
-        "extra": {},
-    }
 
 
 # ---------------------------------------------------------------- the harness
