@@ -1,6 +1,6 @@
 """Consumer lag of the stack's consumer groups, measured in the background for the metrics.
 
-The supervisor (one per stack) runs a :class:`LagProbe`: every few seconds, with one admin
+The API process (one per stack) runs a :class:`LagProbe`: every few seconds, with one admin
 client and one group-less consumer kept open, it reads each group's committed offsets and each
 partition's end offset, and keeps the last reading; its metrics (``fleetstream_consumer_lag``
 by group and topic) are that reading, so a scrape never waits on Kafka.

@@ -207,15 +207,12 @@ def supervisor_metrics(supervisor: Supervisor) -> Iterator[Metric]:
 
 
 def watch_forever(settings: Settings, stopping: threading.Event) -> None:
-    from infra.lag import LagProbe
-    from infra.stack import LAG_GROUPS, Stack  # the stack imports this module
+    from infra.stack import Stack  # the stack imports this module
 
     supervisor = Supervisor(Stack(settings).supervised)
-    # The stack's consumer lag, for the metrics (one probe per stack: here).
-    lag = LagProbe(settings.bootstrap_servers, LAG_GROUPS)
-    if settings.process_metrics_port:
-        lag.start(stopping)
-    serve_process_metrics(settings, lambda: supervisor_metrics(supervisor), lag.metrics)
+    # No Kafka client in here: the supervisor must outlive whatever a client library does
+    # when brokers die (the consumer lag is probed in the API process, which it restarts).
+    serve_process_metrics(settings, lambda: supervisor_metrics(supervisor))
     path = status_path(settings.run_dir)
     # Restart counts are the stack's, not this process's: carry them over a supervisor restart.
     before = read_status(path).get("services")

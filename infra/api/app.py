@@ -36,6 +36,7 @@ import logging
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -55,6 +56,7 @@ from infra.api.routes.ota import OtaRoutes
 from infra.api.routes.public import PublicRoutes
 from infra.api.routes.twins import TwinRoutes
 from infra.keys import token_authority
+from infra.lag import LagProbe
 from infra.metrics import serve_process_metrics
 from infra.settings import Settings, load_settings
 from streams.registry.tokens import TokenAuthority, TokenError
@@ -172,7 +174,15 @@ async def serve(settings: Settings) -> None:
     await runner.setup()  # the backend starts here: tables read to their end
     site = web.TCPSite(runner, settings.host, settings.api_port)
     await site.start()
-    serve_process_metrics(settings, app[API_KEY].metrics.metrics)
+    # The stack's consumer lag for the metrics, one probe per stack: here, not in the
+    # supervisor, so a Kafka client that crashes takes down a process the supervisor restarts.
+    from infra.stack import LAG_GROUPS  # the stack's services import the API's settings
+
+    lag = LagProbe(settings.bootstrap_servers, LAG_GROUPS)
+    probing = threading.Event()
+    if settings.process_metrics_port:
+        lag.start(probing)
+    serve_process_metrics(settings, app[API_KEY].metrics.metrics, lag.metrics)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -181,6 +191,7 @@ async def serve(settings: Settings) -> None:
     reporter = asyncio.create_task(_report(settings, app[API_KEY], stopping))
     await stopping.wait()
     await reporter
+    probing.set()
     await runner.cleanup()
     write_status(settings.run_dir / STATUS_FILE, {"pid": os.getpid(), "ready": False})
 

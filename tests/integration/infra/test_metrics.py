@@ -73,7 +73,7 @@ def test_every_process_serves_its_series_and_they_move_with_traffic(
         "cold-worker": "fleetstream_loader_batch_records_count",
         "ota-controller": "fleetstream_ota_rollouts",
         "api": "fleetstream_api_request_seconds_count",
-        "supervisor": "fleetstream_consumer_lag",
+        "supervisor": "fleetstream_supervisor_restarts_total",
         "job-fleet-health": "fleetstream_faust_events_total",
         "job-alert-webhooks": "fleetstream_faust_events_total",
     }
@@ -129,7 +129,7 @@ def test_every_process_serves_its_series_and_they_move_with_traffic(
         if pending:
             time.sleep(0.5)
     assert not pending, f"did not move with the traffic: {sorted(pending)}"
-    lag = scrape(settings, ports["supervisor"])
+    lag = scrape(settings, ports["api"])
     groups = {dict(labels).get("group") for n, labels in lag if n == "fleetstream_consumer_lag"}
     assert {"fleetstream-cold", "fleetstream-hot", "fleet_health"} <= groups
 
