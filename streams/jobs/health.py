@@ -124,6 +124,16 @@ def is_late(start_ms: int, newest_start_ms: int) -> bool:
     return start_ms < newest_start_ms - RETAIN_MS
 
 
+# How far ahead of this worker's clock a reading's device time may be: further is a bad device
+# clock, skipped, so that it cannot move the newest window and retire everyone else's.
+FUTURE_SKEW_MS = 5 * 60_000
+
+
+def is_future(ts_ms: int, now_ms: int) -> bool:
+    """A reading from further ahead than FUTURE_SKEW_MS of ``now_ms``."""
+    return ts_ms > now_ms + FUTURE_SKEW_MS
+
+
 def iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 

@@ -11,6 +11,7 @@ At least once: after a crash the readings since the last commit are counted agai
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import faust
@@ -22,6 +23,7 @@ from streams.jobs.health import (
     device_key,
     health_key,
     health_record,
+    is_future,
     is_late,
     metrics_of,
     parse_health_key,
@@ -77,6 +79,8 @@ async def fleet_health(stream: faust.StreamT[Any]) -> None:
     # key has one writer and one changelog partition.
     grouped = stream.group_by(lambda r: devices.group_of(r.device_id), name="group")
     async for group, reading in grouped.items():
+        if is_future(int(reading.ts), int(time.time() * 1000)):
+            continue  # a device clock far ahead: it must not retire every current window
         start = window_start_ms(int(reading.ts))
         _newest["start_ms"] = max(_newest["start_ms"], start)
         if is_late(start, _newest["start_ms"]):

@@ -16,12 +16,14 @@ from infra.stack import Stack
 from streams.job_registry import JOBS, SHIPPED_DIR, JobKind
 from streams.jobs import JobsApp, Telemetry
 from streams.jobs.health import (
+    FUTURE_SKEW_MS,
     RETAIN_MS,
     WINDOW_MS,
     add_reading,
     device_key,
     health_key,
     health_record,
+    is_future,
     is_late,
     metrics_of,
     parse_health_key,
@@ -290,3 +292,10 @@ def test_a_recovery_waits_for_the_last_record_not_the_end_offset(
     from streams.jobs.transport import _record_end
 
     assert asyncio.run(_record_end(_Probe(records), "tp", start, end)) == expected  # type: ignore[arg-type]
+
+
+def test_a_reading_far_ahead_of_the_clock_is_future_and_a_skewed_one_is_not() -> None:
+    # fleet_health skips the first: one bad device clock must not retire every window.
+    assert not is_future(T0 + FUTURE_SKEW_MS, T0)
+    assert is_future(T0 + FUTURE_SKEW_MS + 1, T0)
+    assert not is_future(T0 - 3_600_000, T0)
