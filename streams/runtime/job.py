@@ -116,7 +116,7 @@ class TransactionalJob(BatchLoop, Generic[S]):
             name=f"{spec.group}-restore",
             whole=frozenset(t.topic for t in spec.tables if t.changelog and t.whole),
         )
-        self.transactions = Transactions(kafka, self.member)
+        self.transactions = Transactions(kafka, self.member, self.watchdog)
         self.consumer = self._new_consumer()
         self._fenced = False  # the consumer hit a fatal error: recover() replaces it
         self._consumer_error: str | None = None  # a fatal error its error callback reported

@@ -5,14 +5,15 @@ go on) and its status written about once a second. A fatal error ends the proces
 
 from __future__ import annotations
 
-import faulthandler
 import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 from streams.runtime.transactions import Backoff, is_transient
+from streams.runtime.watchdog import Watchdog
 
 log = logging.getLogger("fleetstream.transactions")
 
@@ -32,6 +33,10 @@ class BatchLoop:
     # that ignores its timeout): the process dumps every thread's stack to its log and exits,
     # and the supervisor starts a new one. Below the consumer's max.poll.interval.ms (300 s).
     stall_limit_s = 180.0
+
+    @cached_property
+    def watchdog(self) -> Watchdog:
+        return Watchdog()
 
     def start(self) -> None:
         raise NotImplementedError
@@ -65,12 +70,12 @@ class BatchLoop:
                     self.write_status()
                     reported_at = time.monotonic()
         finally:
-            faulthandler.cancel_dump_traceback_later()
+            self.watchdog.cancel()
             self.close()
 
     def _watch(self) -> None:
         """(Re)arm the stall watchdog for the next action."""
-        faulthandler.dump_traceback_later(self.stall_limit_s, exit=True)
+        self.watchdog.arm(self.stall_limit_s)
 
     def _until_done(
         self,

@@ -30,6 +30,7 @@ from confluent_kafka import (
 )
 
 from streams.runtime.clients import KafkaConfig, transactional_producer_config
+from streams.runtime.watchdog import Watchdog
 
 log = logging.getLogger("fleetstream.transactions")
 
@@ -150,9 +151,16 @@ class Transactions:
     # How long a commit, an abort or init may keep retrying a retriable error before the
     # failure goes up to the loop (which aborts, rewinds and backs off).
     RETRY_FOR_S = 30.0
+    # send_offsets_to_transaction's own timeout, and how long it may really take before the
+    # process ends (it can ignore its timeout: streams/runtime/watchdog.py).
+    SEND_OFFSETS_TIMEOUT_S = 20.0
+    SEND_OFFSETS_LIMIT_S = 30.0
 
-    def __init__(self, kafka: KafkaConfig, transactional_id: str) -> None:
+    def __init__(
+        self, kafka: KafkaConfig, transactional_id: str, watchdog: Watchdog | None = None
+    ) -> None:
         self.producer = Producer(transactional_producer_config(kafka, transactional_id))
+        self.watchdog = watchdog or Watchdog()
         self._initialised = False
         self._open = False  # a transaction was begun and neither committed nor aborted
 
@@ -176,9 +184,10 @@ class Transactions:
             if consumed:
                 assigned = consumer.position(consumer.assignment())
                 positions = [tp for tp in assigned if tp.offset >= 0]
-                self.producer.send_offsets_to_transaction(
-                    positions, consumer.consumer_group_metadata(), 30
-                )
+                with self.watchdog.within(self.SEND_OFFSETS_LIMIT_S):
+                    self.producer.send_offsets_to_transaction(
+                        positions, consumer.consumer_group_metadata(), self.SEND_OFFSETS_TIMEOUT_S
+                    )
             self._commit_retrying()
             self._open = False
             return True

@@ -76,7 +76,8 @@ def test_the_dashboard_shows_the_demos_numbers_in_headless_chromium(
     )  # fmt: skip
     assert demo.returncode == 0, demo.stderr[-2000:]
     summary = json.loads(demo.stdout.strip().splitlines()[-1])  # the contract: JSON line last
-    assert summary["stored"] == summary["published"] > 0
+    # The demo makes 1% of readings bad on purpose; the quality gate holds those.
+    assert summary["stored"] + summary["quarantined"] == summary["published"] > 0
 
     # The report: one file, nothing fetched, the run's numbers in it.
     page = report.read_text()

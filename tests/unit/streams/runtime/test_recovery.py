@@ -32,6 +32,7 @@ from streams.runtime.transactions import (
     is_transient,
     rewind_positions,
 )
+from streams.runtime.watchdog import Watchdog
 
 
 def kafka_exc(code: int, **flags: bool) -> KafkaException:
@@ -164,6 +165,7 @@ def transactions_with(producer: FakeProducer) -> Transactions:
     txn.producer = producer  # type: ignore[assignment]
     txn._initialised = True
     txn._open = False
+    txn.watchdog = Watchdog()
     return txn
 
 
