@@ -62,7 +62,6 @@ def test_sigkill_of_the_broker_mid_stream_keeps_the_workers_and_the_warehouse_ex
     broker = stack.brokers[0]
     broker_restarts = restarts(stack, broker.name)
     stored_before = int(stack.cold_worker.counters().get("stored_rows", 0))
-    hot_before = int(stack.hot_worker.counters().get("telemetry", 0))
 
     fleet = start_fleet(settings, creds, rate=10, duration=60, max_messages=120)
     assert wait_until(
@@ -88,24 +87,20 @@ def test_sigkill_of_the_broker_mid_stream_keeps_the_workers_and_the_warehouse_ex
         {"p": prefix},
     ).rows
     assert {(r[0], int(r[1])) for r in rows} == telemetry_sent(devices)
-    # The stream jobs rode it out: the same processes, or (after a fatal producer error,
-    # which ends a process) started again by the supervisor; the hot path read it all too.
+    # The hot path read it all: its group's committed offsets on telemetry.raw reach the end
+    # (they advance only in its transactions). A worker may be restarted meanwhile: after a
+    # broker restart librdkafka can wait forever in send_offsets_to_transaction, and the job's
+    # deadline ends the process (streams/runtime/watchdog.py).
+    assert wait_until(
+        lambda: consumer_lag(settings, "fleetstream-hot", ["telemetry.raw"]) == 0, timeout=120
+    )
+    # The stream jobs rode it out: the same processes, or started again by the supervisor.
     for w in workers:
         assert wait_until(lambda w=w: w.status().state == "up", timeout=120), w.name
         same = pid_of(w) == pids[w.name]
         print(f"{w.name}: {'same process' if same else 'restarted by the supervisor'}")
         assert same or restarts(stack, w.name) > worker_restarts[w.name], w.name
     assert pid_of(stack.cold_worker) == pids["cold-worker"]  # it died on NOT_COORDINATOR
-    # The hot path read it all: a restarted worker's counters start again at zero, so its
-    # group's committed lag on telemetry.raw is what tells.
-    if pid_of(stack.hot_worker) == pids["hot-worker"]:
-        assert wait_until(
-            lambda: int(stack.hot_worker.counters().get("telemetry", 0)) >= hot_before + published,
-            timeout=60,
-        )
-    assert wait_until(
-        lambda: consumer_lag(settings, "fleetstream-hot", ["telemetry.raw"]) == 0, timeout=60
-    )
     assert restarts(stack, broker.name) == broker_restarts + 1
     _code, services = fleet_status(settings)
     assert services[broker.name]["restarts"] == broker_restarts + 1
