@@ -31,7 +31,9 @@ from tests.support.fleet import BackgroundFleet, start_fleet
 
 # Health windows long enough that telemetry queued behind a busy bridge (CI runs everything on
 # two cores) still arrives inside them: a device is judged silent only if it really is.
-TEST_PLAN = replace(DEMO_ROLLOUT_PLAN, health_window_s=8.0, cohort_timeout_s=45.0)
+# The cohort timeout only bounds a stalled cohort: 45 s was once too short on a loaded CI
+# machine for 45 simulated devices to download, install and pass the health window.
+TEST_PLAN = replace(DEMO_ROLLOUT_PLAN, health_window_s=8.0, cohort_timeout_s=120.0)
 
 
 @pytest.fixture
@@ -153,7 +155,8 @@ def test_a_rollout_reaches_every_device_and_a_controller_crash_sends_nothing_twi
 
     done = rollout(client, ota.rollout_id)
     summary = rollout_summary(done)
-    assert done.state is RolloutState.completed, summary
+    why = Counter(d.reason for d in done.devices.values() if d.reason)
+    assert done.state is RolloutState.completed, (summary, why)
     assert summary["updated"] == 500
     commands = ota_commands(settings, ota.rollout_id)
     assert len(commands) == 500
