@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from infra.settings import Settings
-from streams.ota.artifacts import create_once
+from streams.runtime.files import create_once
 
 if TYPE_CHECKING:  # imported when used: the CLI imports this module at start
     from streams.registry.tokens import TokenAuthority

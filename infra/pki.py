@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from schemas.identity import DEVICE_ID_PATTERN, RESERVED_IDENTITIES, RevocationState
-from streams.ota.artifacts import atomic_write
+from streams.runtime.files import atomic_write
 
 __all__ = [
     "ENCRYPTED_KEY_PEM_HEADER",

@@ -20,10 +20,9 @@ from streams.ota.artifacts import (
     ArtifactError,
     ArtifactStore,
     ReleaseKey,
-    atomic_write,
-    create_once,
     load_public_key,
 )
+from streams.runtime.files import atomic_write, create_once
 
 __all__ = ["load_or_create_release_key", "open_artifact_store"]
 

@@ -45,6 +45,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
+from streams.runtime.files import create_once
+
 __all__ = [
     "ARTIFACTS_TOPIC",
     "ARTIFACT_SCHEMA",
@@ -139,47 +141,6 @@ def _algorithm(key: PublicKey) -> SignatureAlgorithm:
     if isinstance(key, ed25519.Ed25519PublicKey):
         return SignatureAlgorithm.ed25519
     return SignatureAlgorithm.rsa_pss_sha256
-
-
-# --------------------------------------------------------------------------- files
-
-
-def _write_file(path: Path, data: bytes, mode: int) -> Path:
-    """A complete temp file next to ``path`` (fsynced, with ``mode``); the caller moves it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` at once: readers see the old file or the new one."""
-    tmp = _write_file(path, data, mode)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def create_once(path: Path, data: bytes, mode: int = 0o644) -> bool:
-    """Create ``path`` with ``data`` unless it exists (atomic: a hard link, never a rename
-    over another's file). False when it already existed."""
-    tmp = _write_file(path, data, mode)
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink(missing_ok=True)
-    return True
 
 
 # --------------------------------------------------------------------------- release key

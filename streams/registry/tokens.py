@@ -27,8 +27,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from streams.ota.artifacts import create_once
 from streams.registry.rbac import Principal, PrincipalKind
+from streams.runtime.files import create_once
 
 __all__ = [
     "ALGORITHM",
