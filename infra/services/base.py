@@ -49,28 +49,56 @@ class ServiceStatus:
         return asdict(self)
 
 
+def start_ticks(pid: int) -> int | None:
+    """When a process started, in clock ticks since boot (/proc/<pid>/stat field 22).
+
+    Its identity, with the pid: fixed for the process's life. psutil's `create_time()` adds the
+    boot time from /proc/stat, a whole second that moves when the wall clock is adjusted, so two
+    readings of one process can differ by a second (it did on the CI machine, and every live
+    service looked dead)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: count fields after its ')'.
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return int(fields[19])
+
+
 @dataclass(frozen=True)
 class PidRecord:
     pid: int
-    create_time: float
+    start_ticks: int  # identity (see start_ticks)
+    create_time: float  # wall clock, for uptimes only
+
+    @classmethod
+    def of(cls, pid: int) -> PidRecord:
+        ticks = start_ticks(pid)
+        if ticks is None:
+            raise psutil.NoSuchProcess(pid)
+        return cls(pid=pid, start_ticks=ticks, create_time=psutil.Process(pid).create_time())
 
     @classmethod
     def read(cls, path: Path) -> PidRecord | None:
         try:
             data = json.loads(path.read_text())
-            return cls(pid=int(data["pid"]), create_time=float(data["create_time"]))
+            return cls(
+                pid=int(data["pid"]),
+                start_ticks=int(data["start_ticks"]),
+                create_time=float(data["create_time"]),
+            )
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
     def write(self, path: Path) -> None:
-        path.write_text(json.dumps({"pid": self.pid, "create_time": self.create_time}))
+        path.write_text(json.dumps(asdict(self)))
 
     def process(self) -> psutil.Process | None:
         """The live process this record names, or None if it exited or the pid was reused."""
+        if start_ticks(self.pid) != self.start_ticks:
+            return None
         try:
             proc = psutil.Process(self.pid)
-            if abs(proc.create_time() - self.create_time) > 0.05:
-                return None
             if proc.status() == psutil.STATUS_ZOMBIE:
                 return None
             return proc
@@ -256,7 +284,7 @@ class Service(ABC):
                 raise ServiceError(
                     f"{self.name}: cannot run {exc.filename}: not installed"
                 ) from exc
-        PidRecord(popen.pid, psutil.Process(popen.pid).create_time()).write(self.pid_path)
+        PidRecord.of(popen.pid).write(self.pid_path)
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

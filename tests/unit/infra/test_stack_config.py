@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from pathlib import Path
 
+import psutil
+import psutil._pslinux
 import pytest
 
 from infra.pki import CertificateAuthority, PkiError, generate_private_key, make_csr
@@ -124,17 +128,27 @@ def test_topic_contract_names_and_compaction() -> None:
 
 
 def test_a_pid_record_never_names_a_recycled_pid(tmp_path: Path) -> None:
-    import os
-
-    import psutil
-
-    me = psutil.Process(os.getpid())
     path = tmp_path / "svc.pid"
-    PidRecord(me.pid, me.create_time()).write(path)
+    PidRecord.of(os.getpid()).write(path)
     record = PidRecord.read(path)
     assert record is not None
     assert record.process() is not None
-    PidRecord(me.pid, me.create_time() - 100).write(path)  # same pid, another process's start
+    other_start = dataclasses.replace(record, start_ticks=record.start_ticks - 100)
+    other_start.write(path)  # same pid, another process's start
     stale = PidRecord.read(path)
     assert stale is not None
     assert stale.process() is None
+
+
+def test_a_pid_record_still_names_its_process_after_the_wall_clock_moves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "svc.pid"
+    PidRecord.of(os.getpid()).write(path)
+    # An adjusted wall clock moves /proc/stat's boot time, and with it psutil's create_time.
+    boot = psutil.boot_time()
+    monkeypatch.setattr(psutil, "boot_time", lambda: boot + 1.0)
+    monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: boot + 1.0)
+    record = PidRecord.read(path)
+    assert record is not None
+    assert record.process() is not None
