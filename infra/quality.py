@@ -29,7 +29,6 @@ from infra.settings import Settings
 from infra.warehouse import fetch
 from schemas.codec import CodecRegistry, load_schema
 from sinks.quality.expectations import ReportSummary, validate
-from sinks.quality.quarantine import PENDING_BY_RULE_SQL, QUARANTINED_SQL
 from sinks.quality.rules import QualityRules, load_rules
 from streams.cold.loader import COLD_JOB
 from streams.cold.quality import RELEASE_TOPIC
@@ -40,32 +39,23 @@ __all__ = [
     "quality_report",
     "quarantined",
     "request_release",
-    "window_sql",
 ]
 
-WINDOW_SQL: Final = """
-SELECT device_id, seq, ts, received_at,
-       toInt64(toUnixTimestamp64Milli(ts) - toUnixTimestamp64Milli(received_at)) AS ahead_ms,
-       temperature, humidity, battery, vibration_rms
-FROM telemetry FINAL
-WHERE stored_at >= now64(3) - toIntervalMinute({minutes:UInt32})
-ORDER BY stored_at DESC
-LIMIT {rows:UInt32}
-"""
-
-
-def window_sql() -> str:
-    return WINDOW_SQL.strip()
+# Read through `fetch`, which picks queries/doris/<name>.sql on a Doris warehouse.
+QUARANTINED_QUERY: Final = "queries/quarantined.sql"
+BY_RULE_QUERY: Final = "queries/quarantine_by_rule.sql"
+WINDOW_QUERY: Final = "queries/quality_window.sql"
 
 
 def quarantined(settings: Settings, device_prefix: str = "") -> int:
     """Messages held in quarantine (not released, not in telemetry), counted with SQL."""
-    result = fetch(settings, QUARANTINED_SQL, {"device_prefix": device_prefix})
+    result = fetch(settings, QUARANTINED_QUERY, {"device_prefix": device_prefix})
     return int(result.rows[0][0])
 
 
-def pending_by_rule(settings: Settings) -> dict[str, int]:
-    return {str(rule): int(rows) for rule, rows in fetch(settings, PENDING_BY_RULE_SQL).rows}
+def pending_by_rule(settings: Settings, device_prefix: str = "") -> dict[str, int]:
+    result = fetch(settings, BY_RULE_QUERY, {"device_prefix": device_prefix})
+    return {str(rule): int(rows) for rule, rows in result.rows}
 
 
 @dataclass(frozen=True)
@@ -130,7 +120,7 @@ def quality_report(
     the Data Docs go under ``<state_dir>/quality``."""
     import pandas as pd
 
-    window = fetch(settings, window_sql(), {"minutes": str(minutes), "rows": str(rows)})
+    window = fetch(settings, WINDOW_QUERY, {"minutes": str(minutes), "rows": str(rows)})
     frame = pd.DataFrame(list(window.rows), columns=list(window.columns))
     project = Path(settings.state_dir) / "quality"
     project.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,9 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, Protocol, Self, TypeAlias
+from typing import Any, Final, Literal, Protocol, Self, TypeAlias
+
+import pyarrow as pa
 
 from queries.migrations import Migration
 from queries.result import QueryResult
@@ -39,6 +41,7 @@ __all__ = [
     "TWIN_HISTORY_TABLE",
     "BatchOrigin",
     "ClosesOnExit",
+    "Dialect",
     "InvalidBatch",
     "OffsetRange",
     "QueryFailed",
@@ -52,6 +55,9 @@ __all__ = [
 ]
 
 Record: TypeAlias = Mapping[str, Any]
+# The SQL a warehouse speaks: its analyst queries are queries/<name>.sql (ClickHouse) and
+# queries/doris/<name>.sql.
+Dialect: TypeAlias = Literal["clickhouse", "doris"]
 
 
 class ClosesOnExit:
@@ -157,6 +163,9 @@ class WarehouseSink(Protocol):
     @property
     def dsn(self) -> str: ...
 
+    @property
+    def dialect(self) -> Dialect: ...
+
     def ensure_schema(self) -> tuple[Migration, ...]: ...
 
     def write_telemetry(
@@ -190,6 +199,18 @@ class WarehouseSink(Protocol):
         origin: BatchOrigin | None = None,
         tenants: Columns | None = None,
     ) -> WriteResult: ...
+
+    def write_arrow(
+        self, table: str, batch: pa.Table, origin: BatchOrigin | None = None
+    ) -> WriteResult:
+        """Store an Arrow table with ``table``'s columns (the quality gate's good and refused
+        rows), exactly once like the other writes."""
+        ...
+
+    def command(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
+        """Run one of the platform's own statements in this warehouse's dialect (never a
+        caller's text); a single-value answer is returned."""
+        ...
 
     def query(self, sql: str, params: Mapping[str, Any] | None = None) -> QueryResult: ...
 

@@ -52,6 +52,7 @@ from queries.sqltext import NotReadOnly
 from sinks.base import (
     BatchOrigin,
     ClosesOnExit,
+    Dialect,
     InvalidBatch,
     QueryFailed,
     QueryLimitExceeded,
@@ -473,6 +474,10 @@ class ClickHouseSink(ClosesOnExit):
         return self._dsn
 
     @property
+    def dialect(self) -> Dialect:
+        return "clickhouse"
+
+    @property
     def embedded(self) -> bool:
         return self._dsn.startswith("chdb:")
 
@@ -615,8 +620,11 @@ class ClickHouseSink(ClosesOnExit):
         """Store ``ota_events`` rows (see :func:`ota_events_to_arrow`; exactly once)."""
         return self.write_arrow(OTA_EVENTS_TABLE, ota_events_to_arrow(rows))
 
-    def write_arrow(self, table: str, batch: pa.Table) -> WriteResult:
-        """Insert an Arrow table whose columns are ``table``'s, with its dedup token."""
+    def write_arrow(
+        self, table: str, batch: pa.Table, origin: BatchOrigin | None = None
+    ) -> WriteResult:
+        """Insert an Arrow table whose columns are ``table``'s, with its dedup token (the
+        content names the insert; ``origin`` is not needed)."""
         if table not in TOKEN_KEYS:
             raise ValueError(f"unknown table {table!r}; expected one of {sorted(TOKEN_KEYS)}")
         token = dedup_token(table, batch)

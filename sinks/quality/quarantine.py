@@ -1,8 +1,10 @@
-"""The ``quarantine`` table (queries/ddl/008_quarantine.sql): what the gate refused, and the way
-back into ``telemetry`` (``fleet quality release``).
+"""The ``quarantine`` table (queries/ddl/008_quarantine.sql, queries/doris/ddl/006_quarantine.sql):
+what the gate refused, and the way back into ``telemetry`` (``fleet quality release``).
 
-Writes follow telemetry's exactly-once design (sinks/clickhouse.py): an insert deduplication
-token hashing the rows' (device_id, seq), a ReplacingMergeTree on (device_id, seq) read FINAL.
+Writes follow telemetry's exactly-once design in either warehouse: ClickHouse, an insert
+deduplication token hashing the rows' (device_id, seq) and a ReplacingMergeTree on (device_id,
+seq) read FINAL; Doris, a Stream Load label from the batch's offsets and keys and a UNIQUE KEY
+on (device_id, seq). Its reads for ``fleet quality`` and the demo are queries/quarantine*.sql.
 A release copies the chosen rows into ``telemetry`` (deduplicated there like any re-sent
 message), then marks them ``released = 1`` by inserting that copy (the engine's version column
 keeps it): re-running a release, or running it after a crash between the two steps, is a no-op.
@@ -16,15 +18,15 @@ from typing import Any, Final, Protocol
 
 import pyarrow as pa
 
-from sinks.clickhouse import QUARANTINE_TABLE, TELEMETRY_SCHEMA, WriteResult
+from sinks.base import QUARANTINE_TABLE, BatchOrigin, Dialect, WriteResult
+from sinks.clickhouse import TELEMETRY_SCHEMA
 from sinks.quality.gate import QUARANTINE_FIELDS
 
 __all__ = [
-    "PENDING_BY_RULE_SQL",
-    "QUARANTINED_SQL",
     "QUARANTINE_SCHEMA",
     "Quarantine",
     "ReleaseFilter",
+    "ReleaseStatements",
     "batch_id",
     "quarantine_rows",
 ]
@@ -40,36 +42,42 @@ _FILTER = (
     "released = 0 AND ({rule:String} = '' OR rule = {rule:String}) "
     "AND ({device:String} = '' OR device_id = {device:String})"
 )
-# Built from constants only (no caller text): the filter is bound by the server.
-PENDING_SQL: Final = "SELECT count() FROM quarantine FINAL WHERE " + _FILTER  # noqa: S608
-RELEASE_TO_TELEMETRY_SQL: Final = (
-    "INSERT INTO telemetry (" + _TELEMETRY_COLUMNS + ") "  # noqa: S608
-    "SELECT " + _TELEMETRY_COLUMNS + " FROM quarantine FINAL WHERE " + _FILTER
-)
-MARK_RELEASED_SQL: Final = (
-    "INSERT INTO quarantine (" + _TELEMETRY_COLUMNS + ", stored_at, rule, reason, batch_id, "
-    "released) SELECT " + _TELEMETRY_COLUMNS + ", stored_at, rule, reason, batch_id, 1 "
-    "FROM quarantine FINAL WHERE " + _FILTER
-)
-# Messages held in quarantine (not released, and not in telemetry either: a conflicting copy
-# of a stored message is quarantined under `duplicate` but was not lost), of devices with a
-# prefix: `fleet demo`'s "quarantined", so that stored + quarantined == published.
-QUARANTINED_SQL: Final = (
-    "SELECT uniqExact(device_id, seq) FROM quarantine FINAL "
-    "WHERE released = 0 AND startsWith(device_id, {device_prefix:String}) "
-    "AND (device_id, seq) NOT IN (SELECT device_id, seq FROM telemetry "
-    "WHERE startsWith(device_id, {device_prefix:String}))"
-)
-PENDING_BY_RULE_SQL: Final = (
-    "SELECT rule, count() AS rows FROM quarantine FINAL WHERE released = 0 "
-    "GROUP BY rule ORDER BY rule"
-)
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseStatements:
+    """A release's statements in one warehouse's dialect, built from constants only (no
+    caller text: the filter's values are bound by the server). They differ only in how a
+    table is read deduplicated: ``FINAL`` in ClickHouse; Doris's UNIQUE KEY tables need no
+    keyword. Both keep the released copy by the version/sequence column ``released``."""
+
+    pending: str
+    to_telemetry: str
+    mark_released: str
+
+    @classmethod
+    def of(cls, dialect: Dialect) -> ReleaseStatements:
+        source = "quarantine FINAL" if dialect == "clickhouse" else "quarantine"
+        quarantined = " FROM " + source + " WHERE " + _FILTER
+        return cls(
+            pending="SELECT count(*)" + quarantined,
+            to_telemetry="INSERT INTO telemetry (" + _TELEMETRY_COLUMNS + ") "
+            "SELECT " + _TELEMETRY_COLUMNS + quarantined,
+            mark_released="INSERT INTO quarantine (" + _TELEMETRY_COLUMNS + ", stored_at, rule, "
+            "reason, batch_id, released) SELECT " + _TELEMETRY_COLUMNS + ", stored_at, rule, "
+            "reason, batch_id, 1" + quarantined,
+        )
 
 
 class Warehouse(Protocol):
-    """What the quarantine needs of a sink: a ClickHouseSink fits."""
+    """What the quarantine needs of a sink (sinks.base.WarehouseSink fits)."""
 
-    def write_arrow(self, table: str, batch: pa.Table) -> WriteResult: ...
+    @property
+    def dialect(self) -> Dialect: ...
+
+    def write_arrow(
+        self, table: str, batch: pa.Table, origin: BatchOrigin | None = None
+    ) -> WriteResult: ...
 
     def command(self, sql: str, params: Mapping[str, Any] | None = None) -> Any: ...
 
@@ -108,18 +116,19 @@ class Quarantine:
 
     def __init__(self, sink: Warehouse) -> None:
         self._sink = sink
+        self._sql = ReleaseStatements.of(sink.dialect)
 
-    def write(self, bad: pa.Table, batch: str) -> WriteResult:
+    def write(self, bad: pa.Table, batch: str, origin: BatchOrigin | None = None) -> WriteResult:
         """Store refused rows (exactly once: see the module doc)."""
-        return self._sink.write_arrow(QUARANTINE_TABLE, quarantine_rows(bad, batch))
+        return self._sink.write_arrow(QUARANTINE_TABLE, quarantine_rows(bad, batch), origin)
 
     def release(self, which: ReleaseFilter) -> int:
         """Move the quarantined rows ``which`` names into telemetry; returns how many were
         pending. Call it where writes are serialised (the cold worker's writer thread, or a
         process owning the warehouse alone)."""
         params = which.params()
-        pending = int(self._sink.command(PENDING_SQL, params))
+        pending = int(self._sink.command(self._sql.pending, params))
         if pending:
-            self._sink.command(RELEASE_TO_TELEMETRY_SQL, params)
-            self._sink.command(MARK_RELEASED_SQL, params)
+            self._sink.command(self._sql.to_telemetry, params)
+            self._sink.command(self._sql.mark_released, params)
         return pending

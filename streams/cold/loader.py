@@ -45,7 +45,6 @@ from sinks.base import (
     WarehouseSink,
     WriteResult,
 )
-from sinks.clickhouse import ClickHouseSink
 from sinks.factory import open_sink
 from sinks.quality.rules import QualityRules, load_rules
 from sinks.warehouse_tables import Columns
@@ -164,14 +163,10 @@ class ColdWorker:
         self.registry = DeviceRegistry(kafka)
         self.quality_dlq = DeadLetterProducer(kafka, QUALITY_DLQ_TOPIC)
         writers = cold_writers(self.sink, self.tenants)
-        self.quality: QualityPath | None = None
-        if isinstance(self.sink, ClickHouseSink):
-            # The gate writes Arrow and quarantines with ClickHouse SQL; a Doris warehouse
-            # loads telemetry ungated for now (queries/README.md).
-            self.quality = QualityPath(
-                self.sink, rules or load_rules(), self.quality_dlq.send, self.registry.devices
-            )
-            writers[TELEMETRY_TABLE] = self.quality.write_telemetry
+        self.quality = QualityPath(
+            self.sink, rules or load_rules(), self.quality_dlq.send, self.registry.devices
+        )
+        writers[TELEMETRY_TABLE] = self.quality.write_telemetry
         writers[RELEASE_TABLE] = self._apply_releases
         self.loader = LoaderLoop(
             COLD_JOB,
@@ -181,14 +176,11 @@ class ColdWorker:
             retryable=(SinkUnavailable,),
             rejected=(InvalidBatch,),
             sourced_writers={table: self._after_registry(w) for table, w in writers.items()},
-            status_extra=self.quality.status if self.quality is not None else None,
+            status_extra=self.quality.status,
         )
         self.counters = self.loader.counters
 
     def _apply_releases(self, records: list[dict[str, Any]], _: list[SourceRecord]) -> None:
-        if self.quality is None:
-            log.warning("quality release requests ignored: this warehouse has no quarantine")
-            return
         self.quality.apply_releases(records)
 
     def _after_registry(self, write: SourcedWrite) -> SourcedWrite:

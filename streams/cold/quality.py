@@ -1,6 +1,7 @@
-"""The quality gate in the cold path: each telemetry batch judged (sinks/quality/gate.py) before
-it is stored; refused rows to the ``quarantine`` table and to ``dlq.quality``, the rest to
-``telemetry``; releases asked on ``quality.release`` applied in the same writer thread.
+"""The quality gate in the cold path, in front of either warehouse: each telemetry batch judged
+(sinks/quality/gate.py) before it is stored; refused rows to the ``quarantine`` table and to
+``dlq.quality``, the rest to ``telemetry``; releases asked on ``quality.release`` applied in
+the same writer thread.
 
 All of it runs in the loader's one writer thread, before the batch's offsets are committed
 (streams/runtime/loader.py), so a crash anywhere re-reads the batch: the gate judges it as
@@ -20,7 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sinks.clickhouse import TELEMETRY_TABLE, ClickHouseSink, WriteResult, telemetry_to_arrow
+from sinks.base import TELEMETRY_TABLE, BatchOrigin, WarehouseSink, WriteResult
+from sinks.clickhouse import telemetry_to_arrow
 from sinks.quality.gate import check_batch
 from sinks.quality.quarantine import Quarantine, ReleaseFilter, batch_id
 from sinks.quality.rules import QualityRules
@@ -91,7 +93,7 @@ class QualityPath:
 
     def __init__(
         self,
-        sink: ClickHouseSink,
+        sink: WarehouseSink,
         rules: QualityRules | None,
         dead_letter: Callable[[list[DeadLetter]], None],
         registry: DeviceLookup | None = None,
@@ -110,8 +112,9 @@ class QualityPath:
         if self.registry is not None:
             tenants = self.registry.tenants([r["device_id"] for r in records]).as_columns()
         batch = telemetry_to_arrow(records, tenants)
+        origin = _origin(sources)
         if self.rules is None:
-            return self.sink.write_arrow(TELEMETRY_TABLE, batch)
+            return self.sink.write_arrow(TELEMETRY_TABLE, batch, origin)
         unknown, groups = None, None
         if self.registry is not None and (self.rules.require_registered or self.rules.groups):
             unknown, groups = registry_columns(self.registry, batch.column("device_id"))
@@ -123,9 +126,9 @@ class QualityPath:
         )
         if len(verdict.bad):
             where = [(s.topic, s.partition, s.offset) for s in sources]
-            self.quarantine.write(verdict.bad, batch_id(where))
+            self.quarantine.write(verdict.bad, batch_id(where), origin)
             self.dead_letter(_dead_letters(verdict.bad, verdict.bad_rows, sources))
-        result = self.sink.write_arrow(TELEMETRY_TABLE, verdict.good)
+        result = self.sink.write_arrow(TELEMETRY_TABLE, verdict.good, origin)
         self.counters.checked += len(batch)
         self.counters.quarantined += len(verdict.bad)
         for rule, rows in verdict.failed.items():
@@ -151,6 +154,14 @@ class QualityPath:
 
     def status(self) -> Mapping[str, Any]:
         return {"quality": self.counters.status()}
+
+
+def _origin(sources: Sequence[SourceRecord]) -> BatchOrigin | None:
+    """Where the batch was read (what a Doris load is labelled by); None for a batch handed
+    over without its records (a test's)."""
+    if not sources:
+        return None
+    return BatchOrigin.of(sources[0].topic, ((s.partition, s.offset) for s in sources))
 
 
 def _dead_letters(

@@ -46,6 +46,7 @@ class TableMeta:
     columns: list[str]
     key: list[str]
     sequence: str | None
+    defaults: dict[str, Any] = field(default_factory=dict)  # literal DEFAULTs of the DDL
 
 
 @dataclass
@@ -80,6 +81,13 @@ class StandInState:
     def create_table(self, create: exp.Create) -> None:
         table = create.this.this.name if isinstance(create.this, exp.Schema) else create.this.name
         columns = [c.name for c in create.find_all(exp.ColumnDef)]
+        defaults = {
+            c.name: _number_or_text(constraint.kind.this.this)
+            for c in create.find_all(exp.ColumnDef)
+            for constraint in c.args.get("constraints") or []
+            if isinstance(constraint.kind, exp.DefaultColumnConstraint)
+            and isinstance(constraint.kind.this, exp.Literal)
+        }
         props = create.args.get("properties")
         key: list[str] = []
         sequence = None
@@ -91,7 +99,7 @@ class StandInState:
         with self.lock:
             if table in self.tables:
                 return
-            self.tables[table] = TableMeta(columns, key, sequence)
+            self.tables[table] = TableMeta(columns, key, sequence, defaults)
             defs = ", ".join(f'"{c}"' for c in columns)
             unique = f", PRIMARY KEY ({', '.join(key)})" if key else ""
             self.db.execute(f'CREATE TABLE "{table}" ({defs}{unique})')
@@ -110,7 +118,7 @@ class StandInState:
         meta = self.tables[table]
         now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
         for row in rows:
-            values = {c: row.get(c) for c in meta.columns}
+            values = {c: row.get(c, meta.defaults.get(c)) for c in meta.columns}
             if "stored_at" in values and values["stored_at"] is None:
                 values["stored_at"] = now
             names = ", ".join(f'"{c}"' for c in values)
@@ -194,6 +202,14 @@ class StandInState:
     def visible_rows(self, table: str) -> int:
         rows, _ = self.execute(f'SELECT count(*) FROM "{table}"')
         return int(rows[0][0])
+
+
+def _number_or_text(literal: str) -> Any:
+    """A DDL default as Doris would store it in its column (``"0"`` in a TINYINT is 0)."""
+    try:
+        return int(literal)
+    except ValueError:
+        return literal
 
 
 def _seconds_diff(a: str, b: str) -> int:

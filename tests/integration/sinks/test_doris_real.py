@@ -7,6 +7,7 @@ documented contract against a stand-in there."""
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,11 +15,15 @@ from typing import Any
 
 import pytest
 
+from infra.quality import quarantined
 from infra.settings import Settings
 from infra.warehouse import fetch, warehouse_counts
 from queries.runner import CHECKOUT
 from sinks.base import BatchOrigin
 from sinks.doris import DorisSink
+from sinks.quality.rules import load_rules
+from streams.cold.quality import QualityPath
+from streams.runtime.records import SourceRecord
 
 DORIS_URL = os.environ.get("FLEET_TEST_DORIS_URL", "")
 
@@ -71,3 +76,24 @@ def test_every_analyst_query_runs_on_a_real_doris(sink: DorisSink, tmp_path: Pat
         fetch(settings, f"queries/{path.name}", {"device_prefix": prefix})
     latest = fetch(settings, "queries/latest_reading.sql", {"device_prefix": prefix})
     assert [r["seq"] for r in latest.records()] == [4]
+
+
+def test_the_quality_gate_quarantines_and_releases_on_a_real_doris(
+    sink: DorisSink, tmp_path: Path
+) -> None:
+    device = f"rg{uuid.uuid4().hex[:8]}-pump"
+    gate = QualityPath(sink, load_rules(), lambda dead: None)
+    now = int(time.time() * 1000)
+    records = [
+        {"device_id": device, "seq": s, "ts": now, "received_at": now, "humidity": 50.0 + s}
+        for s in range(4)
+    ]
+    records[1]["humidity"] = 500.0
+    sources = [SourceRecord(f"test.{device}", 0, o, None, b"v") for o in range(4)]
+    gate.write_telemetry(records, sources)
+    gate.write_telemetry(records, sources)  # re-read: Label Already Exists
+    settings = Settings(warehouse_url=DORIS_URL, state_dir=tmp_path)
+    assert sink.count_stored(device_prefix=device) == 3
+    assert quarantined(settings, device) == 1
+    gate.apply_releases([{"request_id": "r", "rule": "range", "device_id": device}])
+    assert (sink.count_stored(device_prefix=device), quarantined(settings, device)) == (4, 0)

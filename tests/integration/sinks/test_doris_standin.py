@@ -18,15 +18,19 @@ import pytest
 import requests
 from confluent_kafka import Producer
 
+from infra.quality import pending_by_rule, quarantined
 from infra.settings import Settings
 from infra.warehouse import fetch, warehouse_counts
 from schemas.codec import AvroCodec, load_schema
-from sinks.base import BatchOrigin, InvalidBatch, SinkUnavailable
+from sinks.base import QUARANTINE_TABLE, BatchOrigin, InvalidBatch, SinkUnavailable
 from sinks.doris import DorisSink
 from sinks.doris_load import LoadRequest, StreamLoader
+from sinks.quality.rules import load_rules
 from streams.cold.loader import cold_writers
+from streams.cold.quality import QualityPath
 from streams.runtime.clients import KafkaConfig
 from streams.runtime.loader import LoaderLoop, LoaderOptions, LoaderSpec, LoadSource
+from streams.runtime.records import DeadLetter, SourceRecord
 from tests.support.doris_standin import DorisStandIn, doris_standin
 
 T0 = 1_767_225_600_000  # 2026-01-01 00:00:00 UTC
@@ -177,6 +181,38 @@ def test_fleet_sql_and_the_demo_counts_read_the_doris_warehouse(
     assert (counts.stored, counts.duplicates) == (3, 0)
     latest = fetch(settings, "queries/latest_reading.sql", {"device_prefix": prefix})
     assert [(r["device_id"], r["seq"]) for r in latest.records()] == [(f"{prefix}pump", 2)]
+
+
+def test_the_quality_gate_quarantines_into_doris_and_a_release_moves_rows_back(
+    sink: DorisSink, standin: DorisStandIn, prefix: str, tmp_path: Path
+) -> None:
+    dead: list[DeadLetter] = []
+    gate = QualityPath(sink, load_rules(), dead.extend)
+    now = int(time.time() * 1000)
+    device = f"{prefix}pump"
+    records = [
+        {"device_id": device, "seq": seq, "ts": now, "received_at": now, "humidity": 50.0}
+        for seq in range(5)
+    ]
+    records[2]["humidity"] = 500.0  # out of the rules' range
+    sources = [SourceRecord("telemetry.raw", 1, 100 + i, device.encode(), b"v") for i in range(5)]
+    mark = len(standin.state.answers)
+    for _ in range(2):  # the batch re-read after a crash: both loads answer by their labels
+        gate.write_telemetry(records, sources)
+    assert standin.state.answers[mark:] == ["Success"] * 2 + ["Label Already Exists"] * 2
+    assert sink.count_stored(device_prefix=prefix) == 4
+    assert sink.count_stored(QUARANTINE_TABLE, prefix) == 1
+    assert [(d.source.offset, d.reason) for d in dead] == [(102, "range"), (102, "range")]
+    settings = Settings(warehouse_url=standin.url, state_dir=tmp_path)
+    assert quarantined(settings, prefix) == 1
+    assert pending_by_rule(settings, prefix) == {"range": 1}
+
+    for request in ("r-1", "r-2"):  # a release is idempotent
+        gate.apply_releases([{"request_id": request, "rule": "range", "device_id": device}])
+    assert gate.counters.releases == {"r-1": 1, "r-2": 0}
+    assert sink.count_stored(device_prefix=prefix) == 5
+    assert quarantined(settings, prefix) == 0
+    assert pending_by_rule(settings, prefix) == {}
 
 
 # --- the cold path's loader on real Kafka (the session stack), into the stand-in ---------

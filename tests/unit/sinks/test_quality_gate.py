@@ -11,14 +11,13 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
+from sinks.base import BatchOrigin, Dialect
 from sinks.clickhouse import QUARANTINE_TABLE, TELEMETRY_TABLE, WriteResult, telemetry_to_arrow
 from sinks.quality.gate import check_batch
 from sinks.quality.quarantine import (
-    MARK_RELEASED_SQL,
-    PENDING_SQL,
     QUARANTINE_SCHEMA,
-    RELEASE_TO_TELEMETRY_SQL,
     ReleaseFilter,
+    ReleaseStatements,
     batch_id,
     quarantine_rows,
 )
@@ -241,18 +240,24 @@ def test_quarantine_rows_carry_rule_reason_and_batch() -> None:
 class FakeSink:
     """Records what would be written; answers the pending count."""
 
-    def __init__(self, pending: int = 0) -> None:
+    def __init__(self, pending: int = 0, dialect: Dialect = "clickhouse") -> None:
         self.tables: dict[str, list[pa.Table]] = {}
+        self.origins: dict[str, list[BatchOrigin | None]] = {}
         self.commands: list[tuple[str, dict[str, Any]]] = []
         self.pending = pending
+        self.dialect = dialect
+        self.sql = ReleaseStatements.of(dialect)
 
-    def write_arrow(self, table: str, batch: pa.Table) -> WriteResult:
+    def write_arrow(
+        self, table: str, batch: pa.Table, origin: BatchOrigin | None = None
+    ) -> WriteResult:
         self.tables.setdefault(table, []).append(batch)
+        self.origins.setdefault(table, []).append(origin)
         return WriteResult(table, len(batch), "token")
 
     def command(self, sql: str, params: Mapping[str, Any] | None = None) -> Any:
         self.commands.append((sql, dict(params or {})))
-        return self.pending if sql == PENDING_SQL else None
+        return self.pending if sql == self.sql.pending else None
 
 
 def source(offset: int) -> SourceRecord:
@@ -274,6 +279,9 @@ def test_the_cold_path_splits_a_batch_and_dead_letters_the_bad_rows() -> None:
     assert dict(letter.headers())["source"] == b"quality"
     assert path.status()["quality"]["by_rule"] == {"range": 1}
     assert path.counters.checked == 3
+    # Both loads are named by where the batch was read (a Doris load's label needs it).
+    read = BatchOrigin.of("telemetry.raw", [(2, 10), (2, 11), (2, 12)])
+    assert sink.origins == {TELEMETRY_TABLE: [read], QUARANTINE_TABLE: [read]}
 
 
 def test_without_rules_every_row_loads() -> None:
@@ -284,14 +292,15 @@ def test_without_rules_every_row_loads() -> None:
     assert len(sink.tables[TELEMETRY_TABLE][0]) == 1
 
 
-def test_a_release_copies_then_marks_and_is_counted() -> None:
-    sink = FakeSink(pending=4)
+@pytest.mark.parametrize("dialect", ["clickhouse", "doris"])
+def test_a_release_copies_then_marks_and_is_counted(dialect: Dialect) -> None:
+    sink = FakeSink(pending=4, dialect=dialect)
     path = QualityPath(sink, RULES, lambda dead: None)  # type: ignore[arg-type]
     path.apply_releases([{"request_id": "r-1", "rule": "range", "device_id": None}])
     assert [sql for sql, _ in sink.commands] == [
-        PENDING_SQL,
-        RELEASE_TO_TELEMETRY_SQL,
-        MARK_RELEASED_SQL,
+        sink.sql.pending,
+        sink.sql.to_telemetry,
+        sink.sql.mark_released,
     ]
     assert sink.commands[1][1] == ReleaseFilter("range", "").params()
     assert path.counters.releases == {"r-1": 4}
@@ -302,8 +311,15 @@ def test_an_empty_release_writes_nothing() -> None:
     sink = FakeSink(pending=0)
     path = QualityPath(sink, RULES, lambda dead: None)  # type: ignore[arg-type]
     path.apply_releases([{"request_id": "r-2", "rule": None, "device_id": "d-9"}])
-    assert [sql for sql, _ in sink.commands] == [PENDING_SQL]
+    assert [sql for sql, _ in sink.commands] == [sink.sql.pending]
     assert path.counters.releases == {"r-2": 0}
+
+
+def test_release_statements_differ_only_in_how_the_quarantine_is_read() -> None:
+    clickhouse, doris = ReleaseStatements.of("clickhouse"), ReleaseStatements.of("doris")
+    assert "FROM quarantine FINAL WHERE" in clickhouse.pending
+    assert "FINAL" not in doris.pending + doris.to_telemetry + doris.mark_released
+    assert doris.to_telemetry == clickhouse.to_telemetry.replace("quarantine FINAL", "quarantine")
 
 
 def test_the_registry_switch_and_groups_come_from_the_rules_file() -> None:
