@@ -7,9 +7,7 @@ FLEET_UPDATE_SCREENSHOTS=1, for the README)."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import time
 import uuid
@@ -24,28 +22,16 @@ from infra.stack import Stack
 from infra.warehouse import warehouse_counts
 from streams.registry.rbac import GrantSet, Principal, Resource, Role
 from tests.conftest import settings_env
+from tests.support.browser import PNG_MAGIC, chromium, keep_for_docs
 
 FLEET = str(PROJECT_ROOT / ".venv" / "bin" / "fleet")
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHARTS = ("throughput", "alerts", "lag", "dead", "twins", "cohorts")
-SCREENSHOT = PROJECT_ROOT / "docs" / "dashboard.png"
 
 
 def _chromium(url: str, profile: Path, *mode: str) -> subprocess.CompletedProcess[str]:
-    """One headless Chromium run on ``url``: it waits (virtual time, which stands still while a
-    request is under way) for the page's scripts and its first data request, shorter than the
-    page's refresh period so the data is fetched once, then dumps the DOM or takes a screenshot
-    (``mode``)."""
-    return subprocess.run(
-        [
-            CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-            "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}",
-            "--window-size=1400,1250", f"--virtual-time-budget={REFRESH_MS - 500}", *mode, url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )  # fmt: skip
+    """The page's scripts and its first data request, shorter than the page's refresh period
+    so the data is fetched once."""
+    return chromium(url, profile, *mode, wait_ms=REFRESH_MS - 500)
 
 
 def _stat(dom: str, ident: str) -> int | None:
@@ -124,7 +110,5 @@ def test_the_dashboard_shows_the_demos_numbers_in_headless_chromium(
     shot = tmp_path / "dashboard.png"
     taken = _chromium(url, tmp_path / "profile", f"--screenshot={shot}")
     assert shot.exists(), taken.stderr[-2000:]
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    if os.environ.get("FLEET_UPDATE_SCREENSHOTS") == "1":
-        SCREENSHOT.parent.mkdir(exist_ok=True)
-        shutil.copyfile(shot, SCREENSHOT)
+    assert shot.read_bytes()[:8] == PNG_MAGIC
+    keep_for_docs(shot, "dashboard.png")

@@ -22,7 +22,9 @@ from infra.settings import PROJECT_ROOT, Settings
 from infra.stack import Stack
 from infra.warehouse import fetch, warehouse_counts
 from schemas.codec import CodecRegistry, load_schema
+from sinks.quality.rules import load_rules
 from tests.conftest import settings_env
+from tests.support.browser import PNG_MAGIC, chromium, keep_for_docs, visible_text
 from tests.support.kafka import collect
 
 FLEET = str(PROJECT_ROOT / ".venv" / "bin" / "fleet")
@@ -155,3 +157,33 @@ def test_quality_report_writes_data_docs(stack: Stack, settings: Settings) -> No
     [unique] = [e for e in summary["expectations"] if e["rule"] == "duplicate"]
     assert unique["success"] is True
     assert "telemetry_quality" in report.read_text()
+
+
+def test_the_data_docs_page_shows_the_suites_results_in_headless_chromium(
+    stack: Stack, settings: Settings, tmp_path: Path
+) -> None:
+    prefix = f"qdoc{uuid.uuid4().hex[:6]}-"
+    now = int(time.time() * 1000)
+    produce_readings(settings, [reading(f"{prefix}a", seq, now + seq) for seq in range(1, 6)])
+    assert wait_until(
+        lambda: warehouse_counts(settings, device_prefix=prefix).stored >= 5, timeout=90
+    )
+    result = fleet(settings, "quality", "report", "--minutes", "30", "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    index = Path(summary["report"])
+    # The newest validation's page, as a person would open it from the index.
+    pages = sorted((index.parent / "validations").rglob("*.html"), key=lambda p: p.stat().st_mtime)
+    assert pages, "the Data Docs hold no validation page"
+    page = pages[-1].as_uri()
+    text = visible_text(chromium(page, tmp_path / "profile", "--dump-dom").stdout)
+    assert "Expectation Suite: telemetry_quality" in text
+    assert f"Evaluated Expectations {summary['evaluated']}" in text
+    assert "must be unique together: device_id , seq" in text
+    bounds = load_rules().metrics["temperature"]
+    assert f"greater than or equal to {bounds.min} and less than or equal to {bounds.max}" in text
+    shot = tmp_path / "data-docs.png"
+    taken = chromium(page, tmp_path / "profile", f"--screenshot={shot}", size="1400,1800")
+    assert shot.exists(), taken.stderr[-2000:]
+    assert shot.read_bytes()[:8] == PNG_MAGIC
+    keep_for_docs(shot, "data-docs.png")
