@@ -259,8 +259,19 @@ class Service(ABC):
                 raise ServiceError(
                     f"{self.name}: port {port} on {self.host} is taken by "
                     f"{port_holder(self.host, port)}; stop it or move the service with a "
-                    f"FLEET_*_PORT variable"
+                    f"FLEET_*_PORT variable ({self._pid_file_says()})"
                 )
+
+    def _pid_file_says(self) -> str:
+        """What the pid file names, beside what that pid is now: for a 'port taken' error
+        about a process the pid file should have named."""
+        record = PidRecord.read(self.pid_path)
+        if record is None:
+            return "no pid file"
+        return (
+            f"pid file: pid {record.pid} started at tick {record.start_ticks}; "
+            f"that pid now: {start_ticks(record.pid)}"
+        )
 
     def _spawn(self) -> None:
         env = {
