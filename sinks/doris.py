@@ -408,23 +408,18 @@ class DorisSink(ClosesOnExit):
     def write_arrow(
         self, table: str, batch: pa.Table, origin: BatchOrigin | None = None
     ) -> WriteResult:
-        """Load an Arrow table with ``table``'s columns (tenant columns default to ''). The
-        label is the batch's origin and a digest of its keys: the same rows re-sent answer
-        ``Label Already Exists``, while rows the gate judged otherwise on a re-read (the
-        registry changed in between) load under a new label; the UNIQUE KEY keeps one row per
-        message either way, so nothing is lost and nothing doubled."""
+        """Load an Arrow table with ``table``'s columns. The label is the batch's origin and a
+        digest of its keys: the same rows re-sent answer ``Label Already Exists``, while rows
+        the gate judged otherwise on a re-read (the registry changed in between) load under a
+        new label; the UNIQUE KEY keeps one row per message either way, so nothing is lost and
+        nothing doubled."""
         schema = self._schema(table)
         label = _label(f"{table}_{dedup_token(table, batch)[-12:]}", origin)
         if not len(batch):
             return WriteResult(table, 0, label)
-        for field in schema:
-            if field.name not in batch.schema.names:
-                if field.name not in {f.name for f in _TENANT}:
-                    raise InvalidBatch(f"{table}: the batch has no column {field.name!r}")
-                batch = batch.append_column(field, pa.array([""] * len(batch), pa.string()))
         try:
             cast = batch.select(schema.names).cast(schema)
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise InvalidBatch(f"{table}: {exc}") from exc
         return self._load(table, cast, label)
 

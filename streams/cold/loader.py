@@ -27,7 +27,7 @@ import asyncio
 import logging
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from confluent_kafka import KafkaException
@@ -39,7 +39,6 @@ from sinks.base import (
     OTA_EVENTS_TABLE,
     TELEMETRY_TABLE,
     TWIN_HISTORY_TABLE,
-    BatchOrigin,
     InvalidBatch,
     SinkUnavailable,
     WarehouseSink,
@@ -50,7 +49,7 @@ from sinks.quality.rules import QualityRules, load_rules
 from sinks.warehouse_tables import Columns
 from streams.cold.quality import QUALITY_DLQ_TOPIC, RELEASE_TABLE, RELEASE_TOPIC, QualityPath
 from streams.cold.registry import DeviceRegistry
-from streams.cold.rows import ota_events_rows, twin_history_rows
+from streams.cold.rows import origin_of, ota_events_rows, twin_history_rows
 from streams.runtime.clients import KafkaConfig
 from streams.runtime.loader import (
     DeadLetterProducer,
@@ -101,12 +100,6 @@ COLD_JOB = LoaderSpec(
 
 class Closeable(Protocol):
     def close(self) -> None: ...
-
-
-def origin_of(sources: Sequence[SourceRecord]) -> BatchOrigin:
-    """Where a batch of one topic was read: what the Doris sink names its load by."""
-    topic = sources[0].topic if sources else ""
-    return BatchOrigin.of(topic, ((s.partition, s.offset) for s in sources))
 
 
 Records = list[dict[str, Any]]

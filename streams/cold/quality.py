@@ -21,12 +21,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sinks.base import TELEMETRY_TABLE, BatchOrigin, WarehouseSink, WriteResult
+from sinks.base import TELEMETRY_TABLE, WarehouseSink, WriteResult
 from sinks.clickhouse import telemetry_to_arrow
 from sinks.quality.gate import check_batch
 from sinks.quality.quarantine import Quarantine, ReleaseFilter, batch_id
 from sinks.quality.rules import QualityRules
 from streams.cold.registry import TenantColumns
+from streams.cold.rows import origin_of
 from streams.runtime.records import DeadLetter, SourceRecord
 
 __all__ = [
@@ -112,7 +113,7 @@ class QualityPath:
         if self.registry is not None:
             tenants = self.registry.tenants([r["device_id"] for r in records]).as_columns()
         batch = telemetry_to_arrow(records, tenants)
-        origin = _origin(sources)
+        origin = origin_of(sources)
         if self.rules is None:
             return self.sink.write_arrow(TELEMETRY_TABLE, batch, origin)
         unknown, groups = None, None
@@ -154,14 +155,6 @@ class QualityPath:
 
     def status(self) -> Mapping[str, Any]:
         return {"quality": self.counters.status()}
-
-
-def _origin(sources: Sequence[SourceRecord]) -> BatchOrigin | None:
-    """Where the batch was read (what a Doris load is labelled by); None for a batch handed
-    over without its records (a test's)."""
-    if not sources:
-        return None
-    return BatchOrigin.of(sources[0].topic, ((s.partition, s.offset) for s in sources))
 
 
 def _dead_letters(

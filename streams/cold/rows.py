@@ -8,10 +8,12 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from sinks.base import BatchOrigin
 from sinks.clickhouse import InvalidBatch
 from streams.hot.twin import TwinDocumentError, delta, from_record
 from streams.ota.model import Progress, Rollout
 from streams.ota.model import from_record as rollout_from_record
+from streams.runtime.records import SourceRecord
 
 # ota_events count columns: the progress statuses each one adds up.
 OTA_COUNT_COLUMNS: dict[str, tuple[Progress, ...]] = {
@@ -118,3 +120,9 @@ def ota_events_rows(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
         latest.pop(key, None)  # re-inserted: dicts keep insertion order, so topic order holds
         latest[key] = rollout
     return [row for rollout in latest.values() for row in rollout_rows(rollout)]
+
+
+def origin_of(sources: Sequence[SourceRecord]) -> BatchOrigin:
+    """Where a batch of one topic was read: what the Doris sink names its load by."""
+    topic = sources[0].topic if sources else ""
+    return BatchOrigin.of(topic, ((s.partition, s.offset) for s in sources))
