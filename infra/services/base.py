@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import signal
 import socket
@@ -26,6 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import psutil
+
+log = logging.getLogger(__name__)
 
 
 class ServiceError(RuntimeError):
@@ -154,6 +157,9 @@ class Service(ABC):
     # Where the process serves /metrics (0: it does not); the stack assigns it
     # (infra/metrics.py) and hands it to the process as FLEET_PROCESS_METRICS_PORT.
     metrics_port: int = 0
+    # What the last `launch` spawned (None: it found the service running). Tells a failed
+    # start from an older process ending while `up` waits on it.
+    spawned_pid: int | None = None
 
     def __init__(self, name: str, host: str, port: int, run_dir: Path) -> None:
         self.name = name
@@ -243,11 +249,13 @@ class Service(ABC):
 
     def launch_locked(self) -> None:
         """`launch`, for a caller that holds the lock already."""
-        if self.process() is None:
-            self._check_ports_free()
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.prepare()
-            self._spawn()
+        if self.process() is not None:
+            self.spawned_pid = None
+            return
+        self._check_ports_free()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.prepare()
+        self._spawn()
 
     def bound_ports(self) -> Sequence[int]:
         """Ports this service listens on, checked for conflicts before it starts."""
@@ -296,11 +304,19 @@ class Service(ABC):
                     f"{self.name}: cannot run {exc.filename}: not installed"
                 ) from exc
         PidRecord.of(popen.pid).write(self.pid_path)
+        self.spawned_pid = popen.pid
 
     def wait_ready(self, timeout: float) -> None:
+        """Return once the service answers. A process this object did not start that ends
+        meanwhile (a job's watchdog ending a call stuck on a lost broker) is started again,
+        as the supervisor would; one this object started that ends is a failed start."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process() is None:
+                if self.spawned_pid is None and self.wanted():
+                    log.warning("%s ended while `up` waited on it; starting it again", self.name)
+                    self.launch()
+                    continue
                 raise ServiceError(
                     f"{self.name} exited while starting; last lines of {self.log_path}:\n"
                     f"{log_tail(self.log_path)}"

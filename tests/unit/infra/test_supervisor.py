@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.services.base import PidRecord, Service, wait_until
+from infra.services.base import PidRecord, Service, ServiceError, wait_until
 from infra.settings import Settings
 from infra.stack import Stack
 from infra.supervisor import LONGEST_DELAY_S, STABLE_S, Supervisor, restart_delay
@@ -85,6 +85,37 @@ def test_no_restart_while_a_stop_holds_the_lock(sleeper: Sleeper) -> None:
         assert sleeper.process() is None  # the holder decides, not the supervisor
     supervisor.tick(time.time() + STABLE_S)
     assert sleeper.process() is not None
+
+
+def test_up_starts_again_a_running_service_that_ends_while_up_waits(sleeper: Sleeper) -> None:
+    sleeper.launch()
+    before = PidRecord.read(sleeper.pid_path)
+    again = Sleeper(sleeper.run_dir)  # the next `fleet up`: finds it running, spawns nothing
+    again.launch()
+    assert again.spawned_pid is None
+    sleeper.kill()  # e.g. a job's watchdog ending a call stuck on a lost broker
+    again.wait_ready(10)
+    after = PidRecord.read(sleeper.pid_path)
+    assert after is not None
+    assert after != before
+    assert after.process() is not None
+
+
+class Crasher(Sleeper):
+    """Exits at once, never having answered."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(run_dir, "crasher", crash=True)
+
+    def ready(self) -> bool:
+        return False
+
+
+def test_a_service_that_ends_right_after_its_own_start_is_a_failed_start(tmp_path: Path) -> None:
+    crasher = Crasher(tmp_path)
+    crasher.launch()
+    with pytest.raises(ServiceError, match="exited while starting"):
+        crasher.wait_ready(10)
 
 
 def test_a_service_that_keeps_crashing_backs_off_longer_each_time(tmp_path: Path) -> None:
