@@ -8,7 +8,7 @@ aggregate is a plain JSON-able dict (it lives in a Faust table, whose changelog 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypedDict
 
@@ -88,6 +88,42 @@ def add_reading(
         "messages": int(base["messages"]) + 1,
         "metrics": merged,
     }
+
+
+def merge_windows(parts: Iterable[Mapping[str, Any]]) -> WindowAggregate:
+    """One window from its partial aggregates over disjoint sets of devices (one per
+    telemetry partition: a device's readings all go to one partition, so devices add up)."""
+    devices = messages = 0
+    metrics: dict[str, MetricAggregate] = {}
+    for part in parts:
+        devices += int(part["devices"])
+        messages += int(part["messages"])
+        for name, agg in part["metrics"].items():
+            have = metrics.get(name)
+            if have is None:
+                metrics[name] = {
+                    "count": int(agg["count"]),
+                    "min": float(agg["min"]),
+                    "max": float(agg["max"]),
+                    "sum": float(agg["sum"]),
+                }
+            else:
+                have["count"] += int(agg["count"])
+                have["min"] = min(have["min"], float(agg["min"]))
+                have["max"] = max(have["max"], float(agg["max"]))
+                have["sum"] += float(agg["sum"])
+    return {"devices": devices, "messages": messages, "metrics": metrics}
+
+
+def partial_key(window_key: str, partition: int) -> str:
+    """Key of one telemetry partition's share of a window (the first stage's table)."""
+    return f"{window_key}#{partition}"
+
+
+def parse_partial_key(key: str) -> tuple[str, int]:
+    """(window key, partition) of a :func:`partial_key`."""
+    window, _, partition = key.rpartition("#")
+    return window, int(partition)
 
 
 # Windows are kept (and late readings for them counted) this long after the newest window

@@ -19,14 +19,18 @@ from streams.jobs.health import (
     FUTURE_SKEW_MS,
     RETAIN_MS,
     WINDOW_MS,
+    WindowAggregate,
     add_reading,
     device_key,
     health_key,
     health_record,
     is_future,
     is_late,
+    merge_windows,
     metrics_of,
     parse_health_key,
+    parse_partial_key,
+    partial_key,
     window_of,
     window_start_ms,
 )
@@ -89,6 +93,35 @@ def test_the_key_names_group_and_window_so_a_replay_overwrites() -> None:
     assert key == "acme/plant/g1@2025-12-02T10:40:00Z"
     assert parse_health_key(key) == ("acme/plant/g1", T0)
     assert window_of(device_key(key, "dev-1")) == key
+
+
+def test_partition_shares_of_a_window_merge_into_the_window_read_whole() -> None:
+    # (partition, device, metrics): a device's readings all come from one partition.
+    readings = [
+        (0, "a", {"temperature": 20.0}),
+        (1, "b", {"temperature": 30.0, "battery": 0.9}),
+        (0, "a", {"temperature": 22.0}),
+        (2, "c", {}),
+        (1, "d", {"temperature": 18.0}),
+    ]
+    whole: WindowAggregate | None = None
+    shares: dict[int, WindowAggregate] = {}
+    seen: set[tuple[int | None, str]] = set()
+    for partition, device, metrics in readings:
+        whole = add_reading(whole, metrics, (None, device) not in seen)
+        shares[partition] = add_reading(
+            shares.get(partition), metrics, (partition, device) not in seen
+        )
+        seen |= {(None, device), (partition, device)}
+    assert merge_windows(shares.values()) == whole
+    assert health_record("g", T0, merge_windows(shares.values()))["devices"] == 4
+    assert merge_windows([]) == {"devices": 0, "messages": 0, "metrics": {}}
+
+
+def test_a_share_key_names_its_window_and_partition() -> None:
+    window = health_key("acme/plant/g1", T0)
+    assert parse_partial_key(partial_key(window, 7)) == (window, 7)
+    assert window_of(device_key(partial_key(window, 7), "dev-1")) == partial_key(window, 7)
 
 
 def test_windows_older_than_retention_are_late() -> None:
