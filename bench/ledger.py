@@ -127,9 +127,9 @@ class LoadRun:
     arrivals: Arrivals = field(default_factory=Arrivals)
 
 
-def _hot_lag(stack: Stack) -> int:
+def _drained(stack: Stack) -> bool:
     lag = stack.status().consumer_lag
-    return int(lag.get("fleetstream-hot", 0))
+    return "fleetstream-hot" in lag and not any(lag.values())
 
 
 def _run_load(
@@ -145,8 +145,9 @@ def _run_load(
     thread_before = time.thread_time()
     stats = asyncio.run(offer_load(settings, creds, total_rate / len(creds), duration))
     loadgen = time.thread_time() - thread_before
-    # Drained: the hot worker consumed all of it (its lag is what the stack still owes).
-    wait_until(lambda: _hot_lag(stack) == 0, timeout=120)
+    # Drained: every job consumed all of it (their lag is what the stack still owes). Not only
+    # the hot worker: a job that falls behind would do its share of the work after the window.
+    wait_until(lambda: _drained(stack), timeout=300, interval=0.5)
     after, wall = _sample(pids), time.monotonic() - started
     time.sleep(1.0)  # the last alerts' commit reaches the collector (not a measurement)
     arrivals.stop.set()

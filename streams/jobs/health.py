@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any, TypedDict
 
 WINDOW_S = 60
@@ -72,22 +73,30 @@ def add_reading(
 ) -> WindowAggregate:
     """The window's aggregate with one more message (from a device not yet counted in this
     window if ``new_device``); a new dict, the argument is left as it was."""
+    return add_readings(window, [(metrics, new_device)])
+
+
+def add_readings(
+    window: Mapping[str, Any] | None, readings: Iterable[tuple[Mapping[str, float], bool]]
+) -> WindowAggregate:
+    """The window's aggregate with more messages, each ``(metrics, new_device)`` as
+    :func:`add_reading` takes it: one copy for a batch, not one a reading."""
     base = window or empty_window()
     merged: dict[str, MetricAggregate] = {k: dict(v) for k, v in base["metrics"].items()}  # type: ignore[misc]
-    for name, value in metrics.items():
-        agg = merged.get(name)
-        if agg is None:
-            merged[name] = {"count": 1, "min": value, "max": value, "sum": value}
-        else:
-            agg["count"] += 1
-            agg["min"] = min(agg["min"], value)
-            agg["max"] = max(agg["max"], value)
-            agg["sum"] += value
-    return {
-        "devices": int(base["devices"]) + (1 if new_device else 0),
-        "messages": int(base["messages"]) + 1,
-        "metrics": merged,
-    }
+    devices, messages = int(base["devices"]), int(base["messages"])
+    for metrics, new_device in readings:
+        devices += 1 if new_device else 0
+        messages += 1
+        for name, value in metrics.items():
+            agg = merged.get(name)
+            if agg is None:
+                merged[name] = {"count": 1, "min": value, "max": value, "sum": value}
+            else:
+                agg["count"] += 1
+                agg["min"] = min(agg["min"], value)
+                agg["max"] = max(agg["max"], value)
+                agg["sum"] += value
+    return {"devices": devices, "messages": messages, "metrics": merged}
 
 
 def merge_windows(parts: Iterable[Mapping[str, Any]]) -> WindowAggregate:
@@ -170,6 +179,7 @@ def is_future(ts_ms: int, now_ms: int) -> bool:
     return ts_ms > now_ms + FUTURE_SKEW_MS
 
 
+@lru_cache(maxsize=4096)  # one window start serves a minute of readings
 def iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 

@@ -25,8 +25,9 @@ import faust
 from faust.web import Request, Response, View
 
 from streams.jobs import app, topics
+from streams.jobs.batches import by_partition, writing_as
 from streams.jobs.health import (
-    add_reading,
+    add_readings,
     device_key,
     health_key,
     health_record,
@@ -42,6 +43,8 @@ from streams.jobs.health import (
 )
 
 EMIT_INTERVAL_S = 10.0
+BATCH_MAX = 2_000
+BATCH_WITHIN_S = 0.5
 
 devices = app.devices
 # Stage 1, keys carry the telemetry partition (one writer each, changelog partition = source
@@ -104,28 +107,56 @@ def _group_windows(group: str) -> set[str]:
 
 @app.agent(topics.telemetry)
 async def fleet_health(stream: faust.StreamT[Any]) -> None:
-    async for event in stream.events():
-        reading = event.value
-        if is_future(int(reading.ts), int(time.time() * 1000)):
-            continue  # a device clock far ahead: it must not retire every current window
-        start = window_start_ms(int(reading.ts))
-        _newest["start_ms"] = max(_newest["start_ms"], start)
-        if is_late(start, _newest["start_ms"]):
+    # In batches: one table write per share a batch touches, not one per reading.
+    batches = stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S)  # type: ignore[attr-defined]
+    async for batch in batches:
+        for partition, events in by_partition(batch).items():
+            with writing_as(events[-1]):
+                await _fold(partition, events)
+
+
+async def _fold(partition: int, events: list[Any]) -> None:
+    """One partition's readings of a batch into its shares; a reading that cannot be folded
+    goes to the dead-letter topic with its reason, the others are counted."""
+    index = _partition_index(partition)
+    now_ms = int(time.time() * 1000)
+    readings: dict[str, list[tuple[dict[str, float], bool]]] = {}
+    for event in events:
+        try:
+            key, reading = _share_of(event.value, partition, index, now_ms)
+        except (TypeError, ValueError, AttributeError) as exc:  # a reading it cannot read
+            await app.dead_letter_message(event.message, exc)
             continue
-        partition = event.message.partition
-        key = partial_key(health_key(devices.group_of(reading.device_id), start), partition)
-        index = _partition_index(partition)
-        members = index.setdefault(key, set())
-        member = device_key(key, reading.device_id)
-        new_device = seen.get(member) is None
-        if new_device:
-            seen[member] = True
-            members.add(member)
-        shares[key] = add_reading(shares.get(key), metrics_of(reading), new_device)
-        if _dirty is not None:
-            _dirty.add(key)
-        if len(index) > 1:
-            _expire_shares(index)
+        if key is not None:
+            readings.setdefault(key, []).append(reading)
+    for key, added in readings.items():
+        shares[key] = add_readings(shares.get(key), added)
+    if _dirty is not None:
+        _dirty.update(readings)
+    if len(index) > 1:
+        _expire_shares(index)
+
+
+def _share_of(
+    reading: Any, partition: int, index: dict[str, set[str]], now_ms: int
+) -> tuple[str | None, tuple[dict[str, float], bool]]:
+    """The share a reading adds to (None: too far ahead or too late), its metrics and whether
+    its device is new to that share (then it is recorded as seen)."""
+    metrics = metrics_of(reading)
+    if is_future(int(reading.ts), now_ms):
+        return None, (metrics, False)  # a device clock far ahead must not retire every window
+    start = window_start_ms(int(reading.ts))
+    _newest["start_ms"] = max(_newest["start_ms"], start)
+    if is_late(start, _newest["start_ms"]):
+        return None, (metrics, False)
+    key = partial_key(health_key(devices.group_of(reading.device_id), start), partition)
+    members = index.setdefault(key, set())  # mirrors the seen table (rebuilt from it)
+    member = device_key(key, reading.device_id)
+    new_device = member not in members
+    if new_device:
+        seen[member] = True
+        members.add(member)
+    return key, (metrics, new_device)
 
 
 @app.timer(EMIT_INTERVAL_S)  # type: ignore[untyped-decorator]

@@ -6,8 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import faust
 import pytest
 
 from infra.jobs import jobs_config
@@ -15,12 +19,14 @@ from infra.settings import Settings
 from infra.stack import Stack
 from streams.job_registry import JOBS, SHIPPED_DIR, JobKind
 from streams.jobs import JobsApp, Telemetry
+from streams.jobs.batches import by_partition, writing_as
 from streams.jobs.health import (
     FUTURE_SKEW_MS,
     RETAIN_MS,
     WINDOW_MS,
     WindowAggregate,
     add_reading,
+    add_readings,
     device_key,
     health_key,
     health_record,
@@ -86,6 +92,48 @@ def test_a_window_counts_messages_devices_and_min_mean_max() -> None:
         T0 + 60_000,
     )
     json.dumps(record)  # published as JSON
+
+
+def test_a_batch_of_readings_folds_into_what_one_at_a_time_gives() -> None:
+    first = add_reading(None, {"temperature": 19.0}, True)
+    batch: list[tuple[dict[str, float], bool]] = [
+        ({"temperature": 20.0}, True),
+        ({"temperature": 30.0, "battery": 0.9}, False),
+        ({}, True),
+    ]
+    one_by_one = first
+    for metrics, new_device in batch:
+        one_by_one = add_reading(one_by_one, metrics, new_device)
+    assert add_readings(first, batch) == one_by_one
+    assert first["messages"] == 1  # not mutated
+    assert add_readings(None, []) == {"devices": 0, "messages": 0, "metrics": {}}
+
+
+def test_a_batch_splits_by_source_partition_in_offset_order() -> None:
+    events = [_event(partition, offset) for partition, offset in [(1, 5), (0, 9), (1, 6), (2, 1)]]
+    grouped = by_partition(events)
+    assert {p: [e.message.offset for e in es] for p, es in grouped.items()} == {
+        1: [5, 6],
+        0: [9],
+        2: [1],
+    }
+
+
+def test_table_writes_in_a_batch_go_to_the_partition_of_the_event_named() -> None:
+    event = _event(3, 40)
+    assert faust.current_event() is None
+    with writing_as(event):
+        assert faust.current_event() is event
+    assert faust.current_event() is None
+
+
+@dataclass
+class _Event:  # what the kit reads of a Faust event (and, as Faust does, weakly referenced)
+    message: SimpleNamespace
+
+
+def _event(partition: int, offset: int) -> Any:
+    return _Event(SimpleNamespace(topic="telemetry.raw", partition=partition, offset=offset))
 
 
 def test_the_key_names_group_and_window_so_a_replay_overwrites() -> None:
