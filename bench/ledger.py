@@ -42,9 +42,11 @@ from bench.loadgen import LoadStats, offer_load
 from infra.provision import DeviceCredentials
 from infra.services.base import Service, wait_until
 from infra.settings import Settings
-from infra.stack import Stack
+from infra.stack import LAG_GROUPS, Stack
+from infra.topics import consumer_lag
 from schemas.codec import CodecRegistry, Decoded, load_schema
 
+TELEMETRY = "telemetry.raw"  # what the load is, and what every job that works per message reads
 CpuTimes = dict[str, float]  # service name -> CPU seconds (user + system, children included)
 
 
@@ -127,9 +129,10 @@ class LoadRun:
     arrivals: Arrivals = field(default_factory=Arrivals)
 
 
-def _drained(stack: Stack) -> bool:
-    lag = stack.status().consumer_lag
-    return "fleetstream-hot" in lag and not any(lag.values())
+def _drained(settings: Settings) -> bool:
+    """Every job that reads the telemetry has read all of it."""
+    readers = [group for group, inputs in LAG_GROUPS if TELEMETRY in inputs]
+    return all(consumer_lag(settings, group, [TELEMETRY]) == 0 for group in readers)
 
 
 def _run_load(
@@ -147,7 +150,7 @@ def _run_load(
     loadgen = time.thread_time() - thread_before
     # Drained: every job consumed all of it (their lag is what the stack still owes). Not only
     # the hot worker: a job that falls behind would do its share of the work after the window.
-    wait_until(lambda: _drained(stack), timeout=300, interval=0.5)
+    wait_until(lambda: _drained(settings), timeout=300, interval=0.5)
     after, wall = _sample(pids), time.monotonic() - started
     time.sleep(1.0)  # the last alerts' commit reaches the collector (not a measurement)
     arrivals.stop.set()
