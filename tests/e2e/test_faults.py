@@ -49,7 +49,7 @@ from confluent_kafka.admin import AdminClient
 from infra.keys import key_passphrase
 from infra.pki import CertificateAuthority
 from infra.provision import load_or_provision
-from infra.services.base import Service, ServiceError
+from infra.services.base import Service, ServiceError, wait_until
 from infra.settings import PROJECT_ROOT, Settings
 from infra.settings import settings_env as fleet_env
 from infra.simulator.protocol import EVENTS, TELEMETRY
@@ -395,13 +395,28 @@ def _fleet_without_broker_count(settings: Settings, *args: str) -> subprocess.Co
     return subprocess.run([fleet, *args], env=env, capture_output=True, text=True, timeout=600)
 
 
+def _not_up(status_json: str) -> str:
+    services = json.loads(status_json.strip().splitlines()[-1])["services"]
+    down = [f"{s['name']}={s['state']}" for s in services if s["state"] != "up"]
+    return "not up: " + ", ".join(down)
+
+
 def test_up_status_and_down_honour_the_state_folders_broker_count(three_brokers: Stack) -> None:
     # Last on this stack: it ends with `fleet down`.
     settings = three_brokers.settings
     up = _fleet_without_broker_count(settings, "up")
     assert up.returncode == 0, up.stderr[-2000:] + up.stdout[-2000:]
-    status = _fleet_without_broker_count(settings, "status", "--json")
-    assert status.returncode == 0, status.stdout[-2000:]
+    # A job whose watchdog ends a call left stuck by the broker the previous test kept down may
+    # end after `up` returned; the supervisor starts it again, so status reads all up soon after.
+    statuses: list[subprocess.CompletedProcess[str]] = []
+
+    def reads_all_up() -> bool:
+        statuses.append(_fleet_without_broker_count(settings, "status", "--json"))
+        return statuses[-1].returncode == 0
+
+    all_up = wait_until(reads_all_up, timeout=120, interval=2)
+    status = statuses[-1]
+    assert all_up, _not_up(status.stdout)
     services = {
         s["name"]: s for s in json.loads(status.stdout.strip().splitlines()[-1])["services"]
     }
