@@ -174,7 +174,7 @@ def _telemetry_times(
     settings: Settings, codecs: CodecRegistry, prefix: str, since_ms: int
 ) -> dict[tuple[str, int], tuple[int, int, int]]:
     """(device, seq) -> (device ts, received_at, Kafka timestamp) of this run's telemetry."""
-    codec = codecs.codec("telemetry.raw", load_schema("Telemetry"))
+    codec = codecs.codec(TELEMETRY, load_schema("Telemetry"))
     consumer = Consumer(
         {
             "bootstrap.servers": settings.bootstrap_servers,
@@ -183,9 +183,9 @@ def _telemetry_times(
             "enable.partition.eof": True,
         }
     )
-    meta = consumer.list_topics("telemetry.raw", timeout=10).topics["telemetry.raw"]
+    meta = consumer.list_topics(TELEMETRY, timeout=10).topics[TELEMETRY]
     starts = consumer.offsets_for_times(
-        [TopicPartition("telemetry.raw", p, since_ms) for p in meta.partitions], timeout=10
+        [TopicPartition(TELEMETRY, p, since_ms) for p in meta.partitions], timeout=10
     )
     ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in starts}
     open_parts = {tp.partition for tp in starts if 0 <= tp.offset < ends[tp.partition]}

@@ -395,10 +395,9 @@ def _fleet_without_broker_count(settings: Settings, *args: str) -> subprocess.Co
     return subprocess.run([fleet, *args], env=env, capture_output=True, text=True, timeout=600)
 
 
-def _not_up(status_json: str) -> str:
-    services = json.loads(status_json.strip().splitlines()[-1])["services"]
-    down = [f"{s['name']}={s['state']}" for s in services if s["state"] != "up"]
-    return "not up: " + ", ".join(down)
+def _services(status: subprocess.CompletedProcess[str]) -> dict[str, dict[str, object]]:
+    """`fleet status --json`'s services by name."""
+    return {s["name"]: s for s in json.loads(status.stdout.strip().splitlines()[-1])["services"]}
 
 
 def test_up_status_and_down_honour_the_state_folders_broker_count(three_brokers: Stack) -> None:
@@ -416,10 +415,8 @@ def test_up_status_and_down_honour_the_state_folders_broker_count(three_brokers:
 
     all_up = wait_until(reads_all_up, timeout=120, interval=2)
     status = statuses[-1]
-    assert all_up, _not_up(status.stdout)
-    services = {
-        s["name"]: s for s in json.loads(status.stdout.strip().splitlines()[-1])["services"]
-    }
+    services = _services(status)
+    assert all_up, {name: s["state"] for name, s in services.items() if s["state"] != "up"}
     brokers = sorted(n for n in services if n.startswith("kafka"))
     assert brokers == ["kafka-0", "kafka-1", "kafka-2"]
     assert {services[b]["state"] for b in brokers} == {"up"}
