@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import Metric
 
 from streams.hot.twin import delta
-from streams.runtime.metrics import counter, gauge
+from streams.runtime.metrics import counter, gauge, labelled_counter
 
 if TYPE_CHECKING:
     from streams.hot.job import HotState
@@ -37,4 +37,12 @@ def hot_metrics(state: HotState) -> Iterator[Metric]:
     )
     r = state.registry.counters
     yield counter("fleetstream_registry_commands", "Registry commands handled", r.commands)
-    yield counter("fleetstream_registry_denied", "Registry commands denied", r.denied)
+    yield labelled_counter(
+        "fleetstream_registry_decisions",
+        "Registry commands decided, by decision (applied, unchanged, denied, refused)",
+        "decision",
+        r.decisions,
+    )
+    yield counter(
+        "fleetstream_registry_malformed", "Registry commands that could not be read", r.malformed
+    )

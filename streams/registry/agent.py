@@ -12,7 +12,7 @@ reason; every readable command leaves exactly one audit record, allowed or not.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from streams.registry.devices import (
@@ -32,11 +32,8 @@ STAGE = "registry"
 @dataclass
 class RegistryCounters:
     commands: int = 0
-    applied: int = 0
-    unchanged: int = 0
-    denied: int = 0
-    refused: int = 0
     malformed: int = 0
+    decisions: dict[str, int] = field(default_factory=lambda: {d.value: 0 for d in AuditDecision})
 
 
 class RegistryAgent:
@@ -84,15 +81,7 @@ class RegistryAgent:
         current = self.devices.get(command.device_id)
         result = apply(command, current, self.grants, now_ms)
         audits.append(result.audit)
-        decision = result.audit.decision
-        if decision is AuditDecision.applied:
-            self.counters.applied += 1
-        elif decision is AuditDecision.unchanged:
-            self.counters.unchanged += 1
-        elif decision is AuditDecision.denied:
-            self.counters.denied += 1
-        else:
-            self.counters.refused += 1
+        self.counters.decisions[result.audit.decision.value] += 1
         if isinstance(result, Applied) and result.record is not current:
             self.devices[command.device_id] = result.record
             self.partition_of[command.device_id] = source.partition

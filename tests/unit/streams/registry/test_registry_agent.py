@@ -64,7 +64,7 @@ def test_an_allowed_provision_creates_the_entry_and_one_audit_record() -> None:
     assert agent.devices["d-1"] == devices["d-1"]
     assert agent.partition_of["d-1"] == SOURCE.partition
     assert [a.decision for a in audits] == [AuditDecision.applied]
-    assert agent.counters.applied == 1
+    assert agent.counters.decisions[AuditDecision.applied] == 1
 
 
 def test_a_redelivered_command_is_unchanged_and_writes_no_entry() -> None:
