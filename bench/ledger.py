@@ -1,6 +1,6 @@
 """CPU ledger and latency by stage: what each process of the stack spends, idle and per message.
 
-On a fresh stack (one bridge), three phases:
+On a fresh stack (one bridge), four phases:
 
 1. **Idle**: after the stack settled, the CPU every process of the stack spent over
    `idle_s` seconds with no load, in % of a core (utime + stime from /proc via psutil, each
@@ -21,6 +21,8 @@ On a fresh stack (one bridge), three phases:
    (Kafka to the hot worker, its processing; written inside its transaction), and the alert's
    arrival at a read_committed consumer (the commit). Baseline of each stage: the whole
    publish -> alert at the same quantile, so the ratio is the stage's share.
+4. **Idle at rest**: phase 1 again after the loads, when the JVMs have compiled their hot code
+   and nothing is queued: what a running stack costs with no traffic.
 """
 
 from __future__ import annotations
@@ -298,23 +300,28 @@ def _ledger_rows(run: LoadRun, idle: CpuTimes, idle_s: float, target: float) -> 
             Result(f"ledger: {name} CPU per message {load} {base}", us, "us", loadgen_us,
                    us / max(loadgen_us, 1e-9))
         )  # fmt: skip
+    return rows + idle_rows(idle, idle_s, "after start", run, load)
+
+
+def idle_rows(idle: CpuTimes, idle_s: float, when: str, run: LoadRun, load: str) -> list[Result]:
+    """The stack's idle CPU, whole and by process; baseline: the same stack at the load."""
     loaded_pct = sum(run.cpu.values()) / run.wall_s * 100
     idle_pct = sum(idle.values()) / idle_s * 100
-    rows.append(
+    rows = [
         Result(
-            f"idle CPU of the whole stack over {idle_s:.0f} s with no load "
+            f"idle CPU of the whole stack {when}, over {idle_s:.0f} s with no load "
             f"(baseline: the same stack {load})",
             idle_pct,
             "% of a core",
             loaded_pct,
             idle_pct / max(loaded_pct, 1e-9),
         )
-    )
+    ]
     for name, seconds in sorted(idle.items(), key=lambda kv: -kv[1]):
         pct = seconds / idle_s * 100
         rows.append(
             Result(
-                f"idle: {name} over {idle_s:.0f} s (baseline: the whole stack idle)",
+                f"idle {when}: {name} over {idle_s:.0f} s (baseline: the whole stack idle)",
                 pct,
                 "% of a core",
                 idle_pct,
@@ -346,6 +353,7 @@ def run_ledger(
     time.sleep(settle_s)  # start-up work (restores, first fetches) ends before idle is read
     idle = measure_idle(stack, idle_s)
     results: list[Result] = []
+    ledger_run: LoadRun | None = None
     for target in (latency_rate, rate):
         since_ms = int(time.time() * 1000) - 1000
         run = _run_load(stack, creds, target, load_s)
@@ -353,8 +361,16 @@ def run_ledger(
             got, sent = run.stats.acked, run.stats.published
             raise RuntimeError(f"load generator got {got} acks of {sent}")
         if target == rate:
+            ledger_run = run
             results = _ledger_rows(run, idle, idle_s, target) + results
         results += _stage_rows(
             _stages(settings, run, prefix, since_ms), run.stats.offered_rate, target
         )
+    # At rest: the JVMs have compiled their hot code and nothing is queued (right after start,
+    # Kafka's JIT compiler alone takes several % of a core for minutes).
+    time.sleep(settle_s)  # the loads' tails (commits, window emissions) end before rest is read
+    rest = measure_idle(stack, idle_s)
+    if ledger_run is not None:
+        load = f"at {rate:,.0f} msgs/s"
+        results += idle_rows(rest, idle_s, "at rest after the loads", ledger_run, load)
     return results
