@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin._listoffsets import OffsetSpec  # the stubs' name for it
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from streams.runtime.metrics import counter
@@ -34,11 +35,12 @@ class LagProbe:
     failures: int = 0
 
     def measure_once(self, admin: AdminClient, consumer: Consumer) -> dict[tuple[str, str], int]:
+        """One request per group for its committed offsets, one for every partition's end (and
+        one for the starts of partitions a group never committed): not one per partition."""
         from confluent_kafka import ConsumerGroupTopicPartitions
 
         meta = consumer.list_topics(timeout=self.timeout_s)
-        ends: dict[tuple[str, int], tuple[int, int]] = {}
-        lag: dict[tuple[str, str], int] = {}
+        committed: dict[str, list[TopicPartition]] = {}
         for group, topics in self.groups:
             partitions = [
                 TopicPartition(topic, p)
@@ -46,20 +48,33 @@ class LagProbe:
                 if topic in meta.topics
                 for p in meta.topics[topic].partitions
             ]
-            if not partitions:
-                continue
-            request = [ConsumerGroupTopicPartitions(group, partitions)]
-            answer = admin.list_consumer_group_offsets(request)[group].result(self.timeout_s)
-            for tp in answer.topic_partitions:
+            if partitions:
+                request = [ConsumerGroupTopicPartitions(group, partitions)]
+                answer = admin.list_consumer_group_offsets(request)[group].result(self.timeout_s)
+                committed[group] = answer.topic_partitions
+        every = [tp for tps in committed.values() for tp in tps]
+        latest, earliest = OffsetSpec.latest(), OffsetSpec.earliest()  # type: ignore[no-untyped-call]
+        ends = self._offsets(admin, every, latest)
+        starts = self._offsets(admin, [tp for tp in every if tp.offset < 0], earliest)
+        lag: dict[tuple[str, str], int] = {}
+        for group, tps in committed.items():
+            for tp in tps:
                 key = (tp.topic, tp.partition)
-                if key not in ends:
-                    ends[key] = consumer.get_watermark_offsets(
-                        TopicPartition(tp.topic, tp.partition), timeout=self.timeout_s
-                    )
-                low, high = ends[key]
-                behind = high - (tp.offset if tp.offset >= 0 else low)
+                behind = ends[key] - (tp.offset if tp.offset >= 0 else starts[key])
                 lag[(group, tp.topic)] = lag.get((group, tp.topic), 0) + max(behind, 0)
         return lag
+
+    def _offsets(
+        self, admin: AdminClient, partitions: Sequence[TopicPartition], spec: OffsetSpec
+    ) -> dict[tuple[str, int], int]:
+        if not partitions:
+            return {}
+        wanted = {TopicPartition(tp.topic, tp.partition): spec for tp in partitions}
+        futures = admin.list_offsets(wanted, request_timeout=self.timeout_s)
+        return {
+            (tp.topic, tp.partition): future.result(self.timeout_s).offset
+            for tp, future in futures.items()
+        }
 
     def run(self, stopping: threading.Event) -> None:
         """Measure until `stopping`; a failed reading keeps the last one and is counted."""
