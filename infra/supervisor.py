@@ -44,7 +44,7 @@ from streams.runtime.status import read_status, write_status
 
 log = logging.getLogger("fleetstream.supervisor")
 
-TICK_S = 0.5
+TICK_S = 1.0  # a dead process is seen within a second (idle: each tick reads every pid file)
 STABLE_S = 10.0  # a process that ran this long before dying is restarted at once
 FIRST_DELAY_S = 1.0
 LONGEST_DELAY_S = 30.0
