@@ -88,6 +88,7 @@ async def _device(
     stats: LoadStats,
     window: int,
     rng: random.Random,
+    first_seq: int,
 ) -> None:
     tls = client_tls_context(creds.ca_path, creds.cert_path, creds.key_path)
     reader, writer = await asyncio.open_connection(settings.host, settings.mqtt_port, ssl=tls)
@@ -98,7 +99,7 @@ async def _device(
     inflight = [0]
     acks = asyncio.create_task(_read_packets(reader, stats, inflight))
     topic = _text(f"devices/{creds.device_id}/telemetry")
-    seq, packet_id, due = 0, 0, 0.0
+    seq, packet_id, due = first_seq, 0, 0.0
     base = rng.uniform(18.0, 26.0)
     last = time.monotonic()
     try:
@@ -147,9 +148,13 @@ async def offer_load(
     stats = LoadStats(started_at=time.monotonic())
     until = stats.started_at + duration
     rng = random.Random(seed)
+    # A device's seq never goes back, also across runs on one stack: a run that started at 1
+    # again would be dropped downstream as re-sent (stale) messages. The run's start in epoch
+    # ms is above any earlier run's last seq while a device sends under 1,000 msgs/s.
+    first_seq = int(time.time() * 1000)
     await asyncio.gather(
         *(
-            _device(c, settings, rate, until, stats, window, random.Random(rng.random()))
+            _device(c, settings, rate, until, stats, window, random.Random(rng.random()), first_seq)
             for c in creds
         )
     )
