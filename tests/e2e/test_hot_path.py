@@ -18,22 +18,14 @@ from infra.api.client import HotPathClient
 from infra.pki import CertificateAuthority
 from infra.provision import load_or_provision
 from infra.services.base import wait_until
-from infra.settings import PROJECT_ROOT, Settings
+from infra.settings import Settings
 from infra.simulator.fleet import run_fleet
 from infra.stack import Stack
 from streams.hot.alerts import AlertEvent, AlertRule, AlertStatus, RuleKind, ScopeType
 from streams.hot.twin import delta
-from tests.conftest import DeviceIdentity, settings_env
-from tests.support.mqtt import MqttSession, connect
-
-FLEET = str(PROJECT_ROOT / ".venv" / "bin" / "fleet")
-
-
-@pytest.fixture
-def client(stack: Stack, settings: Settings) -> Iterator[HotPathClient]:
-    hot = HotPathClient(settings)
-    yield hot
-    hot.close()
+from tests.conftest import DeviceIdentity
+from tests.support.cli import fleet_cli
+from tests.support.mqtt import MqttSession, connect_device
 
 
 @pytest.fixture
@@ -41,8 +33,7 @@ def device_session(
     settings: Settings, make_device: Callable[..., DeviceIdentity]
 ) -> Iterator[tuple[DeviceIdentity, MqttSession]]:
     device = make_device("hot")
-    session = connect(settings, device.cert, device.key, device.device_id)
-    assert session is not None
+    session = connect_device(settings, device)
     yield device, session
     session.close()
 
@@ -60,6 +51,31 @@ def worker_has_rule(stack: Stack, rule_id: str) -> bool:
     return rule_id in stack.hot_worker.counters().get("rules", [])
 
 
+def put_rule_applied(
+    client: HotPathClient,
+    stack: Stack,
+    name: str,
+    device_id: str,
+    metric: str,
+    threshold: float,
+    clear_threshold: float,
+) -> AlertRule:
+    """A new rule, raised above ``threshold`` and cleared below ``clear_threshold``, for one
+    device: returned once the hot worker applies it."""
+    rule = AlertRule(
+        f"{name}-{uuid.uuid4().hex[:6]}",
+        ScopeType.device,
+        device_id,
+        metric,
+        RuleKind.above,
+        threshold=threshold,
+        clear_threshold=clear_threshold,
+    )
+    client.put_rule(rule)
+    assert wait_until(lambda: worker_has_rule(stack, rule.rule_id), timeout=30, interval=0.2)
+    return rule
+
+
 def alerts_of(client: HotPathClient, device_id: str, since_ms: int) -> list[AlertEvent]:
     return [a for a in client.alerts(since_ms) if a.device_id == device_id]
 
@@ -69,12 +85,7 @@ def test_a_threshold_crossing_raises_one_alert_and_later_one_resolve(
 ) -> None:
     device, session = device_session
     since = int(time.time() * 1000) - 1000
-    rule = AlertRule(
-        f"hot-{uuid.uuid4().hex[:6]}", ScopeType.device, device.device_id, "temperature",
-        RuleKind.above, threshold=30.0, clear_threshold=28.0,
-    )  # fmt: skip
-    client.put_rule(rule)
-    assert wait_until(lambda: worker_has_rule(stack, rule.rule_id), timeout=30, interval=0.2)
+    put_rule_applied(client, stack, "hot", device.device_id, "temperature", 30.0, 28.0)
     # 31 raises; 35 and 31.5 stay raised; 29 is inside the band; 27 resolves.
     for seq, temperature in enumerate([20.0, 31.0, 35.0, 29.0, 31.5, 27.0], start=1):
         topic = f"devices/{device.device_id}/telemetry"
@@ -132,13 +143,7 @@ def test_a_stale_version_is_refused_by_the_cli(
     device_id = f"cli-{uuid.uuid4().hex[:8]}"
 
     def fleet(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [FLEET, "twin", *args],
-            env=settings_env(settings),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        return fleet_cli(settings, "twin", *args)
 
     first = fleet("set", device_id, '{"mode": "eco", "fan": {"speed": 2}}')
     assert first.returncode == 0, first.stderr
@@ -186,12 +191,7 @@ def test_kill_9_of_the_hot_worker_emits_every_alert_exactly_once(
 ) -> None:
     device, session = device_session
     since = int(time.time() * 1000) - 1000
-    rule = AlertRule(
-        f"flip-{uuid.uuid4().hex[:6]}", ScopeType.device, device.device_id, "humidity",
-        RuleKind.above, threshold=50.0, clear_threshold=40.0,
-    )  # fmt: skip
-    client.put_rule(rule)
-    assert wait_until(lambda: worker_has_rule(stack, rule.rule_id), timeout=30, interval=0.2)
+    put_rule_applied(client, stack, "flip", device.device_id, "humidity", 50.0, 40.0)
     readings = 300  # alternating 60 / 30: every reading is a transition
     sent = threading.Event()
 

@@ -5,36 +5,23 @@ supervisor starts again whatever dies, counted in `fleet status`."""
 from __future__ import annotations
 
 import json
-import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import psutil
 import pytest
 
-from infra.keys import key_passphrase
-from infra.pki import CertificateAuthority
-from infra.provision import load_or_provision
 from infra.services.base import Service, wait_until
-from infra.settings import PROJECT_ROOT, Settings
+from infra.settings import Settings
 from infra.stack import Stack
 from infra.topics import consumer_lag
-from infra.warehouse import fetch, warehouse_counts
-from tests.conftest import settings_env
-from tests.support.fleet import start_fleet, telemetry_sent
-
-FLEET = str(PROJECT_ROOT / ".venv" / "bin" / "fleet")
+from tests.support.cli import fleet_cli
+from tests.support.fleet import start_fleet
+from tests.support.warehouse import assert_stored_exactly_once, provision_fleet, stored_rows
 
 
 def fleet_status(settings: Settings) -> tuple[int, dict[str, dict[str, object]]]:
-    result = subprocess.run(
-        [FLEET, "status", "--json"],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = fleet_cli(settings, "status", "--json")
     status = json.loads(result.stdout.strip().splitlines()[-1])
     return result.returncode, {s["name"]: s for s in status["services"]}
 
@@ -53,40 +40,22 @@ def test_sigkill_of_the_broker_mid_stream_keeps_the_workers_and_the_warehouse_ex
     stack: Stack, settings: Settings, tmp_path: Path
 ) -> None:
     """Before: the cold worker died on NOT_COORDINATOR, the hot worker on TIMED_OUT."""
-    ca = CertificateAuthority.load_or_create(settings.pki_dir, passphrase=key_passphrase(settings))
-    prefix = f"kbk{uuid.uuid4().hex[:4]}-"
-    creds = load_or_provision(ca, [f"{prefix}{i:03d}" for i in range(30)], tmp_path, "ec")
+    prefix, creds = provision_fleet(settings, "kbk", 30, tmp_path)
     workers = (stack.cold_worker, stack.hot_worker, stack.ota)
     pids = {w.name: pid_of(w) for w in workers}
     worker_restarts = {w.name: restarts(stack, w.name) for w in workers}
     broker = stack.brokers[0]
     broker_restarts = restarts(stack, broker.name)
-    stored_before = int(stack.cold_worker.counters().get("stored_rows", 0))
+    stored_before = stored_rows(stack)
 
     fleet = start_fleet(settings, creds, rate=10, duration=60, max_messages=120)
-    assert wait_until(
-        lambda: int(stack.cold_worker.counters().get("stored_rows", 0)) > stored_before + 300,
-        timeout=90,
-    )
+    assert wait_until(lambda: stored_rows(stack) > stored_before + 300, timeout=90)
     broker.kill()  # SIGKILL: no clean shutdown, transactions and commits in flight
     # No human: the supervisor starts the broker again.
     assert wait_until(broker.ready, timeout=settings.startup_timeout_s, interval=1.0)
     stats, devices = fleet.wait(300)
-    published = stats.published
-    assert published == 30 * 120
-
-    def drained() -> bool:
-        return warehouse_counts(settings, device_prefix=prefix).stored >= published
-
-    assert wait_until(drained, timeout=180, interval=1.0)
-    counts = warehouse_counts(settings, device_prefix=prefix)
-    assert (counts.stored, counts.duplicates) == (published, 0)
-    rows = fetch(
-        settings,
-        "SELECT device_id, seq FROM telemetry FINAL WHERE startsWith(device_id, {p:String})",
-        {"p": prefix},
-    ).rows
-    assert {(r[0], int(r[1])) for r in rows} == telemetry_sent(devices)
+    assert stats.published == 30 * 120
+    assert_stored_exactly_once(settings, prefix, devices, stats.published, timeout=180)
     # The hot path read it all: its group's committed offsets on telemetry.raw reach the end
     # (they advance only in its transactions). A worker may be restarted meanwhile: after a
     # broker restart librdkafka can wait forever in send_offsets_to_transaction, and the job's

@@ -6,20 +6,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
-from infra.keys import key_passphrase
-from infra.pki import CertificateAuthority
-from infra.provision import load_or_provision
 from infra.services.base import wait_until
 from infra.settings import PROJECT_ROOT, Settings
 from infra.stack import Stack
-from infra.warehouse import fetch, warehouse_counts
-from tests.conftest import settings_env
-from tests.support.fleet import start_fleet, telemetry_sent
+from tests.support.cli import fleet_cli
+from tests.support.fleet import start_fleet
+from tests.support.warehouse import assert_stored_exactly_once, provision_fleet, stored_rows
 
-FLEET = str(PROJECT_ROOT / ".venv" / "bin" / "fleet")
 SUMMARY_KEYS = {
     "devices",
     "published",
@@ -36,11 +31,9 @@ SUMMARY_KEYS = {
 def test_demo_with_200_devices_stores_exactly_what_was_published(
     stack: Stack, settings: Settings
 ) -> None:
-    result = subprocess.run(
-        [FLEET, "demo", "--devices", "200", "--duration", "10", "--rate", "2", "--json"],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
+    result = fleet_cli(
+        settings,
+        *("demo", "--devices", "200", "--duration", "10", "--rate", "2", "--json"),
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -63,53 +56,28 @@ def test_demo_with_200_devices_stores_exactly_what_was_published(
 def test_kill_9_of_the_worker_mid_stream_keeps_the_warehouse_exact(
     stack: Stack, settings: Settings, tmp_path: Path
 ) -> None:
-    ca = CertificateAuthority.load_or_create(settings.pki_dir, passphrase=key_passphrase(settings))
-    prefix = f"crash{uuid.uuid4().hex[:4]}-"
-    creds = load_or_provision(ca, [f"{prefix}{i:03d}" for i in range(50)], tmp_path, "ec")
-    stored_before = int(stack.cold_worker.counters().get("stored_rows", 0))
+    prefix, creds = provision_fleet(settings, "crash", 50, tmp_path)
+    stored_before = stored_rows(stack)
     fleet = start_fleet(settings, creds, rate=10, duration=60, max_messages=150)
-    assert wait_until(
-        lambda: int(stack.cold_worker.counters().get("stored_rows", 0)) > stored_before + 1000,
-        timeout=90,
-    )
+    assert wait_until(lambda: stored_rows(stack) > stored_before + 1000, timeout=90)
     stack.cold_worker.kill()
     stack.cold_worker.start(settings.startup_timeout_s)
     stats, devices = fleet.wait()
-    published = stats.published
-    assert published == 50 * 150
-
-    def drained() -> bool:
-        return warehouse_counts(settings, device_prefix=prefix).stored >= published
-
-    assert wait_until(drained, timeout=120, interval=1.0)
-    counts = warehouse_counts(settings, device_prefix=prefix)
-    assert (counts.stored, counts.duplicates) == (published, 0)
-    # Every (device, seq) the fleet sent is there: not just the right number of rows.
-    rows = fetch(
-        settings,
-        "SELECT device_id, seq FROM telemetry FINAL WHERE startsWith(device_id, {p:String})",
-        {"p": prefix},
-    ).rows
-    assert {(r[0], int(r[1])) for r in rows} == telemetry_sent(devices)
+    assert stats.published == 50 * 150
+    assert_stored_exactly_once(settings, prefix, devices, stats.published, timeout=120)
 
 
 def test_fleet_sql_prints_json_rows_while_the_pipeline_runs(
     stack: Stack, settings: Settings
 ) -> None:
-    result = subprocess.run(
-        [FLEET, "sql", "SELECT 1 AS one, 'x' AS letter", "--format", "json"],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = fleet_cli(
+        settings, "sql", "SELECT 1 AS one, 'x' AS letter", "--format", "json", timeout=60
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == [{"one": 1, "letter": "x"}]
-    listed = subprocess.run(
-        [FLEET, "sql", "queries/latest_reading.sql", "--format", "json"],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
+    listed = fleet_cli(
+        settings,
+        *("sql", "queries/latest_reading.sql", "--format", "json"),
         timeout=60,
         cwd=PROJECT_ROOT,
     )
@@ -132,9 +100,7 @@ def test_warehouse_unavailable_for_a_while_loses_nothing(
 ) -> None:
     """The embedded warehouse is owned by another process (one owner per chDB folder) while
     telemetry keeps arriving: the cold worker waits with back-off, then loads it all, once."""
-    ca = CertificateAuthority.load_or_create(settings.pki_dir, passphrase=key_passphrase(settings))
-    prefix = f"down{uuid.uuid4().hex[:4]}-"
-    creds = load_or_provision(ca, [f"{prefix}{i:03d}" for i in range(40)], tmp_path, "ec")
+    prefix, creds = provision_fleet(settings, "down", 40, tmp_path)
     stack.cold_worker.stop()
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_WAREHOUSE, settings.warehouse_dsn],
@@ -158,16 +124,4 @@ def test_warehouse_unavailable_for_a_while_loses_nothing(
         holder.terminate()
         holder.wait(timeout=30)
     stack.cold_worker.wait_ready(settings.startup_timeout_s)
-
-    def drained() -> bool:
-        return warehouse_counts(settings, device_prefix=prefix).stored >= stats.published
-
-    assert wait_until(drained, timeout=120, interval=1.0)
-    counts = warehouse_counts(settings, device_prefix=prefix)
-    assert (counts.stored, counts.duplicates) == (stats.published, 0)
-    rows = fetch(
-        settings,
-        "SELECT device_id, seq FROM telemetry FINAL WHERE startsWith(device_id, {p:String})",
-        {"p": prefix},
-    ).rows
-    assert {(r[0], int(r[1])) for r in rows} == telemetry_sent(devices)
+    assert_stored_exactly_once(settings, prefix, devices, stats.published, timeout=120)

@@ -5,38 +5,20 @@ from __future__ import annotations
 import json
 import subprocess
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from infra.api.client import HotPathClient
-from infra.settings import PROJECT_ROOT, Settings
+from infra.settings import Settings
 from infra.stack import Stack
 from streams.registry.devices import AuditDecision, DeviceStatus, SuspendDevice
 from streams.registry.rbac import Principal
-from tests.conftest import settings_env
-
-FLEET = str(PROJECT_ROOT / ".venv" / "bin" / "fleet")
-
-
-@pytest.fixture
-def client(stack: Stack, settings: Settings) -> Iterator[HotPathClient]:
-    hot = HotPathClient(settings)
-    yield hot
-    hot.close()
-
-
-def fleet(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [FLEET, *args], env=settings_env(settings), capture_output=True, text=True, timeout=120
-    )
+from tests.support.cli import fleet_cli
 
 
 def provision(
     settings: Settings, out: Path, group: str, *extra: str
 ) -> subprocess.CompletedProcess[str]:
-    return fleet(
+    return fleet_cli(
         settings, "provision", "--org", "acme", "--project", "p1", "--group", group,
         "--count", "2", "--out", str(out), "--key", "ec", *extra,
     )  # fmt: skip

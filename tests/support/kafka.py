@@ -38,3 +38,17 @@ def collect(
     finally:
         consumer.close()
     return kept
+
+
+def collect_keyed(
+    settings: Settings, topic: str, key: str, count: int, timeout: float = 60.0
+) -> list[Message]:
+    """Messages of `topic` keyed `key`: once there are `count` of them, or at the deadline."""
+    wanted = key.encode()
+    return collect(
+        settings,
+        topic,
+        keep=lambda m: m.key() == wanted,
+        done=lambda got: len(got) >= count,
+        timeout=timeout,
+    )

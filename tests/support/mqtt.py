@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 import ssl
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -16,6 +18,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from infra.settings import Settings
 from ingest.mqtt_client import client_tls_context
+from tests.conftest import DeviceIdentity
 
 
 @dataclass
@@ -126,6 +129,32 @@ def connect(
         client.disconnect()
         return None
     return session
+
+
+def connect_device(settings: Settings, device: DeviceIdentity, **options: Any) -> MqttSession:
+    """A session of ``device`` under its own client id; the broker must let it in."""
+    session = connect(settings, device.cert, device.key, device.device_id, **options)
+    assert session is not None, f"the broker refused {device.device_id}"
+    return session
+
+
+def publish_telemetry(
+    settings: Settings, device: DeviceIdentity, payloads: Iterable[bytes]
+) -> list[ReasonCode]:
+    """Connect as ``device``, publish each payload to its telemetry topic at QoS 1, disconnect.
+
+    Every PUBACK must be a success (a reason code below 0x80); they are returned in order."""
+    topic = f"devices/{device.device_id}/telemetry"
+    session = connect_device(settings, device)
+    codes: list[ReasonCode] = []
+    try:
+        for payload in payloads:
+            code = session.publish(topic, payload)
+            assert code.value < 128, (topic, payload[:80], code)
+            codes.append(code)
+    finally:
+        session.close()
+    return codes
 
 
 _CONNECTED = re.compile(r"New client connected from \S+ as (\S+) \(.*u'([^']*)'\)\.")

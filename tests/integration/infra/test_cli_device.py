@@ -5,9 +5,8 @@ broker: a suspended device's certificate is on hold, a revoked one's revoked for
 from __future__ import annotations
 
 import json
-import subprocess
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,35 +15,20 @@ from infra.api.client import HotPathClient
 from infra.pki import CertificateAuthority
 from infra.provision import provision_device, register
 from infra.services.base import wait_until
-from infra.settings import PROJECT_ROOT, Settings
-from infra.stack import Stack
+from infra.settings import Settings
 from schemas.identity import RevocationState
 from streams.registry.devices import DeviceStatus
-from tests.conftest import settings_env
+from tests.support.cli import fleet_cli
 from tests.support.mqtt import connect
 
 pytestmark = pytest.mark.integration
 
-FLEET = str(PROJECT_ROOT / ".venv" / "bin" / "fleet")
 ENFORCED_WITHIN_S = 30.0  # the enforcer acts within seconds; generous on a loaded machine
-
-
-@pytest.fixture
-def client(stack: Stack, settings: Settings) -> Iterator[HotPathClient]:
-    hot = HotPathClient(settings)
-    yield hot
-    hot.close()
-
-
-def fleet(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [FLEET, *args], env=settings_env(settings), capture_output=True, text=True, timeout=180
-    )
 
 
 def device_command(settings: Settings, *args: str) -> tuple[int, dict[str, object]]:
     """Run `fleet device ...`; its exit code and the audit record it printed."""
-    result = fleet(settings, "device", *args)
+    result = fleet_cli(settings, "device", *args, timeout=180)
     assert result.stdout.strip(), result.stderr
     return result.returncode, json.loads(result.stdout)
 

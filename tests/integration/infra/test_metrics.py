@@ -17,22 +17,10 @@ from infra.services.base import wait_until
 from infra.settings import Settings
 from infra.stack import Stack
 from tests.conftest import DeviceIdentity
-from tests.support.mqtt import connect
+from tests.support.mqtt import publish_telemetry
+from tests.support.processes import METRICS_PROCESSES
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-PLATFORM = {
-    "bridge-0",
-    "enforcer",
-    "hot-worker",
-    "cold-worker",
-    "ota-controller",
-    "api",
-    "supervisor",
-    "job-fleet-health",
-    "job-alert-webhooks",
-    "prometheus",
-}
 
 
 def scrape(settings: Settings, port: int) -> Samples:
@@ -65,7 +53,7 @@ def test_every_process_serves_its_series_and_they_move_with_traffic(
     stack: Stack, settings: Settings, make_device: Callable[..., DeviceIdentity]
 ) -> None:
     ports = metrics_ports(stack)  # as `fleet status --json` lists them
-    assert set(ports) == PLATFORM
+    assert set(ports) == METRICS_PROCESSES
     series = {
         "bridge-0": "fleetstream_bridge_puback_seconds_count",
         "enforcer": "fleetstream_enforcer_records_total",
@@ -82,17 +70,11 @@ def test_every_process_serves_its_series_and_they_move_with_traffic(
         assert any(n == metric for n, _ in before[name]), f"{name} does not expose {metric}"
 
     device = make_device("metrics")
-    session = connect(settings, device.cert, device.key, device.device_id)
-    assert session is not None
-    topic = f"devices/{device.device_id}/telemetry"
     now = int(time.time() * 1000)
-    try:
-        for seq in range(1, 6):
-            payload = json.dumps({"seq": seq, "ts": now, "temperature": 21.5}).encode()
-            assert session.publish(topic, payload).value < 128
-        assert session.publish(topic, b"{not json").value < 128
-    finally:
-        session.close()
+    readings = [
+        json.dumps({"seq": seq, "ts": now, "temperature": 21.5}).encode() for seq in range(1, 6)
+    ]
+    publish_telemetry(settings, device, [*readings, b"{not json"])
     with urllib.request.urlopen(
         f"http://{settings.host}:{settings.api_port}/healthz", timeout=5
     ) as response:
@@ -140,7 +122,7 @@ def test_prometheus_scrapes_every_process_and_alerts_when_one_stops(
     prometheus = stack.prometheus
     assert prometheus is not None
     expected = {t.process for t in stack.scrape_targets()}
-    assert expected == PLATFORM
+    assert expected == METRICS_PROCESSES
     health: dict[str, str] = {}
 
     def all_up() -> bool:

@@ -15,8 +15,8 @@ from infra.services.base import wait_until
 from infra.settings import Settings
 from infra.stack import Stack
 from tests.conftest import DeviceIdentity
-from tests.support.kafka import collect
-from tests.support.mqtt import MqttSession, connect
+from tests.support.kafka import collect_keyed
+from tests.support.mqtt import publish_telemetry
 
 # Bigger than the envelope's 64 KiB and the Kafka producer's 1,000,000-byte record limit,
 # smaller than the broker's 1 MiB packet limit (as configured before issue 12).
@@ -30,12 +30,6 @@ def _reading(seq: int) -> bytes:
     return json.dumps({"seq": seq, "ts": int(time.time() * 1000), "temperature": 20.0}).encode()
 
 
-def _session(settings: Settings, device: DeviceIdentity) -> MqttSession:
-    session = connect(settings, device.cert, device.key, device.device_id)
-    assert session is not None
-    return session
-
-
 def _bridge_up(stack: Stack) -> bool:
     return stack.bridge.status().state == "up"
 
@@ -43,14 +37,7 @@ def _bridge_up(stack: Stack) -> bool:
 def _telemetry_seqs(settings: Settings, device_id: str, count: int) -> list[int]:
     from tests.integration.ingest.test_ingest import _decode
 
-    mine = device_id.encode()
-    got = collect(
-        settings,
-        "telemetry.raw",
-        keep=lambda m: m.key() == mine,
-        done=lambda got: len(got) >= count,
-        timeout=60,
-    )
+    got = collect_keyed(settings, "telemetry.raw", device_id, count, timeout=60)
     return sorted(int(_decode(m)["seq"]) for m in got)  # type: ignore[call-overload]
 
 
@@ -65,15 +52,9 @@ def test_after_a_mosquitto_restart_every_message_reaches_kafka(
     # `up` means ingesting: once the stack says so, nothing a device sends is lost.
     assert wait_until(lambda: _bridge_up(stack), timeout=60)
     device = make_device()
-    session = _session(settings, device)
     count = 50
-    try:
-        codes = [
-            session.publish(f"devices/{device.device_id}/telemetry", _reading(seq)).value
-            for seq in range(count)
-        ]
-    finally:
-        session.close()
+    acks = publish_telemetry(settings, device, (_reading(seq) for seq in range(count)))
+    codes = [code.value for code in acks]
     assert codes == [0] * count  # success, not 0x10 "no matching subscribers"
     assert _telemetry_seqs(settings, device.device_id, count) == list(range(count))
 

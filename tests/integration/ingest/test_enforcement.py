@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import pytest
 from confluent_kafka import Producer
@@ -87,8 +88,35 @@ def enforcer(stack: Stack, settings: Settings) -> Iterator[Enforcer]:
     assert not failures, failures
 
 
-def _connect(settings: Settings, device: DeviceIdentity, client_id: str) -> MqttSession | None:
-    return connect(settings, device.cert, device.key, client_id, timeout=5)
+@dataclass(frozen=True)
+class Enforced:
+    """A running enforcer between the registry (written with `write_status`) and the broker."""
+
+    settings: Settings
+    ca: CertificateAuthority
+    enforcer: Enforcer
+    write_status: WriteStatus
+    make_device: Callable[..., DeviceIdentity]
+
+    def device(self) -> DeviceIdentity:
+        return self.make_device("enf")
+
+    def connect(self, device: DeviceIdentity, client_id: str | None = None) -> MqttSession | None:
+        """A session of ``device`` (asking for ``client_id``, else its own id), or None."""
+        return connect(
+            self.settings, device.cert, device.key, client_id or device.device_id, timeout=5
+        )
+
+
+@pytest.fixture
+def enforced(
+    settings: Settings,
+    ca: CertificateAuthority,
+    make_device: Callable[..., DeviceIdentity],
+    write_status: WriteStatus,
+    enforcer: Enforcer,
+) -> Enforced:
+    return Enforced(settings, ca, enforcer, write_status, make_device)
 
 
 def _ended_within(sessions: list[MqttSession], since: float) -> float:
@@ -103,67 +131,55 @@ def _ended_within(sessions: list[MqttSession], since: float) -> float:
     return elapsed
 
 
-def test_a_revoked_device_is_disconnected_and_refused(
-    settings: Settings,
-    ca: CertificateAuthority,
-    make_device: Callable[..., DeviceIdentity],
-    write_status: WriteStatus,
-    enforcer: Enforcer,
-) -> None:
-    device = make_device("enf")
-    write_status(device, "active")
+def test_a_revoked_device_is_disconnected_and_refused(enforced: Enforced) -> None:
+    device = enforced.device()
+    enforced.write_status(device, "active")
     # A client id of its choosing: the broker names it by its certificate, and so does the kick.
-    session = _connect(settings, device, f"any-{uuid.uuid4().hex[:8]}")
+    session = enforced.connect(device, f"any-{uuid.uuid4().hex[:8]}")
     assert session is not None
     assert session.publish(f"devices/{device.device_id}/telemetry", b"{}").value < 128
 
-    written = write_status(device, "revoked")
+    written = enforced.write_status(device, "revoked")
     elapsed = _ended_within([session], written)
     print(f"\nrevoked: sessions ended {elapsed:.3f}s after the registry write")
 
-    assert ca.revocation_states()[device.serial] is RevocationState.revoked
+    assert enforced.ca.revocation_states()[device.serial] is RevocationState.revoked
     # The CRL was reloaded before the kick: the very first reconnect is refused.
-    assert _connect(settings, device, device.device_id) is None
-    assert enforcer.counters.sessions_ended >= 1
-    assert enforcer.counters.last_end_latency_ms is not None
+    assert enforced.connect(device) is None
+    assert enforced.enforcer.counters.sessions_ended >= 1
+    assert enforced.enforcer.counters.last_end_latency_ms is not None
 
 
-def test_a_suspended_device_is_refused_until_reinstated(
-    settings: Settings,
-    ca: CertificateAuthority,
-    make_device: Callable[..., DeviceIdentity],
-    write_status: WriteStatus,
-    enforcer: Enforcer,
-) -> None:
-    device, bystander = make_device("enf"), make_device("enf")
-    write_status(device, "active")
-    write_status(bystander, "active")
-    session = _connect(settings, device, device.device_id)
-    other = _connect(settings, bystander, bystander.device_id)
+def test_a_suspended_device_is_refused_until_reinstated(enforced: Enforced) -> None:
+    device, bystander = enforced.device(), enforced.device()
+    enforced.write_status(device, "active")
+    enforced.write_status(bystander, "active")
+    session = enforced.connect(device)
+    other = enforced.connect(bystander)
     assert session is not None
     assert other is not None
 
-    written = write_status(device, "suspended")
+    written = enforced.write_status(device, "suspended")
     elapsed = _ended_within([session], written)
     print(f"\nsuspended: session ended {elapsed:.3f}s after the registry write")
-    assert ca.revocation_states()[device.serial] is RevocationState.on_hold
-    assert _connect(settings, device, device.device_id) is None
+    assert enforced.ca.revocation_states()[device.serial] is RevocationState.on_hold
+    assert enforced.connect(device) is None
     # Only the suspended device was touched.
     assert not other.disconnected.is_set()
     assert other.publish(f"devices/{bystander.device_id}/telemetry", b"{}").value < 128
 
-    written = write_status(device, "active")
+    written = enforced.write_status(device, "active")
 
     # The hold is lifted (and the broker signalled right after) ...
     def lifted() -> bool:
-        return device.serial not in ca.revocation_states()
+        return device.serial not in enforced.ca.revocation_states()
 
     assert wait_until(lifted, KICK_DEADLINE_S, interval=0.01)
     released = time.monotonic() - written
     back: list[MqttSession] = []
 
     def reconnects() -> bool:
-        again = _connect(settings, device, device.device_id)
+        again = enforced.connect(device)
         if again is not None:
             back.append(again)
         return again is not None
@@ -182,17 +198,11 @@ def test_a_suspended_device_is_refused_until_reinstated(
         other.close()
 
 
-def test_a_revoked_device_cannot_come_back(
-    settings: Settings,
-    ca: CertificateAuthority,
-    make_device: Callable[..., DeviceIdentity],
-    write_status: WriteStatus,
-    enforcer: Enforcer,
-) -> None:
-    device = make_device("enf")
-    write_status(device, "revoked")
-    assert wait_until(lambda: ca.is_revoked(device.serial), timeout=KICK_DEADLINE_S)
-    write_status(device, "active")  # the registry refuses this transition; the broker too
-    assert wait_until(lambda: device.device_id in enforcer.state.stuck, timeout=10)
-    assert ca.revocation_states()[device.serial] is RevocationState.revoked
-    assert _connect(settings, device, device.device_id) is None
+def test_a_revoked_device_cannot_come_back(enforced: Enforced) -> None:
+    device = enforced.device()
+    enforced.write_status(device, "revoked")
+    assert wait_until(lambda: enforced.ca.is_revoked(device.serial), timeout=KICK_DEADLINE_S)
+    enforced.write_status(device, "active")  # the registry refuses this transition; the broker too
+    assert wait_until(lambda: device.device_id in enforced.enforcer.state.stuck, timeout=10)
+    assert enforced.ca.revocation_states()[device.serial] is RevocationState.revoked
+    assert enforced.connect(device) is None

@@ -24,8 +24,8 @@ from infra.stack import Stack
 from schemas.codec import AvroCodec, Decoded, load_schema
 from tests.conftest import DeviceIdentity
 from tests.support.fleet import start_fleet, telemetry_sent
-from tests.support.kafka import collect
-from tests.support.mqtt import connect
+from tests.support.kafka import collect, collect_keyed
+from tests.support.mqtt import connect_device, publish_telemetry
 
 
 def _codec() -> AvroCodec:
@@ -120,24 +120,11 @@ def test_each_malformed_kind_lands_in_the_dlq_with_its_reason(
     stack: Stack, settings: Settings, make_device: Callable[..., DeviceIdentity]
 ) -> None:
     device = make_device()
-    session = connect(settings, device.cert, device.key, device.device_id)
-    assert session is not None
     topic = f"devices/{device.device_id}/telemetry"
-    try:
-        for payload in MALFORMED.values():
-            assert session.publish(topic, payload).value < 128
-        # The bridge keeps running: a good message after the bad ones arrives.
-        good = json.dumps({"seq": 1, "ts": TS, "temperature": 21.5}).encode()
-        assert session.publish(topic, good).value < 128
-    finally:
-        session.close()
-    mine = device.device_id.encode()
-    dead = collect(
-        settings,
-        "dlq.ingest",
-        keep=lambda m: m.key() == mine,
-        done=lambda got: len(got) >= len(MALFORMED),
-    )
+    # The bridge keeps running: a good message after the bad ones arrives.
+    good = json.dumps({"seq": 1, "ts": TS, "temperature": 21.5}).encode()
+    publish_telemetry(settings, device, [*MALFORMED.values(), good])
+    dead = collect_keyed(settings, "dlq.ingest", device.device_id, len(MALFORMED))
     by_reason = {dict(m.headers())["error"].decode(): m for m in dead}
     assert set(by_reason) == set(MALFORMED)
     for reason, msg in by_reason.items():
@@ -146,9 +133,7 @@ def test_each_malformed_kind_lands_in_the_dlq_with_its_reason(
         assert headers["mqtt_topic"].decode() == topic
         assert headers["source"] == b"ingest"
         assert int(headers["received_at"]) > 0
-    stored = collect(
-        settings, "telemetry.raw", keep=lambda m: m.key() == mine, done=lambda got: len(got) >= 1
-    )
+    stored = collect_keyed(settings, "telemetry.raw", device.device_id, 1)
     assert [_decode(m)["temperature"] for m in stored] == [21.5]
     not_json = sum(b.counters()["by_reason"].get("not_json", 0) for b in stack.bridges)
     assert not_json >= 1
@@ -158,8 +143,7 @@ def test_a_device_cannot_get_messages_into_kafka_under_another_id(
     stack: Stack, settings: Settings, make_device: Callable[..., DeviceIdentity]
 ) -> None:
     intruder, victim = make_device(), make_device()
-    session = connect(settings, intruder.cert, intruder.key, intruder.device_id)
-    assert session is not None
+    session = connect_device(settings, intruder)
     try:
         forged = json.dumps({"seq": 1, "ts": TS, "temperature": 99.0}).encode()
         assert session.publish(f"devices/{victim.device_id}/telemetry", forged).value == 135
@@ -236,8 +220,7 @@ def test_downlink_records_reach_their_device_and_only_it(
     )
     sessions = {}
     for device in (target, bystander):
-        session = connect(settings, device.cert, device.key, device.device_id)
-        assert session is not None
+        session = connect_device(settings, device)
         session.subscribe(f"devices/{device.device_id}/#")
         sessions[device.device_id] = session
     refused_before = downlink_refused(stack)
@@ -264,8 +247,7 @@ def test_reported_state_and_ota_status_reach_their_topics(
     stack: Stack, settings: Settings, make_device: Callable[..., DeviceIdentity]
 ) -> None:
     device = make_device()
-    session = connect(settings, device.cert, device.key, device.device_id)
-    assert session is not None
+    session = connect_device(settings, device)
     try:
         reported = {"seq": 1, "ts": TS, "reported": {"led": "on"}}
         ota = {"seq": 1, "ts": TS, "status": "succeeded", "version": "2.0.1"}
@@ -274,13 +256,8 @@ def test_reported_state_and_ota_status_reach_their_topics(
         assert session.publish(f"{base}/ota/status", json.dumps(ota).encode()).value < 128
     finally:
         session.close()
-    mine = device.device_id.encode()
-    twins = collect(
-        settings, "twin.reported", keep=lambda m: m.key() == mine, done=lambda got: len(got) >= 1
-    )
-    events = collect(
-        settings, "device.events", keep=lambda m: m.key() == mine, done=lambda got: len(got) >= 1
-    )
+    twins = collect_keyed(settings, "twin.reported", device.device_id, 1)
+    events = collect_keyed(settings, "device.events", device.device_id, 1)
     assert len(twins) == 1
     event_codec = AvroCodec(
         load_schema("DeviceEvent"), int.from_bytes(events[0].value()[1:5], "big")

@@ -24,8 +24,14 @@ from ingest.envelope import MAX_PAYLOAD_BYTES
 from ingest.mqtt_client import DYNSEC_TOPIC
 from schemas.identity import BRIDGE_IDENTITIES
 from tests.conftest import DeviceIdentity
-from tests.support.kafka import collect
-from tests.support.mqtt import BrokerLog, MqttSession, connect
+from tests.support.kafka import collect_keyed
+from tests.support.mqtt import (
+    BrokerLog,
+    MqttSession,
+    connect,
+    connect_device,
+    publish_telemetry,
+)
 
 NOT_AUTHORIZED = 135
 
@@ -47,8 +53,7 @@ def test_a_device_publishes_only_under_its_own_topics(
     # Both devices' subtrees (not `devices/#`, which also carries the bridges' canaries).
     for watched in (device, other):
         assert watcher.subscribe(f"devices/{watched.device_id}/#")[0].value < 128
-    session = connect(settings, device.cert, device.key, device.device_id)
-    assert session is not None
+    session = connect_device(settings, device)
     try:
         own = session.publish(f"devices/{device.device_id}/telemetry", b'{"seq": 1}')
         foreign = session.publish(f"devices/{other.device_id}/telemetry", b'{"seq": 1}')
@@ -71,10 +76,8 @@ def test_a_device_never_receives_another_devices_messages(
     # The foreign filter is refused at SUBSCRIBE (our plugin); the read ACL at delivery stays a
     # second line: nothing of the other device is delivered.
     spy, other = make_device(), make_device()
-    spy_session = connect(settings, spy.cert, spy.key, spy.device_id)
-    other_session = connect(settings, other.cert, other.key, other.device_id)
-    assert spy_session is not None
-    assert other_session is not None
+    spy_session = connect_device(settings, spy)
+    other_session = connect_device(settings, other)
     try:
         assert spy_session.subscribe(f"devices/{other.device_id}/#")[0].value == NOT_AUTHORIZED
         spy_session.subscribe(f"devices/{spy.device_id}/#")
@@ -107,9 +110,7 @@ def test_a_revoked_certificate_is_refused_after_the_crl_reload(
     make_device: Callable[..., DeviceIdentity],
 ) -> None:
     device = make_device()
-    before = connect(settings, device.cert, device.key, device.device_id)
-    assert before is not None
-    before.close()
+    connect_device(settings, device).close()
 
     ca.revoke(device.serial, reason="test")
     stack.mosquitto.reload()
@@ -124,9 +125,7 @@ def test_a_revoked_certificate_is_refused_after_the_crl_reload(
     assert wait_until(refused, timeout=20, interval=0.5)
     # A valid device still gets in after the reload.
     still_fine = make_device()
-    session = connect(settings, still_fine.cert, still_fine.key, still_fine.device_id)
-    assert session is not None
-    session.close()
+    connect_device(settings, still_fine).close()
 
 
 # --------------------------------------------------------------------------- client ids
@@ -159,8 +158,7 @@ def test_a_device_cannot_disconnect_another_by_using_its_client_id(
 ) -> None:
     victim, attacker = make_device(), make_device("atk")
     log = BrokerLog(stack.mosquitto.log_path)
-    session = connect(settings, victim.cert, victim.key, victim.device_id)
-    assert session is not None
+    session = connect_device(settings, victim)
     intruder = _intrude(settings, attacker, victim.device_id, log)
     try:
         # The victim's connection is left alone (a takeover would close it at once) ...
@@ -221,21 +219,8 @@ def test_a_device_cannot_take_over_the_bridges_session(
     intruder = _intrude(settings, attacker, bridge_id, log)
     try:
         # The bridge keeps its connection and its session, and goes on ingesting.
-        sender = connect(settings, device.cert, device.key, device.device_id)
-        assert sender is not None
-        try:
-            assert (
-                sender.publish(f"devices/{device.device_id}/telemetry", _telemetry(1)).value < 128
-            )
-        finally:
-            sender.close()
-        mine = device.device_id.encode()
-        stored = collect(
-            settings,
-            "telemetry.raw",
-            keep=lambda m: m.key() == mine,
-            done=lambda got: len(got) >= 1,
-        )
+        publish_telemetry(settings, device, [_telemetry(1)])
+        stored = collect_keyed(settings, "telemetry.raw", device.device_id, 1)
         assert len(stored) == 1
         assert bridge_id not in log.taken_over()
         assert not intruder.disconnected.is_set()
@@ -255,18 +240,8 @@ def test_two_bridge_replicas_run_side_by_side(
     try:
         before = [replica.counters().get("accepted", 0) for replica in replicas]
         device = make_device()
-        session = connect(settings, device.cert, device.key, device.device_id)
-        assert session is not None
-        topic = f"devices/{device.device_id}/telemetry"
-        try:
-            for seq in range(1, 41):
-                assert session.publish(topic, _telemetry(seq)).value < 128
-        finally:
-            session.close()
-        mine = device.device_id.encode()
-        stored = collect(
-            settings, "telemetry.raw", keep=lambda m: m.key() == mine, done=lambda g: len(g) >= 40
-        )
+        publish_telemetry(settings, device, (_telemetry(seq) for seq in range(1, 41)))
+        stored = collect_keyed(settings, "telemetry.raw", device.device_id, 40)
         assert len(stored) == 40
         # The shared subscription hands messages out in turn: both replicas took some.
         assert wait_until(
@@ -304,8 +279,7 @@ def test_a_device_may_subscribe_only_within_its_own_subtree(
     """Refused at SUBSCRIBE (0x87), not only filtered at delivery: a granted `$share/...`
     filter would take a round-robin share of the bridges' messages and lose it."""
     device, other = make_device(), make_device()
-    session = connect(settings, device.cert, device.key, device.device_id)
-    assert session is not None
+    session = connect_device(settings, device)
     try:
         refused = [
             "#",
@@ -350,27 +324,15 @@ def test_an_offline_device_in_the_bridges_share_group_loses_nothing(
         granted = [c.value for c in joined.subscribe(share)]
     finally:
         joined.close()  # offline, its session (and whatever it was granted) kept
-    sender = connect(settings, device.cert, device.key, device.device_id)
-    assert sender is not None
-    topic = f"devices/{device.device_id}/telemetry"
     try:
-        for seq in range(1, 201):
-            assert sender.publish(topic, _telemetry(seq)).value < 128
+        publish_telemetry(settings, device, (_telemetry(seq) for seq in range(1, 201)))
     finally:
-        sender.close()
         # End the intruder's session (clean start, no expiry): on code without the subscribe
         # ACL it would go on taking shares from the tests that follow.
         ended = connect(settings, intruder.cert, intruder.key, intruder.device_id)
         if ended is not None:
             ended.close()
-    mine = device.device_id.encode()
-    stored = collect(
-        settings,
-        "telemetry.raw",
-        keep=lambda m: m.key() == mine,
-        done=lambda got: len(got) >= 200,
-        timeout=30,
-    )
+    stored = collect_keyed(settings, "telemetry.raw", device.device_id, 200, timeout=30)
     assert len(stored) == 200
     assert granted == [NOT_AUTHORIZED]
 
@@ -475,14 +437,7 @@ def test_a_device_keeps_what_no_bridge_subscription_took_after_a_broker_restart(
         for bridge in bridges:
             if not bridge.ready():
                 bridge.start(settings.startup_timeout_s)
-    mine = creds.device_id.encode()
-    stored = collect(
-        settings,
-        "telemetry.raw",
-        keep=lambda m: m.key() == mine,
-        done=lambda got: len(got) >= count,
-        timeout=30,
-    )
+    stored = collect_keyed(settings, "telemetry.raw", creds.device_id, count, timeout=30)
     assert len(stored) == count
     assert stats.no_subscribers >= count  # the broker did answer 0x10 while no bridge was there
     assert stats.refused == 0

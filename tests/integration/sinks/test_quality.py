@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -18,16 +17,15 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from infra.quality import quarantined, request_release
 from infra.services.base import wait_until
-from infra.settings import PROJECT_ROOT, Settings
+from infra.settings import Settings
 from infra.stack import Stack
 from infra.warehouse import fetch, warehouse_counts
 from schemas.codec import CodecRegistry, load_schema
 from sinks.quality.rules import load_rules
-from tests.conftest import settings_env
 from tests.support.browser import PNG_MAGIC, chromium, keep_for_docs, visible_text
+from tests.support.cli import fleet_cli
 from tests.support.kafka import collect
-
-FLEET = str(PROJECT_ROOT / ".venv" / "bin" / "fleet")
+from tests.support.records import telemetry_record
 
 
 def produce_readings(settings: Settings, records: list[dict[str, Any]]) -> None:
@@ -42,30 +40,12 @@ def produce_readings(settings: Settings, records: list[dict[str, Any]]) -> None:
     assert producer.flush(30) == 0
 
 
+HEALTHY = {"temperature": 21.0, "humidity": 45.0, "battery": 80.0, "vibration_rms": 0.7}
+
+
 def reading(device: str, seq: int, now: int, **values: Any) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "device_id": device,
-        "seq": seq,
-        "ts": now,
-        "received_at": now + 5,
-        "temperature": 21.0,
-        "humidity": 45.0,
-        "battery": 80.0,
-        "vibration_rms": 0.7,
-        "extra": {},
-    }
-    record.update(values)
-    return record
-
-
-def fleet(settings: Settings, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [FLEET, *args],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """A reading the quality rules pass, but for ``values``."""
+    return telemetry_record(device, seq, now, **{**HEALTHY, **values})
 
 
 def test_bad_rows_are_quarantined_dead_lettered_and_released(
@@ -124,7 +104,7 @@ def test_bad_rows_are_quarantined_dead_lettered_and_released(
     assert by_rule["future"] >= 1
 
     # Release one device's rows, then the same again: moved once.
-    released = fleet(settings, "quality", "release", "--device", f"{prefix}b")
+    released = fleet_cli(settings, "quality", "release", "--device", f"{prefix}b", timeout=300)
     assert released.returncode == 0, released.stderr[-2000:]
     assert json.loads(released.stdout.strip().splitlines()[-1])["released"] == 2
     again = request_release(settings, rule=None, device=f"{prefix}b", wait_s=60)
@@ -143,7 +123,7 @@ def test_quality_report_writes_data_docs_that_show_in_headless_chromium(
     assert wait_until(
         lambda: warehouse_counts(settings, device_prefix=prefix).stored >= 10, timeout=90
     )
-    result = fleet(settings, "quality", "report", "--minutes", "30", "--json")
+    result = fleet_cli(settings, "quality", "report", "--minutes", "30", "--json", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     report = Path(summary["report"])

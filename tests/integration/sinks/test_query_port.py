@@ -90,6 +90,14 @@ def ask(settings: Settings, sql: str, token: str | None, timeout: float = 60.0) 
         return Answer(exc.code, body, time.monotonic() - started)
 
 
+def ask_refused(settings: Settings, sql: str, token: str | None) -> Answer:
+    """Ask ``sql``, which the query server must refuse (403, and its error says so)."""
+    answer = ask(settings, sql, token)
+    assert answer.status == 403, (sql, answer)
+    assert "refused" in answer.error, (sql, answer.body)
+    return answer
+
+
 @pytest.fixture(scope="module")
 def tokens(stack: Stack, settings: Settings) -> TokenAuthority:
     return token_authority(settings)  # the key the platform verifies with
@@ -239,9 +247,7 @@ def test_table_functions_that_reach_out_are_refused(
     settings: Settings, analyst: str, listener: tuple[int, list[bytes]], template: str
 ) -> None:
     port, seen = listener
-    answer = ask(settings, template.format(port=port), analyst)
-    assert answer.status == 403, answer
-    assert "refused" in answer.error, answer.body
+    ask_refused(settings, template.format(port=port), analyst)
     assert seen == [], "the query server connected out"
 
 
@@ -252,10 +258,7 @@ def test_settings_that_lift_limits_are_refused(settings: Settings, analyst: str)
         "SELECT * FROM (SELECT 1 SETTINGS max_result_rows = 0)",
         "SELECT 1 SETTINGS readonly = 0",
     ):
-        answer = ask(settings, sql, analyst)
-        assert answer.status == 403, (sql, answer)
-        assert "refused" in answer.error, answer.body
-        assert "SETTINGS" in answer.error
+        assert "SETTINGS" in ask_refused(settings, sql, analyst).error
 
 
 def test_system_tables_and_writes_are_refused(settings: Settings, analyst: str) -> None:
@@ -267,9 +270,7 @@ def test_system_tables_and_writes_are_refused(settings: Settings, analyst: str) 
         "SELECT 1; DROP TABLE telemetry",
         "SYSTEM SHUTDOWN",
     ):
-        answer = ask(settings, sql, analyst)
-        assert answer.status == 403, (sql, answer)
-        assert "refused" in answer.error, (sql, answer.body)
+        ask_refused(settings, sql, analyst)
     assert ask(settings, "SELECT count() FROM telemetry", analyst).status == 200
 
 

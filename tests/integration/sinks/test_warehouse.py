@@ -47,6 +47,7 @@ from streams.ota.model import to_record as rollout_to_record
 from streams.registry.query_access import TokenAccess
 from streams.registry.rbac import GrantSet, Principal, Resource, Role
 from streams.registry.tokens import TokenAuthority
+from tests.support.records import telemetry_record
 
 MINUTE_MS = 60_000
 HOUR_MS = 60 * MINUTE_MS
@@ -63,19 +64,7 @@ def now_ms() -> int:
 
 
 def reading(device_id: str, seq: int, ts: int, **metrics: Any) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "device_id": device_id,
-        "seq": seq,
-        "ts": ts,
-        "received_at": ts + 15,
-        "temperature": None,
-        "humidity": None,
-        "battery": None,
-        "vibration_rms": None,
-        "extra": {},
-    }
-    record.update(metrics)
-    return record
+    return telemetry_record(device_id, seq, ts, received_after_ms=15, **metrics)
 
 
 @pytest.fixture(scope="module")

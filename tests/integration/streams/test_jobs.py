@@ -193,17 +193,23 @@ def _pairs(messages: list[Message]) -> set[tuple[str, int]]:
     return pairs
 
 
+def _forwarded(settings: Settings, topic: str, expected: set[tuple[str, int]]) -> list[Message]:
+    """A job's output on ``topic`` (from the start), once it holds every (device, seq) of
+    ``expected``, or at the deadline."""
+    return collect(
+        settings,
+        topic,
+        keep=lambda _m: True,
+        done=lambda got: _pairs(got) >= expected,
+        timeout=100,
+    )
+
+
 def test_a_job_run_with_fleet_jobs_run_sees_every_message(
     settings: Settings, fleet: Fleet, run_job: object
 ) -> None:
     job = run_job(fleet.prefix)  # type: ignore[operator]
-    seen = collect(
-        settings,
-        job.out,
-        keep=lambda _m: True,
-        done=lambda got: _pairs(got) >= fleet.published,
-        timeout=100,
-    )
+    seen = _forwarded(settings, job.out, fleet.published)
     assert job.process.poll() is None, job.tail()
     assert _pairs(seen) == fleet.published, job.tail()
     # `fleet jobs list` shows it running, and its lag falls to 0 as it commits its offsets.
@@ -233,13 +239,7 @@ def test_kill_9_of_a_job_mid_stream_then_restart_loses_nothing(
     restarted = run_job.run(job.log.with_suffix(".py"), job.out)  # type: ignore[attr-defined]
     published = telemetry_sent(fleet.wait()[1])
     assert len(published) == DEVICES * 80
-    seen = collect(
-        settings,
-        job.out,
-        keep=lambda _m: True,
-        done=lambda got: _pairs(got) >= published,
-        timeout=100,
-    )
+    seen = _forwarded(settings, job.out, published)
     assert _pairs(seen) == published, restarted.tail()
     # At least once: what was in flight at the kill may come twice, with the same key.
     keys = [m.key() for m in seen]
@@ -292,13 +292,7 @@ def test_an_agent_that_raises_sends_the_message_to_its_dead_letter_topic(
     assert devices == {d for d, _ in failed}
     # The agent goes on after the error: every other reading is processed.
     rest = fleet.published - failed
-    seen = collect(
-        settings,
-        job.out,
-        keep=lambda _m: True,
-        done=lambda got: _pairs(got) >= rest,
-        timeout=100,
-    )
+    seen = _forwarded(settings, job.out, rest)
     assert _pairs(seen) == rest, job.tail()
     assert job.stop(signal.SIGINT) == 0, job.tail()
 

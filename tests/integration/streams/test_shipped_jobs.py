@@ -37,13 +37,6 @@ from tests.support.kafka import collect
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def client(stack: Stack, settings: Settings) -> Iterator[HotPathClient]:
-    hot = HotPathClient(settings)
-    yield hot
-    hot.close()
-
-
 def _registered(
     stack: Stack,
     client: HotPathClient,

@@ -25,6 +25,7 @@ from streams.hot.metrics import hot_metrics
 from streams.ota.metrics import by_state
 from streams.ota.model import Progress, RolloutState
 from streams.runtime.metrics import Buckets, Collect, MetricsSource
+from tests.support.processes import METRICS_PROCESSES
 
 
 def samples(*sources: MetricsSource) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -112,19 +113,7 @@ def test_a_process_registry_adds_the_process_metrics() -> None:
 def test_every_platform_process_gets_its_own_metrics_port(tmp_path: Path) -> None:
     stack = Stack(Settings(state_dir=tmp_path, metrics_port=20400))
     targets = {t.process: t.address for t in stack.scrape_targets()}
-    platform = {
-        "bridge-0",
-        "enforcer",
-        "hot-worker",
-        "cold-worker",
-        "ota-controller",
-        "api",
-        "supervisor",
-        "job-fleet-health",
-        "job-alert-webhooks",
-        "prometheus",
-    }
-    assert set(targets) == platform  # brokers, registry, Mosquitto serve no /metrics
+    assert set(targets) == METRICS_PROCESSES  # brokers, registry, Mosquitto serve no /metrics
     assert len(set(targets.values())) == len(targets)
     assert targets["bridge-0"] == "127.0.0.1:20400"
     assert targets["enforcer"] == f"127.0.0.1:{20400 + MAX_BRIDGE_REPLICAS}"
