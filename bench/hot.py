@@ -25,11 +25,11 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import gmqtt
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from gmqtt.mqtt.constants import MQTTv50
 
@@ -77,16 +77,35 @@ def _collect(
 ) -> None:
     """Stamp each record of ``topics`` as a consumer of ``isolation`` gets it. A
     read_uncommitted consumer's records are labelled UNCOMMITTED."""
+    label = UNCOMMITTED if isolation == "read_uncommitted" else None
+
+    def stamp(now: float, msg: Message) -> None:
+        arrivals.records.append((now, label or msg.topic() or "", msg.value() or b""))
+
+    stamp_new_records(settings, "bench-hot", isolation, topics, ready, arrivals.stop, stamp)
+
+
+def stamp_new_records(
+    settings: Settings,
+    group: str,
+    isolation: str,
+    topics: Sequence[str],
+    ready: threading.Event,
+    stop: threading.Event,
+    stamp: Callable[[float, Message], None],
+) -> None:
+    """Read ``topics`` from their current end as a new consumer of ``isolation`` (group
+    ``group-<uuid>``), set ``ready`` once assigned, and hand ``stamp`` each record with the
+    ms it arrived at, until ``stop`` is set."""
     consumer = Consumer(
         {
             "bootstrap.servers": settings.bootstrap_servers,
-            "group.id": f"bench-hot-{uuid.uuid4().hex}",
+            "group.id": f"{group}-{uuid.uuid4().hex}",
             "enable.auto.commit": False,
             "isolation.level": isolation,
             "fetch.wait.max.ms": 10,
         }
     )
-    label = UNCOMMITTED if isolation == "read_uncommitted" else None
     tps = []
     for topic in topics:
         meta = consumer.list_topics(topic, timeout=10).topics[topic]
@@ -95,11 +114,10 @@ def _collect(
             tps.append(TopicPartition(topic, p, high))
     consumer.assign(tps)
     ready.set()
-    while not arrivals.stop.is_set():
+    while not stop.is_set():
         msg = consumer.poll(0.1)  # one at a time: each stamped as it is handed over
         if msg is not None and msg.error() is None:
-            now = time.time() * 1000
-            arrivals.records.append((now, label or msg.topic() or "", msg.value() or b""))
+            stamp(time.time() * 1000, msg)
     consumer.close()
 
 

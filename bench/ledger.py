@@ -36,10 +36,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import psutil
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from bench.hot import flap_fleet, quantile
+from bench.hot import flap_fleet, quantile, stamp_new_records
 from bench.ingest import Result
 from bench.loadgen import LoadStats, offer_load
 from infra.provision import DeviceCredentials
@@ -99,28 +99,13 @@ class Arrivals:
 
 def _collect_alerts(settings: Settings, arrivals: Arrivals, ready: threading.Event) -> None:
     """Stamp each new `alerts` record as a read_committed consumer is handed it."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.bootstrap_servers,
-            "group.id": f"bench-ledger-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "fetch.wait.max.ms": 10,
-        }
+
+    def stamp(now: float, msg: Message) -> None:
+        arrivals.records.append((now, msg.timestamp()[1], msg.value() or b""))
+
+    stamp_new_records(
+        settings, "bench-ledger", "read_committed", ("alerts",), ready, arrivals.stop, stamp
     )
-    meta = consumer.list_topics("alerts", timeout=10).topics["alerts"]
-    tps = []
-    for p in meta.partitions:
-        _, high = consumer.get_watermark_offsets(TopicPartition("alerts", p), timeout=10)
-        tps.append(TopicPartition("alerts", p, high))
-    consumer.assign(tps)
-    ready.set()
-    while not arrivals.stop.is_set():
-        msg = consumer.poll(0.1)  # one at a time: each stamped as it is handed over
-        if msg is not None and msg.error() is None:
-            now = time.time() * 1000
-            arrivals.records.append((now, msg.timestamp()[1], msg.value() or b""))
-    consumer.close()
 
 
 @dataclass

@@ -130,6 +130,10 @@ class _Invalid(Exception):
         self.rejected = Rejected(reason, detail)
 
 
+class _Uncommon(Exception):
+    """Internal: the telemetry fast path hands this document to the careful checks."""
+
+
 def _reject(reason: RejectReason, detail: str) -> NoReturn:
     raise _Invalid(reason, detail)
 
@@ -287,27 +291,50 @@ def _checked(
     window: TimestampWindow = DEFAULT_TS_WINDOW,
 ) -> Accepted | Rejected:
     """Run the shared checks, then ``body(document)`` for the kind's own fields."""
-    try:
-        document = _document(device_id, payload)
-    except _Invalid as invalid:
-        return invalid.rejected
-    return _checked_document(kind, document, device_id, received_at_ms, body, window)
+    return _Validator(kind, body)(device_id, payload, received_at_ms, window)
 
 
-def _checked_document(
-    kind: str,
-    document: dict[str, Any],
-    device_id: str,
-    received_at_ms: int,
-    body: Callable[[dict[str, Any]], dict[str, Any]],
-    window: TimestampWindow = DEFAULT_TS_WINDOW,
-) -> Accepted | Rejected:
-    try:
-        record = _envelope(document, device_id, received_at_ms, window)
-        record.update(body(document))
-    except _Invalid as invalid:
-        return invalid.rejected
-    return Accepted(kind, record)
+@dataclass(frozen=True, slots=True)
+class _Validator:
+    """``validate_<kind>(device_id, payload, received_at_ms, window)``: the shared checks,
+    then ``body(document)`` for the kind's own fields. ``fast``, if given, is tried first: the
+    record of a common document (given the window's bounds), or _Uncommon for the checks."""
+
+    kind: str
+    body: Callable[[dict[str, Any]], dict[str, Any]]
+    fast: Callable[[dict[str, Any], str, int, int, int], dict[str, Any]] | None = None
+
+    def __call__(
+        self,
+        device_id: str,
+        payload: bytes,
+        received_at_ms: int,
+        window: TimestampWindow = DEFAULT_TS_WINDOW,
+    ) -> Accepted | Rejected:
+        try:
+            document = _document(device_id, payload)
+        except _Invalid as invalid:
+            return invalid.rejected
+        if self.fast is not None:
+            low, high = window.bounds(received_at_ms)
+            try:
+                return Accepted(
+                    self.kind, self.fast(document, device_id, received_at_ms, low, high)
+                )
+            except _Uncommon:
+                pass  # the careful checks below
+        return self.checked(document, device_id, received_at_ms, window)
+
+    def checked(
+        self, document: dict[str, Any], device_id: str, received_at_ms: int, window: TimestampWindow
+    ) -> Accepted | Rejected:
+        """The careful checks of a parsed ``document``: its envelope, then ``body``."""
+        try:
+            record = _envelope(document, device_id, received_at_ms, window)
+            record.update(self.body(document))
+        except _Invalid as invalid:
+            return invalid.rejected
+        return Accepted(self.kind, record)
 
 
 # --------------------------------------------------------------------------- telemetry
@@ -334,10 +361,6 @@ def _telemetry_fields(document: dict[str, Any]) -> dict[str, Any]:
         extra[key] = _metric(key, value)
     fields["extra"] = extra
     return fields
-
-
-class _Uncommon(Exception):
-    """Internal: the telemetry fast path hands this document to the careful checks."""
 
 
 def _uncommon_number(value: object) -> float:
@@ -404,26 +427,8 @@ def _telemetry_record(
     }
 
 
-def validate_telemetry(
-    device_id: str,
-    payload: bytes,
-    received_at_ms: int,
-    window: TimestampWindow = DEFAULT_TS_WINDOW,
-) -> Accepted | Rejected:
-    """A ``Telemetry`` record: envelope, the known metrics, other numeric keys in ``extra``."""
-    try:
-        document = _document(device_id, payload)
-    except _Invalid as invalid:
-        return invalid.rejected
-    low, high = window.bounds(received_at_ms)
-    try:
-        return Accepted(
-            TELEMETRY, _telemetry_record(document, device_id, received_at_ms, low, high)
-        )
-    except _Uncommon:
-        return _checked_document(
-            TELEMETRY, document, device_id, received_at_ms, _telemetry_fields, window
-        )
+# A ``Telemetry`` record: envelope, the known metrics, other numeric keys in ``extra``.
+validate_telemetry = _Validator(TELEMETRY, _telemetry_fields, _telemetry_record)
 
 
 # --------------------------------------------------------------------------- events
@@ -464,14 +469,8 @@ def _event_fields(document: dict[str, Any]) -> dict[str, Any]:
     return {"type": event_type, "message": message, "attributes": _attributes(document)}
 
 
-def validate_event(
-    device_id: str,
-    payload: bytes,
-    received_at_ms: int,
-    window: TimestampWindow = DEFAULT_TS_WINDOW,
-) -> Accepted | Rejected:
-    """A ``DeviceEvent`` record: envelope, ``type``, optional ``message`` and ``attributes``."""
-    return _checked(EVENTS, device_id, payload, received_at_ms, _event_fields, window)
+# A ``DeviceEvent`` record: envelope, ``type``, optional ``message`` and ``attributes``.
+validate_event = _Validator(EVENTS, _event_fields)
 
 
 # --------------------------------------------------------------------------- twin, ota
@@ -486,14 +485,8 @@ def _reported_fields(document: dict[str, Any]) -> dict[str, Any]:
     return {"patch": json.dumps(reported, sort_keys=True, separators=(",", ":"))}
 
 
-def validate_reported(
-    device_id: str,
-    payload: bytes,
-    received_at_ms: int,
-    window: TimestampWindow = DEFAULT_TS_WINDOW,
-) -> Accepted | Rejected:
-    """A ``TwinReported`` record: envelope and the ``reported`` patch (kept as JSON text)."""
-    return _checked(STATE_REPORTED, device_id, payload, received_at_ms, _reported_fields, window)
+# A ``TwinReported`` record: envelope and the ``reported`` patch (kept as JSON text).
+validate_reported = _Validator(STATE_REPORTED, _reported_fields)
 
 
 def _ota_status_fields(document: dict[str, Any]) -> dict[str, Any]:
@@ -514,13 +507,7 @@ def _ota_status_fields(document: dict[str, Any]) -> dict[str, Any]:
     return {"type": "ota_status", "message": attributes.get("reason"), "attributes": attributes}
 
 
-def validate_ota_status(
-    device_id: str,
-    payload: bytes,
-    received_at_ms: int,
-    window: TimestampWindow = DEFAULT_TS_WINDOW,
-) -> Accepted | Rejected:
-    return _checked(OTA_STATUS, device_id, payload, received_at_ms, _ota_status_fields, window)
+validate_ota_status = _Validator(OTA_STATUS, _ota_status_fields)
 
 
 # --------------------------------------------------------------------------- dispatch

@@ -196,6 +196,11 @@ def _write_length(n: int) -> bytes:
     return _SMALL_LONGS[n] if n < _SMALL else _zigzag(n)
 
 
+def _blocks(count: int, parts: list[bytes]) -> bytes:
+    """An array's or map's ``count`` items (encoded as ``parts``): one block, then the end."""
+    return b"".join([_write_length(count), *parts, b"\x00"]) if count else b"\x00"
+
+
 def _write_string(value: Any) -> bytes:
     if type(value) is not str:
         raise _Fallback
@@ -427,12 +432,7 @@ class _Compiler:
         def write_array(value: Any) -> bytes:
             if type(value) is not list:
                 raise _Fallback
-            if not value:
-                return b"\x00"
-            parts = [_write_length(len(value))]
-            parts += [write_item(item) for item in value]
-            parts.append(b"\x00")
-            return b"".join(parts)
+            return _blocks(len(value), [write_item(item) for item in value])
 
         return write_array
 
@@ -441,14 +441,11 @@ class _Compiler:
         def write_map(value: Any) -> bytes:
             if type(value) is not dict:
                 raise _Fallback
-            if not value:
-                return b"\x00"
-            parts = [_write_length(len(value))]
+            parts: list[bytes] = []
             for key, item in value.items():
                 parts.append(_write_string(key))
                 parts.append(write_value(item))
-            parts.append(b"\x00")
-            return b"".join(parts)
+            return _blocks(len(value), parts)
 
         return write_map
 

@@ -11,9 +11,9 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
@@ -41,6 +41,8 @@ TWIN_STATE, DESIRED, RESPONSES = "twin.state", "twin.desired", "twin.responses"
 RULES, ALERTS, DEVICES = "alerts.rules", "alerts", "registry.devices"
 COMMANDS, AUDIT, GRANTS = "registry.commands", "audit.log", "rbac.grants"
 OTA_REQUESTS, ROLLOUTS, ARTIFACTS = "ota.requests", "ota.rollouts", "ota.artifacts"
+
+_T = TypeVar("_T")
 
 
 class HotPathError(Exception):
@@ -135,18 +137,23 @@ class HotPathClient:
         decoded = self.codec(topic).decode(value)
         return decoded.record if isinstance(decoded, Decoded) else None
 
+    def _table(self, topic: str, parse: Callable[[dict[str, Any]], _T]) -> dict[str, _T]:
+        """A compacted topic read to its end: key -> its last record, parsed (a tombstone
+        drops the key)."""
+        out: dict[str, _T] = {}
+        for msg in self._read_all(topic):
+            record = self._decode(topic, msg)
+            if record is None:
+                out.pop(key_text(msg), None)
+            else:
+                out[key_text(msg)] = parse(record)
+        return out
+
     # ------------------------------------------------------------------ twins
 
     def twins(self) -> dict[str, Twin]:
         """Every device's current twin (the compacted `twin.state`, read to its end)."""
-        out: dict[str, Twin] = {}
-        for msg in self._read_all(TWIN_STATE):
-            record = self._decode(TWIN_STATE, msg)
-            if record is None:
-                out.pop(key_text(msg), None)
-            else:
-                out[key_text(msg)] = from_record(record)
-        return out
+        return self._table(TWIN_STATE, from_record)
 
     def twin(self, device_id: str) -> Twin | None:
         return self.twins().get(device_id)
@@ -244,24 +251,10 @@ class HotPathClient:
 
     def devices(self) -> dict[str, DeviceRecord]:
         """The registry (the compacted `registry.devices`, read to its end)."""
-        out: dict[str, DeviceRecord] = {}
-        for msg in self._read_all(DEVICES):
-            record = self._decode(DEVICES, msg)
-            if record is None:
-                out.pop(key_text(msg), None)
-            else:
-                out[key_text(msg)] = DeviceRecord.from_record(record)
-        return out
+        return self._table(DEVICES, DeviceRecord.from_record)
 
     def grant_sets(self) -> dict[str, GrantSet]:
-        out: dict[str, GrantSet] = {}
-        for msg in self._read_all(GRANTS):
-            record = self._decode(GRANTS, msg)
-            if record is None:
-                out.pop(key_text(msg), None)
-            else:
-                out[key_text(msg)] = GrantSet.from_record(record)
-        return out
+        return self._table(GRANTS, GrantSet.from_record)
 
     def put_grants(self, grants: GrantSet) -> None:
         """Replace a principal's grant set (the caller has authorized the change)."""
@@ -277,14 +270,7 @@ class HotPathClient:
         self._produce(RULES, rule_id, None)
 
     def rules(self) -> dict[str, AlertRule]:
-        out: dict[str, AlertRule] = {}
-        for msg in self._read_all(RULES):
-            record = self._decode(RULES, msg)
-            if record is None:
-                out.pop(key_text(msg), None)
-            else:
-                out[key_text(msg)] = rule_from_record(record)
-        return out
+        return self._table(RULES, rule_from_record)
 
     # ------------------------------------------------------------------ alerts and devices
 
@@ -340,14 +326,7 @@ class HotPathClient:
         return AuditRecord.from_record(answers[request_id])
 
     def rollouts(self) -> dict[str, Rollout]:
-        out: dict[str, Rollout] = {}
-        for msg in self._read_all(ROLLOUTS):
-            record = self._decode(ROLLOUTS, msg)
-            if record is None:
-                out.pop(key_text(msg), None)
-            else:
-                out[key_text(msg)] = rollout_from_record(record)
-        return out
+        return self._table(ROLLOUTS, rollout_from_record)
 
     def close(self) -> None:
         with self._listeners_lock:

@@ -214,19 +214,14 @@ class Handlers:
         if not decision.allowed:
             if unknown is None and device_id is not None:
                 unknown = f"unknown device {device_id!r}"
-            audit = await self._audit(
-                principal,
-                command=command,
-                action=action,
-                resource=resource,
-                device_id=device_id,
-                decision=AuditDecision.denied,
-                authorization=decision.reason,
-                reason=decision.reason,
-            )
+            forbidden = await self._refuse(
+                principal, 403, "forbidden", decision.reason, command=command, action=action,
+                resource=resource, device_id=device_id, decision=decision,
+                audited=AuditDecision.denied,
+            )  # fmt: skip
             if unknown is not None and not member_of(principal, resource.org, grants):
                 raise ApiError(404, "not_found", unknown)
-            raise ApiError(403, "forbidden", decision.reason, command_id=audit.command_id)
+            raise forbidden
         return decision
 
     async def _refuse(
@@ -241,15 +236,17 @@ class Handlers:
         resource: Resource,
         device_id: str | None,
         decision: Decision,
+        audited: AuditDecision = AuditDecision.refused,
     ) -> ApiError:
-        """An allowed change refused by the API itself (bad CSR, id taken...), audited."""
+        """An allowed change refused by the API itself (bad CSR, id taken...), audited as
+        ``audited`` (:meth:`_authorize` audits its denials here too)."""
         audit = await self._audit(
             principal,
             command=command,
             action=action,
             resource=resource,
             device_id=device_id,
-            decision=AuditDecision.refused,
+            decision=audited,
             authorization=decision.reason,
             reason=reason,
         )
