@@ -1,8 +1,11 @@
-"""Records tests feed to jobs and sinks: a telemetry reading in the Avro ``Telemetry`` shape."""
+"""Records tests feed to jobs and sinks: a telemetry reading in the Avro ``Telemetry`` shape,
+a registry ``DeviceRecord``, and a JSON object nested to a given depth."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from streams.registry.devices import DeviceRecord, DeviceStatus
 
 
 def telemetry_record(
@@ -28,3 +31,28 @@ def telemetry_record(
 def telemetry_reading(device: str, seq: int, temperature: float | None) -> dict[str, Any]:
     """Reading ``seq`` of ``device`` (ts = seq seconds, received 5 ms later); other metrics null."""
     return telemetry_record(device, seq, seq * 1000, temperature=temperature)
+
+
+def device_record(device_id: str, **fields: Any) -> DeviceRecord:
+    """An active device of acme/plant-1/sensors in the registry, but for ``fields``."""
+    values: dict[str, Any] = {
+        "org": "acme",
+        "project": "plant-1",
+        "group": "sensors",
+        "region": "eu",
+        "status": DeviceStatus.active,
+        "cert_serial": "1",
+        "cert_fingerprint": "ab" * 32,
+        "created_ms": 1,
+        "updated_ms": 1,
+    }
+    values.update(fields)
+    return DeviceRecord(device_id=device_id, **values)
+
+
+def nested(levels: int) -> dict[str, Any]:
+    """A JSON object ``levels`` objects deep: {"n": {"n": ... {"leaf": 1}}}."""
+    doc: dict[str, Any] = {"leaf": 1}
+    for _ in range(levels - 1):
+        doc = {"n": doc}
+    return doc

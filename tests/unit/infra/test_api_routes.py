@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 from cryptography import x509
 
@@ -238,6 +239,14 @@ def csr_for(device_id: str) -> str:
     return make_csr(generate_private_key("ec"), device_id).decode()
 
 
+async def provision(
+    client: TestClient[Any, Any], headers: dict[str, str], device_id: str
+) -> ClientResponse:
+    """POST /v1/devices: a device of acme/pA/g, from a CSR for `device_id`."""
+    request = {"org": "acme", "project": "pA", "group": "g", "csr_pem": csr_for(device_id)}
+    return await client.post("/v1/devices", headers=headers, json=request)
+
+
 # --------------------------------------------------------------------------- the document
 
 
@@ -366,11 +375,7 @@ def test_a_viewer_cannot_provision_and_nothing_is_signed(
     backend: FakeBackend, tokens: TokenAuthority
 ) -> None:
     async def scenario(client: TestClient[Any, Any]) -> None:
-        answer = await client.post(
-            "/v1/devices",
-            headers=bearer(tokens, VIEWER),
-            json={"org": "acme", "project": "pA", "group": "g", "csr_pem": csr_for("v-1")},
-        )
+        answer = await provision(client, bearer(tokens, VIEWER), "v-1")
         assert answer.status == 403
         body = await answer.json()
         assert body["error"] == "forbidden"
@@ -434,11 +439,7 @@ def test_a_certificate_the_registry_refuses_is_revoked(
     backend.agent_grants = {}
 
     async def scenario(client: TestClient[Any, Any]) -> None:
-        answer = await client.post(
-            "/v1/devices",
-            headers=bearer(tokens, ADMIN),
-            json={"org": "acme", "project": "pA", "group": "g", "csr_pem": csr_for("g-late")},
-        )
+        answer = await provision(client, bearer(tokens, ADMIN), "g-late")
         assert answer.status == 403
         body = await answer.json()
         assert body["audit"]["decision"] == "denied"

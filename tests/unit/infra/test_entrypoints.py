@@ -4,7 +4,10 @@ process's small config from the settings, and `fleet up`'s services start those 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from infra.entrypoints.bridge import bridge_config
 from infra.entrypoints.enforcer import enforcer_config
@@ -14,18 +17,28 @@ from infra.process import query_port_config
 from infra.services.bridge import BridgeService
 from infra.services.enforcer import EnforcerService
 from infra.settings import Settings
+from ingest.bridge import BridgeConfig
+from ingest.enforcement import EnforcerConfig
 from streams.registry.rbac import Principal
 from streams.registry.tokens import KEY_FILE, TokenAuthority
+
+
+@pytest.mark.parametrize("config_of", [bridge_config, enforcer_config])
+def test_the_mqtt_processes_get_broker_registry_and_run_dir_from_the_settings(
+    tmp_path: Path, config_of: Callable[[Settings], BridgeConfig | EnforcerConfig]
+) -> None:
+    settings = Settings(state_dir=tmp_path)
+    config = config_of(settings)
+    assert (config.host, config.mqtt_port) == (settings.host, settings.mqtt_port)
+    assert config.registry_url == settings.registry_url
+    assert config.run_dir == settings.run_dir
 
 
 def test_the_bridge_gets_its_config_from_the_settings(tmp_path: Path) -> None:
     settings = Settings(state_dir=tmp_path)
     config = bridge_config(settings)
-    assert (config.host, config.mqtt_port) == (settings.host, settings.mqtt_port)
     assert config.mqtt_max_inflight == settings.mqtt_max_inflight
     assert config.bootstrap_servers == settings.bootstrap_servers
-    assert config.registry_url == settings.registry_url
-    assert config.run_dir == settings.run_dir
     assert config.identities.ca_cert == settings.pki_dir / "ca.crt"
     assert config.identities.identity_cert("bridge-1") == settings.pki_dir / "bridge-1" / (
         "bridge-1.crt"
@@ -39,9 +52,6 @@ def test_the_bridge_gets_its_config_from_the_settings(tmp_path: Path) -> None:
 def test_the_enforcer_gets_its_config_from_the_settings(tmp_path: Path) -> None:
     settings = Settings(state_dir=tmp_path)
     config = enforcer_config(settings)
-    assert (config.host, config.mqtt_port) == (settings.host, settings.mqtt_port)
-    assert config.registry_url == settings.registry_url
-    assert config.run_dir == settings.run_dir
     assert config.identities.pki_dir == settings.pki_dir
     assert config.crl_validity_days == CRL_VALIDITY_DAYS
 

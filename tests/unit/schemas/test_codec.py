@@ -40,17 +40,18 @@ event_records = envelope(
 )
 
 
+@pytest.mark.parametrize(
+    ("schema", "records"),
+    [(TELEMETRY, telemetry_records), (EVENT, event_records)],
+    ids=["telemetry", "event"],
+)
 @settings(deadline=None)
-@given(record=telemetry_records)
-def test_telemetry_round_trips(record: dict[str, Any]) -> None:
-    codec = AvroCodec(TELEMETRY, SCHEMA_ID)
-    assert codec.decode(codec.encode(record)) == Decoded(SCHEMA_ID, record)
-
-
-@settings(deadline=None)
-@given(record=event_records)
-def test_event_round_trips(record: dict[str, Any]) -> None:
-    codec = AvroCodec(EVENT, SCHEMA_ID)
+@given(data=st.data())
+def test_records_round_trip(
+    schema: dict[str, Any], records: st.SearchStrategy[dict[str, Any]], data: st.DataObject
+) -> None:
+    record = data.draw(records)
+    codec = AvroCodec(schema, SCHEMA_ID)
     assert codec.decode(codec.encode(record)) == Decoded(SCHEMA_ID, record)
 
 

@@ -143,27 +143,19 @@ def check(schema: dict[str, Any], record: dict[str, Any]) -> None:
     assert codec.encode(record) == b"\x00" + SCHEMA_ID.to_bytes(4, "big") + body
 
 
+@pytest.mark.parametrize(
+    ("schema", "records"),
+    [(TELEMETRY, telemetry_records), (EVENT, event_records), (DOWNLINK, downlink_records)],
+    ids=["telemetry", "event", "downlink"],
+)
 @settings(deadline=None)
-@given(record=telemetry_records)
-def test_telemetry_matches_fastavro_and_round_trips(record: dict[str, Any]) -> None:
-    check(TELEMETRY, record)
-    codec = AvroCodec(TELEMETRY, SCHEMA_ID)
-    assert codec.decode(codec.encode(record)) == Decoded(SCHEMA_ID, record)
-
-
-@settings(deadline=None)
-@given(record=event_records)
-def test_events_match_fastavro_and_round_trip(record: dict[str, Any]) -> None:
-    check(EVENT, record)
-    codec = AvroCodec(EVENT, SCHEMA_ID)
-    assert codec.decode(codec.encode(record)) == Decoded(SCHEMA_ID, record)
-
-
-@settings(deadline=None)
-@given(record=downlink_records)
-def test_downlinks_match_fastavro_and_round_trip(record: dict[str, Any]) -> None:
-    check(DOWNLINK, record)
-    codec = AvroCodec(DOWNLINK, SCHEMA_ID)
+@given(data=st.data())
+def test_platform_records_match_fastavro_and_round_trip(
+    schema: dict[str, Any], records: st.SearchStrategy[dict[str, Any]], data: st.DataObject
+) -> None:
+    record = data.draw(records)
+    check(schema, record)
+    codec = AvroCodec(schema, SCHEMA_ID)
     assert codec.decode(codec.encode(record)) == Decoded(SCHEMA_ID, record)
 
 

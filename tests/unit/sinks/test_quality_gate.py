@@ -32,6 +32,7 @@ from sinks.quality.rules import (
 )
 from streams.cold.quality import QualityPath
 from streams.runtime.records import DeadLetter, SourceRecord
+from tests.support.records import telemetry_record
 
 NOW = 1_700_000_000_000
 RULES = QualityRules(
@@ -48,19 +49,8 @@ RULES = QualityRules(
 
 
 def reading(device: str = "d-1", seq: int = 1, **values: Any) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "device_id": device,
-        "seq": seq,
-        "ts": NOW,
-        "received_at": NOW + 20,
-        "temperature": 21.5,
-        "humidity": 40.0,
-        "battery": 90.0,
-        "vibration_rms": 0.8,
-        "extra": {},
-    }
-    record.update(values)
-    return record
+    metrics = {"temperature": 21.5, "humidity": 40.0, "battery": 90.0, "vibration_rms": 0.8}
+    return telemetry_record(device, seq, NOW, 20, **{**metrics, **values})
 
 
 def judge(*records: dict[str, Any], **kwargs: Any) -> tuple[list[str | None], list[str]]:

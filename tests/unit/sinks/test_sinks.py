@@ -45,24 +45,16 @@ from sinks.query_server import (
     write_platform_secret,
 )
 from sinks.row_filters import EVERY_ROW, ReadScope
+from tests.support.records import telemetry_record
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z in epoch ms
 
 
 def reading(device_id: str = "dev-1", seq: int = 1, **metrics: Any) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "device_id": device_id,
-        "seq": seq,
-        "ts": T0 + seq % 1_000_000 * 1000,
-        "received_at": T0 + seq % 1_000_000 * 1000 + 20,
-        "temperature": 21.5,
-        "humidity": None,
-        "battery": 88.0,
-        "vibration_rms": None,
-        "extra": {},
-    }
-    record.update(metrics)
-    return record
+    ts = T0 + seq % 1_000_000 * 1000
+    return telemetry_record(
+        device_id, seq, ts, 20, **{"temperature": 21.5, "battery": 88.0, **metrics}
+    )
 
 
 def event(device_id: str = "dev-1", seq: int = 1, **fields: Any) -> dict[str, Any]:

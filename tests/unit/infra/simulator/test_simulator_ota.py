@@ -54,9 +54,10 @@ from streams.ota.events import (
 from streams.ota.model import CommandAction, OtaStatus, Progress, Rollout, RolloutState
 from streams.ota.plan import RolloutPlan
 from streams.ota.rollout import run
-from streams.registry.devices import DeviceRecord, DeviceStatus
+from streams.registry.devices import DeviceRecord
 from streams.registry.rbac import GrantSet, Principal, Resource, Role, index_grants
 from tests.support.fakes import FakeSubscriber
+from tests.support.records import device_record
 
 NOW = 1_700_000_000_000
 OLD, NEW = FIRMWARE_VERSION, "2.0.0"
@@ -196,6 +197,17 @@ async def handle(device: SimulatedDevice, *payloads: bytes) -> SimulatedDevice:
         device.on_ota_command(payload)
     await device.ota_settled()
     return device
+
+
+def handled(
+    tmp_path: Path,
+    store: ArtifactStore | None,
+    public_pem: bytes | None,
+    *payloads: bytes,
+    **device: Any,
+) -> SimulatedDevice:
+    """A new device (make_device with `device`) once it has handled `payloads`."""
+    return _run(lambda: handle(make_device(tmp_path, store, public_pem, **device), *payloads))
 
 
 # --------------------------------------------------------------------------- commands
@@ -408,12 +420,7 @@ def test_install_switches_slots_and_reports_each_step(
     stats = FleetStats(devices=1)
     c = creds(tmp_path)
     c.cert_path.with_suffix(".seq.json").write_text(json.dumps({"telemetry": 9, OTA_STATUS: 4}))
-    device = _run(
-        lambda: handle(
-            make_device(tmp_path, store, public_pem, stats=stats),
-            install_payload(record_of(artifact)),
-        )
-    )
+    device = handled(tmp_path, store, public_pem, install_payload(record_of(artifact)), stats=stats)
     assert steps(device) == [
         ("downloading", NEW, None),
         ("verifying", NEW, None),
@@ -478,12 +485,7 @@ def test_tampered_downloads_are_refused(
 ) -> None:
     _tamper(store, artifact, data)
     stats = FleetStats(devices=1)
-    device = _run(
-        lambda: handle(
-            make_device(tmp_path, store, public_pem, stats=stats),
-            install_payload(record_of(artifact)),
-        )
-    )
+    device = handled(tmp_path, store, public_pem, install_payload(record_of(artifact)), stats=stats)
     assert steps(device) == [
         ("downloading", NEW, None),
         ("verifying", NEW, None),
@@ -525,11 +527,8 @@ def test_forged_records_are_refused(
 ) -> None:
     if changes.get("signature") == "flip":
         changes = {"signature": base64.b64encode(_flipped(artifact.signature)).decode()}
-    device = _run(
-        lambda: handle(
-            make_device(tmp_path, store, public_pem),
-            install_payload(record_of(artifact, **changes), version=NEW),
-        )
+    device = handled(
+        tmp_path, store, public_pem, install_payload(record_of(artifact, **changes), version=NEW)
     )
     assert steps(device)[-1] == ("failed", OLD, reason)
     assert device.ota.version() == OLD
@@ -541,9 +540,7 @@ def test_an_artifact_signed_by_another_key_is_refused(
 ) -> None:
     other = ArtifactStore(store.root, ReleaseKey.generate())
     forged = other.add_bytes(b"evil firmware", "firmware", "6.6.6")
-    device = _run(
-        lambda: handle(make_device(tmp_path, store, public_pem), install_payload(record_of(forged)))
-    )
+    device = handled(tmp_path, store, public_pem, install_payload(record_of(forged)))
     assert steps(device)[-1] == ("failed", OLD, "wrong_key")
     assert device.ota.version() == OLD
 
@@ -560,12 +557,7 @@ def test_a_command_must_name_the_signed_version_and_kind(
     extra: dict[str, str],
     reason: str,
 ) -> None:
-    device = _run(
-        lambda: handle(
-            make_device(tmp_path, store, public_pem),
-            install_payload(record_of(artifact), **extra),
-        )
-    )
+    device = handled(tmp_path, store, public_pem, install_payload(record_of(artifact), **extra))
     assert steps(device)[-1][2] == reason
     assert device.ota.version() == OLD
 
@@ -599,11 +591,13 @@ def test_an_injected_failure_fails_after_installing(
     tmp_path: Path, store: ArtifactStore, artifact: Artifact, public_pem: bytes
 ) -> None:
     stats = FleetStats(devices=1)
-    device = _run(
-        lambda: handle(
-            make_device(tmp_path, store, public_pem, fail_rate=1.0, stats=stats),
-            install_payload(record_of(artifact)),
-        )
+    device = handled(
+        tmp_path,
+        store,
+        public_pem,
+        install_payload(record_of(artifact)),
+        fail_rate=1.0,
+        stats=stats,
     )
     assert device.ota_faulty
     assert steps(device) == [
@@ -660,11 +654,8 @@ def test_rollback_returns_to_the_kept_image(
 
 def test_rollback_without_a_kept_image_fails(tmp_path: Path) -> None:
     stats = FleetStats(devices=1)
-    device = _run(
-        lambda: handle(
-            make_device(tmp_path, None, None, stats=stats),
-            rollback_payload(from_version=OLD, version="0.9.0"),
-        )
+    device = handled(
+        tmp_path, None, None, rollback_payload(from_version=OLD, version="0.9.0"), stats=stats
     )
     assert steps(device) == [("failed", OLD, "no_kept_image")]
     assert device.ota.version() == OLD
@@ -674,11 +665,8 @@ def test_rollback_without_a_kept_image_fails(tmp_path: Path) -> None:
 def test_rollback_of_an_update_never_switched_to_changes_nothing(
     tmp_path: Path, store: ArtifactStore, artifact: Artifact, public_pem: bytes
 ) -> None:
-    async def scenario() -> SimulatedDevice:
-        device = make_device(tmp_path, store, public_pem, fail_rate=1.0)
-        return await handle(device, install_payload(record_of(artifact)), rollback_payload())
-
-    device = _run(scenario)
+    install = install_payload(record_of(artifact))
+    device = handled(tmp_path, store, public_pem, install, rollback_payload(), fail_rate=1.0)
     assert steps(device)[-2:] == [("failed", OLD, "install_error"), ("succeeded", OLD, None)]
     assert device.ota.version() == OLD
 
@@ -688,11 +676,8 @@ def test_commands_run_one_at_a_time_in_order(
 ) -> None:
     """A rollback arriving during an install waits for it, then undoes it."""
 
-    async def scenario() -> SimulatedDevice:
-        device = make_device(tmp_path, store, public_pem, step_s=0.01)
-        return await handle(device, install_payload(record_of(artifact)), rollback_payload())
-
-    device = _run(scenario)
+    install = install_payload(record_of(artifact))
+    device = handled(tmp_path, store, public_pem, install, rollback_payload(), step_s=0.01)
     assert [s for s, _, _ in steps(device)] == [
         "downloading",
         "verifying",
@@ -753,7 +738,7 @@ def test_malformed_commands_are_ignored(
 ) -> None:
     stats = FleetStats(devices=1)
     caplog.set_level("DEBUG", logger="fleetstream.simulator")
-    device = _run(lambda: handle(make_device(tmp_path, None, None, stats=stats), payload))
+    device = handled(tmp_path, None, None, payload, stats=stats)
     assert list(device.outbox) == []
     assert stats.ota_commands == 0
     assert "malformed OTA command" in caplog.text
@@ -904,15 +889,11 @@ GRANTS = index_grants(
 
 
 def registry_record(device_id: str) -> DeviceRecord:
-    return DeviceRecord(
-        device_id=device_id,
+    return device_record(
+        device_id,
         org=ORG,
         project=PROJECT,
         group=GROUP,
-        region="eu",
-        status=DeviceStatus.active,
-        cert_serial="1",
-        cert_fingerprint="ab" * 32,
         firmware_version=OLD,
         created_ms=NOW,
         updated_ms=NOW,

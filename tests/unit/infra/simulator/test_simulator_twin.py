@@ -42,6 +42,7 @@ from ingest.envelope import parse_uplink_topic, validate_reported
 from streams.hot.twin import MAX_DEPTH, Twin, apply_reported
 from streams.hot.twin import Accepted as TwinAccepted
 from tests.support.fakes import FakeSubscriber
+from tests.support.records import nested
 
 NOW = 1_700_000_000_000
 
@@ -147,13 +148,6 @@ def test_parse_desired() -> None:
     assert parse_desired(b'{"version": 0, "state": {}}') == DesiredUpdate(0, {})
 
 
-def _nested(levels: int) -> dict[str, Any]:
-    state: dict[str, Any] = {"leaf": 1}
-    for _ in range(levels - 1):
-        state = {"n": state}
-    return state
-
-
 @pytest.mark.parametrize(
     "payload",
     [
@@ -174,7 +168,7 @@ def _nested(levels: int) -> dict[str, Any]:
         desired_payload(1, "on"),
         b'{"version": 1, "state": {"t": NaN}}',
         b'{"version": 1, "state": {"t": Infinity}}',
-        desired_payload(1, _nested(MAX_STATE_DEPTH + 1)),
+        desired_payload(1, nested(MAX_STATE_DEPTH + 1)),
         b'{"version": 1, "state": ' + b'{"n": ' * 100_000 + b"1" + b"}" * 100_001,
     ],
 )
@@ -184,7 +178,7 @@ def test_parse_desired_refuses_malformed(payload: bytes) -> None:
 
 
 def test_parse_desired_takes_the_deepest_allowed_state() -> None:
-    assert parse_desired(desired_payload(1, _nested(MAX_STATE_DEPTH))).version == 1
+    assert parse_desired(desired_payload(1, nested(MAX_STATE_DEPTH))).version == 1
 
 
 # --------------------------------------------------------------------------- messages

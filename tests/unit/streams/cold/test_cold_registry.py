@@ -6,8 +6,8 @@ import pytest
 
 from schemas.codec import AvroCodec, load_schema
 from streams.cold.registry import UNKNOWN, DeviceTenants, Tenant, apply_device
-from streams.registry.devices import DeviceRecord, DeviceStatus
 from streams.runtime.tables import UnreadableRecord
+from tests.support.records import device_record
 
 CODEC = AvroCodec(load_schema("Device"), schema_id=3)
 
@@ -15,18 +15,7 @@ CODEC = AvroCodec(load_schema("Device"), schema_id=3)
 def device(
     device_id: str, org: str = "acme", project: str = "plant", group: str = "line-1"
 ) -> bytes:
-    record = DeviceRecord(
-        device_id=device_id,
-        org=org,
-        project=project,
-        group=group,
-        region="eu",
-        status=DeviceStatus.active,
-        cert_serial="1",
-        cert_fingerprint="ab" * 32,
-        created_ms=1,
-        updated_ms=1,
-    )
+    record = device_record(device_id, org=org, project=project, group=group)
     return CODEC.encode(record.to_record())
 
 

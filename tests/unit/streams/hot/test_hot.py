@@ -26,6 +26,7 @@ from streams.hot.processor import (
 )
 from streams.hot.twin import MAX_DEPTH, Twin, delta
 from streams.runtime.records import SourceRecord
+from tests.support.records import nested
 
 HOT = AlertRule("hot", ScopeType.group, "sensors", "temperature", RuleKind.above, 80, 75)
 MINE = AlertRule("mine", ScopeType.device, "d-1", "battery", RuleKind.below, 10, 15)
@@ -369,20 +370,13 @@ def test_unchanged_report_without_delta_sends_nothing() -> None:
     assert not out.downlinks
 
 
-def deep(levels: int) -> dict[str, Any]:
-    doc: dict[str, Any] = {"x": 1}
-    for _ in range(levels - 1):
-        doc = {"x": doc}
-    return doc
-
-
 @pytest.mark.parametrize(
     ("raw", "reason"),
     [
         ("{not json", "twin_invalid"),
         ("[1]", "twin_invalid"),
         ('{"a": NaN}', "twin_invalid"),
-        (json.dumps(deep(MAX_DEPTH + 1)), "twin_too_deep"),
+        (json.dumps(nested(MAX_DEPTH + 1)), "twin_too_deep"),
     ],
 )
 def test_bad_reported_patch_is_dead_lettered(raw: str, reason: str) -> None:
@@ -404,9 +398,9 @@ def test_bad_reported_patch_is_dead_lettered(raw: str, reason: str) -> None:
 
 
 def test_patch_at_the_depth_limit_is_accepted() -> None:
-    out = report(HotProcessor(), deep(MAX_DEPTH), seq=1)
+    out = report(HotProcessor(), nested(MAX_DEPTH), seq=1)
     assert not out.dead
-    assert out.twins["d-1"].reported == deep(MAX_DEPTH)
+    assert out.twins["d-1"].reported == nested(MAX_DEPTH)
 
 
 # ---------------------------------------------------------------------------- owned state

@@ -48,6 +48,7 @@ from streams.ota.plan import RolloutPlan, plan_cohorts
 from streams.ota.rollout import run, step
 from streams.registry.devices import AuditDecision, AuditRecord, DeviceRecord, DeviceStatus
 from streams.registry.rbac import GrantSet, Principal, Resource, Role, index_grants
+from tests.support.records import device_record
 
 T0 = 1_700_000_000_000
 S = 1000  # one second in ms
@@ -97,15 +98,12 @@ def device(
     version: str | None = OLD,
     status: DeviceStatus = DeviceStatus.active,
 ) -> DeviceRecord:
-    return DeviceRecord(
-        device_id=device_id,
+    return device_record(
+        device_id,
         org=ORG,
         project=PROJECT,
         group=group,
-        region="eu",
         status=status,
-        cert_serial="1",
-        cert_fingerprint="ab" * 32,
         firmware_version=version,
         created_ms=T0,
         updated_ms=T0,
@@ -449,18 +447,25 @@ def test_a_success_threshold_below_one_lets_stragglers_lag() -> None:
     assert h.r.cohort_index == 1
 
 
-def test_the_health_window_blocks_until_elapsed_and_restarts_on_an_alert() -> None:
+def canary_installed(size: int, success_threshold: float) -> tuple[Harness, tuple[str, ...]]:
+    """A rollout over 2 * size devices (error threshold 0.25, 60 s window) whose canary
+    of `size` has just installed the update."""
     plan = RolloutPlan(
-        canary_size=5,
+        canary_size=size,
         percentages=(100,),
-        success_threshold=0.8,
+        success_threshold=success_threshold,
         error_threshold=0.25,
         health_window_s=60,
     )
-    h = Harness(fleet(10), plan=plan)
+    h = Harness(fleet(2 * size), plan=plan)
     h.start()
     canary = h.r.current_cohort
     h.succeed(canary)
+    return h, canary
+
+
+def test_the_health_window_blocks_until_elapsed_and_restarts_on_an_alert() -> None:
+    h, canary = canary_installed(5, success_threshold=0.8)
     opened = h.now
     assert h.r.window_started_ms == opened
     h.seen(canary)
@@ -480,17 +485,7 @@ def test_the_health_window_blocks_until_elapsed_and_restarts_on_an_alert() -> No
 
 
 def test_a_second_alert_crosses_the_error_threshold() -> None:
-    plan = RolloutPlan(
-        canary_size=5,
-        percentages=(100,),
-        success_threshold=0.6,
-        error_threshold=0.25,
-        health_window_s=60,
-    )
-    h = Harness(fleet(10), plan=plan)
-    h.start()
-    canary = h.r.current_cohort
-    h.succeed(canary)
+    h, canary = canary_installed(5, success_threshold=0.6)
     h.send(AlertRaised(device_id=canary[0], severity=Severity.critical, alert_id="1"))
     assert h.state() is RolloutState.running
     h.send(AlertRaised(device_id=canary[1], severity=Severity.critical, alert_id="2"))
@@ -499,17 +494,7 @@ def test_a_second_alert_crosses_the_error_threshold() -> None:
 
 
 def test_a_device_silent_through_the_window_fails() -> None:
-    plan = RolloutPlan(
-        canary_size=4,
-        percentages=(100,),
-        success_threshold=0.75,
-        error_threshold=0.25,
-        health_window_s=60,
-    )
-    h = Harness(fleet(8), plan=plan)
-    h.start()
-    canary = h.r.current_cohort
-    h.succeed(canary)
+    h, canary = canary_installed(4, success_threshold=0.75)
     h.seen(canary[:3])
     h.tick(60)
     assert h.r.devices[canary[3]].status is Progress.failed
