@@ -50,6 +50,7 @@ from infra.topics import consumer_lag
 from schemas.codec import CodecRegistry, Decoded, load_schema
 
 TELEMETRY = "telemetry.raw"  # what the load is, and what every job that works per message reads
+PER_MESSAGE = (TELEMETRY, "telemetry.digests")  # it, and what the hot path derives from it
 CpuTimes = dict[str, float]  # service name -> CPU seconds (user + system, children included)
 
 
@@ -118,9 +119,9 @@ class LoadRun:
 
 
 def _drained(settings: Settings) -> bool:
-    """Every job that reads the telemetry has read all of it."""
-    readers = [group for group, inputs in LAG_GROUPS if TELEMETRY in inputs]
-    return all(consumer_lag(settings, group, [TELEMETRY]) == 0 for group in readers)
+    """Every job that reads the telemetry, or what is derived from it, has read all of it."""
+    readers = {group: [t for t in inputs if t in PER_MESSAGE] for group, inputs in LAG_GROUPS}
+    return all(consumer_lag(settings, group, read) == 0 for group, read in readers.items() if read)
 
 
 def _run_load(

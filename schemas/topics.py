@@ -103,6 +103,9 @@ TOPICS: tuple[TopicSpec, ...] = (
         "OtaArtifact",
         cleanup="compact",
     ),
+    # Per hot batch, a device group's readings in one minute (streams/hot/health.py): what the
+    # fleet_health job reads instead of the whole telemetry stream.
+    TopicSpec("telemetry.digests", "group path", "JSON health digest", retention_ms=DAY_MS),
     # Per device group, 1-minute health windows (the shipped Faust job fleet_health).
     TopicSpec("fleet.health", "group path@window start", "JSON health window", cleanup="compact"),
     TopicSpec("dlq.ingest", "original key", _DLQ, retention_ms=30 * DAY_MS),

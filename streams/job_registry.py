@@ -73,7 +73,7 @@ JOBS: tuple[JobEntry, ...] = (
     loader(COLD_JOB, Listens.QUERY),
     transactional(HOT_JOB),
     transactional(OTA_JOB),
-    faust("fleet_health", ("telemetry.raw",), index=0),
+    faust("fleet_health", ("telemetry.digests",), index=0),
     faust("alert_webhooks", ("alerts",), index=1),
 )
 JOBS_BY_NAME = {job.name: job for job in JOBS}

@@ -51,9 +51,11 @@ INPUTS = {topic: schema_of(topic) for topic in (TELEMETRY, REPORTED, DESIRED, CO
 TWIN_STATE, ALERT_STATE = "twin.state", "alerts.state"
 ALERTS, DOWNLINK, RESPONSES, DLQ = "alerts", "mqtt.downlink", "twin.responses", "dlq.hot"
 RULES, DEVICES, GRANTS, AUDIT = "alerts.rules", "registry.devices", "rbac.grants", "audit.log"
+DIGESTS = "telemetry.digests"
 OUTPUTS: dict[str, str | None] = {
     **{t: schema_of(t) for t in (AUDIT, ALERTS, TWIN_STATE, DOWNLINK, RESPONSES, DEVICES)},
     ALERT_STATE: None,  # JSON: each rule's state for one device
+    DIGESTS: None,  # JSON: a group's readings of a batch in one minute (streams/hot/health.py)
 }
 
 
@@ -91,12 +93,14 @@ def apply_rule(state: HotState, rec: TableRecord) -> None:
 
 
 def apply_device(state: HotState, rec: TableRecord) -> None:
-    group = None
-    if rec.record is not None:
-        # The group's full path: group names are unique only within their project.
-        r = rec.record
-        group = str(Resource(str(r["org"]), str(r["project"]), str(r["group"])))
+    r = rec.record
+    group = None if r is None else group_of(str(r["org"]), str(r["project"]), str(r["group"]))
     state.processor.set_device_group(rec.key, group)
+
+
+def group_of(org: str, project: str, group: str) -> str:
+    # The group's full path: group names are unique only within their project.
+    return str(Resource(org, project, group))
 
 
 def apply_grants(state: HotState, rec: TableRecord) -> None:
@@ -150,12 +154,18 @@ def process(state: HotState, batch: Batch) -> Iterator[Output]:
             state.counters.dead_lettered += 1
         elif source.topic == TELEMETRY:
             processor.on_telemetry(source, item.record, out)
+            reading = item.record
+            out.health.add(reading, processor.groups.get(str(reading["device_id"])), now)
         elif source.topic == REPORTED:
             processor.on_reported(source, item.record, now, out)
         elif source.topic == COMMANDS:
             registry.on_command(source, item.record, now, out.devices, out.audits, out.dead)
         else:
             processor.on_desired(source, item.record, now, out)
+    for device_id, device in out.devices.items():
+        # The batch's registry changes count at once, not when the table brings them back: the
+        # device's telemetry (same key, same partition, same instance) may come next.
+        processor.set_device_group(device_id, group_of(device.org, device.project, device.group))
     if batch.tick:
         processor.on_heartbeat_tick(now, out)
     return outputs(state, out)
@@ -178,6 +188,8 @@ def outputs(state: HotState, out: Emitted) -> Iterator[Output]:
         yield Output(DEVICES, device_id, device.to_record())
     for audit in out.audits:
         yield Output(AUDIT, audit.device_id or audit.principal, audit.to_record())
+    for digest in out.health:
+        yield Output(DIGESTS, digest.group, digest.to_json())
     for dead in out.dead:
         yield dead_letter_output(DLQ, dead)
 

@@ -32,6 +32,7 @@ from streams.hot.alerts import (
     check_heartbeat,
     evaluate,
 )
+from streams.hot.health import HealthDigests
 from streams.hot.twin import (
     Accepted,
     Conflict,
@@ -62,6 +63,7 @@ class Emitted:
     dead: list[DeadLetter] = field(default_factory=list)
     devices: dict[str, DeviceRecord] = field(default_factory=dict)  # registry entries changed
     audits: list[AuditRecord] = field(default_factory=list)  # registry decisions
+    health: HealthDigests = field(default_factory=HealthDigests)  # for fleet_health
 
     def __bool__(self) -> bool:
         return bool(
@@ -73,6 +75,7 @@ class Emitted:
             or self.dead
             or self.devices
             or self.audits
+            or self.health
         )
 
 

@@ -3,7 +3,8 @@
 Per device group (``org/project/group``) and 1-minute tumbling window (device time): how many
 devices reported, how many messages, and min/mean/max of each standard metric. A window's
 aggregate is a plain JSON-able dict (it lives in a Faust table, whose changelog is JSON);
-:func:`health_record` is what goes out on ``fleet.health``, keyed by :func:`health_key`.
+:func:`health_record` is what goes out on ``fleet.health``, keyed by :func:`health_key`. The
+job folds the hot path's digests (streams/hot/health.py) into windows with :func:`fold_digest`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, TypedDict
 
-WINDOW_S = 60
-WINDOW_MS = WINDOW_S * 1000
-# The Telemetry schema's named metrics (schemas/avro/Telemetry.avsc); `extra` ones are not kept.
-STANDARD_METRICS = ("temperature", "humidity", "battery", "vibration_rms")
+from streams.hot.health import (
+    FUTURE_SKEW_MS,
+    WINDOW_MS,
+    is_future,
+    window_start_ms,
+)
+
+__all__ = ["FUTURE_SKEW_MS", "WINDOW_MS", "is_future", "window_start_ms"]
 
 
 class MetricAggregate(TypedDict):
@@ -49,54 +54,8 @@ class HealthRecord(TypedDict):
     metrics: dict[str, MetricSummary]
 
 
-def window_start_ms(ts_ms: int) -> int:
-    """Start of the 1-minute window holding device time ``ts_ms`` (ms since the epoch)."""
-    return ts_ms - ts_ms % WINDOW_MS
-
-
-def metrics_of(reading: Any) -> dict[str, float]:
-    """The standard metrics a reading (a Telemetry record or dict) carries, by name."""
-    values = (
-        {n: reading.get(n) for n in STANDARD_METRICS}
-        if isinstance(reading, Mapping)
-        else {n: getattr(reading, n, None) for n in STANDARD_METRICS}
-    )
-    return {name: float(v) for name, v in values.items() if v is not None}
-
-
 def empty_window() -> WindowAggregate:
     return {"devices": 0, "messages": 0, "metrics": {}}
-
-
-def add_reading(
-    window: Mapping[str, Any] | None, metrics: Mapping[str, float], new_device: bool
-) -> WindowAggregate:
-    """The window's aggregate with one more message (from a device not yet counted in this
-    window if ``new_device``); a new dict, the argument is left as it was."""
-    return add_readings(window, [(metrics, new_device)])
-
-
-def add_readings(
-    window: Mapping[str, Any] | None, readings: Iterable[tuple[Mapping[str, float], bool]]
-) -> WindowAggregate:
-    """The window's aggregate with more messages, each ``(metrics, new_device)`` as
-    :func:`add_reading` takes it: one copy for a batch, not one a reading."""
-    base = window or empty_window()
-    merged: dict[str, MetricAggregate] = {k: dict(v) for k, v in base["metrics"].items()}  # type: ignore[misc]
-    devices, messages = int(base["devices"]), int(base["messages"])
-    for metrics, new_device in readings:
-        devices += 1 if new_device else 0
-        messages += 1
-        for name, value in metrics.items():
-            agg = merged.get(name)
-            if agg is None:
-                merged[name] = {"count": 1, "min": value, "max": value, "sum": value}
-            else:
-                agg["count"] += 1
-                agg["min"] = min(agg["min"], value)
-                agg["max"] = max(agg["max"], value)
-                agg["sum"] += value
-    return {"devices": devices, "messages": messages, "metrics": merged}
 
 
 def merge_windows(parts: Iterable[Mapping[str, Any]]) -> WindowAggregate:
@@ -124,15 +83,13 @@ def merge_windows(parts: Iterable[Mapping[str, Any]]) -> WindowAggregate:
     return {"devices": devices, "messages": messages, "metrics": metrics}
 
 
-def partial_key(window_key: str, partition: int) -> str:
-    """Key of one telemetry partition's share of a window (the first stage's table)."""
-    return f"{window_key}#{partition}"
-
-
-def parse_partial_key(key: str) -> tuple[str, int]:
-    """(window key, partition) of a :func:`partial_key`."""
-    window, _, partition = key.rpartition("#")
-    return window, int(partition)
+def fold_digest(
+    window: Mapping[str, Any] | None, digest: Mapping[str, Any], new_devices: int
+) -> WindowAggregate:
+    """The window with one more digest of the hot path's (its messages and metrics; its
+    devices not yet counted in this window are ``new_devices``)."""
+    part = {"devices": new_devices, "messages": digest["messages"], "metrics": digest["metrics"]}
+    return merge_windows([window or empty_window(), part])
 
 
 # Windows are kept (and late readings for them counted) this long after the newest window
@@ -167,16 +124,6 @@ def window_of(key: str) -> str:
 def is_late(start_ms: int, newest_start_ms: int) -> bool:
     """A window no longer kept: it began more than RETAIN_MS before the newest one."""
     return start_ms < newest_start_ms - RETAIN_MS
-
-
-# How far ahead of this worker's clock a reading's device time may be: further is a bad device
-# clock, skipped, so that it cannot move the newest window and retire everyone else's.
-FUTURE_SKEW_MS = 5 * 60_000
-
-
-def is_future(ts_ms: int, now_ms: int) -> bool:
-    """A reading from further ahead than FUTURE_SKEW_MS of ``now_ms``."""
-    return ts_ms > now_ms + FUTURE_SKEW_MS
 
 
 @lru_cache(maxsize=4096)  # one window start serves a minute of readings

@@ -13,7 +13,7 @@ from typing import Any
 
 from faust.tables.globaltable import GlobalTable
 
-UNREGISTERED = "unregistered"  # the group path of a device the registry does not (yet) know
+from streams.hot.health import UNREGISTERED  # the group of a device the registry does not know
 
 
 def group_path(device: Mapping[str, Any] | None) -> str:

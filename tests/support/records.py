@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from streams.registry.devices import DeviceRecord, DeviceStatus
+from streams.registry.devices import DeviceRecord, DeviceStatus, ProvisionDevice
+from streams.registry.rbac import Principal
 
 
 def telemetry_record(
@@ -56,3 +57,20 @@ def nested(levels: int) -> dict[str, Any]:
     for _ in range(levels - 1):
         doc = {"n": doc}
     return doc
+
+
+def provision_command(
+    principal: Principal, device_id: str = "d-1", **fields: Any
+) -> ProvisionDevice:
+    """``principal`` provisions ``device_id`` into acme/p1/g1, but for ``fields``."""
+    values: dict[str, Any] = {
+        "command_id": "c1",
+        "org": "acme",
+        "project": "p1",
+        "group": "g1",
+        "region": "eu",
+        "cert_serial": "12345",
+        "cert_fingerprint": "ab" * 32,
+    }
+    values.update(fields)
+    return ProvisionDevice(principal=principal, device_id=device_id, **values)

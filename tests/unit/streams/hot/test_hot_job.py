@@ -3,13 +3,17 @@ and its tables' error channel (a corrupt record is dead-lettered with where it w
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from streams.hot.alerts import AlertRule, RuleKind, ScopeType, rule_to_record
+from streams.hot.health import FUTURE_SKEW_MS
 from streams.hot.job import (
     ALERT_STATE,
     ALERTS,
+    COMMANDS,
     DEVICES,
+    DIGESTS,
     DLQ,
     HOT_JOB,
     RULES,
@@ -17,7 +21,10 @@ from streams.hot.job import (
     TWIN_STATE,
     HotState,
 )
+from streams.registry.devices import command_to_record
+from streams.registry.rbac import GrantSet, Principal, Resource, Role
 from streams.runtime.testing import JobHarness
+from tests.support.records import provision_command
 from tests.support.records import telemetry_reading as reading
 
 HOT = AlertRule("hot", ScopeType.device, "d-1", "temperature", RuleKind.above, 80, 75)
@@ -118,3 +125,53 @@ def test_the_status_keeps_the_keys_fleet_status_reads() -> None:
     status = state.status()
     for key in ("rules", "twins", "telemetry", "dead_lettered", "registry"):
         assert key in status
+
+
+def test_a_batch_s_readings_go_out_as_one_health_digest_per_group_and_minute() -> None:
+    harness = JobHarness(HOT_JOB)
+    harness.table(DEVICES, "d-1", device("d-1"))
+    harness.table(DEVICES, "d-2", device("d-2", group="h"))
+    run = harness.run(
+        (TELEMETRY, "d-1", reading("d-1", 1, 20.0)),
+        (TELEMETRY, "d-1", reading("d-1", 2, 30.0)),
+        (TELEMETRY, "d-2", reading("d-2", 1, None)),
+        (TELEMETRY, "d-3", reading("d-3", 61, 10.0)),  # unregistered, the next minute
+        (TELEMETRY, "d-1", reading("d-1", 3 + FUTURE_SKEW_MS // 1000, 50.0)),  # clock ahead
+    )
+    digests = {o.key: json.loads(o.value) for o in run.on(DIGESTS) if isinstance(o.value, bytes)}
+    assert digests == {
+        "o/p/g": {
+            "group": "o/p/g",
+            "window_start_ms": 0,
+            "devices": ["d-1"],
+            "messages": 2,
+            "metrics": {"temperature": {"count": 2, "min": 20.0, "max": 30.0, "sum": 50.0}},
+        },
+        "o/p/h": {
+            "group": "o/p/h",
+            "window_start_ms": 0,
+            "devices": ["d-2"],
+            "messages": 1,
+            "metrics": {},
+        },
+        "unregistered": {
+            "group": "unregistered",
+            "window_start_ms": 60_000,
+            "devices": ["d-3"],
+            "messages": 1,
+            "metrics": {"temperature": {"count": 1, "min": 10.0, "max": 10.0, "sum": 10.0}},
+        },
+    }
+
+
+def test_a_device_provisioned_in_a_batch_has_its_group_for_the_next_reading() -> None:
+    # The registry table brings the entry back later; its telemetry may come first.
+    harness = JobHarness(HOT_JOB)
+    alice = Principal.user("alice")
+    harness.table(
+        "rbac.grants", alice.key, GrantSet.of(alice, (Role.admin, Resource("o"))).to_record()
+    )
+    provision = provision_command(alice, "d-9", org="o", project="p", group="g")
+    harness.run((COMMANDS, "d-9", command_to_record(provision)))
+    run = harness.run((TELEMETRY, "d-9", reading("d-9", 1, 20.0)))
+    assert [o.key for o in run.on(DIGESTS)] == ["o/p/g"]

@@ -17,26 +17,22 @@ import pytest
 from infra.jobs import jobs_config
 from infra.settings import Settings
 from infra.stack import Stack
+from streams.hot.health import Digest
 from streams.job_registry import JOBS, SHIPPED_DIR, JobKind
-from streams.jobs import JobsApp, Telemetry
+from streams.jobs import JobsApp
 from streams.jobs.batches import by_partition, writing_as
 from streams.jobs.health import (
     FUTURE_SKEW_MS,
     RETAIN_MS,
     WINDOW_MS,
-    WindowAggregate,
-    add_reading,
-    add_readings,
     device_key,
+    fold_digest,
     health_key,
     health_record,
     is_future,
     is_late,
     merge_windows,
-    metrics_of,
     parse_health_key,
-    parse_partial_key,
-    partial_key,
     window_of,
     window_start_ms,
 )
@@ -65,24 +61,21 @@ def test_a_reading_falls_in_the_minute_of_its_device_time() -> None:
     assert window_start_ms(T0 + WINDOW_MS) == T0 + WINDOW_MS
 
 
-def test_the_standard_metrics_of_a_record_or_a_dict() -> None:
-    reading = Telemetry(device_id="d", seq=1, ts=T0, received_at=T0, temperature=21, battery=0.5)
-    assert metrics_of(reading) == {"temperature": 21.0, "battery": 0.5}
-    assert metrics_of({"humidity": 40, "extra": {"co2": 1.0}}) == {"humidity": 40.0}
+def digest(group: str, *readings: tuple[str, dict[str, float]]) -> dict[str, Any]:
+    """The hot path's digest of ``(device, metrics)`` readings of minute T0, as JSON read."""
+    made = Digest(group, T0)
+    for device_id, metrics in readings:
+        made.add(device_id, metrics)
+    return dict(json.loads(made.to_json()))
 
 
 def test_a_window_counts_messages_devices_and_min_mean_max() -> None:
-    window = None
-    for metrics, new_device in [
-        ({"temperature": 20.0}, True),
-        ({"temperature": 30.0, "battery": 0.9}, True),
-        ({"temperature": 25.0}, False),
-        ({}, False),
-    ]:
-        before = window
-        window = add_reading(window, metrics, new_device)
-        assert before is None or before["messages"] == window["messages"] - 1  # not mutated
-    assert window is not None
+    first = digest("g", ("a", {"temperature": 20.0}), ("b", {"temperature": 30.0, "battery": 0.9}))
+    second = digest("g", ("a", {"temperature": 25.0}), ("a", {"extra": 1.0}))
+    window = fold_digest(None, first, new_devices=2)
+    before = window
+    window = fold_digest(window, second, new_devices=0)  # "a" was counted already
+    assert before["messages"] == 2  # not mutated
     record = health_record("acme/plant/g1", T0, window)
     assert (record["devices"], record["messages"]) == (2, 4)
     assert record["metrics"]["temperature"] == {"count": 3, "min": 20.0, "mean": 25.0, "max": 30.0}
@@ -94,19 +87,21 @@ def test_a_window_counts_messages_devices_and_min_mean_max() -> None:
     json.dumps(record)  # published as JSON
 
 
-def test_a_batch_of_readings_folds_into_what_one_at_a_time_gives() -> None:
-    first = add_reading(None, {"temperature": 19.0}, True)
-    batch: list[tuple[dict[str, float], bool]] = [
-        ({"temperature": 20.0}, True),
-        ({"temperature": 30.0, "battery": 0.9}, False),
-        ({}, True),
+def test_digests_folded_one_by_one_give_the_window_of_all_their_readings() -> None:
+    readings = [
+        ("a", {"temperature": 20.0}),
+        ("b", {"temperature": 30.0, "battery": 0.9}),
+        ("a", {"temperature": 22.0}),
+        ("c", {}),
+        ("d", {"temperature": 18.0}),
     ]
-    one_by_one = first
-    for metrics, new_device in batch:
-        one_by_one = add_reading(one_by_one, metrics, new_device)
-    assert add_readings(first, batch) == one_by_one
-    assert first["messages"] == 1  # not mutated
-    assert add_readings(None, []) == {"devices": 0, "messages": 0, "metrics": {}}
+    whole = fold_digest(None, digest("g", *readings), new_devices=4)
+    window, seen = None, set()
+    for device_id, metrics in readings:
+        window = fold_digest(window, digest("g", (device_id, metrics)), int(device_id not in seen))
+        seen.add(device_id)
+    assert window == whole
+    assert merge_windows([]) == {"devices": 0, "messages": 0, "metrics": {}}
 
 
 def test_a_batch_splits_by_source_partition_in_offset_order() -> None:
@@ -141,35 +136,6 @@ def test_the_key_names_group_and_window_so_a_replay_overwrites() -> None:
     assert key == "acme/plant/g1@2025-12-02T10:40:00Z"
     assert parse_health_key(key) == ("acme/plant/g1", T0)
     assert window_of(device_key(key, "dev-1")) == key
-
-
-def test_partition_shares_of_a_window_merge_into_the_window_read_whole() -> None:
-    # (partition, device, metrics): a device's readings all come from one partition.
-    readings = [
-        (0, "a", {"temperature": 20.0}),
-        (1, "b", {"temperature": 30.0, "battery": 0.9}),
-        (0, "a", {"temperature": 22.0}),
-        (2, "c", {}),
-        (1, "d", {"temperature": 18.0}),
-    ]
-    whole: WindowAggregate | None = None
-    shares: dict[int, WindowAggregate] = {}
-    seen: set[tuple[int | None, str]] = set()
-    for partition, device, metrics in readings:
-        whole = add_reading(whole, metrics, (None, device) not in seen)
-        shares[partition] = add_reading(
-            shares.get(partition), metrics, (partition, device) not in seen
-        )
-        seen |= {(None, device), (partition, device)}
-    assert merge_windows(shares.values()) == whole
-    assert health_record("g", T0, merge_windows(shares.values()))["devices"] == 4
-    assert merge_windows([]) == {"devices": 0, "messages": 0, "metrics": {}}
-
-
-def test_a_share_key_names_its_window_and_partition() -> None:
-    window = health_key("acme/plant/g1", T0)
-    assert parse_partial_key(partial_key(window, 7)) == (window, 7)
-    assert window_of(device_key(partial_key(window, 7), "dev-1")) == partial_key(window, 7)
 
 
 def test_windows_older_than_retention_are_late() -> None:

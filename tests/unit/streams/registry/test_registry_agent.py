@@ -14,23 +14,14 @@ from streams.registry.devices import (
 )
 from streams.registry.rbac import GrantSet, Principal, Resource, Role
 from streams.runtime.records import DeadLetter, SourceRecord
+from tests.support.records import provision_command
 
 SOURCE = SourceRecord("registry.commands", 2, 41, b"d-1", b"")
 ALICE = Principal.user("alice")
 
 
 def provision(command_id: str = "c1", who: Principal = ALICE) -> ProvisionDevice:
-    return ProvisionDevice(
-        command_id=command_id,
-        principal=who,
-        device_id="d-1",
-        org="acme",
-        project="p1",
-        group="g1",
-        region="eu",
-        cert_serial="12345",
-        cert_fingerprint="ab" * 32,
-    )
+    return provision_command(who, command_id=command_id)
 
 
 def run(
