@@ -46,7 +46,7 @@ from infra.provision import DeviceCredentials
 from infra.services.base import Service, wait_until
 from infra.settings import Settings
 from infra.stack import LAG_GROUPS, Stack
-from infra.topics import consumer_lag
+from infra.topics import unread_records
 from schemas.codec import CodecRegistry, Decoded, load_schema
 
 TELEMETRY = "telemetry.raw"  # what the load is, and what every job that works per message reads
@@ -121,7 +121,7 @@ class LoadRun:
 def _drained(settings: Settings) -> bool:
     """Every job that reads the telemetry, or what is derived from it, has read all of it."""
     readers = {group: [t for t in inputs if t in PER_MESSAGE] for group, inputs in LAG_GROUPS}
-    return all(consumer_lag(settings, group, read) == 0 for group, read in readers.items() if read)
+    return all(unread_records(settings, group, t) == 0 for group, t in readers.items() if t)
 
 
 def _run_load(
@@ -139,7 +139,8 @@ def _run_load(
     loadgen = time.thread_time() - thread_before
     # Drained: every job consumed all of it (their lag is what the stack still owes). Not only
     # the hot worker: a job that falls behind would do its share of the work after the window.
-    wait_until(lambda: _drained(settings), timeout=300, interval=0.5)
+    if not wait_until(lambda: _drained(settings), timeout=300, interval=0.5):
+        raise RuntimeError("the stack did not drain the load in 300 s: the window would be wrong")
     after, wall = _sample(pids), time.monotonic() - started
     time.sleep(1.0)  # the last alerts' commit reaches the collector (not a measurement)
     arrivals.stop.set()

@@ -7,13 +7,13 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from infra.services.base import wait_until
 from infra.services.kafka import KafkaBroker
 from infra.settings import Settings
-from infra.topics import ensure_topics, list_topics
+from infra.topics import consumer_lag, ensure_topics, list_topics, unread_records
 from schemas.topics import TOPICS, TopicSpec
 from tests.conftest import PORT_OFFSET
 
@@ -97,3 +97,47 @@ def test_three_broker_mode_elects_a_leader_with_replication_factor_3(tmp_path: P
             broker.terminate()
         for broker in brokers:
             broker.stop()
+
+
+def test_unread_records_skip_a_transaction_s_commit_marker(
+    settings: Settings, new_topic: Callable[..., str]
+) -> None:
+    # A read_committed consumer that committed its last record is an offset short of the end
+    # (the marker): consumer_lag counts it, unread_records does not.
+    topic, group = new_topic(), f"test-{uuid.uuid4().hex[:8]}"
+    producer = Producer(
+        {"bootstrap.servers": settings.bootstrap_servers, "transactional.id": group}
+    )
+    producer.init_transactions()
+
+    def commit_records(count: int) -> None:
+        producer.begin_transaction()
+        for i in range(count):
+            producer.produce(topic, key=b"k", value=str(i).encode())
+        producer.commit_transaction()
+
+    commit_records(3)
+    reader = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": group,
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    reader.subscribe([topic])
+    read = []
+    deadline = time.monotonic() + 30
+    while len(read) < 3 and time.monotonic() < deadline:
+        msg = reader.poll(0.5)
+        if msg is not None and msg.error() is None:
+            read.append(msg)
+    assert len(read) == 3
+    # As Faust commits: the offset after the last record processed, not the position.
+    reader.commit(offsets=[TopicPartition(topic, 0, read[-1].offset() + 1)], asynchronous=False)
+    reader.close()
+    assert consumer_lag(settings, group, [topic]) == 1  # the marker
+    assert unread_records(settings, group, [topic]) == 0
+    commit_records(2)
+    assert unread_records(settings, group, [topic]) == 2
