@@ -17,24 +17,20 @@ import pytest
 from infra.jobs import jobs_config
 from infra.settings import Settings
 from infra.stack import Stack
-from streams.hot.health import Digest
+from streams.hot.health import FUTURE_SKEW_MS, WINDOW_MS, Digest, is_future, window_start_ms
 from streams.job_registry import JOBS, SHIPPED_DIR, JobKind
 from streams.jobs import JobsApp
 from streams.jobs.batches import by_partition, writing_as
 from streams.jobs.health import (
-    FUTURE_SKEW_MS,
     RETAIN_MS,
-    WINDOW_MS,
     device_key,
     fold_digest,
     health_key,
     health_record,
-    is_future,
     is_late,
     merge_windows,
     parse_health_key,
     window_of,
-    window_start_ms,
 )
 from streams.jobs.registry import UNREGISTERED, ReadOnlyError, group_path
 from streams.jobs.webhooks import (
