@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
-from confluent_kafka import KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from schemas.topics import TOPICS, TopicSpec
@@ -78,28 +78,9 @@ def consumer_lag(
     settings: KafkaAddress, group: str, topics: Sequence[str], timeout: float = 5.0
 ) -> int:
     """Records of `topics` the consumer group has not committed yet (end offset - committed)."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.bootstrap_servers,
-            "group.id": group,
-            "enable.auto.commit": False,
-        }
-    )
+    consumer = _group_reader(settings, group, {})
     try:
-        meta = consumer.list_topics(timeout=timeout)
-        partitions = [
-            TopicPartition(topic, p)
-            for topic in topics
-            if topic in meta.topics
-            for p in meta.topics[topic].partitions
-        ]
-        lag = 0
-        for tp in consumer.committed(partitions, timeout=timeout):
-            low, high = consumer.get_watermark_offsets(tp, timeout=timeout)
-            lag += high - (tp.offset if tp.offset >= 0 else low)
-        return lag
+        return sum(high - tp.offset for tp, high in _behind(consumer, topics, timeout))
     finally:
         consumer.close()
 
@@ -111,34 +92,11 @@ def unread_records(
     read_committed. Exact where :func:`consumer_lag` is not: on a topic written in
     transactions the last offset is a commit marker, never delivered, so a consumer that
     committed its last record (Faust commits record + 1) stays an offset short of the end."""
-    from confluent_kafka import Consumer, KafkaError, TopicPartition
-
-    if consumer_lag(settings, group, topics) == 0:
-        return 0
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.bootstrap_servers,
-            "group.id": group,  # for its committed offsets only: it assigns, never joins
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-        }
-    )
+    reader = {"isolation.level": "read_committed", "enable.partition.eof": True}
+    consumer = _group_reader(settings, group, reader)
     try:
-        meta = consumer.list_topics(timeout=timeout)
-        partitions = [
-            TopicPartition(topic, p)
-            for topic in topics
-            if topic in meta.topics
-            for p in meta.topics[topic].partitions
-        ]
-        pending = []
-        for tp in consumer.committed(partitions, timeout=timeout):
-            low, high = consumer.get_watermark_offsets(tp, timeout=timeout)
-            start = tp.offset if tp.offset >= 0 else low
-            if start < high:
-                pending.append(TopicPartition(tp.topic, tp.partition, start))
-        consumer.assign(pending)
+        pending = [tp for tp, high in _behind(consumer, topics, timeout) if tp.offset < high]
+        consumer.assign(pending)  # at the committed offsets; it never joins the group
         unread, ended = 0, set[tuple[str | None, int | None]]()
         deadline = time.monotonic() + timeout
         while len(ended) < len(pending) and time.monotonic() < deadline:
@@ -155,3 +113,30 @@ def unread_records(
         return unread
     finally:
         consumer.close()
+
+
+def _group_reader(settings: KafkaAddress, group: str, config: dict[str, Any]) -> Consumer:
+    """A consumer with the group's id, for its committed offsets: it never commits."""
+    base = {"bootstrap.servers": settings.bootstrap_servers, "group.id": group}
+    return Consumer({**base, "enable.auto.commit": False, **config})
+
+
+def _behind(
+    consumer: Consumer, topics: Sequence[str], timeout: float
+) -> list[tuple[TopicPartition, int]]:
+    """Each partition of `topics` at the group's committed offset (its start if none), and
+    its end offset."""
+    meta = consumer.list_topics(timeout=timeout)
+    partitions = [
+        TopicPartition(topic, p)
+        for topic in topics
+        if topic in meta.topics
+        for p in meta.topics[topic].partitions
+    ]
+    out = []
+    for tp in consumer.committed(partitions, timeout=timeout):
+        low, high = consumer.get_watermark_offsets(tp, timeout=timeout)
+        out.append(
+            (TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else low), high)
+        )
+    return out
