@@ -48,9 +48,10 @@ from infra.settings import Settings
 from infra.stack import LAG_GROUPS, Stack
 from infra.topics import unread_records
 from schemas.codec import CodecRegistry, Decoded, load_schema
+from streams.hot.job import DIGESTS, TELEMETRY
 
-TELEMETRY = "telemetry.raw"  # what the load is, and what every job that works per message reads
-PER_MESSAGE = (TELEMETRY, "telemetry.digests")  # it, and what the hot path derives from it
+# What the load is and every job that works per message reads, and what the hot path derives.
+PER_MESSAGE = (TELEMETRY, DIGESTS)
 CpuTimes = dict[str, float]  # service name -> CPU seconds (user + system, children included)
 
 

@@ -1,9 +1,9 @@
 """fleet_health: per device group, 1-minute tumbling windows of the fleet's telemetry.
 
-For each group (``org/project/group``, from the device registry) and minute of device time:
-devices reporting, messages, and min/mean/max of each standard metric, out on ``fleet.health``
-(compacted) keyed by group and window start: a repeat overwrites the window's record, never
-adds one. The windows are served on the worker's web view at ``/fleet-health/``.
+For each group (``org/project/group``, as the hot path's registry table names it) and minute
+of device time: devices reporting, messages, and min/mean/max of each standard metric, out on
+``fleet.health`` (compacted) keyed by group and window start: a repeat overwrites the window's
+record, never adds one. The windows are served on the worker's web view at ``/fleet-health/``.
 
 It reads ``telemetry.digests``, not the whole telemetry stream: the hot path, which decodes
 every reading anyway, writes one digest per group and minute each of its batches touches
@@ -24,6 +24,7 @@ from faust.web import Request, Response, View
 from streams.jobs import app, topics
 from streams.jobs.batches import by_partition, writing_as
 from streams.jobs.health import (
+    WindowAggregate,
     device_key,
     fold_digest,
     health_key,
@@ -75,39 +76,41 @@ async def fleet_health(stream: faust.StreamT[Any]) -> None:
         for partition, events in by_partition(batch).items():
             with writing_as(events[-1]):
                 changed = await _fold(partition, events)
-            for key in sorted(changed):
+            for key, window in sorted(changed.items()):
                 group, start = parse_health_key(key)
-                record = health_record(group, start, windows[key]["window"])
-                await topics.fleet_health.send(key=key, value=record)
+                await topics.fleet_health.send(key=key, value=health_record(group, start, window))
 
 
-async def _fold(partition: int, events: list[Any]) -> set[str]:
-    """One partition's digests of a batch into their windows (the keys changed); a digest
-    that cannot be folded goes to the dead-letter topic with its reason."""
+async def _fold(partition: int, events: list[Any]) -> dict[str, WindowAggregate]:
+    """One partition's digests of a batch into their windows, one table write per window
+    changed (returned); a digest that cannot be folded goes to the dead-letter topic with its
+    reason."""
     index = _partition_index(partition)
-    changed: set[str] = set()
+    changed: dict[str, WindowAggregate] = {}
     for event in events:
         try:
-            key = _add_digest(event.value, partition, index)
+            _add_digest(event.value, partition, index, changed)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             await app.dead_letter_message(event.message, exc)
-            continue
-        if key is not None:
-            changed.add(key)
+    for key, window in changed.items():
+        windows[key] = {"partition": partition, "window": window}
     if len(index) > 1:
         _expire(index)
-    return changed & set(index)
+    return {key: window for key, window in changed.items() if key in index}
 
 
-def _add_digest(digest: Any, partition: int, index: dict[str, set[str]]) -> str | None:
-    """Fold one digest into its window (None: the window is past retention)."""
+def _add_digest(
+    digest: Any, partition: int, index: dict[str, set[str]], changed: dict[str, WindowAggregate]
+) -> None:
+    """Fold one digest into its window in `changed` (left out: a window past retention)."""
     start = int(digest["window_start_ms"])
     _newest["start_ms"] = max(_newest["start_ms"], start)
     if is_late(start, _newest["start_ms"]):
-        return None
+        return
     key = health_key(str(digest["group"]), start)
     held = windows.get(key)
-    window = fold_digest(None if held is None else held["window"], digest, 0)  # checks it
+    before = changed.get(key) or (None if held is None else held["window"])
+    window = fold_digest(before, digest, 0)  # checks the digest before anything is recorded
     members = index.setdefault(key, set())  # mirrors the seen table (rebuilt from it)
     for device_id in digest["devices"]:
         member = device_key(key, str(device_id))
@@ -115,8 +118,7 @@ def _add_digest(digest: Any, partition: int, index: dict[str, set[str]]) -> str 
             seen[member] = partition
             members.add(member)
             window["devices"] += 1
-    windows[key] = {"partition": partition, "window": window}
-    return key
+    changed[key] = window
 
 
 @app.page("/fleet-health/")
