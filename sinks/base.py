@@ -49,7 +49,6 @@ __all__ = [
     "Record",
     "SinkError",
     "SinkUnavailable",
-    "TenantTablesSink",
     "WarehouseSink",
     "WriteResult",
 ]
@@ -168,37 +167,17 @@ class WarehouseSink(Protocol):
 
     def ensure_schema(self) -> tuple[Migration, ...]: ...
 
-    def write_telemetry(
+    def write(
         self,
-        records: Sequence[Record],
-        origin: BatchOrigin | None = None,
-        tenants: Columns | None = None,
-    ) -> WriteResult: ...
-
-    def write_events(
-        self,
-        records: Sequence[Record],
-        origin: BatchOrigin | None = None,
-        tenants: Columns | None = None,
-    ) -> WriteResult: ...
-
-    def write_twin_history(
-        self,
+        table: str,
         rows: Sequence[Record],
         origin: BatchOrigin | None = None,
         tenants: Columns | None = None,
-    ) -> WriteResult: ...
-
-    def write_ota_events(
-        self, rows: Sequence[Record], origin: BatchOrigin | None = None
-    ) -> WriteResult: ...
-
-    def write_alerts(
-        self,
-        records: Sequence[Record],
-        origin: BatchOrigin | None = None,
-        tenants: Columns | None = None,
-    ) -> WriteResult: ...
+    ) -> WriteResult:
+        """Store ``rows`` (dicts as the Avro codec decodes them, with ``table``'s columns) and
+        ``tenants``' columns (the org, project and group of each row; without: the rows' own,
+        else empty), exactly once; returns once they are committed in the warehouse."""
+        ...
 
     def write_arrow(
         self, table: str, batch: pa.Table, origin: BatchOrigin | None = None
@@ -221,12 +200,3 @@ class WarehouseSink(Protocol):
     def ping(self) -> bool: ...
 
     def close(self) -> None: ...
-
-
-class TenantTablesSink(WarehouseSink, Protocol):
-    """A sink that also loads ``quarantine`` rows itself (the Doris sink); the ClickHouse
-    sink's quarantine is written by the quality gate (sinks/quality/quarantine.py)."""
-
-    def write_quarantine(
-        self, rows: Sequence[Record], origin: BatchOrigin | None = None
-    ) -> WriteResult: ...

@@ -65,6 +65,7 @@ from sinks.sql_guard import Checked, Refused, check_query, format_query_sql
 from sinks.warehouse_tables import (
     ALERTS_SCHEMA,
     ALERTS_TABLE,
+    ARROW_SCHEMAS,
     DEDUPLICATED_TABLES,
     EVENT_SCHEMA,
     EVENTS_TABLE,
@@ -577,48 +578,21 @@ class ClickHouseSink(ClosesOnExit):
 
     # --- writes ---
 
-    def write_telemetry(
+    def write(
         self,
-        records: Sequence[Record],
-        origin: BatchOrigin | None = None,
-        tenants: Columns | None = None,
-    ) -> WriteResult:
-        """Store decoded ``Telemetry`` records (exactly once; see the module doc), with their
-        tenant columns (``tenants``; without: empty)."""
-        return self.write_arrow(TELEMETRY_TABLE, telemetry_to_arrow(records, tenants))
-
-    def write_events(
-        self,
-        records: Sequence[Record],
-        origin: BatchOrigin | None = None,
-        tenants: Columns | None = None,
-    ) -> WriteResult:
-        """Store decoded ``DeviceEvent`` records (exactly once)."""
-        return self.write_arrow(EVENTS_TABLE, events_to_arrow(records, tenants))
-
-    def write_alerts(
-        self,
-        records: Sequence[Record],
-        origin: BatchOrigin | None = None,
-        tenants: Columns | None = None,
-    ) -> WriteResult:
-        """Store decoded ``Alert`` records (exactly once)."""
-        return self.write_arrow(ALERTS_TABLE, alerts_to_arrow(records, tenants))
-
-    def write_twin_history(
-        self,
+        table: str,
         rows: Sequence[Record],
         origin: BatchOrigin | None = None,
         tenants: Columns | None = None,
     ) -> WriteResult:
-        """Store ``twin_history`` rows (see :func:`twin_history_to_arrow`; exactly once)."""
-        return self.write_arrow(TWIN_HISTORY_TABLE, twin_history_to_arrow(rows, tenants))
-
-    def write_ota_events(
-        self, rows: Sequence[Record], origin: BatchOrigin | None = None
-    ) -> WriteResult:
-        """Store ``ota_events`` rows (see :func:`ota_events_to_arrow`; exactly once)."""
-        return self.write_arrow(OTA_EVENTS_TABLE, ota_events_to_arrow(rows))
+        """Store decoded records as ``table``'s rows (exactly once; see the module doc). The
+        quarantine is written by the quality gate, as Arrow (:meth:`write_arrow`)."""
+        schema = ARROW_SCHEMAS.get(table)
+        if schema is None:
+            raise ValueError(
+                f"no row schema for {table!r}; expected one of {sorted(ARROW_SCHEMAS)}"
+            )
+        return self.write_arrow(table, records_to_arrow(rows, schema, tenants))
 
     def write_arrow(
         self, table: str, batch: pa.Table, origin: BatchOrigin | None = None

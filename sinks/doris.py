@@ -385,11 +385,11 @@ class DorisSink(ClosesOnExit):
             raise ValueError(f"unknown table {table!r}; expected one of {sorted(DORIS_SCHEMAS)}")
         return schema
 
-    def write_rows(
+    def write(
         self,
         table: str,
         records: Sequence[Record],
-        origin: BatchOrigin | None,
+        origin: BatchOrigin | None = None,
         tenants: Columns | None = None,
     ) -> WriteResult:
         """Load ``records`` (dicts, with ``tenants``' columns when given) into ``table`` with
@@ -450,54 +450,6 @@ class DorisSink(ClosesOnExit):
         if len(rows) == 1 and len(rows[0]) == 1:
             return rows[0][0]
         return rows
-
-    def write_telemetry(
-        self,
-        records: Sequence[Record],
-        origin: BatchOrigin | None = None,
-        tenants: Columns | None = None,
-    ) -> WriteResult:
-        return self.write_rows(TELEMETRY_TABLE, records, origin, tenants)
-
-    def write_events(
-        self,
-        records: Sequence[Record],
-        origin: BatchOrigin | None = None,
-        tenants: Columns | None = None,
-    ) -> WriteResult:
-        return self.write_rows(EVENTS_TABLE, records, origin, tenants)
-
-    def write_twin_history(
-        self,
-        rows: Sequence[Record],
-        origin: BatchOrigin | None = None,
-        tenants: Columns | None = None,
-    ) -> WriteResult:
-        return self.write_rows(TWIN_HISTORY_TABLE, rows, origin, tenants)
-
-    def write_ota_events(
-        self,
-        rows: Sequence[Record],
-        origin: BatchOrigin | None = None,
-        tenants: Columns | None = None,
-    ) -> WriteResult:
-        return self.write_rows(OTA_EVENTS_TABLE, rows, origin, tenants)
-
-    def write_alerts(
-        self,
-        records: Sequence[Record],
-        origin: BatchOrigin | None = None,
-        tenants: Columns | None = None,
-    ) -> WriteResult:
-        return self.write_rows(ALERTS_TABLE, records, origin, tenants)
-
-    def write_quarantine(
-        self,
-        rows: Sequence[Record],
-        origin: BatchOrigin | None = None,
-        tenants: Columns | None = None,
-    ) -> WriteResult:
-        return self.write_rows(QUARANTINE_TABLE, rows, origin, tenants)
 
     # --- reads ---
 

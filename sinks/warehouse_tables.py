@@ -157,3 +157,11 @@ ALERTS_SCHEMA: Final = pa.schema(
         pa.field("ts", _MS_UTC, nullable=False),
     ]
 )
+# The tables a sink's `write` takes rows for, and their columns.
+ARROW_SCHEMAS: Final[Mapping[str, pa.Schema]] = {
+    TELEMETRY_TABLE: TELEMETRY_SCHEMA,
+    EVENTS_TABLE: EVENT_SCHEMA,
+    TWIN_HISTORY_TABLE: TWIN_HISTORY_SCHEMA,
+    OTA_EVENTS_TABLE: OTA_EVENTS_SCHEMA,
+    ALERTS_TABLE: ALERTS_SCHEMA,
+}

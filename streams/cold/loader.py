@@ -27,7 +27,7 @@ import asyncio
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from confluent_kafka import KafkaException
@@ -46,7 +46,7 @@ from sinks.base import (
 )
 from sinks.factory import open_sink
 from sinks.quality.rules import QualityRules, load_rules
-from sinks.warehouse_tables import Columns
+from sinks.warehouse_tables import ARROW_SCHEMAS, Columns
 from streams.cold.quality import QUALITY_DLQ_TOPIC, RELEASE_TABLE, RELEASE_TOPIC, QualityPath
 from streams.cold.registry import DeviceRegistry
 from streams.cold.rows import origin_of, ota_events_rows, twin_history_rows
@@ -107,6 +107,13 @@ Records = list[dict[str, Any]]
 TenantsOf = Callable[[Records], Columns]
 
 
+# How a table's decoded records become its rows; the others are stored as decoded.
+ROWS_OF: Mapping[str, Callable[[Records], Records]] = {
+    TWIN_HISTORY_TABLE: twin_history_rows,
+    OTA_EVENTS_TABLE: ota_events_rows,
+}
+
+
 def cold_writers(sink: WarehouseSink, tenants: TenantsOf | None = None) -> dict[str, SourcedWrite]:
     """Per table, what stores a batch of its decoded records into ``sink`` (in the loader's
     writer thread), told where they were read (:func:`origin_of`), with each row's tenant
@@ -115,29 +122,18 @@ def cold_writers(sink: WarehouseSink, tenants: TenantsOf | None = None) -> dict[
     def tenant_columns(rows: Records) -> Columns | None:
         return tenants(rows) if tenants is not None else None
 
-    def write_telemetry(records: Records, sources: list[SourceRecord]) -> WriteResult:
-        return sink.write_telemetry(records, origin_of(sources), tenant_columns(records))
+    def writer(table: str) -> SourcedWrite:
+        rows_of = ROWS_OF.get(table, list)
+        # An OTA rollout's rows carry their target's tenant: no batch-wide columns.
+        tenants_of = tenant_columns if table != OTA_EVENTS_TABLE else lambda _rows: None
 
-    def write_events(records: Records, sources: list[SourceRecord]) -> WriteResult:
-        return sink.write_events(records, origin_of(sources), tenant_columns(records))
+        def write(records: Records, sources: list[SourceRecord]) -> WriteResult:
+            rows = rows_of(records)
+            return sink.write(table, rows, origin_of(sources), tenants_of(rows))
 
-    def write_alerts(records: Records, sources: list[SourceRecord]) -> WriteResult:
-        return sink.write_alerts(records, origin_of(sources), tenant_columns(records))
+        return write
 
-    def write_twin_history(records: Records, sources: list[SourceRecord]) -> WriteResult:
-        rows = twin_history_rows(records)
-        return sink.write_twin_history(rows, origin_of(sources), tenant_columns(rows))
-
-    def write_ota_events(records: Records, sources: list[SourceRecord]) -> WriteResult:
-        return sink.write_ota_events(ota_events_rows(records), origin_of(sources))
-
-    return {
-        TELEMETRY_TABLE: write_telemetry,
-        EVENTS_TABLE: write_events,
-        TWIN_HISTORY_TABLE: write_twin_history,
-        OTA_EVENTS_TABLE: write_ota_events,
-        ALERTS_TABLE: write_alerts,
-    }
+    return {table: writer(table) for table in ARROW_SCHEMAS}
 
 
 class ColdWorker:

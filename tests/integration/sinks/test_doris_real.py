@@ -19,7 +19,7 @@ from infra.quality import quarantined
 from infra.settings import Settings
 from infra.warehouse import fetch, warehouse_counts
 from queries.runner import CHECKOUT
-from sinks.base import BatchOrigin
+from sinks.base import TELEMETRY_TABLE, BatchOrigin
 from sinks.doris import DorisSink
 from sinks.quality.rules import load_rules
 from streams.cold.quality import QualityPath
@@ -56,11 +56,13 @@ def test_a_real_doris_loads_a_batch_once_and_replaces_a_resent_message(sink: Dor
     prefix = f"rd{uuid.uuid4().hex[:8]}-"
     topic = f"test.{prefix}"
     origin = BatchOrigin.of(topic, [(0, o) for o in range(10)])
-    first = sink.write_telemetry(_readings(prefix, range(10)), origin)
-    again = sink.write_telemetry(_readings(prefix, range(10)), origin)  # Label Already Exists
+    first = sink.write(TELEMETRY_TABLE, _readings(prefix, range(10)), origin)
+    again = sink.write(
+        TELEMETRY_TABLE, _readings(prefix, range(10)), origin
+    )  # Label Already Exists
     assert (first.rows, again.rows) == (10, 0)
     later = BatchOrigin.of(topic, [(0, o) for o in range(10, 14)])
-    sink.write_telemetry(_readings(prefix, range(8, 12), 60_000), later)
+    sink.write(TELEMETRY_TABLE, _readings(prefix, range(8, 12), 60_000), later)
     assert sink.count_stored(device_prefix=prefix) == 12
     assert sink.count_duplicates(device_prefix=prefix) == 0
     assert sink.ensure_schema() == ()
@@ -68,7 +70,9 @@ def test_a_real_doris_loads_a_batch_once_and_replaces_a_resent_message(sink: Dor
 
 def test_every_analyst_query_runs_on_a_real_doris(sink: DorisSink, tmp_path: Path) -> None:
     prefix = f"rq{uuid.uuid4().hex[:8]}-"
-    sink.write_telemetry(_readings(prefix, range(5)), BatchOrigin.of(prefix, [(0, 0), (0, 4)]))
+    sink.write(
+        TELEMETRY_TABLE, _readings(prefix, range(5)), BatchOrigin.of(prefix, [(0, 0), (0, 4)])
+    )
     settings = Settings(warehouse_url=DORIS_URL, state_dir=tmp_path)
     counts = warehouse_counts(settings, device_prefix=prefix)
     assert (counts.stored, counts.duplicates) == (5, 0)

@@ -22,7 +22,7 @@ from infra.quality import pending_by_rule, quarantined
 from infra.settings import Settings
 from infra.warehouse import fetch, warehouse_counts
 from schemas.codec import AvroCodec, load_schema
-from sinks.base import QUARANTINE_TABLE, BatchOrigin, InvalidBatch, SinkUnavailable
+from sinks.base import QUARANTINE_TABLE, TELEMETRY_TABLE, BatchOrigin, InvalidBatch, SinkUnavailable
 from sinks.doris import DorisSink
 from sinks.doris_load import LoadRequest, StreamLoader
 from sinks.quality.rules import load_rules
@@ -88,8 +88,8 @@ def test_a_resent_batch_answers_label_already_exists_and_is_loaded_once(
 ) -> None:
     topic = f"telemetry.{prefix}"
     batch, origin = _readings(prefix, range(10)), _origin(topic, 0, range(100, 110))
-    first = sink.write_telemetry(batch, origin)
-    again = sink.write_telemetry(batch, origin)
+    first = sink.write(TELEMETRY_TABLE, batch, origin)
+    again = sink.write(TELEMETRY_TABLE, batch, origin)
     assert (first.rows, again.rows) == (10, 0)
     assert first.token == again.token == f"fleet_telemetry_telemetry_{prefix}_p0_100_109"
     assert standin.state.answers[-2:] == ["Success", "Label Already Exists"]
@@ -101,11 +101,15 @@ def test_a_message_resent_in_another_batch_replaces_its_row_by_the_sequence_colu
     sink: DorisSink, prefix: str
 ) -> None:
     topic = f"telemetry.{prefix}"
-    sink.write_telemetry(_readings(prefix, range(5)), _origin(topic, 0, range(0, 5)))
+    sink.write(TELEMETRY_TABLE, _readings(prefix, range(5)), _origin(topic, 0, range(0, 5)))
     # seq 3 and 4 again (the bridge re-published them, received later) with 5 and 6.
-    sink.write_telemetry(_readings(prefix, range(3, 7), 60_000), _origin(topic, 0, range(5, 9)))
+    sink.write(
+        TELEMETRY_TABLE, _readings(prefix, range(3, 7), 60_000), _origin(topic, 0, range(5, 9))
+    )
     # and an older copy of seq 0 arriving last: the sequence column keeps the newer row.
-    sink.write_telemetry(_readings(prefix, range(0, 1), -60_000), _origin(topic, 1, range(0, 1)))
+    sink.write(
+        TELEMETRY_TABLE, _readings(prefix, range(0, 1), -60_000), _origin(topic, 1, range(0, 1))
+    )
     assert sink.count_stored(device_prefix=prefix) == 7
     assert sink.count_duplicates(device_prefix=prefix) == 0
     rows = sink.query(
@@ -123,9 +127,9 @@ def test_a_commit_lost_after_the_precommit_is_completed_by_the_retry_without_dou
     batch, origin = _readings(prefix, range(4)), _origin(f"telemetry.{prefix}", 2, range(7, 11))
     standin.state.faults.failing_commits = 1
     with pytest.raises(SinkUnavailable, match="commit"):
-        sink.write_telemetry(batch, origin)
+        sink.write(TELEMETRY_TABLE, batch, origin)
     assert sink.count_stored(device_prefix=prefix) == 0  # pre-committed: not visible
-    sink.write_telemetry(batch, origin)  # what the loader's retry does
+    sink.write(TELEMETRY_TABLE, batch, origin)  # what the loader's retry does
     assert standin.state.answers[-1] == "Label Already Exists"
     assert standin.state.loads[origin.label("telemetry")].state == "VISIBLE"
     assert sink.count_stored(device_prefix=prefix) == 4
@@ -169,7 +173,7 @@ def test_a_client_following_the_redirect_itself_loses_the_credentials_at_the_be(
 def test_fleet_sql_and_the_demo_counts_read_the_doris_warehouse(
     sink: DorisSink, standin: DorisStandIn, prefix: str, tmp_path: Path
 ) -> None:
-    sink.write_telemetry(_readings(prefix, range(3)), _origin(f"t.{prefix}", 0, range(3)))
+    sink.write(TELEMETRY_TABLE, _readings(prefix, range(3)), _origin(f"t.{prefix}", 0, range(3)))
     settings = Settings(warehouse_url=standin.url, state_dir=tmp_path)
     result = fetch(
         settings,

@@ -32,7 +32,12 @@ from infra.settings import PROJECT_ROOT, Settings
 from infra.warehouse import fetch, warehouse_counts
 from queries.runner import QueryError
 from sinks.clickhouse import (
+    ALERTS_TABLE,
+    EVENTS_TABLE,
+    OTA_EVENTS_TABLE,
     TELEMETRY_SCHEMA,
+    TELEMETRY_TABLE,
+    TWIN_HISTORY_TABLE,
     ClickHouseSink,
     QueryFailed,
     SinkUnavailable,
@@ -144,8 +149,8 @@ def test_a_redelivered_batch_is_dropped_at_insert(
 ) -> None:
     t0 = now_ms()
     batch = [reading(f"{prefix}a", seq, t0 + seq, temperature=20.0) for seq in range(100)]
-    first = sink.write_telemetry(batch)
-    second = sink.write_telemetry(list(reversed(batch)))  # same messages, another order
+    first = sink.write(TELEMETRY_TABLE, batch)
+    second = sink.write(TELEMETRY_TABLE, list(reversed(batch)))  # same messages, another order
     assert first.token == second.token
     assert raw_count(raw, prefix) == 100  # the second insert never landed
     assert sink.count_stored(device_prefix=prefix) == 100
@@ -166,8 +171,8 @@ def test_redelivered_events_are_dropped_too(sink: ClickHouseSink, raw: Client, p
         }
         for seq in range(10)
     ]
-    sink.write_events(events)
-    sink.write_events(events)
+    sink.write(EVENTS_TABLE, events)
+    sink.write(EVENTS_TABLE, events)
     assert raw_count(raw, prefix, "device_events") == 10
     assert sink.count_stored("device_events", prefix) == 10
     stored = sink.query(
@@ -184,8 +189,12 @@ def test_a_message_resent_in_another_batch_is_counted_once(
     device = f"{prefix}r"
     raw.command("SYSTEM STOP MERGES telemetry")
     try:
-        sink.write_telemetry([reading(device, s, t0 + s, temperature=1.0) for s in range(10)])
-        sink.write_telemetry([reading(device, s, t0 + s, temperature=1.0) for s in range(5, 15)])
+        sink.write(
+            TELEMETRY_TABLE, [reading(device, s, t0 + s, temperature=1.0) for s in range(10)]
+        )
+        sink.write(
+            TELEMETRY_TABLE, [reading(device, s, t0 + s, temperature=1.0) for s in range(5, 15)]
+        )
         assert raw_count(raw, prefix) == 20  # both copies are stored until a merge
         assert sink.count_stored(device_prefix=prefix) == 15
         assert sink.count_duplicates(device_prefix=prefix) == 0
@@ -207,8 +216,10 @@ def test_a_resend_in_another_partition_is_still_read_once(
     # partition. Were it not so, merges would never meet the copies; FINAL still reads one,
     # because the partition key is not in the sorting key (FINAL merges across partitions).
     device = f"{prefix}p"
-    sink.write_telemetry([reading(device, 1, now_ms())])
-    sink.write_telemetry([reading(device, 1, 1_735_689_600_000)])  # 2025-01-01: another month
+    sink.write(TELEMETRY_TABLE, [reading(device, 1, now_ms())])
+    sink.write(
+        TELEMETRY_TABLE, [reading(device, 1, 1_735_689_600_000)]
+    )  # 2025-01-01: another month
     raw.command("OPTIMIZE TABLE telemetry FINAL")
     assert raw_count(raw, prefix) == 2
     assert sink.count_duplicates(device_prefix=prefix) == 0
@@ -250,8 +261,8 @@ def test_the_rollup_counts_messages_once_and_weighs_resends_only_in_averages(
     batch = [
         reading(device, seq, minute + seq * 1000, temperature=10.0 * seq) for seq in range(1, 5)
     ]
-    sink.write_telemetry(batch)
-    sink.write_telemetry(batch)  # re-delivered batch: dropped, also for the view
+    sink.write(TELEMETRY_TABLE, batch)
+    sink.write(TELEMETRY_TABLE, batch)  # re-delivered batch: dropped, also for the view
     params = {"minutes": 10, "bucket_minutes": 1, "device_prefix": prefix}
     (trend,) = rows(via, "queries/temperature_trend.sql", **params)
     assert trend["bucket_messages"] == 4
@@ -260,7 +271,7 @@ def test_the_rollup_counts_messages_once_and_weighs_resends_only_in_averages(
     assert trend["p50_temperature"] == pytest.approx(25.0)
     assert trend["bucket"] == datetime.fromtimestamp(minute / 1000, UTC).isoformat()
 
-    sink.write_telemetry([batch[-1]])  # one message re-sent in another batch
+    sink.write(TELEMETRY_TABLE, [batch[-1]])  # one message re-sent in another batch
     (trend,) = rows(via, "queries/temperature_trend.sql", **params)
     assert trend["bucket_messages"] == 4  # uniqExact(seq): exact
     assert (trend["min_temperature"], trend["max_temperature"]) == (10.0, 40.0)
@@ -276,11 +287,15 @@ def test_latest_reading_is_the_highest_seq_with_its_own_nulls(
     t0 = now_ms() - 10 * MINUTE_MS
     device = f"{prefix}l"
     newest = reading(device, 5, t0 + 5000, humidity=33.0, battery=70.0, extra={"rpm": 5.0})
-    sink.write_telemetry([newest])  # arrives first
-    sink.write_telemetry(
-        [reading(device, s, t0 + s * 1000, temperature=20.0 + s, battery=75.0) for s in range(1, 5)]
+    sink.write(TELEMETRY_TABLE, [newest])  # arrives first
+    sink.write(
+        TELEMETRY_TABLE,
+        [
+            reading(device, s, t0 + s * 1000, temperature=20.0 + s, battery=75.0)
+            for s in range(1, 5)
+        ],
     )
-    sink.write_telemetry([reading(f"{prefix}m", 1, t0, temperature=1.0)])
+    sink.write(TELEMETRY_TABLE, [reading(f"{prefix}m", 1, t0, temperature=1.0)])
     result = rows(via, "queries/latest_reading.sql", device_prefix=prefix)
     assert [r["device_id"] for r in result] == [device, f"{prefix}m"]
     latest = result[0]
@@ -302,9 +317,11 @@ def test_metric_percentiles_over_a_window(sink: ClickHouseSink, via: Settings, p
         )
         for i, v in enumerate(values)
     ]
-    sink.write_telemetry(batch[:60])
-    sink.write_telemetry(batch[50:])  # ten messages re-sent in another batch: no effect
-    sink.write_telemetry([reading(device, 999, t0 - 2 * HOUR_MS, temperature=1000.0)])  # too old
+    sink.write(TELEMETRY_TABLE, batch[:60])
+    sink.write(TELEMETRY_TABLE, batch[50:])  # ten messages re-sent in another batch: no effect
+    sink.write(
+        TELEMETRY_TABLE, [reading(device, 999, t0 - 2 * HOUR_MS, temperature=1000.0)]
+    )  # too old
     result = rows(via, "queries/metric_percentiles.sql", minutes=60, device_prefix=prefix)
     by_metric = {r["metric"]: r for r in result}
     assert set(by_metric) == {"temperature", "humidity", "rpm"}
@@ -327,8 +344,8 @@ def test_messages_per_minute_per_group(sink: ClickHouseSink, via: Settings, pref
         *(reading(f"{prefix}a-{d}", 4, m2 + 1000) for d in (1, 2)),
         *(reading(f"{prefix}b-1", s, m1 + s * 1000) for s in (1, 2)),
     ]
-    sink.write_telemetry(batch)
-    sink.write_telemetry([batch[0], batch[-1]])  # re-sent in another batch
+    sink.write(TELEMETRY_TABLE, batch)
+    sink.write(TELEMETRY_TABLE, [batch[0], batch[-1]])  # re-sent in another batch
     result = rows(via, "queries/messages_per_minute.sql", minutes=30, device_prefix=prefix)
     iso = {m: datetime.fromtimestamp(m / 1000, UTC).isoformat() for m in (m1, m2)}
     assert [(r["minute"], r["device_group"], r["messages"], r["devices"]) for r in result] == [
@@ -340,14 +357,15 @@ def test_messages_per_minute_per_group(sink: ClickHouseSink, via: Settings, pref
 
 def test_silent_devices(sink: ClickHouseSink, via: Settings, prefix: str) -> None:
     now = now_ms()
-    sink.write_telemetry(
+    sink.write(
+        TELEMETRY_TABLE,
         [
             *(
                 reading(f"{prefix}quiet", s, now - m * MINUTE_MS)
                 for s, m in enumerate((40, 35, 30))
             ),
             *(reading(f"{prefix}chatty", s, now - m * MINUTE_MS) for s, m in enumerate((40, 1))),
-        ]
+        ],
     )
     result = rows(via, "queries/silent_devices.sql", minutes=15, device_prefix=prefix)
     assert [r["device_id"] for r in result] == [f"{prefix}quiet"]
@@ -366,7 +384,7 @@ def test_fastest_battery_drain(sink: ClickHouseSink, via: Settings, prefix: str)
             batch.append(
                 reading(f"{prefix}{name}", k, now - int(hours_ago * HOUR_MS), battery=battery)
             )
-    sink.write_telemetry(batch)
+    sink.write(TELEMETRY_TABLE, batch)
     result = rows(via, "queries/battery_drain.sql", minutes=480, device_prefix=prefix)
     assert [r["device_id"].removeprefix(prefix) for r in result] == ["fast", "slow", "charging"]
     assert [r["drain_per_hour"] for r in result] == pytest.approx([2.0, 0.5, -1.0], abs=1e-5)
@@ -437,7 +455,7 @@ def run_fleet_sql(
 def test_another_process_queries_through_the_owner(
     sink: ClickHouseSink, server: QueryServer, prefix: str, state_dir: Path
 ) -> None:
-    sink.write_telemetry([reading(f"{prefix}x", s, now_ms()) for s in range(3)])
+    sink.write(TELEMETRY_TABLE, [reading(f"{prefix}x", s, now_ms()) for s in range(3)])
     sql = f"SELECT count() AS n, any(device_id) AS d FROM telemetry WHERE device_id = '{prefix}x'"
     done = run_fleet_sql(sql, server.address[1], sink.dsn, state_dir)
     assert done.returncode == 0, done.stderr
@@ -477,9 +495,9 @@ def test_an_unreachable_server_is_sink_unavailable() -> None:
     sink = ClickHouseSink(f"http://127.0.0.1:{free_port()}", connect_timeout_s=2)
     record = reading("dev-1", 1, now_ms())
     with pytest.raises(SinkUnavailable, match=r"127\.0\.0\.1"):
-        sink.write_telemetry([record])
+        sink.write(TELEMETRY_TABLE, [record])
     with pytest.raises(SinkUnavailable):  # and again: the caller's retry loop
-        sink.write_telemetry([record])
+        sink.write(TELEMETRY_TABLE, [record])
     with pytest.raises(SinkUnavailable):
         sink.ensure_schema()
     assert sink.ping() is False
@@ -516,11 +534,11 @@ def test_twin_versions_written_twice_are_one_row_each(
     versions = twin_versions(device, now_ms())
     raw.command("SYSTEM STOP MERGES twin_history")
     try:
-        first = sink.write_twin_history(versions[:2])
-        again = sink.write_twin_history(list(reversed(versions[:2])))  # a re-delivered batch
+        first = sink.write(TWIN_HISTORY_TABLE, versions[:2])
+        again = sink.write(TWIN_HISTORY_TABLE, list(reversed(versions[:2])))  # a re-delivered batch
         assert first.token == again.token
         assert raw_count(raw, prefix, "twin_history") == 2  # dropped at insert
-        sink.write_twin_history(versions)  # v1 and v2 again, in another batch
+        sink.write(TWIN_HISTORY_TABLE, versions)  # v1 and v2 again, in another batch
         assert raw_count(raw, prefix, "twin_history") == 5  # both copies until a merge
         final = sink.query(
             "SELECT version, count() AS n FROM twin_history FINAL "
@@ -529,8 +547,8 @@ def test_twin_versions_written_twice_are_one_row_each(
         )
         assert final.rows == ((1, 1), (2, 1), (3, 1))
         # v3 re-published with only last_reported_seq advanced: kept, and it wins.
-        sink.write_twin_history([{**versions[2], "last_reported_seq": 12}])
-        sink.write_twin_history([versions[2]])  # the older copy arriving late loses anyway
+        sink.write(TWIN_HISTORY_TABLE, [{**versions[2], "last_reported_seq": 12}])
+        sink.write(TWIN_HISTORY_TABLE, [versions[2]])  # the older copy arriving late loses anyway
         latest = sink.query(
             "SELECT count() AS n, max(last_reported_seq) AS seq FROM twin_history FINAL "
             "WHERE device_id = {d:String} AND version = 3",
@@ -557,8 +575,8 @@ def test_twin_history_query_at_a_time_and_latest(
     sink: ClickHouseSink, via: Settings, prefix: str
 ) -> None:
     t0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
-    sink.write_twin_history(twin_versions(f"{prefix}a", t0))  # converged at 00:02
-    sink.write_twin_history(twin_versions(f"{prefix}b", t0 + 30_000)[:2])  # never converges
+    sink.write(TWIN_HISTORY_TABLE, twin_versions(f"{prefix}a", t0))  # converged at 00:02
+    sink.write(TWIN_HISTORY_TABLE, twin_versions(f"{prefix}b", t0 + 30_000)[:2])  # never converges
 
     def state(at: str) -> list[tuple[Any, ...]]:
         result = rows(via, "queries/twin_history.sql", at=at, device_prefix=prefix)
@@ -632,12 +650,14 @@ def test_a_rollout_written_twice_is_one_row_per_cohort_and_version(
 
     raw.command("SYSTEM STOP MERGES ota_events")
     try:
-        first = sink.write_ota_events(ota_events_rows(versions[:2]))
-        again = sink.write_ota_events(ota_events_rows(versions[1::-1]))  # re-delivered
+        first = sink.write(OTA_EVENTS_TABLE, ota_events_rows(versions[:2]))
+        again = sink.write(OTA_EVENTS_TABLE, ota_events_rows(versions[1::-1]))  # re-delivered
         assert first.token == again.token
         assert first.rows == 1 + 3  # created: one row; running: one per cohort
         assert raw_rows() == 4  # dropped at insert
-        sink.write_ota_events(ota_events_rows(versions))  # the first two again, another batch
+        sink.write(
+            OTA_EVENTS_TABLE, ota_events_rows(versions)
+        )  # the first two again, another batch
         assert raw_rows() == 4 + 4 + 3  # both copies until a merge
         final = sink.query(
             "SELECT cohort, updated_at, count() AS n FROM ota_events FINAL "
@@ -657,9 +677,9 @@ def test_ota_progress_per_rollout_and_cohort(
 ) -> None:
     rollout_id = f"{prefix}ro"
     versions = ota_rollout_versions(rollout_id)
-    sink.write_ota_events(ota_events_rows(versions))
+    sink.write(OTA_EVENTS_TABLE, ota_events_rows(versions))
     pending = f"{prefix}pending"
-    sink.write_ota_events(ota_events_rows([{**versions[0], "rollout_id": pending}]))
+    sink.write(OTA_EVENTS_TABLE, ota_events_rows([{**versions[0], "rollout_id": pending}]))
 
     def progress(**params: str) -> list[tuple[Any, ...]]:
         return [
@@ -701,7 +721,8 @@ def test_ota_progress_per_rollout_and_cohort(
     )
     # A device prefix keeps the rollouts its devices reported on (device_events, ota_status).
     device = f"{rollout_id}-0001"
-    sink.write_events(
+    sink.write(
+        EVENTS_TABLE,
         [
             {
                 "device_id": device,
@@ -712,7 +733,7 @@ def test_ota_progress_per_rollout_and_cohort(
                 "message": None,
                 "attributes": {"status": "succeeded", "rollout_id": rollout_id, "version": "2.0.0"},
             }
-        ]
+        ],
     )
     reported = sink.query(
         "SELECT rollout_id, status, version FROM ota_device_events WHERE device_id = {d:String}",
@@ -765,11 +786,13 @@ def test_an_analyst_sees_only_the_rows_of_its_grants_in_every_tenant_table(
         device = f"{prefix}{org}"
         rows_of = tenant_rows(device, org, now)
         tenants = {"org": [org], "project": ["p"], "group": ["g"]}
-        sink.write_telemetry(rows_of["telemetry"], tenants=tenants)
-        sink.write_events(rows_of["device_events"], tenants=tenants)
-        sink.write_alerts(rows_of["alerts"], tenants=tenants)
-        sink.write_twin_history(rows_of["twin_history"], tenants=tenants)
-        sink.write_ota_events(rows_of["ota_events"])  # its tenant is in its rows (the target's)
+        sink.write(TELEMETRY_TABLE, rows_of["telemetry"], tenants=tenants)
+        sink.write(EVENTS_TABLE, rows_of["device_events"], tenants=tenants)
+        sink.write(ALERTS_TABLE, rows_of["alerts"], tenants=tenants)
+        sink.write(TWIN_HISTORY_TABLE, rows_of["twin_history"], tenants=tenants)
+        sink.write(
+            OTA_EVENTS_TABLE, rows_of["ota_events"]
+        )  # its tenant is in its rows (the target's)
     tables = ("telemetry", "device_events", "alerts", "twin_history", "ota_events", "telemetry_1m")
     union = " UNION ALL ".join(
         f"SELECT '{t}' AS t, org, count() AS n FROM {t} "
@@ -832,7 +855,7 @@ def test_row_filters_cannot_be_lifted_and_final_can_be_opted_out(
     try:
         for seqs in (range(2), range(1, 2)):  # seq 1 twice, in two batches
             tenant = {"org": [org] * len(seqs), "project": ["p"] * len(seqs)}
-            sink.write_telemetry([reading(device, s, t0 + s) for s in seqs], tenants=tenant)
+            sink.write(TELEMETRY_TABLE, [reading(device, s, t0 + s) for s in seqs], tenants=tenant)
         assert sink.query(count, {"d": device}, scope).rows == ((2,),)  # FINAL: once each
         unfinal = ReadScope((Scope(org),), final=False)  # opted out: the parts as they are
         assert sink.query(count, {"d": device}, unfinal).rows == ((3,),)

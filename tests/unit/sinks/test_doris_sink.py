@@ -18,7 +18,15 @@ import sqlglot
 from queries.migrations import load_migrations
 from queries.runner import CHECKOUT
 from queries.sqltext import check_read_only, load_sql_file
-from sinks.base import BatchOrigin, InvalidBatch, QueryFailed, SinkUnavailable
+from sinks.base import (
+    ALERTS_TABLE,
+    EVENTS_TABLE,
+    TELEMETRY_TABLE,
+    BatchOrigin,
+    InvalidBatch,
+    QueryFailed,
+    SinkUnavailable,
+)
 from sinks.doris import (
     DORIS_DDL_DIR,
     DORIS_SCHEMAS,
@@ -311,7 +319,9 @@ def test_telemetry_goes_as_json_lines_with_utc_times_tenant_columns_and_no_nan()
     recorder = RecordingLoader()
     sink._loader = recorder  # type: ignore[assignment]
     origin = BatchOrigin.of("telemetry.raw", [(2, 40), (2, 41)])
-    result = sink.write_telemetry([_telemetry(1), _telemetry(2, temperature=math.nan)], origin)
+    result = sink.write(
+        TELEMETRY_TABLE, [_telemetry(1), _telemetry(2, temperature=math.nan)], origin
+    )
     assert result.token == "fleet_telemetry_telemetry_raw_p2_40_41"
     (request,) = recorder.requests
     assert (request.table, request.fmt, request.label) == ("telemetry", "json", result.token)
@@ -342,7 +352,7 @@ def test_alerts_go_as_an_arrow_stream_keeping_given_tenant_columns() -> None:
         "project": "p",
         "group": "g",
     }
-    sink.write_alerts([alert], BatchOrigin.of("alerts", [(0, 3)]))
+    sink.write(ALERTS_TABLE, [alert], BatchOrigin.of("alerts", [(0, 3)]))
     (request,) = recorder.requests
     assert request.fmt == "arrow"
     table = pa.ipc.open_stream(request.body).read_all()
@@ -355,11 +365,11 @@ def test_a_doris_write_needs_the_batch_origin_and_skips_an_empty_batch() -> None
     recorder = RecordingLoader()
     sink._loader = recorder  # type: ignore[assignment]
     with pytest.raises(ValueError, match="origin"):
-        sink.write_events([], None)
-    assert sink.write_events([], BatchOrigin.of("device.events", [])).rows == 0
+        sink.write(EVENTS_TABLE, [], None)
+    assert sink.write(EVENTS_TABLE, [], BatchOrigin.of("device.events", [])).rows == 0
     assert recorder.requests == []
     with pytest.raises(InvalidBatch):
-        sink.write_telemetry([{"device_id": "x"}], BatchOrigin.of("telemetry.raw", [(0, 1)]))
+        sink.write(TELEMETRY_TABLE, [{"device_id": "x"}], BatchOrigin.of("telemetry.raw", [(0, 1)]))
 
 
 # --- reads --------------------------------------------------------------------------------
