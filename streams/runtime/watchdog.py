@@ -16,6 +16,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+# Arming starts a thread (faulthandler's timer): a loop arming its deadline before every batch
+# re-arms it only when that moves the deadline by more than this (or a tenth of the limit).
+# A deadline may thus fire that much earlier than asked.
+REARM_SLACK_S = 1.0
+
 
 class Watchdog:
     def __init__(self) -> None:
@@ -23,7 +28,11 @@ class Watchdog:
 
     def arm(self, limit_s: float) -> None:
         """End the process if it is not re-armed or cancelled within `limit_s`."""
-        self._deadline = time.monotonic() + limit_s
+        deadline = time.monotonic() + limit_s
+        current = self._deadline
+        if current is not None and 0 <= deadline - current < min(REARM_SLACK_S, limit_s / 10):
+            return
+        self._deadline = deadline
         faulthandler.dump_traceback_later(limit_s, exit=True)
 
     def cancel(self) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import faulthandler
 import subprocess
 import sys
+import time
 
 import pytest
+
+from streams.runtime.watchdog import Watchdog
 
 STUCK_CALL = """
 import time
@@ -35,3 +39,19 @@ def test_a_call_past_the_nearer_deadline_ends_the_process_with_its_stack(
     done = run(outer, inner)
     assert done.returncode != 0
     assert "in send_offsets" in done.stderr, done.stderr
+
+
+def test_arming_again_within_the_slack_keeps_the_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    armed: list[float] = []
+    monkeypatch.setattr(faulthandler, "dump_traceback_later", lambda t, exit: armed.append(t))
+    monkeypatch.setattr(faulthandler, "cancel_dump_traceback_later", lambda: None)
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    watchdog = Watchdog()
+    watchdog.arm(180.0)
+    clock[0] += 0.5  # the next batch, half a second later: the timer stays
+    watchdog.arm(180.0)
+    clock[0] += 1.0  # past the slack: armed again
+    watchdog.arm(180.0)
+    watchdog.arm(10.0)  # a nearer deadline is always armed
+    assert armed == [180.0, 180.0, 10.0]
