@@ -57,6 +57,9 @@ class SchemaRegistry(Service):
             str(java),
             f"-Xmx{self.settings.registry_heap}",
             "-XX:+UseSerialGC",
+            # C1 only: clients cache the few schemas it serves, so its code is never hot, and
+            # C2 compiling it cost more than it saved (idle CPU, bench ledger).
+            "-XX:TieredStopAtLevel=1",
             "-Djava.awt.headless=true",
             "-jar",
             str(self.home / "quarkus-run.jar"),
