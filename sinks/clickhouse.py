@@ -105,13 +105,10 @@ __all__ = [
     "SinkError",
     "SinkUnavailable",
     "WriteResult",
-    "alerts_to_arrow",
     "dedup_token",
-    "events_to_arrow",
     "normalize_dsn",
-    "ota_events_to_arrow",
+    "table_to_arrow",
     "telemetry_to_arrow",
-    "twin_history_to_arrow",
 ]
 
 Record: TypeAlias = Mapping[str, Any]
@@ -276,40 +273,21 @@ def _converted(records: Sequence[Record], schema: pa.Schema) -> pa.Table | None:
     return table
 
 
+def table_to_arrow(table: str, rows: Sequence[Record], tenants: Columns | None = None) -> pa.Table:
+    """Rows of ``table`` (one of :data:`ARROW_SCHEMAS`) as its columns. The rows of
+    ``twin_history`` and ``ota_events`` are computed from decoded records by the cold worker
+    (``streams.cold.rows``): that is the stream layer's domain, and the sink imports nothing
+    from it."""
+    schema = ARROW_SCHEMAS.get(table)
+    if schema is None:
+        raise ValueError(f"no row schema for {table!r}; expected one of {sorted(ARROW_SCHEMAS)}")
+    return records_to_arrow(rows, schema, tenants)
+
+
 def telemetry_to_arrow(records: Sequence[Record], tenants: Columns | None = None) -> pa.Table:
     """Decoded ``Telemetry`` records as the columns of the ``telemetry`` table (``tenants``:
     the org, project and group columns of the batch)."""
-    return records_to_arrow(records, TELEMETRY_SCHEMA, tenants)
-
-
-def events_to_arrow(records: Sequence[Record], tenants: Columns | None = None) -> pa.Table:
-    """Decoded ``DeviceEvent`` records as the columns of the ``device_events`` table."""
-    return records_to_arrow(records, EVENT_SCHEMA, tenants)
-
-
-def alerts_to_arrow(records: Sequence[Record], tenants: Columns | None = None) -> pa.Table:
-    """Decoded ``Alert`` records as the columns of the ``alerts`` table."""
-    return records_to_arrow(records, ALERTS_SCHEMA, tenants)
-
-
-def twin_history_to_arrow(rows: Sequence[Record], tenants: Columns | None = None) -> pa.Table:
-    """``twin_history`` rows as its columns.
-
-    The rows are decoded ``TwinState`` records with ``delta`` and ``delta_keys`` added by the
-    cold worker (``streams.cold.rows.twin_history_rows``): computing a delta is the twin's domain
-    (``streams.hot.twin``), and the sink stays below the stream layer, importing nothing from it.
-    """
-    return records_to_arrow(rows, TWIN_HISTORY_SCHEMA, tenants)
-
-
-def ota_events_to_arrow(rows: Sequence[Record]) -> pa.Table:
-    """``ota_events`` rows as its columns.
-
-    The rows are built from decoded ``Rollout`` records by the cold worker
-    (``streams.cold.rows.ota_events_rows``): counting devices per status is the rollout's domain
-    (``streams.ota``), and the sink imports nothing from the stream layer.
-    """
-    return records_to_arrow(rows, OTA_EVENTS_SCHEMA)
+    return table_to_arrow(TELEMETRY_TABLE, records, tenants)
 
 
 def _hash_strings(digest: Any, column: pa.Array) -> None:
@@ -605,12 +583,7 @@ class ClickHouseSink(ClosesOnExit):
     ) -> WriteResult:
         """Store decoded records as ``table``'s rows (exactly once; see the module doc). The
         quarantine is written by the quality gate, as Arrow (:meth:`write_arrow`)."""
-        schema = ARROW_SCHEMAS.get(table)
-        if schema is None:
-            raise ValueError(
-                f"no row schema for {table!r}; expected one of {sorted(ARROW_SCHEMAS)}"
-            )
-        return self.write_arrow(table, records_to_arrow(rows, schema, tenants))
+        return self.write_arrow(table, table_to_arrow(table, rows, tenants))
 
     def write_arrow(
         self, table: str, batch: pa.Table, origin: BatchOrigin | None = None

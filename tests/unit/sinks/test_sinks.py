@@ -23,18 +23,19 @@ from hypothesis import strategies as st
 from queries.result import QueryResult, RawResult, json_value
 from queries.sqltext import check_read_only
 from sinks.clickhouse import (
+    ALERTS_TABLE,
     EVENT_SCHEMA,
+    EVENTS_TABLE,
     TELEMETRY_SCHEMA,
     TENANT_COLUMNS,
+    TWIN_HISTORY_TABLE,
     InvalidBatch,
     QueryFailed,
     SinkUnavailable,
-    alerts_to_arrow,
     dedup_token,
-    events_to_arrow,
     normalize_dsn,
+    table_to_arrow,
     telemetry_to_arrow,
-    twin_history_to_arrow,
 )
 from sinks.query_server import (
     AccessDenied,
@@ -98,8 +99,8 @@ def test_tenant_columns_come_with_the_batch_or_are_empty() -> None:
     assert {name: table.column(name).to_pylist() for name in TENANT_COLUMNS} == tenants
     untold = telemetry_to_arrow(records)
     assert untold.column("org").to_pylist() == ["", ""]
-    for to_arrow in (events_to_arrow, alerts_to_arrow, twin_history_to_arrow):
-        assert {*TENANT_COLUMNS} <= set(to_arrow([]).schema.names)
+    for table in (EVENTS_TABLE, ALERTS_TABLE, TWIN_HISTORY_TABLE):
+        assert {*TENANT_COLUMNS} <= set(table_to_arrow(table, []).schema.names)
     with pytest.raises(InvalidBatch, match="column org: 1 values for 2 rows"):
         telemetry_to_arrow(records, {"org": ["acme"]})
 
@@ -113,7 +114,7 @@ def test_optional_telemetry_keys_may_be_missing() -> None:
 
 def test_events_become_the_table_columns() -> None:
     records = [event(attributes={"fw": "1.2.3"}, message="hello"), event(seq=2, type="reboot")]
-    table = events_to_arrow(records)
+    table = table_to_arrow(EVENTS_TABLE, records)
     assert table.schema == EVENT_SCHEMA
     assert table.column("type").to_pylist() == ["connect", "reboot"]
     assert table.column("message").to_pylist() == ["hello", None]
@@ -122,7 +123,7 @@ def test_events_become_the_table_columns() -> None:
 
 def test_an_empty_batch_is_an_empty_table() -> None:
     assert telemetry_to_arrow([]).num_rows == 0
-    assert events_to_arrow([]).schema == EVENT_SCHEMA
+    assert table_to_arrow(EVENTS_TABLE, []).schema == EVENT_SCHEMA
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from sinks.clickhouse import (
     OTA_EVENTS_TABLE,
     InvalidBatch,
     dedup_token,
-    ota_events_to_arrow,
+    table_to_arrow,
 )
 from streams.cold.loader import SOURCES
 from streams.cold.rows import OTA_COUNT_COLUMNS, ota_events_rows, rollout_rows
@@ -74,7 +74,7 @@ def test_one_row_per_cohort_with_its_counts() -> None:
     ]
     # Decoded from its Avro record, the rollout gives the same rows.
     assert ota_events_rows([to_record(h.r)]) == rows
-    table = ota_events_to_arrow(rows)
+    table = table_to_arrow(OTA_EVENTS_TABLE, rows)
     assert table.schema == OTA_EVENTS_SCHEMA
     assert table.num_rows == 3
 
@@ -105,7 +105,7 @@ def test_versions_of_one_millisecond_keep_the_last_of_the_batch() -> None:
     assert counts(rows[0]) == {"sent": 1, "in_progress": 1}
     # A later batch with that version still gets its own token (its counts differ).
     tokens = {
-        dedup_token(OTA_EVENTS_TABLE, ota_events_to_arrow(ota_events_rows([r])))
+        dedup_token(OTA_EVENTS_TABLE, table_to_arrow(OTA_EVENTS_TABLE, ota_events_rows([r])))
         for r in (first, second)
     }
     assert len(tokens) == 2
@@ -115,16 +115,16 @@ def test_the_token_names_the_rows_not_their_order() -> None:
     h = Harness(fleet(10))
     h.start()
     rows = rollout_rows(h.r)
-    token = dedup_token(OTA_EVENTS_TABLE, ota_events_to_arrow(rows))
+    token = dedup_token(OTA_EVENTS_TABLE, table_to_arrow(OTA_EVENTS_TABLE, rows))
     assert token.startswith("ota_events-")
-    assert dedup_token(OTA_EVENTS_TABLE, ota_events_to_arrow(rows[::-1])) == token
-    assert dedup_token(OTA_EVENTS_TABLE, ota_events_to_arrow(rows[:2])) != token
+    assert dedup_token(OTA_EVENTS_TABLE, table_to_arrow(OTA_EVENTS_TABLE, rows[::-1])) == token
+    assert dedup_token(OTA_EVENTS_TABLE, table_to_arrow(OTA_EVENTS_TABLE, rows[:2])) != token
     other = [{**r, "rollout_id": "ro-2"} for r in rows]
-    assert dedup_token(OTA_EVENTS_TABLE, ota_events_to_arrow(other)) != token
+    assert dedup_token(OTA_EVENTS_TABLE, table_to_arrow(OTA_EVENTS_TABLE, other)) != token
     paused = [{**r, "state": "paused"} for r in rows]
-    assert dedup_token(OTA_EVENTS_TABLE, ota_events_to_arrow(paused)) != token
+    assert dedup_token(OTA_EVENTS_TABLE, table_to_arrow(OTA_EVENTS_TABLE, paused)) != token
     later = rollout_rows(replace(h.r, updated_ms=h.r.updated_ms + 1))
-    assert dedup_token(OTA_EVENTS_TABLE, ota_events_to_arrow(later)) != token
+    assert dedup_token(OTA_EVENTS_TABLE, table_to_arrow(OTA_EVENTS_TABLE, later)) != token
 
 
 def test_a_record_that_does_not_decode_is_an_invalid_batch() -> None:

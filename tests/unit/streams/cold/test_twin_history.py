@@ -16,8 +16,8 @@ from sinks.clickhouse import (
     TWIN_HISTORY_TABLE,
     InvalidBatch,
     dedup_token,
+    table_to_arrow,
     telemetry_to_arrow,
-    twin_history_to_arrow,
 )
 from streams.cold.loader import SOURCES
 from streams.cold.rows import twin_history_rows
@@ -69,14 +69,14 @@ def test_each_twin_state_becomes_a_row_with_its_delta() -> None:
 
 
 def test_rows_become_the_table_columns() -> None:
-    table = twin_history_to_arrow(twin_history_rows(records()))
+    table = table_to_arrow(TWIN_HISTORY_TABLE, twin_history_rows(records()))
     assert table.schema == TWIN_HISTORY_SCHEMA
     assert table.column("device_id").to_pylist() == ["pump-1"] * 3
     assert table.column("version").to_pylist() == [1, 2, 3]
     assert table.column("delta_keys").to_pylist() == [2, 2, 0]
     assert table.column("last_reported_seq").to_pylist() == [-1, 7, 8]
     assert table.column("updated_at").to_pylist()[0] == datetime(2026, 1, 1, tzinfo=UTC)
-    assert twin_history_to_arrow([]).num_rows == 0
+    assert table_to_arrow(TWIN_HISTORY_TABLE, []).num_rows == 0
 
 
 def test_decoded_avro_converts_too() -> None:
@@ -85,7 +85,7 @@ def test_decoded_avro_converts_too() -> None:
         result = CODEC.decode(CODEC.encode(record))
         assert isinstance(result, Decoded)
         decoded.append(result.record)
-    table = twin_history_to_arrow(twin_history_rows(decoded))
+    table = table_to_arrow(TWIN_HISTORY_TABLE, twin_history_rows(decoded))
     assert table.column("delta").to_pylist()[-1] == "{}"
     never_changed = to_record(Twin("idle-1"))  # version 0, updated_at 0, nothing reported
     (row,) = twin_history_rows([never_changed])
@@ -111,18 +111,18 @@ def test_a_malformed_twin_state_refuses_the_batch(broken: dict[str, Any], reason
     batch = records()
     batch[1] = {**batch[1], **broken}
     with pytest.raises(InvalidBatch, match=reason):
-        twin_history_to_arrow(twin_history_rows(batch))
+        table_to_arrow(TWIN_HISTORY_TABLE, twin_history_rows(batch))
 
 
 def test_the_token_names_twin_versions_in_any_order() -> None:
     rows = twin_history_rows(records())
-    token = dedup_token(TWIN_HISTORY_TABLE, twin_history_to_arrow(rows))
+    token = dedup_token(TWIN_HISTORY_TABLE, table_to_arrow(TWIN_HISTORY_TABLE, rows))
     assert token.startswith("twin_history-")
-    assert dedup_token(TWIN_HISTORY_TABLE, twin_history_to_arrow(rows[::-1])) == token
-    assert dedup_token(TWIN_HISTORY_TABLE, twin_history_to_arrow(rows[:2])) != token
+    assert dedup_token(TWIN_HISTORY_TABLE, table_to_arrow(TWIN_HISTORY_TABLE, rows[::-1])) == token
+    assert dedup_token(TWIN_HISTORY_TABLE, table_to_arrow(TWIN_HISTORY_TABLE, rows[:2])) != token
     # A version re-published with only last_reported_seq advanced is not a re-delivery.
     advanced = [*rows[:2], {**rows[2], "last_reported_seq": 9}]
-    assert dedup_token(TWIN_HISTORY_TABLE, twin_history_to_arrow(advanced)) != token
+    assert dedup_token(TWIN_HISTORY_TABLE, table_to_arrow(TWIN_HISTORY_TABLE, advanced)) != token
 
 
 def test_telemetry_tokens_are_unchanged() -> None:
@@ -147,7 +147,7 @@ def test_a_malformed_twin_state_sends_its_batch_to_the_dead_letter_topic() -> No
     dead: list[DeadLetter] = []
 
     async def write(decoded: list[dict[str, Any]]) -> None:
-        written.append(twin_history_to_arrow(twin_history_rows(decoded)).num_rows)
+        written.append(table_to_arrow(TWIN_HISTORY_TABLE, twin_history_rows(decoded)).num_rows)
 
     async def dead_letter(items: list[DeadLetter]) -> None:
         dead.extend(items)
