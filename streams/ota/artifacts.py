@@ -45,6 +45,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
+from schemas.records import from_avro, to_avro
 from streams.runtime.files import create_once
 
 __all__ = [
@@ -234,37 +235,13 @@ class Artifact:
 
     def to_record(self) -> dict[str, Any]:
         """The Avro ``OtaArtifact`` record."""
-        return {
-            "artifact_id": self.artifact_id,
-            "kind": str(self.kind),
-            "version": self.version,
-            "sha256": self.sha256,
-            "size": self.size,
-            "signature": self.signature,
-            "signature_alg": str(self.signature_alg),
-            "key_id": self.key_id,
-            "created_ms": self.created_ms,
-            "path": self.path,
-            "name": self.name,
-        }
+        return to_avro(self)
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Artifact:
         """Inverse of :meth:`to_record`; ArtifactError (a ValueError) if it is not valid."""
         try:
-            return cls(
-                artifact_id=str(record["artifact_id"]),
-                kind=ArtifactKind(record["kind"]),
-                version=record["version"],
-                sha256=record["sha256"],
-                size=record["size"],
-                signature=bytes(record["signature"]),
-                signature_alg=SignatureAlgorithm(record["signature_alg"]),
-                key_id=record["key_id"],
-                created_ms=int(record["created_ms"]),
-                path=str(record["path"]),
-                name=record.get("name"),
-            )
+            return from_avro(cls, record)
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ArtifactError):
                 raise

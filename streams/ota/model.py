@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from schemas.records import from_avro, to_avro
 from streams.ota.artifacts import Artifact
 from streams.ota.plan import RolloutPlan
 from streams.registry.rbac import Resource
@@ -89,23 +90,11 @@ class Approval:
     comment: str | None = None
 
     def to_record(self) -> dict[str, Any]:
-        return {
-            "request_id": self.request_id,
-            "principal": self.principal,
-            "decision": str(self.decision),
-            "ts_ms": self.ts_ms,
-            "comment": self.comment,
-        }
+        return to_avro(self)
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Approval:
-        return cls(
-            request_id=str(record["request_id"]),
-            principal=str(record["principal"]),
-            decision=ApprovalDecision(record["decision"]),
-            ts_ms=int(record["ts_ms"]),
-            comment=record.get("comment"),
-        )
+        return from_avro(cls, record)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -125,35 +114,11 @@ class RolloutDevice:
     last_seen_ms: int | None = None  # telemetry seen in the health window
 
     def to_record(self) -> dict[str, Any]:
-        return {
-            "device_id": self.device_id,
-            "cohort": self.cohort,
-            "status": str(self.status),
-            "installed": self.installed,
-            "previous_version": self.previous_version,
-            "reported_version": self.reported_version,
-            "reason": self.reason,
-            "last_seq": self.last_seq,
-            "sent_ms": self.sent_ms,
-            "updated_ms": self.updated_ms,
-            "last_seen_ms": self.last_seen_ms,
-        }
+        return to_avro(self)
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> RolloutDevice:
-        return cls(
-            device_id=str(record["device_id"]),
-            cohort=int(record["cohort"]),
-            status=Progress(record["status"]),
-            installed=bool(record.get("installed", False)),
-            previous_version=record.get("previous_version"),
-            reported_version=record.get("reported_version"),
-            reason=record.get("reason"),
-            last_seq=int(record.get("last_seq", -1)),
-            sent_ms=_int(record.get("sent_ms")),
-            updated_ms=int(record["updated_ms"]),
-            last_seen_ms=_int(record.get("last_seen_ms")),
-        )
+        return from_avro(cls, record)
 
 
 def _int(value: Any) -> int | None:

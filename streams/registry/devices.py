@@ -25,6 +25,7 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeAlias
 
+from schemas.records import from_avro, to_avro
 from streams.registry.rbac import (
     SEGMENT_PATTERN,
     Action,
@@ -123,39 +124,11 @@ class DeviceRecord:
 
     def to_record(self) -> dict[str, Any]:
         """The Avro ``Device`` record."""
-        return {
-            "device_id": self.device_id,
-            "org": self.org,
-            "project": self.project,
-            "group": self.group,
-            "region": self.region,
-            "status": str(self.status),
-            "cert_serial": self.cert_serial,
-            "cert_fingerprint": self.cert_fingerprint,
-            "firmware_version": self.firmware_version,
-            "labels": dict(self.labels),
-            "created_ms": self.created_ms,
-            "updated_ms": self.updated_ms,
-            "last_command_id": self.last_command_id,
-        }
+        return to_avro(self)
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> DeviceRecord:
-        return cls(
-            device_id=record["device_id"],
-            org=record["org"],
-            project=record["project"],
-            group=record["group"],
-            region=record["region"],
-            status=DeviceStatus(record["status"]),
-            cert_serial=record["cert_serial"],
-            cert_fingerprint=record["cert_fingerprint"],
-            firmware_version=record.get("firmware_version"),
-            labels=record.get("labels") or {},
-            created_ms=record["created_ms"],
-            updated_ms=record["updated_ms"],
-            last_command_id=record.get("last_command_id"),
-        )
+        return from_avro(cls, record)
 
 
 # --------------------------------------------------------------------------- commands
@@ -306,33 +279,11 @@ class AuditRecord:
 
     def to_record(self) -> dict[str, Any]:
         """The Avro ``AuditRecord`` record."""
-        return {
-            "ts_ms": self.ts_ms,
-            "command_id": self.command_id,
-            "command": self.command,
-            "principal": self.principal,
-            "action": self.action,
-            "device_id": self.device_id,
-            "resource": self.resource,
-            "decision": str(self.decision),
-            "authorization": self.authorization,
-            "reason": self.reason,
-        }
+        return to_avro(self)
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> AuditRecord:
-        return cls(
-            ts_ms=record["ts_ms"],
-            command_id=record["command_id"],
-            command=record["command"],
-            principal=record["principal"],
-            action=record["action"],
-            device_id=record.get("device_id"),
-            resource=record.get("resource"),
-            decision=AuditDecision(record["decision"]),
-            authorization=record["authorization"],
-            reason=record["reason"],
-        )
+        return from_avro(cls, record)
 
 
 @dataclass(frozen=True, slots=True)
