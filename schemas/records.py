@@ -14,7 +14,7 @@ import functools
 import sys
 from collections.abc import Callable, Mapping
 from enum import Enum
-from typing import Any, TypeVar, cast, get_origin
+from typing import Any, Self, TypeVar, cast, get_origin
 
 T = TypeVar("T")
 
@@ -82,3 +82,17 @@ def from_avro(cls: type[T], record: Mapping[str, Any]) -> T:
         enum = _enum_of(f, cls.__module__)
         values[f.name] = value if enum is None or value is None else enum(value)
     return cls(**values)
+
+
+class AvroRecord:
+    """Base of a flat frozen dataclass that is an Avro record: ``to_record`` and
+    ``from_record`` come from its fields (:func:`to_avro`, :func:`from_avro`)."""
+
+    __slots__ = ()
+
+    def to_record(self) -> dict[str, Any]:
+        return to_avro(self)
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Self:
+        return from_avro(cls, record)

@@ -39,13 +39,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, Self, TypeAlias
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
-from schemas.records import from_avro, to_avro
+from schemas.records import AvroRecord, from_avro
 from streams.runtime.files import create_once
 
 __all__ = [
@@ -198,7 +198,7 @@ def _check_version(version: object) -> str:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Artifact:
+class Artifact(AvroRecord):
     """One stored, signed artifact: the value of ``ota.artifacts`` under its id."""
 
     artifact_id: str  # = sha256
@@ -233,12 +233,8 @@ class Artifact:
         """The manifest its signature is over (:func:`signed_message`)."""
         return signed_message(self.kind, self.version, self.sha256, self.size)
 
-    def to_record(self) -> dict[str, Any]:
-        """The Avro ``OtaArtifact`` record."""
-        return to_avro(self)
-
     @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> Artifact:
+    def from_record(cls, record: Mapping[str, Any]) -> Self:
         """Inverse of :meth:`to_record`; ArtifactError (a ValueError) if it is not valid."""
         try:
             return from_avro(cls, record)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from schemas.records import from_avro, to_avro
+from schemas.records import AvroRecord
 from streams.ota.artifacts import Artifact
 from streams.ota.plan import RolloutPlan
 from streams.registry.rbac import Resource
@@ -82,23 +82,16 @@ class ApprovalDecision(StrEnum):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Approval:
+class Approval(AvroRecord):
     request_id: str
     principal: str
     decision: ApprovalDecision
     ts_ms: int
     comment: str | None = None
 
-    def to_record(self) -> dict[str, Any]:
-        return to_avro(self)
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> Approval:
-        return from_avro(cls, record)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RolloutDevice:
+class RolloutDevice(AvroRecord):
     """One device's progress in a rollout."""
 
     device_id: str
@@ -112,13 +105,6 @@ class RolloutDevice:
     sent_ms: int | None = None
     updated_ms: int = 0
     last_seen_ms: int | None = None  # telemetry seen in the health window
-
-    def to_record(self) -> dict[str, Any]:
-        return to_avro(self)
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> RolloutDevice:
-        return from_avro(cls, record)
 
 
 def _int(value: Any) -> int | None:

@@ -25,7 +25,7 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeAlias
 
-from schemas.records import from_avro, to_avro
+from schemas.records import AvroRecord
 from streams.registry.rbac import (
     SEGMENT_PATTERN,
     Action,
@@ -97,7 +97,7 @@ def _frozen_labels(labels: Mapping[str, str]) -> Mapping[str, str]:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class DeviceRecord:
+class DeviceRecord(AvroRecord):
     """A device's entry in ``registry.devices``."""
 
     device_id: str
@@ -121,14 +121,6 @@ class DeviceRecord:
     @property
     def resource(self) -> Resource:
         return Resource(self.org, self.project, self.group, self.device_id)
-
-    def to_record(self) -> dict[str, Any]:
-        """The Avro ``Device`` record."""
-        return to_avro(self)
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> DeviceRecord:
-        return from_avro(cls, record)
 
 
 # --------------------------------------------------------------------------- commands
@@ -256,7 +248,7 @@ def command_from_record(record: Mapping[str, Any]) -> RegistryCommand:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class AuditRecord:
+class AuditRecord(AvroRecord):
     """One decision on a command, as written to ``audit.log``."""
 
     ts_ms: int  # when
@@ -276,14 +268,6 @@ class AuditRecord:
     @property
     def allowed(self) -> bool:
         return self.decision in (AuditDecision.applied, AuditDecision.unchanged)
-
-    def to_record(self) -> dict[str, Any]:
-        """The Avro ``AuditRecord`` record."""
-        return to_avro(self)
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> AuditRecord:
-        return from_avro(cls, record)
 
 
 @dataclass(frozen=True, slots=True)
