@@ -56,6 +56,7 @@ from sinks.base import (
     InvalidBatch,
     QueryFailed,
     QueryLimitExceeded,
+    Record,
     SinkError,
     SinkUnavailable,
     WriteResult,
@@ -111,7 +112,6 @@ __all__ = [
     "telemetry_to_arrow",
 ]
 
-Record: TypeAlias = Mapping[str, Any]
 Role: TypeAlias = Literal["read", "write"]
 
 # ClickHouse error codes that say "not now" rather than "never": the batch is retried.

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from streams.ota.artifacts import Artifact
+from streams.ota.model import Rollout, RolloutState
+from streams.ota.plan import RolloutPlan
 from streams.registry.devices import DeviceRecord, DeviceStatus, ProvisionDevice
-from streams.registry.rbac import Principal
+from streams.registry.rbac import Principal, Resource
 
 
 def telemetry_record(
@@ -74,3 +77,18 @@ def provision_command(
     }
     values.update(fields)
     return ProvisionDevice(principal=principal, device_id=device_id, **values)
+
+
+def running_rollout(artifact: Artifact, rollout_id: str = "r-1", **fields: Any) -> Rollout:
+    """A running rollout of ``artifact`` to acme/plant-1/sensors, but for ``fields``."""
+    values: dict[str, Any] = {
+        "state": RolloutState.running,
+        "target": Resource("acme", "plant-1", "sensors"),
+        "plan": RolloutPlan(),
+        "created_by": "user:op",
+        "create_request_id": "req-1",
+        "created_ms": 1,
+        "updated_ms": 1,
+    }
+    values.update(fields)
+    return Rollout(rollout_id=rollout_id, artifact=artifact, **values)

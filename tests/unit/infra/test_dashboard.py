@@ -26,11 +26,11 @@ from infra.api.dashboard.shape import (
 )
 from streams.hot.alerts import AlertEvent, AlertStatus, Severity
 from streams.hot.twin import Twin
-from streams.ota.model import Progress, Rollout, RolloutDevice, RolloutState
-from streams.ota.plan import RolloutPlan
+from streams.ota.model import Progress, Rollout, RolloutDevice
 from streams.registry.devices import AuditDecision
 from streams.registry.rbac import GrantSet, Principal, Resource, Role
 from streams.registry.tokens import TokenAuthority
+from tests.support.records import running_rollout
 from tests.unit.infra import test_api_routes as api_tests
 from tests.unit.infra.test_api_routes import ADMIN, VIEWER, FakeBackend, bearer
 from tests.unit.streams.ota.test_ota import ARTIFACT
@@ -108,15 +108,10 @@ def _rollout(rollout_id: str, updated_ms: int) -> Rollout:
         for i, members in enumerate(cohorts)
         for d in members
     }
-    return Rollout(
-        rollout_id=rollout_id,
-        state=RolloutState.running,
-        artifact=ARTIFACT,
+    return running_rollout(
+        ARTIFACT,
+        rollout_id,
         target=Resource("acme", "pA", "g"),
-        plan=RolloutPlan(),
-        created_by="user:op",
-        create_request_id="req",
-        created_ms=1,
         updated_ms=updated_ms,
         cohort_index=1,
         cohorts=cohorts,

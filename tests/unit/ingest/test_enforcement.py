@@ -36,23 +36,13 @@ from ingest.enforcement import (
 from ingest.mqtt_client import DYNSEC_RESPONSE_TOPIC, DYNSEC_TOPIC, claim_identity
 from schemas.identity import ENFORCER_IDENTITIES, RevocationState
 from streams.registry.devices import DeviceRecord, DeviceStatus
+from tests.support.records import device_record
 
 REVOKED, HOLD = RevocationState.revoked, RevocationState.on_hold
 
 
 def device(device_id: str, status: str, serial: int | str) -> DeviceRecord:
-    return DeviceRecord(
-        device_id=device_id,
-        org="acme",
-        project="plant-1",
-        group="sensors",
-        region="local",
-        status=DeviceStatus(status),
-        cert_serial=str(serial),
-        cert_fingerprint="0" * 64,
-        created_ms=1,
-        updated_ms=2,
-    )
+    return device_record(device_id, status=DeviceStatus(status), cert_serial=str(serial))
 
 
 def registry(*records: DeviceRecord) -> dict[str, DeviceRecord]:

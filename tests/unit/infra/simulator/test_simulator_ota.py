@@ -57,7 +57,7 @@ from streams.ota.rollout import run
 from streams.registry.devices import DeviceRecord
 from streams.registry.rbac import GrantSet, Principal, Resource, Role, index_grants
 from tests.support.fakes import FakeSubscriber
-from tests.support.records import device_record
+from tests.support.records import device_record, running_rollout
 
 NOW = 1_700_000_000_000
 OLD, NEW = FIRMWARE_VERSION, "2.0.0"
@@ -236,17 +236,7 @@ def test_parse_rollback() -> None:
 
 def test_parse_the_platforms_install_command(artifact: Artifact) -> None:
     """The command streams.ota sends parses to the artifact it names."""
-    rollout = Rollout(
-        rollout_id=ROLLOUT,
-        state=RolloutState.running,
-        artifact=artifact,
-        target=Resource("acme", "plant-1", "sensors"),
-        plan=RolloutPlan(),
-        created_by="user:oscar",
-        create_request_id="req-1",
-        created_ms=NOW,
-        updated_ms=NOW,
-    )
+    rollout = running_rollout(artifact, ROLLOUT, created_ms=NOW, updated_ms=NOW)
     document = install_document(rollout, "dev-1")
     command = parse_ota_command(json.dumps(document, sort_keys=True).encode())
     assert isinstance(command, InstallCommand)

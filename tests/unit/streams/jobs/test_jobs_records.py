@@ -15,6 +15,7 @@ from schemas.codec import SCHEMA_DIR, load_schema
 from streams.jobs import Alert, Device, DeviceEvent, JobsApp, PlatformTopics, Telemetry, TwinState
 from streams.jobs.app import attribute_name
 from streams.jobs.records import all_records, python_type
+from tests.support.records import device_record
 
 SCHEMAS = sorted(p.stem for p in SCHEMA_DIR.glob("*.avsc"))
 
@@ -57,18 +58,7 @@ def test_a_mutable_default_is_not_shared_between_records() -> None:
 
 
 def test_the_dict_handed_to_the_codec_has_no_faust_metadata() -> None:
-    device = Device(
-        device_id="d",
-        org="o",
-        project="p",
-        group="g",
-        region="eu",
-        status="active",
-        cert_serial="1",
-        cert_fingerprint="ab",
-        created_ms=0,
-        updated_ms=0,
-    )
+    device = Device(**device_record("d").to_record())
     representation = device.to_representation()
     assert "__faust" not in representation
     assert set(representation) == {f["name"] for f in load_schema("Device")["fields"]}
