@@ -42,7 +42,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,7 @@ from ingest.mqtt_client import IdentityFiles, client_tls_context
 from schemas.codec import AvroCodec, CodecRegistry, load_schema
 from schemas.identity import BRIDGE_IDENTITIES, bridge_identity
 from schemas.topics import schema_of
+from streams.runtime.metrics import counted, counted_by
 from streams.runtime.status import write_status
 
 log = logging.getLogger("fleetstream.bridge")
@@ -131,15 +132,18 @@ def subscriptions() -> list[str]:
 
 @dataclass
 class BridgeCounters:
-    accepted: int = 0
-    dead_lettered: int = 0
-    redelivered: int = 0
-    kafka_retries: int = 0
-    refused_while_stopping: int = 0
-    unproducible: int = 0  # refused by Kafka as they were: dead-lettered bounded instead
-    subscribes: int = 0
-    resubscribes_when_deaf: int = 0
-    by_reason: dict[str, int] = field(default_factory=dict)
+    accepted: int = counted("Device messages stored in Kafka and acked")
+    dead_lettered: int = 0  # the sum of by_reason
+    redelivered: int = counted("Messages the broker sent again")
+    kafka_retries: int = counted("Kafka deliveries failed and retried")
+    refused_while_stopping: int = counted("Messages left to the broker while the bridge stopped")
+    # Refused by Kafka as they were: dead-lettered bounded instead.
+    unproducible: int = counted("Messages Kafka refused as they were (dead-lettered bounded)")
+    subscribes: int = counted("Subscriptions made (at each connect)")
+    resubscribes_when_deaf: int = counted("Subscriptions renewed after the bridge heard nothing")
+    by_reason: dict[str, int] = counted_by(
+        "reason", "Device messages sent to a dead-letter topic, by reason", metric="dead_lettered"
+    )
 
     def dead_letter(self, reason: str) -> None:
         self.dead_lettered += 1

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client.core import Metric
 
-from streams.runtime.metrics import Buckets, counter, gauge, labelled_counter
+from streams.runtime.metrics import Buckets, counter, counter_families, gauge
 
 if TYPE_CHECKING:
     from ingest.bridge import Bridge
@@ -26,29 +26,7 @@ class BridgeTimings:
 
 def bridge_metrics(bridge: Bridge) -> Iterator[Metric]:
     c = bridge.counters
-    yield counter(
-        "fleetstream_bridge_accepted", "Device messages stored in Kafka and acked", c.accepted
-    )
-    yield labelled_counter(
-        "fleetstream_bridge_dead_lettered",
-        "Device messages sent to a dead-letter topic, by reason",
-        "reason",
-        c.by_reason,
-    )
-    yield counter("fleetstream_bridge_redelivered", "Messages the broker sent again", c.redelivered)
-    yield counter(
-        "fleetstream_bridge_kafka_retries", "Kafka deliveries failed and retried", c.kafka_retries
-    )
-    yield counter(
-        "fleetstream_bridge_unproducible",
-        "Messages Kafka refused as they were (dead-lettered bounded)",
-        c.unproducible,
-    )
-    yield counter(
-        "fleetstream_bridge_resubscribes_when_deaf",
-        "Subscriptions renewed after the bridge heard nothing",
-        c.resubscribes_when_deaf,
-    )
+    yield from counter_families("fleetstream_bridge", c)
     yield counter(
         "fleetstream_bridge_downlink_sent", "Downlink messages published", bridge.downlink.sent
     )

@@ -101,6 +101,7 @@ from schemas.identity import (
 )
 from schemas.topics import schema_of
 from streams.registry.devices import DeviceRecord, DeviceStatus
+from streams.runtime.metrics import counted
 from streams.runtime.status import write_status
 from streams.runtime.tables import GlobalTable, key_text
 
@@ -546,15 +547,16 @@ def now_ms() -> int:
 
 @dataclass
 class EnforcerCounters:
-    records: int = 0  # registry records applied
-    undecodable: int = 0  # records that are not a Device (kept the previous state)
-    revoked: int = 0  # serials revoked for good
-    held: int = 0  # serials put on hold
-    released: int = 0  # holds lifted
-    reloads: int = 0  # SIGHUPs sent to the broker
-    sessions_ended: int = 0  # devices whose sessions were ended
-    errors: int = 0  # failed reconciliations (retried)
-    crl_refreshes: int = 0
+    records: int = counted("Registry records applied")
+    # A record that is not a Device keeps the previous state.
+    undecodable: int = counted("Registry records that are not a Device")
+    revoked: int = counted("Certificate serials revoked")
+    held: int = counted("Certificate serials put on hold")
+    released: int = counted("Holds lifted")
+    reloads: int = counted("Broker reloads (SIGHUP)")
+    sessions_ended: int = counted("Device sessions ended")
+    errors: int = counted("Failed reconciliations (retried)")
+    crl_refreshes: int = counted("CRL refreshes")
     # From the registry record's Kafka timestamp to the broker's confirmation of the kick.
     last_end_latency_ms: int | None = None
     max_end_latency_ms: int | None = None

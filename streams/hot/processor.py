@@ -43,6 +43,7 @@ from streams.hot.twin import (
     delta,
 )
 from streams.registry.devices import AuditRecord, DeviceRecord
+from streams.runtime.metrics import counted
 from streams.runtime.records import DeadLetter, SourceRecord
 
 log = logging.getLogger("fleetstream.hot")
@@ -81,17 +82,17 @@ class Emitted:
 
 @dataclass
 class HotCounters:
-    telemetry: int = 0
-    reported: int = 0
-    desired: int = 0
-    alerts_raised: int = 0
-    alerts_resolved: int = 0
-    twin_changes: int = 0
-    conflicts: int = 0
-    stale_ignored: int = 0
-    dead_lettered: int = 0
-    restored_twins: int = 0
-    restored_alert_states: int = 0
+    telemetry: int = counted("Telemetry records read")
+    reported: int = counted("Reported twin states read")
+    desired: int = counted("Desired twin states read")
+    alerts_raised: int = counted("Alerts raised")
+    alerts_resolved: int = counted("Alerts resolved")
+    twin_changes: int = counted("Accepted twin changes")
+    conflicts: int = counted("Twin updates refused (stale version)", metric="twin_conflicts")
+    stale_ignored: int = counted("Records older than the device's last seq")
+    dead_lettered: int = counted("Input records sent to dlq.hot")
+    restored_twins: int = counted("Twins restored from twin.state at a start")
+    restored_alert_states: int = counted("Alert states restored from alerts.state at a start")
 
 
 def desired_message(twin: Twin, now_ms: int) -> bytes:

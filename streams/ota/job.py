@@ -60,6 +60,7 @@ from streams.ota.rollout import run
 from streams.registry.devices import AuditDecision, AuditRecord, DeviceRecord
 from streams.registry.rbac import GrantSet, Principal, Resource
 from streams.runtime.core import key_of
+from streams.runtime.metrics import counted, counted_by
 from streams.runtime.records import DeadLetter
 from streams.runtime.spec import (
     Batch,
@@ -92,16 +93,19 @@ OUTPUTS: dict[str, str | None] = {ROLLOUTS: "Rollout", DOWNLINK: "Downlink", AUD
 
 @dataclass
 class OtaCounters:
-    requests: int = 0
-    reports: int = 0
-    alerts: int = 0
-    joins: int = 0
-    commands: int = 0
-    audits: int = 0
+    requests: int = counted("Rollout requests handled (create, approve, pause, ...)")
+    reports: int = counted("Device OTA status reports read")
+    alerts: int = counted("Raised alerts read (a rollout's health)")
+    joins: int = counted("Devices that joined a running rollout")
+    commands: int = counted("OTA commands sent to devices")
+    audits: int = counted("Audit records written")
+    # Rollouts held and those not final: gauges (fleetstream_ota_rollouts has them by state).
     rollouts: int = 0
     active: int = 0
-    dead_lettered: int = 0  # input records that could not be decoded, sent to dlq.ota
-    dead_letter_reasons: dict[str, int] = field(default_factory=dict)
+    dead_lettered: int = 0  # input records that could not be decoded: the sum of the reasons
+    dead_letter_reasons: dict[str, int] = counted_by(
+        "reason", "Records sent to dlq.ota, by reason", metric="dead_lettered"
+    )
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import Metric
 
 from streams.ota.model import Progress, Rollout, RolloutState
-from streams.runtime.metrics import counter, labelled_counter, labelled_gauge
+from streams.runtime.metrics import counter_families, labelled_gauge
 
 if TYPE_CHECKING:
     from streams.ota.job import OtaState
@@ -36,16 +36,4 @@ def ota_metrics(state: OtaState) -> Iterator[Metric]:
     yield labelled_gauge(
         "fleetstream_ota_devices", "Devices of the rollouts by progress", "progress", progress
     )
-    for name, doc in (
-        ("requests", "Rollout requests handled (create, approve, pause, ...)"),
-        ("reports", "Device OTA status reports read"),
-        ("commands", "OTA commands sent to devices"),
-        ("joins", "Devices that joined a running rollout"),
-    ):
-        yield counter(f"fleetstream_ota_{name}", doc, getattr(c, name))
-    yield labelled_counter(
-        "fleetstream_ota_dead_lettered",
-        "Records sent to dlq.ota, by reason",
-        "reason",
-        c.dead_letter_reasons,
-    )
+    yield from counter_families("fleetstream_ota", c)

@@ -12,7 +12,7 @@ reason; every readable command leaves exactly one audit record, allowed or not.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from streams.registry.devices import (
@@ -24,6 +24,7 @@ from streams.registry.devices import (
     command_from_record,
 )
 from streams.registry.rbac import GrantSet
+from streams.runtime.metrics import counted, counted_by
 from streams.runtime.records import DeadLetter, SourceRecord
 
 STAGE = "registry"
@@ -31,9 +32,13 @@ STAGE = "registry"
 
 @dataclass
 class RegistryCounters:
-    commands: int = 0
-    malformed: int = 0
-    decisions: dict[str, int] = field(default_factory=lambda: {d.value: 0 for d in AuditDecision})
+    commands: int = counted("Registry commands handled")
+    malformed: int = counted("Registry commands that could not be read")
+    decisions: dict[str, int] = counted_by(
+        "decision",
+        "Registry commands decided, by decision (applied, unchanged, denied, refused)",
+        start=lambda: {d.value: 0 for d in AuditDecision},
+    )
 
 
 class RegistryAgent:

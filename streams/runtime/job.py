@@ -40,7 +40,7 @@ from schemas.codec import AvroCodec
 from streams.runtime.clients import KafkaConfig, consumer_config, registered_codecs
 from streams.runtime.core import JobCore
 from streams.runtime.loop import BatchLoop
-from streams.runtime.metrics import BATCH_BOUNDS, Buckets, counter, gauge
+from streams.runtime.metrics import BATCH_BOUNDS, Buckets, counted, counter, counter_families, gauge
 from streams.runtime.records import DeadLetter
 from streams.runtime.source import gather
 from streams.runtime.spec import Batch, JobSpec, Output, S, TableSpec
@@ -70,14 +70,16 @@ class JobOptions:
 
 @dataclass
 class LoopCounters:
-    transactions: int = 0
+    transactions: int = counted("Kafka transactions committed")
     # Where the time goes: decoding and processing vs writing and committing transactions.
     process_s: float = 0.0
     commit_s: float = 0.0
-    transient_errors: int = 0  # recovered from: broker restarts, timeouts
+    # Recovered from: broker restarts, timeouts.
+    transient_errors: int = counted("Transient Kafka errors recovered from")
     last_transient_error: str = ""
     table_dead_lettered: int = 0  # table records that could not be used (error channel)
-    records: int = 0  # input records consumed (and committed or being committed)
+    # Input records consumed (and committed or being committed).
+    records: int = counted("Input records consumed")
 
 
 @dataclass
@@ -307,10 +309,7 @@ class TransactionalJob(BatchLoop, Generic[S]):
         """The loop's counters as Prometheus metrics (streams/runtime/metrics.py), then the
         job's own (its spec's `metrics`, from its state)."""
         c = self.counters
-        yield counter("fleetstream_job_records", "Input records consumed", c.records)
-        yield counter(
-            "fleetstream_job_transactions", "Kafka transactions committed", c.transactions
-        )
+        yield from counter_families("fleetstream_job", c)
         yield self.timings.batch_records.family(
             "fleetstream_job_batch_records", "Input records per committed batch"
         )
@@ -319,11 +318,6 @@ class TransactionalJob(BatchLoop, Generic[S]):
         )
         yield counter(
             "fleetstream_job_process_seconds", "Time spent decoding and processing", c.process_s
-        )
-        yield counter(
-            "fleetstream_job_transient_errors",
-            "Transient Kafka errors recovered from",
-            c.transient_errors,
         )
         yield counter(
             "fleetstream_job_table_dead_lettered",

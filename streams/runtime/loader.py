@@ -35,9 +35,11 @@ from streams.runtime.loop import FailureStreak
 from streams.runtime.metrics import (
     BATCH_BOUNDS,
     Buckets,
+    counted,
+    counted_by,
     counter,
+    counter_families,
     gauge,
-    labelled_counter,
 )
 from streams.runtime.records import DeadLetter, SourceRecord
 from streams.runtime.source import BatchSource
@@ -117,14 +119,16 @@ def decode_batch(
 
 @dataclass
 class LoaderCounters:
-    batches: int = 0
-    stored_rows: int = 0
-    dead_lettered: int = 0
-    tombstones: int = 0
-    retries: int = 0
+    batches: int = counted("Batches stored (one per source)")
+    stored_rows: int = 0  # the sum of by_table
+    dead_lettered: int = 0  # the sum of dead_letter_reasons
+    tombstones: int = counted("Deletions read on state topics")
+    retries: int = counted("Store or Kafka attempts retried")
     last_batch_at: float = 0.0
-    by_table: dict[str, int] = field(default_factory=dict)
-    dead_letter_reasons: dict[str, int] = field(default_factory=dict)
+    by_table: dict[str, int] = counted_by("table", "Rows stored in the warehouse", metric="rows")
+    dead_letter_reasons: dict[str, int] = counted_by(
+        "reason", "Records sent to the dead-letter topic, by reason", metric="dead_lettered"
+    )
 
 
 @dataclass
@@ -417,20 +421,7 @@ class LoaderLoop:
     def metrics(self) -> Iterator[Metric]:
         """The loop's counters as Prometheus metrics (streams/runtime/metrics.py)."""
         c, t = self.counters, self.timings
-        yield labelled_counter(
-            "fleetstream_loader_rows", "Rows stored in the warehouse", "table", c.by_table
-        )
-        yield labelled_counter(
-            "fleetstream_loader_dead_lettered",
-            "Records sent to the dead-letter topic, by reason",
-            "reason",
-            c.dead_letter_reasons,
-        )
-        yield counter("fleetstream_loader_batches", "Batches stored (one per source)", c.batches)
-        yield counter(
-            "fleetstream_loader_tombstones", "Deletions read on state topics", c.tombstones
-        )
-        yield counter("fleetstream_loader_retries", "Store or Kafka attempts retried", c.retries)
+        yield from counter_families("fleetstream_loader", c)
         yield counter(
             "fleetstream_loader_transient_errors",
             "Transient Kafka errors recovered from",

@@ -17,8 +17,8 @@ from __future__ import annotations
 import bisect
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import (
@@ -77,6 +77,42 @@ class Buckets:
 def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     """A counter; `name` without `_total` (prometheus-client adds it)."""
     return CounterMetricFamily(name, doc, value=value)
+
+
+def counted(doc: str, *, metric: str = "") -> int:
+    """A field of a counters dataclass, from 0: the counter ``<prefix>_<metric or the field's
+    name>`` of :func:`counter_families`, ``doc`` its help. The status file and the metrics
+    read the same field; what it counts is said once, here."""
+    return field(default=0, metadata={"doc": doc, "metric": metric})
+
+
+def counted_by(
+    label: str,
+    doc: str,
+    *,
+    metric: str = "",
+    start: Callable[[], dict[str, int]] = dict,
+) -> dict[str, int]:
+    """A field of counts by ``label`` value (a dict, ``start()`` at first): one labelled
+    counter of :func:`counter_families`."""
+    return field(default_factory=start, metadata={"doc": doc, "metric": metric, "label": label})
+
+
+def counter_families(prefix: str, counters: Any) -> Iterator[Metric]:
+    """Every :func:`counted` and :func:`counted_by` field of a counters dataclass as a metric
+    family; other fields (gauges, totals a labelled family already sums) are left out."""
+    for f in fields(counters):
+        doc = f.metadata.get("doc")
+        if doc is None:
+            continue
+        name = f"{prefix}_{f.metadata['metric'] or f.name}"
+        value = getattr(counters, f.name)
+        label = f.metadata.get("label")
+        yield (
+            counter(name, doc, value)
+            if label is None
+            else labelled_counter(name, doc, label, value)
+        )
 
 
 def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

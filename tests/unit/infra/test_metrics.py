@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,11 +21,24 @@ from infra.metrics import process_registry, scrape_targets
 from infra.prometheus import alerting_rules, duration, write_files
 from infra.settings import Settings
 from infra.stack import Stack
+from ingest.bridge import BridgeCounters
+from ingest.enforcement import EnforcerCounters
 from schemas.identity import MAX_BRIDGE_REPLICAS
 from streams.hot.metrics import hot_metrics
+from streams.hot.processor import HotCounters
+from streams.ota.job import OtaCounters
 from streams.ota.metrics import by_state
 from streams.ota.model import Progress, RolloutState
-from streams.runtime.metrics import Buckets, Collect, MetricsSource
+from streams.registry.agent import RegistryCounters
+from streams.runtime.loader import LoaderCounters
+from streams.runtime.metrics import (
+    Buckets,
+    Collect,
+    MetricsSource,
+    counted,
+    counted_by,
+    counter_families,
+)
 from tests.support.processes import METRICS_PROCESSES
 
 
@@ -73,6 +87,48 @@ def test_the_hot_jobs_counters_are_exposed_as_totals() -> None:
     assert got[("fleetstream_hot_alerts_raised_total", ())] == 3
     assert got[("fleetstream_hot_alerts_resolved_total", ())] == 1
     assert got[("fleetstream_hot_twins_converged", ())] == 0
+
+
+@dataclass
+class _Counters:
+    seen: int = counted("Things seen")
+    kept: int = counted("Things kept", metric="stored")
+    total: int = 0  # a plain field: left out
+    by_kind: dict[str, int] = counted_by("kind", "Things by kind")
+
+
+def test_counted_fields_are_the_counters_their_declarations_say() -> None:
+    c = _Counters(seen=3, kept=2, total=9, by_kind={"a": 1, "b": 4})
+    got = samples(lambda: counter_families("fleetstream_test", c))
+    assert got == {
+        ("fleetstream_test_seen_total", ()): 3,
+        ("fleetstream_test_stored_total", ()): 2,
+        ("fleetstream_test_by_kind_total", (("kind", "a"),)): 1,
+        ("fleetstream_test_by_kind_total", (("kind", "b"),)): 4,
+    }
+
+
+def test_the_processes_counters_keep_their_metric_names() -> None:
+    """Rules, dashboards and scrapes name these: deriving the families from the counters'
+    declarations renamed none."""
+    names = {
+        "fleetstream_bridge": (BridgeCounters(), {"accepted", "dead_lettered", "redelivered",
+            "kafka_retries", "unproducible", "resubscribes_when_deaf"}),
+        "fleetstream_loader": (LoaderCounters(), {"rows", "dead_lettered", "batches",
+            "tombstones", "retries"}),
+        "fleetstream_ota": (OtaCounters(), {"requests", "reports", "commands", "joins",
+            "dead_lettered"}),
+        "fleetstream_registry": (RegistryCounters(), {"commands", "decisions", "malformed"}),
+        "fleetstream_enforcer": (EnforcerCounters(), {"records", "undecodable", "revoked",
+            "held", "released", "reloads", "sessions_ended", "errors", "crl_refreshes"}),
+        "fleetstream_hot": (HotCounters(), {"telemetry", "alerts_raised", "alerts_resolved",
+            "twin_changes", "twin_conflicts", "stale_ignored", "dead_lettered"}),
+    }  # fmt: skip
+    for prefix, (counters, before) in names.items():
+        exposed = {
+            family.name.removeprefix(prefix + "_") for family in counter_families(prefix, counters)
+        }
+        assert before <= exposed, prefix
 
 
 def test_ota_devices_by_progress_keep_every_state() -> None:
