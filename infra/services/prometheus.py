@@ -15,7 +15,7 @@ import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +36,7 @@ class FiringAlert:
     state: str  # "firing" or "pending"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "severity": self.severity,
-            "summary": self.summary,
-            "labels": self.labels,
-            "state": self.state,
-        }
+        return asdict(self)
 
 
 class PrometheusService(Service):

@@ -37,7 +37,7 @@ from typing import Any, TypeAlias
 
 from infra.provision import DeviceCredentials
 from infra.simulator.protocol import OTA_STATUS, build_message, no_json_constant
-from infra.simulator.twin import FIRMWARE_VERSION
+from infra.simulator.twin import FIRMWARE_VERSION, read_saved
 from streams.ota.artifacts import ArtifactKind
 
 OTA_STEP_S = 0.05  # pause between the steps of an update (the demo runs for a minute)
@@ -357,13 +357,7 @@ def image_path(creds: DeviceCredentials, kind: str, slot: str) -> Path:
 
 
 def load_ota(creds: DeviceCredentials) -> OtaState | None:
-    """The device's saved update state; None (start afresh) if there is none or it is
-    unreadable."""
-    try:
-        text = _ota_path(creds).read_text()
-    except OSError:
-        return None
-    return ota_from_json(text)
+    return read_saved(_ota_path(creds), ota_from_json)
 
 
 def save_ota(creds: DeviceCredentials, state: OtaState) -> None:

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from infra.provision import DeviceCredentials
 from infra.simulator.protocol import STATE_REPORTED, build_message, no_json_constant
+
+T = TypeVar("T")
 
 FIRMWARE_VERSION = "1.0.0"
 NO_VERSION = -1  # last applied desired version before any was applied (the twin's start at 0)
@@ -146,13 +149,18 @@ def twin_from_json(text: str) -> LocalTwin | None:
     return LocalTwin(reported, version)
 
 
-def load_twin(creds: DeviceCredentials) -> LocalTwin | None:
-    """The device's saved twin; None (start afresh) if there is none or it is unreadable."""
+def read_saved(path: Path, parse: Callable[[str], T | None]) -> T | None:
+    """A device's state saved at ``path``; None (start afresh) if there is none or ``parse``
+    refuses it."""
     try:
-        text = _twin_path(creds).read_text()
+        text = path.read_text()
     except OSError:
         return None
-    return twin_from_json(text)
+    return parse(text)
+
+
+def load_twin(creds: DeviceCredentials) -> LocalTwin | None:
+    return read_saved(_twin_path(creds), twin_from_json)
 
 
 def save_twin(creds: DeviceCredentials, twin: LocalTwin) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -97,14 +97,7 @@ class ReportSummary:
     expectations: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "success": self.success,
-            "rows": self.rows,
-            "evaluated": self.evaluated,
-            "successful": self.successful,
-            "report": str(self.report),
-            "expectations": self.expectations,
-        }
+        return {**asdict(self), "report": str(self.report)}
 
 
 def validate(
