@@ -42,7 +42,7 @@ from streams.ota.model import Rollout
 from streams.ota.model import from_record as rollout_from_record
 from streams.registry.devices import AuditRecord, DeviceRecord, RegistryCommand
 from streams.registry.rbac import GrantSet, Principal
-from streams.runtime.tables import GlobalTable, key_text
+from streams.runtime.tables import GlobalTables, key_text
 
 __all__ = ["POLL_IDLE_S", "Backend", "KafkaBackend"]
 
@@ -148,9 +148,9 @@ class KafkaBackend:
             (RULES, self._rules, rule_from_record),
             (ROLLOUTS, self._rollouts, rollout_from_record),
         ]
+        appliers = {topic: self._applier(topic, into, parse) for topic, into, parse in followed}
         self._tables = [
-            GlobalTable(kafka_config(settings, "api"), topic, self._applier(topic, into, parse))
-            for topic, into, parse in followed
+            GlobalTables(kafka_config(settings, "api"), appliers, name="fleetstream-api-tables")
         ]
         self._producer: Producer | None = None
         self._stopping = threading.Event()
@@ -252,7 +252,7 @@ class KafkaBackend:
             self.client.codec(topic)  # registered once, before the first request needs it
         for table in self._tables:
             applied = table.catch_up()
-            log.info("%s read to its end: %d records", table.topic, applied)
+            log.info("%s read to their end: %d records", ", ".join(table.topics), applied)
         with self._producer_lock:
             self._transactional()
 

@@ -45,7 +45,7 @@ from streams.runtime.records import DeadLetter
 from streams.runtime.source import gather
 from streams.runtime.spec import Batch, JobSpec, Output, S, TableSpec
 from streams.runtime.status import write_status
-from streams.runtime.tables import Apply, ChangelogReader, GlobalTable, source_of
+from streams.runtime.tables import Apply, ChangelogReader, GlobalTables, source_of
 from streams.runtime.transactions import (
     Aborted,
     ConsumerFenced,
@@ -109,9 +109,16 @@ class TransactionalJob(BatchLoop, Generic[S]):
         self.counters = LoopCounters()
         self.timings = LoopTimings()
         self.member = f"{spec.group}-{options.instance}"
-        self.globals = [
-            GlobalTable(kafka, t.topic, self._applier(t)) for t in spec.tables if not t.changelog
-        ]
+        global_specs = [t for t in spec.tables if not t.changelog]
+        appliers = {t.topic: self._applier(t) for t in global_specs}
+        if len(appliers) < len(global_specs):
+            raise ValueError(f"job {spec.name}: two global tables of one topic")
+        # One reader for all of them (GlobalTables).
+        self.globals = (
+            [GlobalTables(kafka, appliers, name=f"fleetstream-{spec.name}-tables")]
+            if appliers
+            else []
+        )
         self.changelogs = ChangelogReader(
             kafka,
             {t.topic: self._applier(t) for t in spec.tables if t.changelog},

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
@@ -146,27 +146,33 @@ def read_to_end(
     return applied
 
 
-class GlobalTable:
-    """All partitions of a compacted topic, read to the end once, then followed."""
+class GlobalTables:
+    """All partitions of some compacted topics, each with its applier, read to their end once,
+    then followed: by one consumer, whatever the number of topics (a consumer is a
+    connection, threads, and a fetch a broker holds and answers twice a second even idle)."""
 
     def __init__(
         self,
         kafka: KafkaConfig,
-        topic: str,
-        apply: Apply,
+        appliers: Mapping[str, Apply],
         timeout: float = 60.0,
         errors: TableErrors | None = None,
+        name: str = "",
     ):
-        self.topic = topic
-        self._apply = guarded(apply, errors)
+        self.topics = tuple(appliers)
+        self._appliers = {topic: guarded(apply, errors) for topic, apply in appliers.items()}
         self._timeout = timeout
-        self._consumer = _reader(kafka, f"fleetstream-table-{topic}")
+        self._consumer = _reader(kafka, name or f"fleetstream-table-{'+'.join(self.topics)}")
+
+    def _apply(self, msg: Message) -> None:
+        self._appliers[msg.topic() or ""](msg)
 
     def catch_up(self) -> int:
         """Block until every record written so far is applied."""
         partitions = [
-            TopicPartition(self.topic, p)
-            for p in _partitions(self._consumer, self.topic, self._timeout)
+            TopicPartition(topic, p)
+            for topic in self.topics
+            for p in _partitions(self._consumer, topic, self._timeout)
         ]
         return read_to_end(self._consumer, partitions, self._apply, self._timeout)
 
@@ -181,6 +187,21 @@ class GlobalTable:
 
     def close(self) -> None:
         self._consumer.close()
+
+
+class GlobalTable(GlobalTables):
+    """All partitions of one compacted topic, read to the end once, then followed."""
+
+    def __init__(
+        self,
+        kafka: KafkaConfig,
+        topic: str,
+        apply: Apply,
+        timeout: float = 60.0,
+        errors: TableErrors | None = None,
+    ):
+        super().__init__(kafka, {topic: apply}, timeout, errors, name=f"fleetstream-table-{topic}")
+        self.topic = topic
 
 
 class ChangelogReader:
