@@ -73,12 +73,10 @@ def from_avro(cls: type[T], record: Mapping[str, Any]) -> T:
     ValueError for a value its enum does not know."""
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if _required(f):
-            value = record[f.name]
-        elif record.get(f.name) is None:
+        required = _required(f)
+        value = record[f.name] if required else record.get(f.name)
+        if value is None and not required:
             continue  # absent or null: the dataclass default
-        else:
-            value = record[f.name]
         enum = _enum_of(f, cls.__module__)
         values[f.name] = value if enum is None or value is None else enum(value)
     return cls(**values)

@@ -200,7 +200,7 @@ class GlobalTable(GlobalTables):
         timeout: float = 60.0,
         errors: TableErrors | None = None,
     ):
-        super().__init__(kafka, {topic: apply}, timeout, errors, name=f"fleetstream-table-{topic}")
+        super().__init__(kafka, {topic: apply}, timeout, errors)
         self.topic = topic
 
 
