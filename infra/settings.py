@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     bridge_replicas: int = Field(default=1, ge=1, le=8)
     mqtt_max_inflight: int = Field(default=1000, ge=1)
     mqtt_max_queued: int = Field(default=100_000, ge=0)
+    # A bridge reads the broker's socket at most once per this window (0: on every arrival):
+    # the messages of a window cost one wake-up, TLS read and parse pass (ingest/mqtt_client.py).
+    bridge_read_coalesce_ms: int = Field(default=10, ge=0, le=1000)
     # The bridge dead-letters (bad_timestamp) a device `ts` further than this from its receive
     # time (ingest/envelope.py TimestampWindow): back far enough for an offline backlog.
     ts_max_age_s: int = Field(default=30 * 86_400, ge=0)

@@ -70,7 +70,7 @@ from ingest.envelope import (
 )
 from ingest.health import CANARY_INTERVAL_S, STALE_AFTER_S, Heal, StallWatch
 from ingest.kafka_delivery import AsyncProducer, Headers, ProducerTuning, permanent_for_record
-from ingest.mqtt_client import IdentityFiles, client_tls_context
+from ingest.mqtt_client import IdentityFiles, client_tls_context, coalesce_reads
 from schemas.codec import AvroCodec, CodecRegistry, load_schema
 from schemas.identity import BRIDGE_IDENTITIES, bridge_identity
 from schemas.topics import schema_of
@@ -99,6 +99,7 @@ class BridgeConfig:
     host: str  # the broker's
     mqtt_port: int
     mqtt_max_inflight: int  # the broker's in-flight window (MQTT 5 Receive Maximum)
+    read_coalesce_s: float  # the broker's socket is read at most once per this (0: at once)
     bootstrap_servers: str
     registry_url: str
     run_dir: Path  # where the status file goes
@@ -525,6 +526,7 @@ class Bridge:
         self.connected = True
         self._last_message_at = time.monotonic()  # the stall watch counts from here
         log.info("bridge %s connected (session present: %s)", self.client_id, bool(flags))
+        coalesce_reads(client, self.config.read_coalesce_s)
         self._subscribe(client)
 
     def _on_disconnect(self, client: gmqtt.Client, packet: Any, exc: Any = None) -> None:

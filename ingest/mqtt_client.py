@@ -8,12 +8,13 @@ root's (``BrokerFiles`` in infra/services/mosquitto.py).
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 __all__ = [
     "DYNSEC_RESPONSE_TOPIC",
@@ -22,6 +23,7 @@ __all__ = [
     "IdentityFiles",
     "claim_identity",
     "client_tls_context",
+    "coalesce_reads",
 ]
 
 # The dynamic-security plugin's control API (Mosquitto 2.0): commands in, responses out. Only
@@ -56,6 +58,46 @@ def client_tls_context(ca_cert: Path, cert: Path, key: Path) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_cert))
     context.load_cert_chain(str(cert), str(key))
     return context
+
+
+def coalesce_reads(client: Any, window_s: float) -> None:
+    """Let the connection of gmqtt ``client`` read its socket at most once per ``window_s``.
+
+    Mosquitto writes each message as it comes, so a subscriber reading on every arrival wakes,
+    reads TLS and runs gmqtt's read loop once per message. Pausing the transport between reads
+    lets a window's messages arrive as one read: at 3,000 msgs/s the bridge spent about a fifth
+    less CPU per message with a 10 ms window (README, CPU ledger). A message waits at most the
+    window; one arriving after a quiet spell is read at once, and a read that fills its buffer
+    is followed by the next at once (large messages or a backlog). Call it on every connect (a
+    reconnect makes a new protocol). Pinned to gmqtt 0.8's internals: its protocol's read loop
+    calls ``self.read`` for every chunk.
+    """
+    connection = getattr(client, "_connection", None)
+    if window_s <= 0 or connection is None:
+        return
+    protocol = connection._protocol
+    transport = connection._transport
+    read = protocol.read
+    loop = asyncio.get_running_loop()
+    last_read = -window_s
+    more_waiting = False  # the last read filled its buffer: read on without a pause
+
+    async def coalesced_read(n: int = -1) -> bytes:
+        nonlocal last_read, more_waiting
+        wait = last_read + window_s - loop.time()
+        if wait > 0 and not more_waiting and not transport.is_closing():
+            transport.pause_reading()
+            try:
+                await asyncio.sleep(wait)
+            finally:
+                if not transport.is_closing():
+                    transport.resume_reading()
+        data: bytes = await read(n)
+        last_read = loop.time()
+        more_waiting = 0 < n <= len(data)
+        return data
+
+    protocol.read = coalesced_read
 
 
 @dataclass

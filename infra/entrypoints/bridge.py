@@ -17,6 +17,7 @@ def bridge_config(settings: Settings) -> BridgeConfig:
         host=settings.host,
         mqtt_port=settings.mqtt_port,
         mqtt_max_inflight=settings.mqtt_max_inflight,
+        read_coalesce_s=settings.bridge_read_coalesce_ms / 1000,
         bootstrap_servers=settings.bootstrap_servers,
         registry_url=settings.registry_url,
         run_dir=settings.run_dir,
