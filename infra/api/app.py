@@ -10,7 +10,7 @@ are JSON:
 
 State is read from the compacted topics, followed in memory (``registry.devices``,
 ``rbac.grants``, ``twin.state``, ``alerts.rules``, ``ota.rollouts``:
-:class:`streams.runtime.tables.GlobalTable`); changes go through Kafka
+:class:`streams.runtime.tables.GlobalTables`, one reader); changes go through Kafka
 like any client's: registry commands to the registry agent, which authorizes them again and
 answers on ``audit.log`` (its decision maps to the status: denied 403, refused 409 or 404 for an
 unknown device, applied/unchanged 2xx); desired-state patches to the twin agent; grant sets to

@@ -149,9 +149,9 @@ class KafkaBackend:
             (ROLLOUTS, self._rollouts, rollout_from_record),
         ]
         appliers = {topic: self._applier(topic, into, parse) for topic, into, parse in followed}
-        self._tables = [
-            GlobalTables(kafka_config(settings, "api"), appliers, name="fleetstream-api-tables")
-        ]
+        self._tables = GlobalTables(
+            kafka_config(settings, "api"), appliers, name="fleetstream-api-tables"
+        )
         self._producer: Producer | None = None
         self._stopping = threading.Event()
         self._wake = threading.Event()  # the follower's pause ends early: a write or a waiter
@@ -250,16 +250,15 @@ class KafkaBackend:
         topics = (COMMANDS, AUDIT, DESIRED, RESPONSES, GRANTS, DEVICES, TWIN_STATE, RULES)
         for topic in (*topics, ROLLOUTS, OTA_REQUESTS):
             self.client.codec(topic)  # registered once, before the first request needs it
-        for table in self._tables:
-            applied = table.catch_up()
-            log.info("%s read to their end: %d records", ", ".join(table.topics), applied)
+        applied = self._tables.catch_up()
+        log.info("%s read to their end: %d records", ", ".join(self._tables.topics), applied)
         with self._producer_lock:
             self._transactional()
 
     def _follow(self) -> None:
         while not self._stopping.is_set():
             try:
-                applied = sum(table.poll() for table in self._tables)
+                applied = self._tables.poll()
             except Exception:
                 log.exception("following the tables failed; retrying in a second")
                 self._stopping.wait(1.0)
@@ -314,8 +313,7 @@ class KafkaBackend:
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
-        for table in self._tables:
-            table.close()
+        self._tables.close()
         with self._producer_lock:
             if self._producer is not None:
                 self._producer.flush(self.timeout)

@@ -12,7 +12,8 @@
   Kafka (one transaction per batch), with :class:`JobOptions`.
 - ``loader``: :class:`LoaderSpec` / :class:`LoadSource` and :class:`LoaderLoop`, the one loop
   running every loader job (batch, store, then commit), with :class:`LoadPath`.
-- ``tables``: :class:`GlobalTable`, :class:`ChangelogReader`, their error channel
+- ``tables``: :class:`GlobalTables` (one reader for a process's global tables; its
+  one-topic case :class:`GlobalTable`), :class:`ChangelogReader`, their error channel
   (:class:`TableErrors`, :class:`UnreadableRecord`).
 - ``transactions``: :class:`Transactions` and the error classification (transient vs fatal).
 - ``loop``: :class:`BatchLoop` (start, step, recover after transient errors, back-off).
