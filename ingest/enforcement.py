@@ -171,8 +171,8 @@ class RevocationAuthority(Protocol):
     def crl(self) -> x509.CertificateRevocationList: ...
 
 
-# A table of one compacted topic (streams/runtime/tables.py's GlobalTable), opened on a topic with the
-# function each record is applied with.
+# A table of one compacted topic (streams/runtime/tables.py's GlobalTable), opened on a topic
+# with the function each record is applied with.
 OpenTable = Callable[[str, Callable[[Message], None]], GlobalTable]
 
 
