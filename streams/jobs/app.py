@@ -21,7 +21,7 @@ from typing import Any
 
 import faust
 from confluent_kafka.schema_registry import SchemaRegistryClient
-from faust.exceptions import DecodeError
+from faust.exceptions import DecodeError, NotReady
 from faust.types import ProcessingGuarantee
 from faust.web import Request, Response, View
 
@@ -241,7 +241,12 @@ class JobsApp(faust.App):
             self.dlq()
             # Brokers never auto-create topics: declare the job's own before any agent sends.
             for topic in self._own_topics:
-                await topic.maybe_declare()
+                try:
+                    await topic.maybe_declare()
+                except NotReady:
+                    if not self.should_stop:
+                        raise
+                    return  # a stop signal came mid-start and closed the producer: stop
 
     # --- agents --------------------------------------------------------------------------------
 

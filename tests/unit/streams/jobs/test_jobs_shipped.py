@@ -3,6 +3,7 @@ Kafka: pure functions, and the job files imported on an offline-configured app."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from typing import Any
 
 import faust
 import pytest
+from faust.exceptions import NotReady
 
 from infra.jobs import jobs_config
 from infra.settings import Settings
@@ -160,6 +162,40 @@ def test_the_registry_is_a_read_only_global_table_of_registry_devices(tmp_path: 
         table["d"] = {"org": "o"}
     with pytest.raises(ReadOnlyError):
         table.update({"d": {}})
+
+
+def _starting_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> JobsApp:
+    """A configured app with one topic of its own, whose declare finds the producer closed."""
+    app = JobsApp()
+    app.configure(jobs_config(Settings(state_dir=tmp_path), "starter"))  # type: ignore[call-arg]
+    topic = app.topic("starter.out")
+
+    async def producer_closed() -> None:
+        raise NotReady("Producer service not yet started")
+
+    async def nothing(_app: faust.App) -> None:
+        return None
+
+    monkeypatch.setattr(topic, "maybe_declare", producer_closed)
+    monkeypatch.setattr(faust.App, "on_start", nothing)
+    return app
+
+
+def test_a_stop_during_start_ends_the_start_quietly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SIGTERM while the job declares its topics: Faust closes the producer under the declare.
+    app = _starting_app(tmp_path, monkeypatch)
+    app._stopped.set()
+    asyncio.run(app.on_start())
+
+
+def test_a_closed_producer_while_not_stopping_fails_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = _starting_app(tmp_path, monkeypatch)
+    with pytest.raises(NotReady):
+        asyncio.run(app.on_start())
 
 
 def test_the_registry_needs_a_configured_app() -> None:
