@@ -134,7 +134,8 @@ class RunningJob:
 
 
 @pytest.fixture
-def run_job(settings: Settings, tmp_path: Path) -> Iterator[object]:
+def run_job(stack: Stack, settings: Settings, tmp_path: Path) -> Iterator[object]:
+    # The stack: a job run alone (no other fixture started it) needs Kafka up too.
     started: list[RunningJob] = []
 
     def start(
