@@ -14,6 +14,7 @@ import logging
 import math
 import random
 import ssl
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -489,12 +490,20 @@ class SimulatedDevice:
         storage = self.client._persistent_storage
         return len(self.outbox) + (0 if storage.is_empty else len(storage.get_all()))
 
-    async def run(self, rate: float, until: float, max_messages: int | None) -> None:
+    async def run(
+        self,
+        rate: float,
+        until: float,
+        max_messages: int | None,
+        stop: threading.Event | None = None,
+    ) -> None:
         interval = 1.0 / rate
         await asyncio.sleep(self.rng.uniform(0, interval))  # spread devices over the period
         next_at = time.monotonic()
-        while time.monotonic() < until and (
-            max_messages is None or self.seq[TELEMETRY] < max_messages
+        while (
+            time.monotonic() < until
+            and (max_messages is None or self.seq[TELEMETRY] < max_messages)
+            and not (stop is not None and stop.is_set())
         ):
             self.queue_telemetry()
             self.flush_outbox()

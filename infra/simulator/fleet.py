@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ async def run_fleet(
     release_public_key: bytes | None = None,
     ota_fail_rate: float = 0.0,
     bad_share: float = 0.0,
+    stop: threading.Event | None = None,
 ) -> tuple[FleetStats, list[SimulatedDevice]]:
     """Connect every device, publish at `rate` msgs/s each for `duration` s (or `max_messages`
     each), wait until every message is acknowledged, disconnect.
@@ -39,7 +41,8 @@ async def run_fleet(
     the PKI dir's `release.pub`); without them an install fails (`no_artifact_store`,
     `no_release_key`). A share `ota_fail_rate` of the devices (drawn from each device's rng)
     fails every install with `install_error`. A share `bad_share` of the readings carries a
-    value the data-quality gate refuses (humidity past 100 %)."""
+    value the data-quality gate refuses (humidity past 100 %). Setting `stop` (from any thread)
+    ends the publishing early; the drain and disconnect follow as after `duration`."""
     stats = FleetStats(devices=len(credentials))
     rng = random.Random(seed)
     devices = [
@@ -72,7 +75,7 @@ async def run_fleet(
     if on_start is not None:
         on_start(stats)  # live progress reads the counters while the fleet runs
     until = stats.started_at + duration
-    await asyncio.gather(*(d.run(rate, until, max_messages) for d in live))
+    await asyncio.gather(*(d.run(rate, until, max_messages, stop) for d in live))
     await asyncio.gather(*(d.drain(drain_timeout) for d in live))
     await asyncio.gather(*(d.close() for d in live))
     for device in devices:

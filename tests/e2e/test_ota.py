@@ -151,7 +151,7 @@ def test_a_rollout_reaches_every_device_and_a_controller_crash_sends_nothing_twi
     stack.ota.kill()  # mid-cohort
     stack.ota.start(settings.startup_timeout_s)
     assert wait_until(lambda: final(client, ota.rollout_id), timeout=120, interval=1.0)
-    fleet.wait()
+    fleet.stop()
 
     done = rollout(client, ota.rollout_id)
     summary = rollout_summary(done)
@@ -173,7 +173,7 @@ def test_a_failing_canary_rolls_back_and_touches_nobody_else(
     fleet = run_devices(settings, creds, ota, duration=40, fail_rate=1.0)
     ota.approve(client)
     assert wait_until(lambda: final(client, ota.rollout_id), timeout=60, interval=1.0)
-    fleet.wait()
+    fleet.stop()
 
     done = rollout(client, ota.rollout_id)
     assert done.state is RolloutState.rolled_back
@@ -197,7 +197,7 @@ def test_a_tampered_artifact_is_refused_by_devices_and_counted(
     fleet = run_devices(settings, creds, ota, duration=30)
     ota.approve(client)
     assert wait_until(lambda: final(client, ota.rollout_id), timeout=60, interval=1.0)
-    stats, _ = fleet.wait()
+    stats, _ = fleet.stop()
 
     done = rollout(client, ota.rollout_id)
     reasons = Counter(d.reason for d in done.devices.values() if d.reason)

@@ -19,11 +19,17 @@ from infra.simulator.stats import FleetStats
 class BackgroundFleet:
     thread: threading.Thread
     outcome: list[tuple[FleetStats, list[SimulatedDevice]]] = field(default_factory=list)
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     def wait(self, timeout: float = 180) -> tuple[FleetStats, list[SimulatedDevice]]:
         self.thread.join(timeout=timeout)
         assert self.outcome, "the simulated fleet did not finish"
         return self.outcome[0]
+
+    def stop(self, timeout: float = 180) -> tuple[FleetStats, list[SimulatedDevice]]:
+        """End the publishing now (what was sent is still acked and saved), then wait."""
+        self.stopping.set()
+        return self.wait(timeout)
 
 
 def start_fleet(
@@ -32,7 +38,8 @@ def start_fleet(
     fleet = BackgroundFleet(threading.Thread(target=lambda: None))
 
     def simulate() -> None:
-        fleet.outcome.append(asyncio.run(run_fleet(settings, creds, **options)))
+        run = run_fleet(settings, creds, stop=fleet.stopping, **options)
+        fleet.outcome.append(asyncio.run(run))
 
     fleet.thread = threading.Thread(target=simulate, name="simulated-fleet")
     fleet.thread.start()
