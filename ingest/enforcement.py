@@ -130,7 +130,7 @@ DEVICES = "registry.devices"
 # so the CRL entry carries no reason code (unspecified): the registry does not say why.
 REVOKE_REASON = "registry: device revoked"
 _MAX_SERIAL = 2**160  # RFC 5280: a positive serial of at most 20 octets
-POLL_S = 0.05  # how often the registry is polled when idle
+IDLE_WAIT_S = 0.5  # the longest the loop waits for a registry record before looking around
 RETRY_S = 1.0  # after a failed reload or kick
 CRL_CHECK_S = 60.0  # how often the CRL's nextUpdate is looked at
 KICK_BATCH = 100  # devices per control message (two commands each)
@@ -701,9 +701,10 @@ class Enforcer:
             self._reload_pending = True
             self._dirty = True
 
-    def step(self) -> int:
-        """Apply what arrived and reconcile if needed; returns the records applied."""
-        applied = self.table.poll()
+    def step(self, wait: float = 0.0) -> int:
+        """Apply what arrived (waiting up to `wait` s for a first record) and reconcile if
+        needed; returns the records applied."""
+        applied = self.table.poll(wait)
         now = time.monotonic()
         if now - self._crl_checked_at >= CRL_CHECK_S:
             self._crl_checked_at = now
@@ -737,12 +738,10 @@ class Enforcer:
         reported_at = 0.0
         try:
             while not stopping.is_set():
-                applied = self.step()
+                self.step(IDLE_WAIT_S)  # a record ends the wait at once
                 if time.monotonic() - reported_at > 1.0:
                     self.write_status()
                     reported_at = time.monotonic()
-                if not applied:
-                    stopping.wait(POLL_S)
         finally:
             self.close()
 

@@ -85,7 +85,9 @@ class AsyncProducer:
 
     def _poll_forever(self) -> None:
         while not self._closing.is_set():
-            self._poll(0.05)
+            # poll() returns once it served the reports there are, so the wait only bounds how
+            # late a close is seen, and how often an idle bridge wakes.
+            self._poll(0.5)
 
     def _poll(self, timeout: float) -> None:
         self._producer.poll(timeout)

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -44,15 +43,14 @@ from streams.registry.devices import AuditRecord, DeviceRecord, RegistryCommand
 from streams.registry.rbac import GrantSet, Principal
 from streams.runtime.tables import GlobalTables, key_text
 
-__all__ = ["POLL_IDLE_S", "Backend", "KafkaBackend"]
+__all__ = ["Backend", "KafkaBackend"]
 
 log = logging.getLogger("fleetstream.api")
 
-POLL_IDLE_S = 0.02  # the table follower's pause when nothing arrived and a request waits
-# ... when no request waits on the tables nor wrote in the last HURRY_S: a change another
-# process made shows at most this late, and the idle follower wakes 4 times a second, not 50.
-POLL_REST_S = 0.25
-HURRY_S = 2.0
+# The longest the table follower waits for a record before looking around (a stop). A record
+# ends the wait at once, so a write the API just made, or another process's, shows as soon
+# as Kafka hands it over; idle, the follower wakes twice a second.
+FOLLOW_WAIT_S = 0.5
 
 
 class Backend(Protocol):
@@ -154,9 +152,6 @@ class KafkaBackend:
         )
         self._producer: Producer | None = None
         self._stopping = threading.Event()
-        self._wake = threading.Event()  # the follower's pause ends early: a write or a waiter
-        self._waiters = 0  # requests in wait_for (the event loop's count; the follower reads it)
-        self._hurry_until = 0.0  # monotonic: poll briskly until then (a write just went out)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed = asyncio.Event()
@@ -258,25 +253,13 @@ class KafkaBackend:
     def _follow(self) -> None:
         while not self._stopping.is_set():
             try:
-                applied = self._tables.poll()
+                applied = self._tables.poll(FOLLOW_WAIT_S)
             except Exception:
                 log.exception("following the tables failed; retrying in a second")
                 self._stopping.wait(1.0)
                 continue
             if applied:
                 self._notify_threadsafe()
-            else:
-                self._wake.wait(self._pause())
-                self._wake.clear()
-
-    def _pause(self) -> float:
-        if self._waiters or time.monotonic() < self._hurry_until:
-            return POLL_IDLE_S
-        return POLL_REST_S
-
-    def _hurry(self) -> None:
-        self._hurry_until = time.monotonic() + HURRY_S
-        self._wake.set()
 
     def _notify_threadsafe(self) -> None:
         loop = self._loop
@@ -291,26 +274,20 @@ class KafkaBackend:
     async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        self._waiters += 1
-        self._wake.set()
-        try:
-            while not predicate():
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    return False
-                changed = self._changed
-                try:
-                    await asyncio.wait_for(changed.wait(), remaining)
-                except TimeoutError:
-                    return predicate()
-            return True
-        finally:
-            self._waiters -= 1
+        while not predicate():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), remaining)
+            except TimeoutError:
+                return predicate()
+        return True
 
     async def stop(self) -> None:
         self._ready = False
         self._stopping.set()
-        self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
         self._tables.close()
@@ -346,7 +323,6 @@ class KafkaBackend:
                 for topic, key, value in records:
                     producer.produce(topic, key=key, value=value)
                 producer.commit_transaction(self.timeout)
-                self._hurry()  # what was written comes back on a followed table soon
             except KafkaException as exc:
                 error = exc.args[0]
                 if self._producer is not None and error.txn_requires_abort():
@@ -368,9 +344,7 @@ class KafkaBackend:
         self._transact([(GRANTS, grants.principal.key, value), self._audit_entry(audit)])
 
     def registry_commands(self, commands: Sequence[RegistryCommand]) -> dict[str, AuditRecord]:
-        answers = self.client.registry_commands(commands)
-        self._hurry()  # the devices the commands changed come back on the devices table
-        return answers
+        return self.client.registry_commands(commands)
 
     def put_rule(self, rule_id: str, rule: AlertRule | None, audit: AuditRecord) -> None:
         value = None if rule is None else self.client.codec(RULES).encode(rule_to_record(rule))
@@ -379,16 +353,12 @@ class KafkaBackend:
     def ota_request(
         self, rollout_id: str, kind: str, principal: Principal, **request: Any
     ) -> AuditRecord:
-        audit = self.client.ota_request(rollout_id, kind, principal, **request)
-        self._hurry()
-        return audit
+        return self.client.ota_request(rollout_id, kind, principal, **request)
 
     def set_desired(
         self, device_id: str, patch: Mapping[str, Any], version: int | None, principal: str
     ) -> TwinAnswer:
-        answer = self.client.set_desired(device_id, patch, version, principal)
-        self._hurry()
-        return answer
+        return self.client.set_desired(device_id, patch, version, principal)
 
     # ------------------------------------------------------------------ the CA
 

@@ -71,7 +71,7 @@ __all__ = [
 log = logging.getLogger("fleetstream.query_access")
 
 GRANTS = "rbac.grants"
-FOLLOW_IDLE_S = 0.2
+FOLLOW_WAIT_S = 0.5  # the longest the follower waits for a record before looking around
 
 
 def may_read_telemetry(principal: Principal, grants: Mapping[str, GrantSet]) -> Decision:
@@ -178,8 +178,7 @@ class GrantsFollower:
                     applied = self._table.catch_up()
                     self._ready.set()
                     log.info("%s read to its end: %d records", GRANTS, applied)
-                if not self._table.poll():
-                    self._stopping.wait(FOLLOW_IDLE_S)
+                self._table.poll(FOLLOW_WAIT_S)  # a record ends the wait at once
             except Exception:  # Kafka away, a timeout: keep the last grants, try again
                 log.exception("following %s failed; retrying", GRANTS)
                 self._stopping.wait(2.0)

@@ -176,10 +176,18 @@ class GlobalTables:
         ]
         return read_to_end(self._consumer, partitions, self._apply, self._timeout)
 
-    def poll(self) -> int:
-        """Apply what arrived since; never blocks."""
+    def poll(self, wait: float = 0.0) -> int:
+        """Apply what arrived since. With nothing there, wait up to `wait` seconds for a record:
+        a follower waits here, not in a sleep, so it wakes when one comes (the broker answers a
+        held fetch at once) and otherwise only as often as it has to look around."""
+        messages = self._consumer.consume(1000, 0)
+        if not messages and wait > 0:
+            # consume() would wait out its whole timeout for a batch; poll() returns at the first.
+            first = self._consumer.poll(wait)
+            if first is not None:
+                messages = [first, *self._consumer.consume(1000, 0)]
         applied = 0
-        for msg in self._consumer.consume(1000, 0):
+        for msg in messages:
             if msg.error() is None:
                 self._apply(msg)
                 applied += 1
