@@ -97,7 +97,7 @@ class Supervisor:
         if record is None:
             watch.next_attempt = 0.0  # not wanted (stopped on purpose, or never started)
             return
-        if record.process() is not None:
+        if record.alive():
             watch.started_at = record.create_time
             if watch.next_attempt == 0.0 and now - record.create_time >= STABLE_S:
                 watch.crashes_in_a_row = 0

@@ -59,13 +59,18 @@ def start_ticks(pid: int) -> int | None:
     boot time from /proc/stat, a whole second that moves when the wall clock is adjusted, so two
     readings of one process can differ by a second (it did on the CI machine, and every live
     service looked dead)."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[19])
+
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """/proc/<pid>/stat from field 3 (the state) on, or None if there is no such process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return None
     # The command name (field 2) may hold spaces and parentheses: count fields after its ')'.
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    return int(fields[19])
+    return stat[stat.rindex(b")") + 2 :].split()
 
 
 @dataclass(frozen=True)
@@ -96,15 +101,18 @@ class PidRecord:
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)))
 
+    def alive(self) -> bool:
+        """The process this record names runs: not exited, not a zombie, its pid not reused.
+        One read of /proc (the supervisor asks this of every service every second)."""
+        fields = _stat_fields(self.pid)
+        return fields is not None and fields[0] != b"Z" and int(fields[19]) == self.start_ticks
+
     def process(self) -> psutil.Process | None:
         """The live process this record names, or None if it exited or the pid was reused."""
-        if start_ticks(self.pid) != self.start_ticks:
+        if not self.alive():
             return None
         try:
-            proc = psutil.Process(self.pid)
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                return None
-            return proc
+            return psutil.Process(self.pid)
         except psutil.Error:
             return None
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -11,7 +13,7 @@ import psutil._pslinux
 import pytest
 
 from infra.pki import CertificateAuthority, PkiError, generate_private_key, make_csr
-from infra.services.base import PidRecord
+from infra.services.base import PidRecord, wait_until
 from infra.services.kafka import server_properties
 from infra.services.mosquitto import (
     PLATFORM_IDENTITIES,
@@ -152,3 +154,13 @@ def test_a_pid_record_still_names_its_process_after_the_wall_clock_moves(
     record = PidRecord.read(path)
     assert record is not None
     assert record.process() is not None
+
+
+def test_a_pid_record_of_a_zombie_or_an_exited_process_is_not_alive(tmp_path: Path) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    record = PidRecord.of(child.pid)
+    assert wait_until(lambda: not record.alive(), timeout=10)  # exited, not reaped: a zombie
+    assert record.process() is None
+    child.wait()
+    assert not record.alive()  # reaped: no such process
+    assert PidRecord.of(os.getpid()).alive()
