@@ -103,7 +103,7 @@ from schemas.topics import schema_of
 from streams.registry.devices import DeviceRecord, DeviceStatus
 from streams.runtime.metrics import counted
 from streams.runtime.status import write_status
-from streams.runtime.tables import GlobalTable, key_text
+from streams.runtime.tables import FOLLOW_WAIT_S, GlobalTable, key_text
 
 __all__ = [
     "DEVICES",
@@ -130,7 +130,6 @@ DEVICES = "registry.devices"
 # so the CRL entry carries no reason code (unspecified): the registry does not say why.
 REVOKE_REASON = "registry: device revoked"
 _MAX_SERIAL = 2**160  # RFC 5280: a positive serial of at most 20 octets
-IDLE_WAIT_S = 0.5  # the longest the loop waits for a registry record before looking around
 RETRY_S = 1.0  # after a failed reload or kick
 CRL_CHECK_S = 60.0  # how often the CRL's nextUpdate is looked at
 KICK_BATCH = 100  # devices per control message (two commands each)
@@ -738,7 +737,7 @@ class Enforcer:
         reported_at = 0.0
         try:
             while not stopping.is_set():
-                self.step(IDLE_WAIT_S)  # a record ends the wait at once
+                self.step(FOLLOW_WAIT_S)  # a record ends the wait at once
                 if time.monotonic() - reported_at > 1.0:
                     self.write_status()
                     reported_at = time.monotonic()

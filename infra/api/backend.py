@@ -41,16 +41,11 @@ from streams.ota.model import Rollout
 from streams.ota.model import from_record as rollout_from_record
 from streams.registry.devices import AuditRecord, DeviceRecord, RegistryCommand
 from streams.registry.rbac import GrantSet, Principal
-from streams.runtime.tables import GlobalTables, key_text
+from streams.runtime.tables import FOLLOW_WAIT_S, GlobalTables, key_text
 
 __all__ = ["Backend", "KafkaBackend"]
 
 log = logging.getLogger("fleetstream.api")
-
-# The longest the table follower waits for a record before looking around (a stop). A record
-# ends the wait at once, so a write the API just made, or another process's, shows as soon
-# as Kafka hands it over; idle, the follower wakes twice a second.
-FOLLOW_WAIT_S = 0.5
 
 
 class Backend(Protocol):

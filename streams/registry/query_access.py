@@ -57,7 +57,7 @@ from streams.registry.rbac import (
 )
 from streams.registry.tokens import TokenAuthority, TokenError
 from streams.runtime.clients import KafkaConfig
-from streams.runtime.tables import GlobalTable, key_text
+from streams.runtime.tables import FOLLOW_WAIT_S, GlobalTable, key_text
 
 __all__ = [
     "GrantsFollower",
@@ -71,7 +71,6 @@ __all__ = [
 log = logging.getLogger("fleetstream.query_access")
 
 GRANTS = "rbac.grants"
-FOLLOW_WAIT_S = 0.5  # the longest the follower waits for a record before looking around
 
 
 def may_read_telemetry(principal: Principal, grants: Mapping[str, GrantSet]) -> Decision:

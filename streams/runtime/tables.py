@@ -146,6 +146,11 @@ def read_to_end(
     return applied
 
 
+# How long a table's follower waits in poll() for a record before it looks around (a stop, a
+# retry): a record ends the wait at once, so this only sets how often an idle follower wakes.
+FOLLOW_WAIT_S = 0.5
+
+
 class GlobalTables:
     """All partitions of some compacted topics, each with its applier, read to their end once,
     then followed: by one consumer, whatever the number of topics (a consumer is a
