@@ -1,7 +1,7 @@
 """Row filters: what part of the tenant tables a caller of the SQL port may see (pure).
 
 A caller's grants of ``telemetry.read`` name scopes (an organization, a project, a group, a
-device: :class:`Scope`). Every read of the caller runs on a connection whose
+device: :data:`Scope`, its names). Every read of the caller runs on a connection whose
 ``additional_table_filters`` limits each table of :data:`FILTERED_TABLES` to rows of those
 scopes (:func:`table_filters`), set before ``readonly=1``, so no query can lift them; no scope
 at all gives ``0``: nothing. The platform itself reads unfiltered (:data:`EVERY_ROW`).
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeAlias
 
 from sinks.sql_guard import sql_string
 from sinks.warehouse_tables import ROLLUP_TABLES, TENANT_TABLES
@@ -37,24 +37,9 @@ FILTERED_TABLES: Final = frozenset(TENANT_TABLES | ROLLUP_TABLES | {"telemetry_1
 _COLUMNS: Final = ("org", "project", "`group`", "device_id")
 
 
-@dataclass(frozen=True, slots=True)
-class Scope:
-    """A node of the hierarchy a grant names: the fields below its level are None."""
-
-    org: str
-    project: str | None = None
-    group: str | None = None
-    device: str | None = None
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        parts = (self.org, self.project, self.group, self.device)
-        names: list[str] = []
-        for part in parts:
-            if part is None:
-                break
-            names.append(part)
-        return tuple(names)
+# A node of the hierarchy a grant names, as its names from the organization down: ("acme",),
+# ("acme", "plant-1"), ... (streams.registry.rbac.Resource.names).
+Scope: TypeAlias = tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +58,7 @@ NO_ROW: Final = ReadScope(scopes=())
 def scope_condition(scope: Scope) -> str:
     """The rows of one scope, e.g. ``org = 'acme' AND project = 'plant'``."""
     return " AND ".join(
-        f"{column} = {sql_string(name)}"
-        for column, name in zip(_COLUMNS, scope.names, strict=False)
+        f"{column} = {sql_string(name)}" for column, name in zip(_COLUMNS, scope, strict=False)
     )
 
 

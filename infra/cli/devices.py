@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -120,24 +121,32 @@ def _device_command(kind: str, device_id: str, principal: str, reason: str | Non
     audit_answer(audit.decision, audit.to_record())
 
 
-@app.command("suspend")
-def device_suspend(
-    device_id: str = typer.Argument(..., help="Device id."),
-    principal: str = typer.Option("orchestrator", "--as", help="Who asks (device.suspend)."),
-    reason: str = typer.Option(None, help="Why (kept in the audit record)."),
-) -> None:
-    """Suspend a device: the broker refuses it (its certificate on hold) until activated."""
-    _device_command("suspend", device_id, principal, reason)
+def _lifecycle_command(kind: str, summary: str) -> Callable[..., None]:
+    """The command that asks for ``kind`` (suspend, revoke) with a reason for the audit."""
+
+    def command(
+        device_id: str = typer.Argument(..., help="Device id."),
+        principal: str = typer.Option("orchestrator", "--as", help=f"Who asks (device.{kind})."),
+        reason: str = typer.Option(None, help="Why (kept in the audit record)."),
+    ) -> None:
+        _device_command(kind, device_id, principal, reason)
+
+    command.__doc__ = summary
+    return command
 
 
-@app.command("revoke")
-def device_revoke(
-    device_id: str = typer.Argument(..., help="Device id."),
-    principal: str = typer.Option("orchestrator", "--as", help="Who asks (device.revoke)."),
-    reason: str = typer.Option(None, help="Why (kept in the audit record)."),
-) -> None:
-    """Revoke a device for good: the enforcer revokes its certificate and ends its session."""
-    _device_command("revoke", device_id, principal, reason)
+app.command("suspend")(
+    _lifecycle_command(
+        "suspend",
+        "Suspend a device: the broker refuses it (its certificate on hold) until activated.",
+    )
+)
+app.command("revoke")(
+    _lifecycle_command(
+        "revoke",
+        "Revoke a device for good: the enforcer revokes its certificate and ends its session.",
+    )
+)
 
 
 @app.command("activate")

@@ -96,8 +96,7 @@ def telemetry_scopes(principal: Principal, grants: Mapping[str, GrantSet]) -> tu
         if Action.telemetry_read not in ROLE_ACTIONS[grant.role]:
             continue
         if authorize(principal, Action.telemetry_read, grant.scope, grants):
-            r = grant.scope
-            scopes.append(Scope(r.org, r.project, r.group, r.device))
+            scopes.append(grant.scope.names)
     return tuple(scopes)
 
 

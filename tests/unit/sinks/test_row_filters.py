@@ -7,7 +7,6 @@ from sinks.row_filters import (
     FILTERED_TABLES,
     NO_ROW,
     ReadScope,
-    Scope,
     row_policies,
     table_filters,
     tenant_filter,
@@ -16,25 +15,25 @@ from sinks.warehouse_tables import TENANT_TABLES
 
 
 def test_each_scope_is_a_condition_on_the_tenant_columns() -> None:
-    scopes = [Scope("o", "p", "g", "d"), Scope("acme"), Scope("globex", "p")]
+    scopes = [("o", "p", "g", "d"), ("acme",), ("globex", "p")]
     assert tenant_filter(scopes) == (
         "(org = 'acme') OR (org = 'globex' AND project = 'p') OR "
         "(org = 'o' AND project = 'p' AND `group` = 'g' AND device_id = 'd')"
     )
     assert tenant_filter([]) == "0"  # no grant, no row
-    assert tenant_filter([Scope("it's")]) == "(org = 'it\\'s')"  # quoted, never pasted
+    assert tenant_filter([("it's",)]) == "(org = 'it\\'s')"  # quoted, never pasted
 
 
 def test_every_tenant_table_is_filtered_under_both_of_its_names() -> None:
     assert TENANT_TABLES | {"telemetry_1m", "telemetry_1m_mv"} <= FILTERED_TABLES
-    value = table_filters([Scope("acme")])
+    value = table_filters([("acme",)])
     for table in FILTERED_TABLES:
         assert f"'{table}': '(org = \\'acme\\')'" in value
         assert f"'default.{table}': " in value
 
 
 def test_filters_and_final_are_set_before_readonly() -> None:
-    settings = ReadLimits().settings(embedded=True, scope=ReadScope((Scope("acme"),), final=False))
+    settings = ReadLimits().settings(embedded=True, scope=ReadScope((("acme",),), final=False))
     names = list(settings)
     assert names[-1] == "readonly"
     assert settings["readonly"] == 1
@@ -45,7 +44,7 @@ def test_filters_and_final_are_set_before_readonly() -> None:
 
 
 def test_row_policies_for_a_server() -> None:
-    policies = row_policies("analyst_acme", [Scope("acme", "plant")])
+    policies = row_policies("analyst_acme", [("acme", "plant")])
     assert len(policies) == len(TENANT_TABLES) + 1
     assert (
         "CREATE ROW POLICY OR REPLACE `fleet_telemetry_analyst_acme` ON default.telemetry "

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sinks.query_server import AccessDenied
-from sinks.row_filters import EVERY_ROW, ReadScope, Scope
+from sinks.row_filters import EVERY_ROW, ReadScope
 from streams.registry.query_access import TokenAccess, may_read_telemetry, telemetry_scopes
 from streams.registry.rbac import GrantSet, Principal, Resource, Role
 from streams.registry.tokens import TokenAuthority
@@ -79,12 +79,12 @@ def test_a_caller_reads_the_rows_of_its_granted_scopes_only(tokens: TokenAuthori
         str(BOB): GrantSet(BOB),
     }
     assert telemetry_scopes(ALICE, held) == (
-        Scope("acme", "plant-1"),
-        Scope("globex", "p", "line-2"),
+        ("acme", "plant-1"),
+        ("globex", "p", "line-2"),
     )
     assert telemetry_scopes(BOB, held) == ()
     access = TokenAccess(tokens, lambda: held, platform_secret="s" * 43)
     assert access.authenticate(tokens.issue(ALICE)).scope == ReadScope(
-        (Scope("acme", "plant-1"), Scope("globex", "p", "line-2"))
+        (("acme", "plant-1"), ("globex", "p", "line-2"))
     )
     assert access.authenticate("s" * 43).scope == EVERY_ROW
