@@ -43,6 +43,7 @@ from queries.runner import QueryError, render
 from sinks.doris import is_doris_dsn
 from streams.hot.alerts import AlertRule, AlertStatus, RuleKind, ScopeType, Severity
 from streams.hot.twin import delta
+from streams.ota.events import OtaRequest
 from streams.ota.plan import RolloutPlan
 from streams.ota.summary import rollout_summary
 from streams.registry.devices import AuditRecord
@@ -138,7 +139,9 @@ class DemoRollout:
     approved: bool = False
 
     def approve(self, client: HotPathClient) -> None:
-        audit = client.ota_request(self.rollout_id, "approve", Principal.parse(DEMO_APPROVER))
+        audit = client.ota_request(
+            OtaRequest(rollout_id=self.rollout_id, kind="approve"), Principal.parse(DEMO_APPROVER)
+        )
         self.approved = audit.decision in ("applied", "unchanged")
 
     def summary(self, client: HotPathClient) -> dict[str, Any]:
@@ -190,12 +193,14 @@ def prepare_rollout(
     target = str(Resource(DEMO_ORG, DEMO_PROJECT, group))
     audit = _until_decided(
         lambda: client.ota_request(
-            rollout_id,
-            "create",
+            OtaRequest(
+                rollout_id=rollout_id,
+                kind="create",
+                artifact_id=artifact.artifact_id,
+                target=target,
+                plan=plan.to_record(),
+            ),
             operator,
-            artifact_id=artifact.artifact_id,
-            target=target,
-            plan=plan.to_record(),
         )
     )
     if audit.decision not in ("applied", "unchanged"):

@@ -37,6 +37,7 @@ from infra.settings import Settings
 from schemas.codec import Decoded
 from streams.hot.alerts import AlertRule, rule_from_record, rule_to_record
 from streams.hot.twin import Twin, from_record
+from streams.ota.events import OtaRequest
 from streams.ota.model import Rollout
 from streams.ota.model import from_record as rollout_from_record
 from streams.registry.devices import AuditRecord, DeviceRecord, RegistryCommand
@@ -101,17 +102,7 @@ class Backend(Protocol):
 
     def rollouts(self) -> Mapping[str, Rollout]: ...
 
-    def ota_request(
-        self,
-        rollout_id: str,
-        kind: str,
-        principal: Principal,
-        *,
-        artifact_id: str | None = None,
-        target: str | None = None,
-        plan: Mapping[str, Any] | None = None,
-        comment: str | None = None,
-    ) -> AuditRecord:
+    def ota_request(self, request: OtaRequest, principal: Principal) -> AuditRecord:
         """Ask the OTA controller; its decision (the audit record answering the request)."""
 
 
@@ -345,10 +336,8 @@ class KafkaBackend:
         value = None if rule is None else self.client.codec(RULES).encode(rule_to_record(rule))
         self._transact([(RULES, rule_id, value), self._audit_entry(audit)])
 
-    def ota_request(
-        self, rollout_id: str, kind: str, principal: Principal, **request: Any
-    ) -> AuditRecord:
-        return self.client.ota_request(rollout_id, kind, principal, **request)
+    def ota_request(self, request: OtaRequest, principal: Principal) -> AuditRecord:
+        return self.client.ota_request(request, principal)
 
     def set_desired(
         self, device_id: str, patch: Mapping[str, Any], version: int | None, principal: str

@@ -31,6 +31,7 @@ from streams.hot.alerts import (
 )
 from streams.hot.twin import Twin, from_record
 from streams.ota.artifacts import Artifact
+from streams.ota.events import OtaRequest
 from streams.ota.model import Rollout
 from streams.ota.model import from_record as rollout_from_record
 from streams.registry.devices import AuditRecord, DeviceRecord, RegistryCommand, command_to_record
@@ -295,33 +296,17 @@ class HotPathClient:
         value = self.codec(ARTIFACTS).encode(artifact.to_record())
         self._produce(ARTIFACTS, artifact.artifact_id, value)
 
-    def ota_request(
-        self,
-        rollout_id: str,
-        kind: str,
-        principal: Principal,
-        *,
-        artifact_id: str | None = None,
-        target: str | None = None,
-        plan: Mapping[str, Any] | None = None,
-        comment: str | None = None,
-    ) -> AuditRecord:
+    def ota_request(self, request: OtaRequest, principal: Principal) -> AuditRecord:
         """Ask the OTA controller (create, approve, reject, pause, resume, abort) and wait for
         its decision: the audit record answering the request."""
         request_id = uuid.uuid4().hex
-        record = {
-            "request_id": request_id,
-            "rollout_id": rollout_id,
-            "kind": kind,
-            "principal": str(principal),
-            "artifact_id": artifact_id,
-            "target": target,
-            "plan": None if plan is None else json.dumps(dict(plan)),
-            "comment": comment,
-            "ts": int(time.time() * 1000),
-        }
+        record = request.to_record(request_id, principal, int(time.time() * 1000))
         answers = self._request(
-            OTA_REQUESTS, {request_id: (rollout_id, record)}, AUDIT, "command_id", "OTA requests"
+            OTA_REQUESTS,
+            {request_id: (request.rollout_id, record)},
+            AUDIT,
+            "command_id",
+            "OTA requests",
         )
         return AuditRecord.from_record(answers[request_id])
 

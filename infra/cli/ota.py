@@ -61,6 +61,7 @@ def ota_create(
 ) -> None:
     """Create a rollout (pending approval: nothing is sent before an ota-approver approves)."""
     from infra.api.client import HotPathError
+    from streams.ota.events import OtaRequest
     from streams.ota.plan import RolloutPlan
     from streams.registry.rbac import Principal
 
@@ -74,9 +75,14 @@ def ota_create(
         )
         who = Principal.parse(principal)
         rid = rollout_id or f"rollout-{uuid.uuid4().hex[:10]}"
-        audit = hot_client().ota_request(
-            rid, "create", who, artifact_id=artifact, target=target, plan=plan.to_record()
+        request = OtaRequest(
+            rollout_id=rid,
+            kind="create",
+            artifact_id=artifact,
+            target=target,
+            plan=plan.to_record(),
         )
+        audit = hot_client().ota_request(request, who)
     except (ValueError, HotPathError) as exc:
         raise fail(exc) from exc
     audit_answer(audit.decision, {"rollout_id": rid, **audit.to_record()})
@@ -84,12 +90,12 @@ def ota_create(
 
 def _ota_control(rollout_id: str, kind: str, principal: str, comment: str | None) -> None:
     from infra.api.client import HotPathError
+    from streams.ota.events import OtaRequest
     from streams.registry.rbac import Principal
 
     try:
-        audit = hot_client().ota_request(
-            rollout_id, kind, Principal.parse(principal), comment=comment
-        )
+        request = OtaRequest(rollout_id=rollout_id, kind=kind, comment=comment)
+        audit = hot_client().ota_request(request, Principal.parse(principal))
     except (ValueError, HotPathError) as exc:
         raise fail(exc) from exc
     audit_answer(audit.decision, {"rollout_id": rollout_id, **audit.to_record()})

@@ -24,6 +24,34 @@ OTA_COMMAND_SUBTOPIC = "ota/command"  # devices/<id>/ota/command
 NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://fleetstream/ota")
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OtaRequest:
+    """An operator's request on ``ota.requests`` (create, approve, reject, pause, resume,
+    abort), as the API, the CLI and the demo send it; :func:`streams.ota.job.request_event`
+    reads it back."""
+
+    rollout_id: str
+    kind: str
+    artifact_id: str | None = None
+    target: str | None = None
+    plan: Mapping[str, Any] | None = None
+    comment: str | None = None
+
+    def to_record(self, request_id: str, principal: Principal, ts_ms: int) -> dict[str, Any]:
+        """The Avro ``OtaRequest`` record (the plan as JSON text)."""
+        return {
+            "request_id": request_id,
+            "rollout_id": self.rollout_id,
+            "kind": self.kind,
+            "principal": str(principal),
+            "artifact_id": self.artifact_id,
+            "target": self.target,
+            "plan": None if self.plan is None else json.dumps(dict(self.plan)),
+            "comment": self.comment,
+            "ts": ts_ms,
+        }
+
+
 def command_id(rollout_id: str, device_id: str, action: CommandAction) -> str:
     """The id of ``action`` for ``device_id`` in ``rollout_id``: the same on every replay."""
     return str(uuid.uuid5(NAMESPACE, json.dumps([rollout_id, device_id, str(action)])))

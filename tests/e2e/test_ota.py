@@ -23,6 +23,7 @@ from infra.settings import Settings
 from infra.simulator.stats import FleetStats
 from infra.stack import Stack
 from schemas.codec import CodecRegistry, Decoded, load_schema
+from streams.ota.events import OtaRequest
 from streams.ota.model import Progress, Rollout, RolloutState
 from streams.ota.summary import rollout_summary
 from streams.registry.rbac import Principal
@@ -127,7 +128,9 @@ def test_without_approval_nothing_is_sent_and_only_an_approver_approves(
     group, creds = fleet_of(client, settings, tmp_path, 10)
     ota = prepare_rollout(settings, client, group)
     fleet = run_devices(settings, creds, ota, duration=6)
-    operator = client.ota_request(ota.rollout_id, "approve", Principal.user("demo-operator"))
+    operator = client.ota_request(
+        OtaRequest(rollout_id=ota.rollout_id, kind="approve"), Principal.user("demo-operator")
+    )
     assert operator.decision == "denied"  # operators create; only an ota-approver approves
     stats, _ = fleet.wait()
     assert rollout(client, ota.rollout_id).state is RolloutState.pending_approval

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any
 
 from aiohttp import web
 
@@ -18,6 +17,7 @@ from infra.api.models import (
     RolloutResult,
 )
 from infra.api.routes.base import CALLER, SETTLE_TIMEOUT_S, ApiError, Handlers, Route, reply
+from streams.ota.events import OtaRequest
 from streams.ota.model import Rollout
 from streams.ota.plan import RolloutPlan
 from streams.ota.summary import rollout_summary
@@ -64,14 +64,11 @@ class OtaRoutes(Handlers):
         )  # fmt: skip
         return reply(RolloutModel, rollout_summary(rollout))
 
-    async def _ota_answer(
-        self, rollout_id: str, kind: str, principal: Principal, **request: Any
-    ) -> web.Response:
+    async def _ota_answer(self, ask: OtaRequest, principal: Principal) -> web.Response:
         """Send one request to the OTA controller; its decision maps to the status."""
+        rollout_id, kind = ask.rollout_id, ask.kind
         try:
-            audit = await asyncio.to_thread(
-                self.backend.ota_request, rollout_id, kind, principal, **request
-            )
+            audit = await asyncio.to_thread(self.backend.ota_request, ask, principal)
         except HotPathError as exc:
             raise ApiError(504, "timeout", str(exc)) from None
         extra = {"command_id": audit.command_id, "audit": audit.to_record()}
@@ -104,10 +101,11 @@ class OtaRoutes(Handlers):
         # Decided here first (a 403 sends nothing), then again by the controller of record.
         await self._authorize(principal, Action.ota_create, target, command="ota.create")
         plan = plan_from_body(body.plan)
-        return await self._ota_answer(
-            rollout_id, "create", principal, artifact_id=artifact_id, target=str(target),
+        ask = OtaRequest(
+            rollout_id=rollout_id, kind="create", artifact_id=artifact_id, target=str(target),
             plan=plan.to_record(), comment=body.comment,
         )  # fmt: skip
+        return await self._ota_answer(ask, principal)
 
     async def _control(self, request: web.Request, kind: str, action: Action) -> web.Response:
         principal = CALLER.get()
@@ -117,7 +115,8 @@ class OtaRoutes(Handlers):
             principal, action, rollout.target, command=f"ota.{kind}",
             unknown=f"unknown rollout {rollout.rollout_id!r}",
         )  # fmt: skip
-        return await self._ota_answer(rollout.rollout_id, kind, principal, comment=body.comment)
+        ask = OtaRequest(rollout_id=rollout.rollout_id, kind=kind, comment=body.comment)
+        return await self._ota_answer(ask, principal)
 
     async def approve_rollout(self, request: web.Request) -> web.Response:
         return await self._control(request, "approve", Action.ota_approve)

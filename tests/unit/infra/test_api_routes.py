@@ -28,6 +28,7 @@ from infra.api.routes import ROUTES
 from infra.pki import CertificateAuthority, generate_private_key, make_csr
 from streams.hot.alerts import AlertRule, RuleKind, ScopeType
 from streams.hot.twin import Accepted, Twin, TwinDocumentError, apply_desired
+from streams.ota.events import OtaRequest
 from streams.ota.job import request_event
 from streams.ota.model import Rollout
 from streams.ota.rollout import step
@@ -150,32 +151,21 @@ class FakeBackend:
     def rollouts(self) -> Mapping[str, Rollout]:
         return dict(self.rollout_table)
 
-    def ota_request(
-        self, rollout_id: str, kind: str, principal: Principal, **request: Any
-    ) -> AuditRecord:
+    def ota_request(self, request: OtaRequest, principal: Principal) -> AuditRecord:
         """The controller's own pure state machine decides, as the OTA worker would."""
-        record: dict[str, object] = {
-            "request_id": f"req-{len(self.ota_requests)}",
-            "rollout_id": rollout_id,
-            "kind": kind,
-            "principal": str(principal),
-            "artifact_id": request.get("artifact_id"),
-            "target": request.get("target"),
-            "plan": None if request.get("plan") is None else json.dumps(dict(request["plan"])),
-            "comment": request.get("comment"),
-        }
+        record = request.to_record(f"req-{len(self.ota_requests)}", principal, 0)
         self.ota_requests.append(record)
         event = request_event(record, {ARTIFACT.artifact_id: ARTIFACT})
         assert not isinstance(event, str), event
         result = step(
-            self.rollout_table.get(rollout_id),
+            self.rollout_table.get(request.rollout_id),
             event,
             now_ms=now_ms(),
             grants=self.grant_sets,
             devices=self.records,
         )
         if result.rollout is not None:
-            self.rollout_table[rollout_id] = result.rollout
+            self.rollout_table[request.rollout_id] = result.rollout
         self.audits.extend(result.audits)
         return next(a for a in result.audits if a.command_id == record["request_id"])
 
