@@ -13,7 +13,8 @@ table has no MAP column, JSON lines otherwise. Exactly once (``queries/README.md
 3. tables use the **UNIQUE KEY** model on (device_id, seq) with a sequence column, so a message
    re-sent in another batch replaces its row rather than doubling it.
 
-Its DDL is ``queries/doris/ddl/NNN_name.sql``; its analyst queries ``queries/doris/*.sql``.
+Its tables are derived from the Arrow declarations (sinks/doris_ddl.py, versioned migrations
+recorded in ``schema_migrations``); its analyst queries are ``queries/doris/*.sql``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Final
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -34,15 +34,12 @@ import pymysql
 import requests
 from pymysql.connections import Connection
 
-from queries.migrations import Migration, load_migrations, pending_migrations
+from queries.migrations import Migration, pending_migrations
 from queries.result import QueryResult
 from sinks.base import (
-    ALERTS_TABLE,
     EVENTS_TABLE,
-    OTA_EVENTS_TABLE,
     QUARANTINE_TABLE,
     TELEMETRY_TABLE,
-    TWIN_HISTORY_TABLE,
     BatchOrigin,
     ClosesOnExit,
     Dialect,
@@ -52,20 +49,12 @@ from sinks.base import (
     SinkUnavailable,
     WriteResult,
 )
-from sinks.clickhouse import (
-    EVENT_SCHEMA,
-    OTA_EVENTS_SCHEMA,
-    TELEMETRY_SCHEMA,
-    TWIN_HISTORY_SCHEMA,
-    dedup_token,
-    records_to_arrow,
-)
+from sinks.clickhouse import dedup_token, records_to_arrow
+from sinks.doris_ddl import DORIS_TABLES, doris_migrations, schema_migrations_ddl
 from sinks.doris_load import LoadRequest, StreamLoader, json_lines
-from sinks.warehouse_tables import ALERTS_SCHEMA as WAREHOUSE_ALERTS_SCHEMA
-from sinks.warehouse_tables import Columns
+from sinks.warehouse_tables import TENANT_COLUMNS, Columns
 
 __all__ = [
-    "DORIS_DDL_DIR",
     "DORIS_SCHEMAS",
     "DorisConfig",
     "DorisSink",
@@ -74,64 +63,12 @@ __all__ = [
     "parse_doris_dsn",
 ]
 
-DORIS_DDL_DIR: Final = Path(__file__).resolve().parent.parent / "queries" / "doris" / "ddl"
-
-_TENANT = [pa.field(name, pa.string(), nullable=False) for name in ("org", "project", "group")]
-
-
-def _with_tenant(schema: pa.Schema) -> pa.Schema:
-    """``schema`` with org, project and group (empty until the registry tells them)."""
-    missing = [f for f in _TENANT if f.name not in schema.names]
-    return pa.schema([*schema, *missing])
-
-
-# The warehouse's alert columns, key columns first as the Doris table declares them.
-ALERTS_SCHEMA: Final = pa.schema(
-    [
-        WAREHOUSE_ALERTS_SCHEMA.field(name)
-        for name in (
-            "alert_id",
-            "device_id",
-            "rule_id",
-            "status",
-            "metric",
-            "value",
-            "threshold",
-            "severity",
-            "seq",
-            "ts",
-        )
-    ]
-)
-QUARANTINE_SCHEMA: Final = pa.schema(
-    [
-        *TELEMETRY_SCHEMA,
-        pa.field("rule", pa.string(), nullable=False),
-        pa.field("reason", pa.string(), nullable=False),
-        pa.field("batch_id", pa.string(), nullable=False),
-    ]
-)
-# Per table: its load columns (Arrow), and whether Stream Load gets Arrow (no MAP column: Doris
-# reads Arrow primitives, strings and timestamps) or JSON lines.
-DORIS_SCHEMAS: Final[Mapping[str, pa.Schema]] = {
-    TELEMETRY_TABLE: _with_tenant(TELEMETRY_SCHEMA),
-    EVENTS_TABLE: _with_tenant(EVENT_SCHEMA),
-    TWIN_HISTORY_TABLE: _with_tenant(TWIN_HISTORY_SCHEMA),
-    OTA_EVENTS_TABLE: _with_tenant(OTA_EVENTS_SCHEMA),
-    ALERTS_TABLE: _with_tenant(ALERTS_SCHEMA),
-    QUARANTINE_TABLE: _with_tenant(QUARANTINE_SCHEMA),
-}
+# Per table: its load columns (Arrow; Stream Load names them, so their order is free), and
+# whether Stream Load gets Arrow (no MAP column: Doris reads Arrow primitives, strings and
+# timestamps) or JSON lines.
+DORIS_SCHEMAS: Final[Mapping[str, pa.Schema]] = {t.name: t.schema for t in DORIS_TABLES}
 DEDUPLICATED_TABLES: Final = frozenset({TELEMETRY_TABLE, EVENTS_TABLE, QUARANTINE_TABLE})
 
-MIGRATIONS_DDL: Final = """
-CREATE TABLE IF NOT EXISTS schema_migrations (
-    version INT NOT NULL,
-    name VARCHAR(256) NOT NULL,
-    applied_at DATETIME(3) NULL
-) UNIQUE KEY(version)
-DISTRIBUTED BY HASH(version) BUCKETS 1
-PROPERTIES ("replication_num" = "1")
-""".strip()
 APPLIED_SQL: Final = "SELECT version, name FROM schema_migrations"
 RECORD_SQL: Final = (
     "INSERT INTO schema_migrations (version, name, applied_at) "
@@ -157,6 +94,7 @@ class DorisConfig:
     user: str
     password: str
     http_scheme: str = "http"
+    replication_num: int = 1  # copies of each tablet the migrations' tables ask for
 
     @property
     def http_base(self) -> str:
@@ -173,7 +111,8 @@ def is_doris_dsn(dsn: str) -> bool:
 
 
 def parse_doris_dsn(dsn: str) -> DorisConfig:
-    """``doris://user:pass@host:9030/db?http_port=8030`` (``http_scheme=https`` optional)."""
+    """``doris://user:pass@host:9030/db?http_port=8030`` (``http_scheme=https`` and
+    ``replication_num=3`` optional)."""
     parts = urlsplit(dsn)
     if parts.scheme != "doris" or not parts.hostname:
         raise ValueError(f"not a Doris URL (doris://user:pass@host:9030/db?http_port=N): {dsn!r}")
@@ -189,6 +128,7 @@ def parse_doris_dsn(dsn: str) -> DorisConfig:
         user=unquote(parts.username or "root"),
         password=unquote(parts.password or ""),
         http_scheme=query.get("http_scheme", "http"),
+        replication_num=int(query.get("replication_num", "1")),
     )
 
 
@@ -268,7 +208,7 @@ def load_format(schema: pa.Schema) -> str:
 
 
 def _tenant_filled(records: Sequence[Record], schema: pa.Schema) -> list[Record]:
-    tenant = [f.name for f in _TENANT if f.name in schema.names]
+    tenant = [name for name in TENANT_COLUMNS if name in schema.names]
     return [{**{name: "" for name in tenant}, **record} for record in records]
 
 
@@ -284,13 +224,16 @@ class DorisSink(ClosesOnExit):
         connect_timeout_s: float = 5.0,
         query_timeout_s: float = 300.0,
         load_timeout_s: float = 120.0,
-        ddl_dir: Path = DORIS_DDL_DIR,
+        migrations: Sequence[Migration] | None = None,
     ) -> None:
         self._config = parse_doris_dsn(dsn)
         self._connect_timeout_s = connect_timeout_s
         self._query_timeout_s = query_timeout_s
         self._load_timeout_s = load_timeout_s
-        self._ddl_dir = ddl_dir
+        # None: the declared tables' (sinks/doris_ddl.py), with the URL's replication_num.
+        self._migrations = tuple(
+            doris_migrations(self._config.replication_num) if migrations is None else migrations
+        )
         self._session = requests.Session()
         self._loader = StreamLoader(
             self._session, self._config.user, self._config.password, connect_timeout_s
@@ -361,13 +304,13 @@ class DorisSink(ClosesOnExit):
 
     def applied_migrations(self) -> dict[int, str]:
         with self._connection() as conn, conn.cursor() as cursor:
-            cursor.execute(MIGRATIONS_DDL)
+            cursor.execute(schema_migrations_ddl(self._config.replication_num))
             cursor.execute(APPLIED_SQL)
             return {int(version): str(name) for version, name in cursor.fetchall()}
 
     def ensure_schema(self) -> tuple[Migration, ...]:
-        """Apply the Doris DDL migrations not yet recorded, in order; returns those applied."""
-        pending = pending_migrations(load_migrations(self._ddl_dir), self.applied_migrations())
+        """Apply the Doris migrations not yet recorded, in order; returns those applied."""
+        pending = pending_migrations(self._migrations, self.applied_migrations())
         for migration in pending:
             with self._connection() as conn, conn.cursor() as cursor:
                 for statement in migration.statements:

@@ -74,13 +74,18 @@ Columns: TypeAlias = Mapping[str, Sequence[Any]]
 
 _MS_UTC = pa.timestamp("ms", tz="UTC")
 _TENANT_FIELDS = [pa.field(name, pa.string(), nullable=False) for name in TENANT_COLUMNS]
+# A device's row starts with the device and its tenant; a device message's (telemetry, events,
+# and the quarantine built from telemetry) goes on with its sequence number and times.
+_DEVICE_FIELDS = [pa.field("device_id", pa.string(), nullable=False), *_TENANT_FIELDS]
+_MESSAGE_FIELDS = [
+    *_DEVICE_FIELDS,
+    pa.field("seq", pa.uint64(), nullable=False),
+    pa.field("ts", _MS_UTC, nullable=False),
+    pa.field("received_at", _MS_UTC, nullable=False),
+]
 TELEMETRY_SCHEMA: Final = pa.schema(
     [
-        pa.field("device_id", pa.string(), nullable=False),
-        *_TENANT_FIELDS,
-        pa.field("seq", pa.uint64(), nullable=False),
-        pa.field("ts", _MS_UTC, nullable=False),
-        pa.field("received_at", _MS_UTC, nullable=False),
+        *_MESSAGE_FIELDS,
         pa.field("temperature", pa.float64()),
         pa.field("humidity", pa.float64()),
         pa.field("battery", pa.float64()),
@@ -90,11 +95,7 @@ TELEMETRY_SCHEMA: Final = pa.schema(
 )
 EVENT_SCHEMA: Final = pa.schema(
     [
-        pa.field("device_id", pa.string(), nullable=False),
-        *_TENANT_FIELDS,
-        pa.field("seq", pa.uint64(), nullable=False),
-        pa.field("ts", _MS_UTC, nullable=False),
-        pa.field("received_at", _MS_UTC, nullable=False),
+        *_MESSAGE_FIELDS,
         pa.field("type", pa.string(), nullable=False),
         pa.field("message", pa.string()),
         pa.field("attributes", pa.map_(pa.string(), pa.string()), nullable=False),
@@ -104,8 +105,7 @@ EVENT_SCHEMA: Final = pa.schema(
 # of top-level keys (0: the device has converged).
 TWIN_HISTORY_SCHEMA: Final = pa.schema(
     [
-        pa.field("device_id", pa.string(), nullable=False),
-        *_TENANT_FIELDS,
+        *_DEVICE_FIELDS,
         pa.field("version", pa.uint64(), nullable=False),
         pa.field("updated_at", _MS_UTC, nullable=False),
         pa.field("desired", pa.string(), nullable=False),
@@ -144,8 +144,7 @@ OTA_EVENTS_SCHEMA: Final = pa.schema(
 # One row per alert lifecycle record (Avro Alert; the enums as their names).
 ALERTS_SCHEMA: Final = pa.schema(
     [
-        pa.field("device_id", pa.string(), nullable=False),
-        *_TENANT_FIELDS,
+        *_DEVICE_FIELDS,
         pa.field("alert_id", pa.string(), nullable=False),
         pa.field("status", pa.string(), nullable=False),
         pa.field("rule_id", pa.string(), nullable=False),

@@ -1,4 +1,4 @@
-"""The ``quarantine`` table (queries/ddl/008_quarantine.sql, queries/doris/ddl/006_quarantine.sql):
+"""The ``quarantine`` table (queries/ddl/008_quarantine.sql; on Doris, sinks/doris_ddl.py):
 what the gate refused, and the way back into ``telemetry`` (``fleet quality release``).
 
 Writes follow telemetry's exactly-once design in either warehouse: ClickHouse, an insert

@@ -15,7 +15,6 @@ import pytest
 import requests
 import sqlglot
 
-from queries.migrations import load_migrations
 from queries.runner import CHECKOUT
 from queries.sqltext import check_read_only, load_sql_file
 from sinks.base import (
@@ -28,7 +27,6 @@ from sinks.base import (
     SinkUnavailable,
 )
 from sinks.doris import (
-    DORIS_DDL_DIR,
     DORIS_SCHEMAS,
     DorisSink,
     bind_params,
@@ -391,20 +389,14 @@ def test_query_parameters_are_bound_by_the_driver_not_pasted() -> None:
 # --- DDL ----------------------------------------------------------------------------------
 
 
-def test_the_doris_ddl_has_every_contract_table_with_a_unique_key_and_tenant_columns() -> None:
-    migrations = load_migrations(DORIS_DDL_DIR)
-    statements = {m.name: " ".join(m.statements) for m in migrations}
+def test_the_sink_applies_a_migration_per_contract_table_with_the_urls_replication() -> None:
+    sink = DorisSink(DSN + "&replication_num=3")
+    statements = {m.name: " ".join(m.statements) for m in sink._migrations}
     assert set(statements) == set(DORIS_SCHEMAS)
     for name, ddl in statements.items():
-        assert f"CREATE TABLE IF NOT EXISTS {name}" in ddl
-        assert "UNIQUE KEY(" in ddl
-        assert "enable_unique_key_merge_on_write" in ddl
-        for column in ("org", "project", "`group`"):
-            assert f"\n    {column} " in ddl, (name, column)
-        for load_column in DORIS_SCHEMAS[name].names:
-            assert load_column in ddl, (name, load_column)
-    assert "UNIQUE KEY(device_id, seq)" in statements["telemetry"]
-    assert '"function_column.sequence_col" = "received_at"' in statements["telemetry"]
+        assert f"CREATE TABLE IF NOT EXISTS `{name}`" in ddl
+        assert '"replication_num" = "3"' in ddl
+    assert parse_doris_dsn(DSN).replication_num == 1
 
 
 # --- analyst queries side by side -------------------------------------------------------------
