@@ -52,7 +52,7 @@ from sinks.base import (
 from sinks.clickhouse import dedup_token, records_to_arrow
 from sinks.doris_ddl import DORIS_TABLES, doris_migrations, schema_migrations_ddl
 from sinks.doris_load import LoadRequest, StreamLoader, json_lines
-from sinks.warehouse_tables import TENANT_COLUMNS, Columns
+from sinks.warehouse_tables import Columns
 
 __all__ = [
     "DORIS_SCHEMAS",
@@ -207,11 +207,6 @@ def load_format(schema: pa.Schema) -> str:
     return "json" if any(isinstance(f.type, pa.MapType) for f in schema) else "arrow"
 
 
-def _tenant_filled(records: Sequence[Record], schema: pa.Schema) -> list[Record]:
-    tenant = [name for name in TENANT_COLUMNS if name in schema.names]
-    return [{**{name: "" for name in tenant}, **record} for record in records]
-
-
 class DorisSink(ClosesOnExit):
     """Writes batches into Doris with Stream Load and answers reads over the MySQL protocol.
     Thread-safe: one MySQL connection per call, one HTTP session (requests is thread-safe for
@@ -337,16 +332,12 @@ class DorisSink(ClosesOnExit):
     ) -> WriteResult:
         """Load ``records`` (dicts, with ``tenants``' columns when given) into ``table`` with
         one Stream Load, committed on return."""
-        if tenants:
-            records = [
-                {**record, **{name: column[i] for name, column in tenants.items()}}
-                for i, record in enumerate(records)
-            ]
         schema = self._schema(table)
         label = _label(table, origin)
         if not records:
             return WriteResult(table, 0, label)
-        return self._load(table, records_to_arrow(_tenant_filled(records, schema), schema), label)
+        # As on ClickHouse: the tenants' columns taken from `tenants`, else empty.
+        return self._load(table, records_to_arrow(records, schema, tenants), label)
 
     def write_arrow(
         self, table: str, batch: pa.Table, origin: BatchOrigin | None = None

@@ -358,6 +358,21 @@ def test_alerts_go_as_an_arrow_stream_keeping_given_tenant_columns() -> None:
     assert table.column("org").to_pylist() == ["acme"]
 
 
+def test_the_batchs_tenants_are_the_rows_tenant_columns() -> None:
+    sink = DorisSink(DSN)
+    recorder = RecordingLoader()
+    sink._loader = recorder  # type: ignore[assignment]
+    tenants = {"org": ["acme", ""], "project": ["p", ""], "group": ["g", ""]}
+    records = [_telemetry(1, org="stale"), _telemetry(2)]
+    sink.write(TELEMETRY_TABLE, records, BatchOrigin.of("telemetry.raw", [(0, 1)]), tenants)
+    (request,) = recorder.requests
+    rows = [json.loads(line) for line in request.body.decode().splitlines()]
+    assert [(r["org"], r["project"], r["group"]) for r in rows] == [
+        ("acme", "p", "g"),
+        ("", "", ""),
+    ]
+
+
 def test_a_doris_write_needs_the_batch_origin_and_skips_an_empty_batch() -> None:
     sink = DorisSink(DSN)
     recorder = RecordingLoader()
