@@ -43,7 +43,7 @@ from sinks.clickhouse import (
     SinkUnavailable,
 )
 from sinks.query_server import QueryServer, start_query_server, write_platform_secret
-from sinks.row_filters import ReadScope, Scope
+from sinks.row_filters import ReadScope
 from sinks.sql_guard import Refused
 from streams.cold.rows import ota_events_rows, twin_history_rows
 from streams.hot.twin import Accepted, Twin, apply_desired, apply_reported, to_record
@@ -846,7 +846,7 @@ def test_row_filters_cannot_be_lifted_and_final_can_be_opted_out(
 ) -> None:
     org = prefix.replace("-", "")
     device, t0 = f"{prefix}f", now_ms()
-    scope = ReadScope((Scope(org),))
+    scope = ReadScope(((org,),))
     lifted = "SELECT count() FROM telemetry SETTINGS additional_table_filters={}"
     with pytest.raises(Refused, match="SETTINGS"):
         sink.query(lifted, None, scope)
@@ -857,8 +857,8 @@ def test_row_filters_cannot_be_lifted_and_final_can_be_opted_out(
             tenant = {"org": [org] * len(seqs), "project": ["p"] * len(seqs)}
             sink.write(TELEMETRY_TABLE, [reading(device, s, t0 + s) for s in seqs], tenants=tenant)
         assert sink.query(count, {"d": device}, scope).rows == ((2,),)  # FINAL: once each
-        unfinal = ReadScope((Scope(org),), final=False)  # opted out: the parts as they are
+        unfinal = ReadScope(((org,),), final=False)  # opted out: the parts as they are
         assert sink.query(count, {"d": device}, unfinal).rows == ((3,),)
-        assert sink.query(count, {"d": device}, ReadScope((Scope("other"),))).rows == ((0,),)
+        assert sink.query(count, {"d": device}, ReadScope((("other",),))).rows == ((0,),)
     finally:
         raw.command("SYSTEM START MERGES telemetry")
